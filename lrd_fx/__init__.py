@@ -1,0 +1,15 @@
+"""lrd_fx: a torch.fx compiler that makes low-rank-decomposed networks fast."""
+from .api import LRDInfo, compile, load, save
+from .config import Config
+from .errors import (CacheError, ConfigError, FactorizationError, FreezeError, InputError, LoadError,
+                     LRDError, PassError, RankError, TraceError)
+from .trace import register_leaf_function, register_leaf_module
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile", "save", "load", "Config", "LRDInfo",
+    "LRDError", "ConfigError", "RankError", "InputError", "TraceError", "FactorizationError",
+    "PassError", "CacheError", "FreezeError", "LoadError",
+    "register_leaf_module", "register_leaf_function",
+]

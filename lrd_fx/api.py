@@ -1,0 +1,243 @@
+"""compile(): Config -> list of passes -> PassManager.run; save() and load()."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .config import Config
+from .context import CompileContext
+from .errors import ConfigError, InputError, LoadError, LRDError
+from .pipeline import PassManager, PassTimer, default_instruments, graph_modules
+from .plan import DECOMPOSED, SEARCHED, LayerRecord
+from .trace import trace
+
+
+class LRDInfo:
+    """What `compile` attaches as `gm.lrd`: plan, per-layer report, freezer, pass times."""
+
+    def __init__(self, root: nn.Module, ctx: CompileContext):
+        self._root = root
+        self.config = ctx.config
+        self.fallback_parts = dict(ctx.fallback_parts)
+        self.pass_times = dict(ctx.pass_times)
+        self.notes = list(ctx.notes)
+        self.freezer = ctx.extras.get("freezer")
+        self.flops_before = ctx.extras.get("flops_before", 0)
+        self.flops_after = ctx.extras.get("flops_after", 0)
+        self.params_before = ctx.extras.get("params_before", 0)
+        self.params_after = sum(p.numel() for p in root.parameters())
+        self._eager_records = {n: r for n, r in ctx.records.items()}
+
+    def records(self) -> dict[str, LayerRecord]:
+        """Per-layer records, read from the graph's node.meta["lrd"] (layers in eager parts from the
+        compile context), in model order."""
+        out: dict[str, LayerRecord] = {}
+        for _, part in graph_modules(self._root):
+            for node in part.graph.nodes:
+                rec = node.meta.get("lrd")
+                if isinstance(rec, LayerRecord) and rec.name not in out:
+                    out[rec.name] = rec
+        for name, rec in self._eager_records.items():
+            out.setdefault(name, rec)
+        return out
+
+    @property
+    def plan(self) -> dict[str, dict]:
+        """{qualified name: layer decision}, JSON-serialisable."""
+        return {name: rec.to_dict() for name, rec in self.records().items()}
+
+    def report(self, *, all_layers: bool = True) -> str:
+        from .report import format_report
+        return format_report(self, all_layers=all_layers)
+
+    def __repr__(self) -> str:
+        recs = self.records().values()
+        n = sum(r.factorized for r in recs)
+        return f"LRDInfo({n} of {len(recs)} Conv/Linear layers factorized)"
+
+
+def _as_tuple(example_inputs) -> Optional[tuple]:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise InputError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _check_inputs(model: nn.Module, inputs: tuple, device, dtype) -> None:
+    """Name the input whose device/dtype/shape does not fit, before any pass runs."""
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor):
+            continue
+        if x.device != device:
+            raise InputError(f"example_inputs[{i}] is on {x.device} but the model's parameters are on "
+                             f"{device}; move the inputs (x.to('{device}')) or the model")
+        if x.is_floating_point() and x.dtype != dtype:
+            raise InputError(f"example_inputs[{i}] has dtype {x.dtype} but the model's parameters are "
+                             f"{dtype}; cast the inputs (x.to({dtype})) to match")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+        raise InputError(f"the model does not run on example_inputs of shape {shapes} "
+                         f"({type(e).__name__}: {e}); pass inputs shaped as the model expects, e.g. "
+                         f"torch.randn(1, 3, 224, 224) for an ImageNet model") from e
+    finally:
+        model.train(was)
+
+
+def count_flops(model: nn.Module, inputs: tuple) -> int:
+    """Total FLOPs of one forward (torch.utils.flop_counter), in eval mode so no statistics change."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(*inputs)
+        return int(fc.get_total_flops())
+    finally:
+        model.train(was)
+
+
+def build_passes(ctx: CompileContext) -> list:
+    """The pass list for a config: shape_prop, decompose, [search_ranks], [freeze]."""
+    from .passes.decompose import decompose
+    from .passes.shape_prop import shape_prop
+    passes = [shape_prop(ctx), decompose(ctx)]
+    if ctx.config.rank_search is not None:
+        from .passes.search_ranks import search_ranks
+        passes.append(search_ranks(ctx))
+    if ctx.config.freeze is not None:
+        from .passes.freeze import freeze
+        passes.append(freeze(ctx))
+    return passes
+
+
+def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] = None, **overrides) -> nn.Module:
+    """Trace `model`, factorize its Conv/Linear layers and return a GraphModule with `.lrd`.
+
+    The caller's model is never mutated: a deep copy is traced and rewritten. Every Config field can be
+    given as a keyword (e.g. ratio=0.25, rank_search="infer", freeze="sequential", debug=True).
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if config is not None and not isinstance(config, Config):
+        raise ConfigError(f"config must be an lrd_fx.Config, got {type(config).__name__}")
+    cfg = (config or Config()).replace(**overrides)
+    inputs = _as_tuple(example_inputs)
+    if cfg.rank_search is not None and inputs is None:
+        raise ConfigError("rank_search needs example_inputs: the layers are timed at their real input shapes")
+    device, dtype = _model_device_dtype(model)
+    work = copy.deepcopy(model)
+    if inputs is not None and cfg.check_inputs:
+        _check_inputs(work, inputs, device, dtype)
+    ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
+    return _run(work, ctx)
+
+
+def _run(work: nn.Module, ctx: CompileContext) -> nn.Module:
+    cfg = ctx.config
+    ctx.extras["params_before"] = sum(p.numel() for p in work.parameters())
+    if ctx.example_inputs is not None:
+        ctx.extras["flops_before"] = count_flops(work, ctx.example_inputs)
+    eager: set = set()
+    leaves = tuple(cfg.leaf_modules)
+    gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,
+               eager_parts=eager)
+    ctx.extras["eager_parts"] = eager
+    timer = PassTimer()
+    pm = PassManager(build_passes(ctx), instruments=default_instruments(cfg.debug, cfg.dump_dir) + [timer])
+    gm = pm.run(gm).graph_module
+    ctx.pass_times.update(timer.times)
+    if ctx.example_inputs is not None:
+        ctx.extras["flops_after"] = count_flops(gm, ctx.example_inputs)
+    gm.lrd = LRDInfo(gm, ctx)
+    return gm
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load: the plan plus weights; loading rebuilds the same architecture with no search.
+
+_FORMAT = "lrd_fx/1"
+
+
+def _config_dict(cfg: Config) -> dict:
+    d = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if callable(v):
+            continue      # functions cannot be saved; pass them again to load()
+        d[f.name] = v
+    return d
+
+
+def save(gm: nn.Module, path) -> None:
+    """Write the plan, the config and the weights of a compiled model to `path` (torch.save)."""
+    info = getattr(gm, "lrd", None)
+    if not isinstance(info, LRDInfo):
+        raise ConfigError("save() takes a model returned by lrd_fx.compile (it has no .lrd)")
+    torch.save({"format": _FORMAT, "config": _config_dict(info.config), "plan": info.plan,
+                "state_dict": gm.state_dict()}, path)
+
+
+def load(model: nn.Module, path, example_inputs=None, **overrides) -> nn.Module:
+    """Rebuild the compiled model saved at `path` from the original `model`: same ranks, same reverts,
+    weights from the file. Nothing is re-searched or re-factorized. The caller's model is not mutated."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise LoadError(f"cannot read '{path}': {type(e).__name__}: {e}") from e
+    if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
+        raise LoadError(f"'{path}' is not an lrd_fx save file (expected format {_FORMAT})")
+    saved = blob["config"]
+    plan = {n: LayerRecord.from_dict(d) for n, d in blob["plan"].items()}
+    ranks = {n: tuple(r.ranks) for n, r in plan.items() if r.factorized}
+    skip = tuple(n for n, r in plan.items() if not r.factorized)
+    keep = {k: v for k, v in saved.items()
+            if k not in ("rank", "ratio", "energy", "skip", "rank_search", "filter_fn", "rank_budget")}
+    keep.update(overrides)
+    try:
+        cfg = Config(**{k: v for k, v in keep.items() if k in {f.name for f in dataclasses.fields(Config)}})
+        cfg = cfg.replace(rank=ranks or None, skip=skip, rank_search=None, ratio=saved.get("ratio") or 0.25)
+    except LRDError as e:
+        raise LoadError(f"the saved config does not apply: {e}") from e
+    inputs = _as_tuple(example_inputs)
+    device, dtype = _model_device_dtype(model)
+    ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
+    ctx.extras["init"] = "empty"
+    try:
+        gm = _run(copy.deepcopy(model), ctx)
+    except LRDError as e:
+        raise LoadError(f"the model does not match the plan in '{path}': {e}") from e
+    try:
+        gm.load_state_dict(blob["state_dict"], strict=True)
+    except Exception as e:
+        raise LoadError(f"the weights in '{path}' do not fit the rebuilt model: {e}") from e
+    # restore the saved decisions (searched / reverted, measured times) for the report
+    for name, rec in gm.lrd.records().items():
+        old = plan.get(name)
+        if old is not None:
+            for f in ("decision", "reason", "estimate", "time_original_s", "time_estimate_s",
+                      "time_chosen_s", "candidates"):
+                setattr(rec, f, getattr(old, f))
+    if gm.lrd.freezer is not None:
+        gm.lrd.freezer.sync_from_buffer() if hasattr(gm.lrd.freezer, "sync_from_buffer") else None
+    return gm

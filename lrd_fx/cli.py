@@ -1,0 +1,119 @@
+"""`lrd-fx` console command: compile a named model and print its report; manage the timing cache."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import LRDError
+
+
+def _shape(text: str) -> tuple:
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input {text!r}: write it as NxCxHxW, e.g. 1x3x224x224")
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"--input {text!r}: every dimension must be >= 1")
+    return dims
+
+
+def _rank(text: str):
+    if text in ("full", "vbmf"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rank {text!r}: an int, 'full' or 'vbmf'")
+
+
+def cmd_compile(args) -> int:
+    import torch
+
+    import lrd_fx
+    from .models import create_model, default_input_shape
+    model = create_model(args.model).eval()
+    shape = args.input or default_input_shape(model, args.model)
+    x = torch.randn(*shape)
+    overrides = dict(ratio=args.ratio, debug=args.debug, conv_scheme=args.conv_scheme)
+    for key in ("rank", "energy", "rank_search", "freeze", "dump_dir"):
+        val = getattr(args, key)
+        if val is not None:
+            overrides[key] = val
+    gm = lrd_fx.compile(model, (x,), **overrides)
+    print(f"{args.model}, input {'x'.join(map(str, shape))}")
+    print(gm.lrd.report(all_layers=not args.factorized_only))
+    if args.save:
+        lrd_fx.save(gm, args.save)
+        print(f"saved plan and weights to {args.save}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from .cost import cache
+    if args.action == "info":
+        for k, v in cache.cache_info(args.path).items():
+            print(f"{k}: {v}")
+    else:
+        cache.cache_clear(args.path)
+        print("timing cache cleared")
+    return 0
+
+
+def cmd_bench(args, rest) -> int:
+    """Run the harness in bench/ (it lives beside the package, in the source checkout)."""
+    import importlib
+    import os
+    sys.path.insert(0, os.getcwd())
+    try:
+        harness = importlib.import_module("bench.harness")
+    except ImportError as e:
+        from .errors import ConfigError
+        raise ConfigError("`lrd-fx bench` runs the harness in bench/ of the lrd_fx source checkout: "
+                          f"run it from the repository root ({e})") from e
+    return harness.main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lrd-fx", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="compile a torchvision/timm model and print the per-layer report")
+    c.add_argument("model", help="torchvision or timm model name, e.g. resnet50, vit_small_patch16_224")
+    c.add_argument("--ratio", type=float, default=0.25, help="fraction of each layer's params kept (default 0.25)")
+    c.add_argument("--rank", type=_rank, default=None, help="fixed rank: int, 'full' or 'vbmf'")
+    c.add_argument("--energy", type=float, default=None, help="singular-value energy kept, in (0, 1]")
+    c.add_argument("--conv-scheme", default="tucker2", choices=["tucker2", "svd"])
+    c.add_argument("--input", type=_shape, default=None, help="example input shape NxCxHxW (default: model's)")
+    c.add_argument("--rank-search", default=None, choices=["infer", "train"], help="time candidate ranks")
+    c.add_argument("--freeze", default=None, choices=["sequential", "static"], help="insert freezing gates")
+    c.add_argument("--debug", action="store_true", help="print the graph after every pass")
+    c.add_argument("--dump-dir", default=None, help="write each stage's code to this directory")
+    c.add_argument("--factorized-only", action="store_true", help="list only factorized layers")
+    c.add_argument("--save", default=None, help="save plan + weights to this file (lrd_fx.save)")
+    c.set_defaults(func=cmd_compile)
+    k = sub.add_parser("cache", help="timing cache: info or clear")
+    k.add_argument("action", choices=["info", "clear"])
+    k.add_argument("--path", default=None, help="cache file (default $LRD_FX_CACHE or the user cache dir)")
+    k.set_defaults(func=cmd_cache)
+    b = sub.add_parser("bench", help="benchmark harness (same flags as python -m bench)", add_help=False)
+    b.set_defaults(func=None)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        try:
+            return cmd_bench(None, argv[1:])
+        except LRDError as e:
+            print(f"lrd-fx: error: {e}", file=sys.stderr)
+            return 2
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LRDError as e:
+        print(f"lrd-fx: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Every user-facing failure of lrd_fx is an LRDError subclass defined here."""
+
+
+class LRDError(Exception):
+    """Base class of every error lrd_fx raises on purpose."""
+
+
+class ConfigError(LRDError, ValueError):
+    """An option has a bad value or an unknown name."""
+
+
+class RankError(ConfigError):
+    """A requested rank is invalid for a layer (below 1, above full rank, or naming no layer)."""
+
+
+class InputError(LRDError, ValueError):
+    """example_inputs do not fit the model (shape, dtype or device)."""
+
+
+class TraceError(LRDError):
+    """torch.fx could not trace (part of) the model."""
+
+
+class FactorizationError(LRDError):
+    """A weight could not be factorized (NaN/Inf, numerical failure)."""
+
+
+class PassError(LRDError):
+    """A graph pass failed; the message names the pass and the passes that ran before it."""
+
+
+class CacheError(LRDError):
+    """The timing cache could not be used."""
+
+
+class FreezeError(LRDError):
+    """The freezing schedule or controller was used wrongly."""
+
+
+class LoadError(LRDError):
+    """A saved plan does not fit the model it is loaded onto."""

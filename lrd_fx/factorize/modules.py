@@ -1,0 +1,265 @@
+"""Build FactorChains (plain nn.Linear/nn.ConvNd factors) from Linear/Conv layers."""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import skip_init
+
+from ..errors import ConfigError, FactorizationError, RankError
+from ..layers import ROLE_CORE, ROLE_FIRST, ROLE_LAST, FactorChain
+from .ranks import (energy_rank, evbmf_rank, svd_rank_for_ratio, tucker2_ranks_energy,
+                    tucker2_ranks_for_ratio, tucker2_ranks_vbmf)
+from .svd import _label, check_rank, singular_values, svd_split
+from .tucker import tucker2
+
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+Ranks = Union[int, Sequence[int]]
+
+
+# --- what a module is and how it will be factorized ----------------------------------------------
+
+def unsupported_reason(module: nn.Module) -> Optional[str]:
+    """Why `module` cannot be factorized exactly by this module's functions, or None if it can."""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy module with uninitialized parameters"
+    if isinstance(module, nn.Linear):
+        if type(module).forward is not nn.Linear.forward:
+            return f"{type(module).__name__} overrides Linear.forward"
+        return None
+    for cls in _CONVS.values():
+        if isinstance(module, cls):
+            # Subclasses such as timm's Conv2dSame/StdConv2d change the forward: the plain-conv
+            # factors would not reproduce them.
+            if type(module).forward is not cls.forward or type(module)._conv_forward is not cls._conv_forward:
+                return f"{type(module).__name__} overrides {cls.__name__}.forward"
+            if module.groups != 1:
+                return f"grouped conv (groups={module.groups})"
+            if module.transposed:
+                return "transposed conv"
+            return None
+    return f"{type(module).__name__} is not an nn.Linear or nn.Conv1d/2d/3d"
+
+
+def _require_supported(module: nn.Module, name: str) -> None:
+    reason = unsupported_reason(module)
+    if reason is not None:
+        raise FactorizationError(
+            f"{_label(name)}: cannot factorize {type(module).__name__}: {reason}; "
+            f"skip it (skip=[{name!r}]) or replace it with a plain layer")
+
+
+def _conv_dims(conv: nn.Module) -> int:
+    return conv.weight.dim() - 2
+
+
+def is_pointwise(module: nn.Module) -> bool:
+    """A conv whose kernel is 1 in every dimension (factorized by SVD whatever the scheme)."""
+    return not isinstance(module, nn.Linear) and all(k == 1 for k in module.weight.shape[2:])
+
+
+def effective_scheme(module: nn.Module, scheme: str) -> str:
+    """The FactorChain.scheme a layer gets: "svd" (Linear, 1x1 conv), "tucker2" or "conv_svd"."""
+    if isinstance(module, nn.Linear) or is_pointwise(module):
+        return "svd"
+    if scheme == "tucker2":
+        return "tucker2"
+    if scheme in ("svd", "conv_svd"):
+        return "conv_svd"
+    raise ConfigError(f"conv scheme {scheme!r} must be 'tucker2' or 'svd'")
+
+
+def full_ranks(module: nn.Module, scheme: str) -> tuple:
+    """Ranks (data-flow order) at which the factorization is exact.
+
+    Linear / 1x1 conv: (min(in, out),); tucker2: (in, out); conv_svd: (min(out, in*k),).
+    """
+    eff = effective_scheme(module, scheme)
+    out, inp = module.weight.shape[:2]
+    k = math.prod(module.weight.shape[2:])
+    if eff == "svd":
+        return (min(inp, out),)
+    if eff == "tucker2":
+        return (inp, out)
+    return (min(out, inp * k),)
+
+
+def _check_ranks(module: nn.Module, ranks: Ranks, scheme: str, name: str) -> tuple:
+    full = full_ranks(module, scheme)
+    eff = effective_scheme(module, scheme)
+    if isinstance(ranks, (list, tuple)):
+        ranks = tuple(ranks)
+    else:
+        ranks = (ranks,)
+    if len(ranks) != len(full):
+        want = "(r_in, r_out)" if eff == "tucker2" else "(r,)"
+        raise RankError(
+            f"{_label(name)}: {eff} factorization of {type(module).__name__} "
+            f"{list(module.weight.shape)} takes ranks {want}, got {ranks!r}")
+    what = ("r_in", "r_out") if eff == "tucker2" else ("rank",)
+    return tuple(check_rank(r, 1, f, name, w, shape=module.weight.shape) for r, f, w in zip(ranks, full, what))
+
+
+def chain_params(module: nn.Module, ranks: Ranks, scheme: str) -> int:
+    """Parameter count of the FactorChain at `ranks`, bias included."""
+    ranks = _check_ranks(module, ranks, scheme, "")
+    eff = effective_scheme(module, scheme)
+    out, inp = module.weight.shape[:2]
+    k = math.prod(module.weight.shape[2:])
+    bias = out if module.bias is not None else 0
+    if eff == "svd":
+        return ranks[0] * (inp + out) + bias
+    if eff == "tucker2":
+        r_in, r_out = ranks
+        return inp * r_in + r_in * r_out * k + r_out * out + bias
+    return ranks[0] * (inp * k + out) + bias
+
+
+# --- chain construction --------------------------------------------------------------------------
+
+def _make_layers(module: nn.Module, ranks: tuple, eff: str, device, dtype, init: bool) -> "OrderedDict[str, nn.Module]":
+    """The factor layers of the chain; `init=False` leaves weights uninitialized (about to be set)."""
+    def make(cls, *args, **kw):
+        kw.update(device=device, dtype=dtype)
+        return cls(*args, **kw) if init else skip_init(cls, *args, **kw)
+
+    out, inp = module.weight.shape[:2]
+    has_bias = module.bias is not None
+    if isinstance(module, nn.Linear):
+        r, = ranks
+        return OrderedDict([(ROLE_FIRST, make(nn.Linear, inp, r, bias=False)),
+                            (ROLE_LAST, make(nn.Linear, r, out, bias=has_bias))])
+    dims = _conv_dims(module)
+    conv = _CONVS[dims]
+    one = (1,) * dims
+    # The spatial part (stride/padding/dilation/padding_mode) lives on exactly one factor; pointwise
+    # factors commute with zero/reflect/replicate/circular padding, so the result is unchanged.
+    spatial = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                   padding_mode=module.padding_mode)
+    if eff == "svd":        # 1x1 conv: first 1x1 carries stride/padding
+        r, = ranks
+        return OrderedDict([(ROLE_FIRST, make(conv, inp, r, one, bias=False, **spatial)),
+                            (ROLE_LAST, make(conv, r, out, one, bias=has_bias))])
+    if eff == "conv_svd":
+        r, = ranks
+        return OrderedDict([(ROLE_FIRST, make(conv, inp, r, module.kernel_size, bias=False, **spatial)),
+                            (ROLE_LAST, make(conv, r, out, one, bias=has_bias))])
+    r_in, r_out = ranks
+    return OrderedDict([(ROLE_FIRST, make(conv, inp, r_in, one, bias=False)),
+                        (ROLE_CORE, make(conv, r_in, r_out, module.kernel_size, bias=False, **spatial)),
+                        (ROLE_LAST, make(conv, r_out, out, one, bias=has_bias))])
+
+
+def _finish(module: nn.Module, layers, eff: str) -> FactorChain:
+    chain = FactorChain(layers, scheme=eff, source=type(module).__name__)
+    chain.train(module.training)
+    return chain
+
+
+def chain_like(module: nn.Module, ranks: Ranks, scheme: str) -> FactorChain:
+    """A FactorChain with the architecture factorize_* would give at `ranks`, randomly initialized.
+
+    No decomposition is run, so candidate ranks can be timed cheaply. Same device/dtype as `module`.
+    """
+    ranks = _check_ranks(module, ranks, scheme, "")
+    eff = effective_scheme(module, scheme)
+    w = module.weight
+    return _finish(module, _make_layers(module, ranks, eff, w.device, w.dtype, init=True), eff)
+
+
+def _set(param: nn.Parameter, value: torch.Tensor, requires_grad: bool) -> None:
+    with torch.no_grad():
+        param.copy_(value.reshape(param.shape))
+    param.requires_grad_(requires_grad)
+
+
+def _build(module: nn.Module, ranks: tuple, eff: str, weights: dict) -> FactorChain:
+    """Chain in float32 on the weight's device with the given factor weights, then cast back."""
+    w = module.weight
+    layers = _make_layers(module, ranks, eff, w.device, torch.float32, init=False)
+    for role, value in weights.items():
+        _set(layers[role].weight, value, w.requires_grad)
+    if module.bias is not None:
+        _set(layers[ROLE_LAST].bias, module.bias.detach().float(), module.bias.requires_grad)
+    return _finish(module, layers, eff).to(device=w.device, dtype=w.dtype)
+
+
+def factorize_linear(linear: nn.Linear, rank: int, *, name: str = "") -> FactorChain:
+    """SVD of an nn.Linear: first = Linear(in, r, bias=False), last = Linear(r, out, original bias)."""
+    _require_supported(linear, name)
+    if not isinstance(linear, nn.Linear):
+        raise FactorizationError(f"{_label(name)}: factorize_linear needs an nn.Linear, got {type(linear).__name__}")
+    ranks = _check_ranks(linear, rank, "svd", name)
+    left, right = svd_split(linear.weight, ranks[0], name=name)
+    return _build(linear, ranks, "svd", {ROLE_FIRST: right, ROLE_LAST: left})
+
+
+def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = "") -> FactorChain:
+    """Factorize an nn.Conv1d/2d/3d (groups=1) into a FactorChain.
+
+    1x1 kernels: SVD into two 1x1 convs, ranks=(r,), whatever `scheme` says.
+    scheme="tucker2", ranks=(r_in, r_out): 1x1 in->r_in, kxk r_in->r_out (stride/padding/dilation),
+    1x1 r_out->out (bias). scheme="svd" (chain scheme "conv_svd"), ranks=(r,): kxk in->r, 1x1 r->out.
+    """
+    _require_supported(conv, name)
+    if isinstance(conv, nn.Linear):
+        raise FactorizationError(f"{_label(name)}: factorize_conv needs a conv layer; use factorize_linear")
+    eff = effective_scheme(conv, scheme)
+    ranks = _check_ranks(conv, ranks, scheme, name)
+    w = conv.weight.detach()
+    out, inp = w.shape[:2]
+    if eff in ("svd", "conv_svd"):
+        left, right = svd_split(w.reshape(out, -1), ranks[0], name=name)
+        return _build(conv, ranks, eff, {ROLE_FIRST: right, ROLE_LAST: left})
+    r_in, r_out = ranks
+    core, u_out, u_in = tucker2(w, r_out, r_in, name=name)
+    return _build(conv, ranks, eff, {ROLE_FIRST: u_in.t(), ROLE_CORE: core, ROLE_LAST: u_out})
+
+
+def factorize(module: nn.Module, ranks: Ranks, scheme: str = "tucker2", *, name: str = "") -> FactorChain:
+    """factorize_linear or factorize_conv, whichever fits `module`."""
+    if isinstance(module, nn.Linear):
+        r = tuple(ranks) if isinstance(ranks, (list, tuple)) else (ranks,)
+        if len(r) != 1:
+            raise RankError(f"{_label(name)}: a Linear layer takes one rank, got {ranks!r}")
+        return factorize_linear(module, r[0], name=name)
+    return factorize_conv(module, ranks, scheme, name=name)
+
+
+# --- rank rules applied to a module (data-flow order, clamped to the full ranks) -----------------
+
+def _matrix(module: nn.Module) -> torch.Tensor:
+    w = module.weight.detach()
+    return w.reshape(w.shape[0], -1)   # [out, in*k]: the matrix both SVD schemes split
+
+
+def ranks_for_ratio(module: nn.Module, scheme: str, ratio: float) -> tuple:
+    """Largest ranks whose factor weights (bias excluded) are <= ratio of the layer's weights."""
+    eff = effective_scheme(module, scheme)
+    out, inp = module.weight.shape[:2]
+    k = math.prod(module.weight.shape[2:])
+    if eff == "tucker2":
+        r_out, r_in = tucker2_ranks_for_ratio(out, inp, k, ratio)
+        return (r_in, r_out)
+    return (svd_rank_for_ratio(out, inp * k, ratio),)
+
+
+def ranks_for_energy(module: nn.Module, scheme: str, energy: float, *, name: str = "") -> tuple:
+    """Smallest ranks keeping `energy` of the singular-value energy (per unfolding for Tucker-2)."""
+    eff = effective_scheme(module, scheme)
+    if eff == "tucker2":
+        r_out, r_in = tucker2_ranks_energy(module.weight, energy, name=name)
+        return (r_in, r_out)
+    return (energy_rank(singular_values(_matrix(module), name=name), energy),)
+
+
+def ranks_for_vbmf(module: nn.Module, scheme: str, *, name: str = "") -> tuple:
+    """EVBMF rank estimate (per unfolding for Tucker-2)."""
+    eff = effective_scheme(module, scheme)
+    if eff == "tucker2":
+        r_out, r_in = tucker2_ranks_vbmf(module.weight, name=name)
+        return (r_in, r_out)
+    return (evbmf_rank(_matrix(module), name=name),)

@@ -1,0 +1,1 @@
+"""Graph passes; each file holds one pass factory `name(ctx) -> callable(GraphModule) -> PassResult`."""

@@ -1,0 +1,313 @@
+"""decompose: replace chosen Conv/Linear call_module nodes with their factor chains."""
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..context import CompileContext
+from ..errors import FactorizationError, LRDError, RankError
+from ..factorize import modules as fm
+from ..factorize import ranks as fr
+from ..factorize.svd import singular_values
+from ..layers import FactorChain
+from ..pipeline import PassResult, graph_modules
+from ..plan import DECOMPOSED, SKIPPED, LayerRecord
+from ..trace import _FACTORIZABLE
+
+try:  # timm's Linear only adds a dtype cast to F.linear: safe to factorize
+    from timm.layers import Linear as _TimmLinear
+except Exception:  # pragma: no cover - timm absent
+    _TimmLinear = None
+
+
+def _plain_forward(m: nn.Module) -> bool:
+    """True when m computes exactly its base layer (no overridden forward such as weight standardization)."""
+    for base in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        if type(m) is base:
+            return True
+    if _TimmLinear is not None and type(m) is _TimmLinear:
+        return True
+    for base in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        if isinstance(m, base):
+            return type(m).forward is base.forward and getattr(type(m), "_conv_forward", None) is getattr(base, "_conv_forward", None)
+    return False
+
+
+def layer_scheme(m: nn.Module, conv_scheme: str) -> str:
+    if isinstance(m, nn.Linear):
+        return "svd"
+    if all(k == 1 for k in m.kernel_size):
+        return "svd"
+    return "tucker2" if conv_scheme == "tucker2" else "conv_svd"
+
+
+def _dims(m: nn.Module) -> tuple[int, int, int]:
+    """(out, in, kernel numel) of a Conv/Linear."""
+    if isinstance(m, nn.Linear):
+        return m.out_features, m.in_features, 1
+    return m.out_channels, m.in_channels, math.prod(m.kernel_size)
+
+
+def weight_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in (m.weight, m.bias) if p is not None)
+
+
+def _matrix(m: nn.Module) -> torch.Tensor:
+    w = m.weight.detach()
+    return w.reshape(w.shape[0], -1).float()
+
+
+def layer_flops(m: nn.Module, io: Optional[dict]) -> int:
+    """FLOPs (2 x MACs, as torch.utils.flop_counter counts) of the original layer over all its calls."""
+    if not io or io.get("out") is None:
+        return 0
+    out, inp, k = _dims(m)
+    groups = getattr(m, "groups", 1)
+    positions = math.prod(io["out"]) // out      # batch x spatial (or leading dims for Linear)
+    return 2 * positions * out * (inp // groups) * k * io["calls"]
+
+
+def chain_flops(chain: FactorChain, io: Optional[dict]) -> int:
+    """FLOPs of a factor chain: every factor runs at the original layer's output positions, except
+    Tucker-2's first 1x1, which runs at the input positions (the core does the striding)."""
+    if not io or io.get("out") is None or io.get("in") is None:
+        return 0
+    total = 0
+    first = chain[0]
+    out_ch = chain[-1].out_features if isinstance(chain[-1], nn.Linear) else chain[-1].out_channels
+    out_pos = math.prod(io["out"]) // out_ch
+    in_ch = first.in_features if isinstance(first, nn.Linear) else first.in_channels
+    in_pos = math.prod(io["in"]) // in_ch
+    for role, layer in chain.named_children():
+        o, i, k = _dims(layer)
+        pos = in_pos if (chain.scheme == "tucker2" and role == "first") else out_pos
+        total += 2 * pos * o * i * k
+    return total * io["calls"]
+
+
+def _match(name: str, pattern: str) -> bool:
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+def _ranks_for(name: str, m: nn.Module, scheme: str, cfg, per_layer: Optional[object]) -> tuple:
+    """Ranks in data-flow order (SVD: (r,), Tucker-2: (r_in, r_out)) from the configured rule."""
+    out, inp, k = _dims(m)
+    full = fm.full_ranks(m, scheme)
+    rule = per_layer if per_layer is not None else cfg.rank
+    if rule == "full":
+        return tuple(full)
+    if isinstance(rule, int):
+        ranks = (rule,) * len(full)
+    elif isinstance(rule, tuple):
+        ranks = rule
+    elif rule == "vbmf":
+        if scheme == "tucker2":
+            r_out, r_in = fr.tucker2_ranks_vbmf(m.weight.detach().float())
+            ranks = (r_in, r_out)
+        else:
+            ranks = (fr.evbmf_rank(_matrix(m)),)
+    elif cfg.energy is not None:
+        if scheme == "tucker2":
+            r_out, r_in = fr.tucker2_ranks_energy(m.weight.detach().float(), cfg.energy)
+            ranks = (r_in, r_out)
+        else:
+            ranks = (fr.energy_rank(singular_values(_matrix(m)), cfg.energy),)
+    else:
+        if scheme == "tucker2":
+            r_out, r_in = fr.tucker2_ranks_for_ratio(out, inp, k, cfg.ratio)
+            ranks = (r_in, r_out)
+        else:
+            mm, nn_ = _matrix(m).shape
+            ranks = (fr.svd_rank_for_ratio(mm, nn_, cfg.ratio),)
+    if len(ranks) != len(full):
+        raise RankError(f"layer '{name}' ({scheme}) takes {len(full)} rank(s) "
+                        f"{'(r_in, r_out)' if scheme == 'tucker2' else '(r,)'}, got {ranks}")
+    return tuple(int(r) for r in ranks)
+
+
+class _Site:
+    def __init__(self, module):
+        self.module = module
+        self.nodes: list[tuple[fx.GraphModule, fx.Node, str]] = []   # (graph module, node, prefix)
+        self.eager: list[tuple[nn.Module, str]] = []                  # (parent, attribute)
+
+
+def collect_sites(gm: nn.Module, eager_parts) -> dict[str, _Site]:
+    """Every Conv/Linear the model calls: graph call sites and layers inside eager (fallback) parts."""
+    sites: dict[str, _Site] = {}
+    for prefix, part in graph_modules(gm):
+        for node in part.graph.nodes:
+            if node.op != "call_module":
+                continue
+            m = part.get_submodule(node.target)
+            if isinstance(m, _FACTORIZABLE):
+                sites.setdefault(prefix + node.target, _Site(m)).nodes.append((part, node, prefix))
+    for path in sorted(eager_parts):
+        parent = gm.get_submodule(path) if path else gm
+        if isinstance(parent, fx.GraphModule):
+            continue
+        for attr, child in parent.named_children():
+            if isinstance(child, _FACTORIZABLE):
+                name = f"{path}.{attr}" if path else attr
+                sites.setdefault(name, _Site(child)).eager.append((parent, attr))
+    return sites
+
+
+def _skip_reason(name: str, m: nn.Module, cfg) -> Optional[str]:
+    if any(_match(name, p) for p in cfg.skip):
+        return "excluded by skip="
+    if cfg.filter_fn is not None and not cfg.filter_fn(name, m):
+        return "excluded by filter_fn"
+    if isinstance(m, nn.Linear) and not cfg.decompose_linear:
+        return "decompose_linear=False"
+    if not isinstance(m, nn.Linear) and not cfg.decompose_conv:
+        return "decompose_conv=False"
+    if not _plain_forward(m):
+        return f"{type(m).__name__} overrides forward: factors would not reproduce it"
+    if getattr(m, "groups", 1) != 1:
+        return f"grouped/depthwise conv (groups={m.groups})"
+    if getattr(m, "transposed", False):
+        return "transposed conv"
+    out, inp, _ = _dims(m)
+    if min(out, inp) < cfg.min_channels:
+        return f"min(in, out)={min(out, inp)} < min_channels={cfg.min_channels}"
+    return None
+
+
+def replace_call_sites(site: _Site, name: str, chain: nn.Module, rec: LayerRecord) -> None:
+    """Install `chain` at the layer's path and rewire every call of the layer through it."""
+    for part, node, prefix in site.nodes:
+        target = node.target
+        parent_path, _, attr = target.rpartition(".")
+        setattr(part.get_submodule(parent_path) if parent_path else part, attr, chain)
+        if isinstance(chain, FactorChain):
+            cur = None
+            with part.graph.inserting_before(node):
+                for role in chain.roles():
+                    args = node.args if cur is None else (cur,)
+                    kwargs = node.kwargs if cur is None else {}
+                    new = part.graph.call_module(f"{target}.{role}", args, kwargs)
+                    new.meta["lrd"] = rec
+                    new.meta["lrd_role"] = role
+                    cur = new
+            for key in ("tensor_meta", "lrd_io"):
+                if key in node.meta:
+                    cur.meta[key] = node.meta[key]
+            node.replace_all_uses_with(cur)
+            part.graph.erase_node(node)
+        else:
+            node.meta["lrd"] = rec
+    for parent, attr in site.eager:
+        setattr(parent, attr, chain)
+
+
+def decompose(ctx: CompileContext):
+    """Factory of the decompose pass: ranks from the configured rule, factorization, graph rewrite."""
+    cfg = ctx.config
+
+    def run(gm):
+        layer_io = ctx.extras.get("layer_io", {})
+        sites = collect_sites(gm, ctx.extras.get("eager_parts", ()))
+        per_layer = cfg.rank if isinstance(cfg.rank, dict) else {}
+        for pattern in per_layer:
+            if not any(_match(n, pattern) for n in sites):
+                some = ", ".join(list(sites)[:8]) + (" ..." if len(sites) > 8 else "")
+                raise RankError(f"rank[{pattern!r}] matches no Conv/Linear layer of the model; "
+                                f"layer names look like: {some}")
+        global_int = isinstance(cfg.rank, int) and not isinstance(cfg.rank, bool)
+        empty_init = ctx.extras.get("init") == "empty"   # load(): weights come from the state_dict
+        modified = False
+        exceeded = 0
+        for name, site in sites.items():
+            m = site.module
+            io = layer_io.get(name)
+            rec = LayerRecord(name=name, kind=type(m).__name__,
+                              in_shape=io["in"] if io else None, out_shape=io["out"] if io else None,
+                              params_before=weight_params(m), params_after=weight_params(m),
+                              flops_before=layer_flops(m, io), flops_after=layer_flops(m, io),
+                              fallback=_fallback_of(name, ctx.fallback_parts))
+            ctx.records[name] = rec
+            reason = _skip_reason(name, m, cfg)
+            override = None
+            for pattern, r in per_layer.items():
+                if _match(name, pattern):
+                    override = r   # the last matching pattern wins, like later dict entries
+            if reason is not None:
+                rec.reason = reason
+                replace_call_sites(site, name, m, rec)
+                continue
+            scheme = layer_scheme(m, cfg.conv_scheme)
+            full = tuple(fm.full_ranks(m, scheme))
+            rec.scheme, rec.full_ranks = scheme, list(full)
+            if not empty_init and not torch.isfinite(m.weight.detach()).all():
+                raise FactorizationError(
+                    f"layer '{name}' ({type(m).__name__}) has NaN/Inf in its weight; fix or re-initialise "
+                    f"the weights, or exclude the layer with skip=['{name}']")
+            ranks = _ranks_for(name, m, scheme, cfg, override)
+            rec.estimate = list(ranks)
+            if any(r < 1 for r in ranks):
+                raise RankError(f"layer '{name}': rank {ranks} must be >= 1")
+            if any(r > f for r, f in zip(ranks, full)):
+                if global_int and override is None:
+                    rec.reason = f"rank {cfg.rank} exceeds full rank {list(full)}"
+                    exceeded += 1
+                    replace_call_sites(site, name, m, rec)
+                    continue
+                raise RankError(f"layer '{name}': rank {list(ranks)} exceeds its full rank {list(full)}; "
+                                f"use at most {list(full)} (or rank='full')")
+            after = fm.chain_params(m, ranks, scheme)
+            if after >= rec.params_before and cfg.rank != "full" and override != "full" and not empty_init:
+                rec.reason = f"no parameter saving at rank {list(ranks)} ({after} >= {rec.params_before})"
+                replace_call_sites(site, name, m, rec)
+                continue
+            try:
+                if empty_init:
+                    chain = fm.chain_like(m, ranks, scheme)
+                elif isinstance(m, nn.Linear):
+                    chain = fm.factorize_linear(m, ranks[0], name=name)
+                else:
+                    chain = fm.factorize_conv(m, ranks, "tucker2" if scheme == "tucker2" else "svd", name=name)
+            except LRDError:
+                raise
+            except Exception as e:
+                raise FactorizationError(f"layer '{name}' ({type(m).__name__}) could not be factorized at "
+                                         f"ranks {list(ranks)}: {type(e).__name__}: {e}") from e
+            ctx.originals[name] = m
+            rec.ranks = list(ranks)
+            rec.decision = DECOMPOSED
+            rec.reason = _rule_text(cfg, override)
+            rec.params_after = sum(p.numel() for p in chain.parameters())
+            rec.flops_after = chain_flops(chain, io)
+            replace_call_sites(site, name, chain, rec)
+            modified = True
+        if exceeded and not any(r.decision == DECOMPOSED for r in ctx.records.values()):
+            raise RankError(f"rank={cfg.rank} exceeds the full rank of every eligible layer; choose a smaller rank")
+        for _, part in graph_modules(gm):
+            part.graph.lint()
+            part.recompile()
+        return PassResult(gm, modified)
+
+    run.name = "decompose"
+    return run
+
+
+def _fallback_of(name: str, parts: dict) -> Optional[str]:
+    for path in parts:
+        if path == "<root>" or name == path or name.startswith(path + "."):
+            return path
+    return None
+
+
+def _rule_text(cfg, override) -> str:
+    if override is not None:
+        return f"rank[...]={override}"
+    if cfg.rank is not None:
+        return f"rank={cfg.rank}"
+    if cfg.energy is not None:
+        return f"energy={cfg.energy}"
+    return f"ratio={cfg.ratio}"

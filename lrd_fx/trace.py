@@ -1,0 +1,166 @@
+"""Tracer with a leaf-module registry, and tracing with a per-child fallback."""
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import TraceError
+
+_FX_DIR = os.path.dirname(fx.__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+# Module classes always kept as leaves (besides torch.nn's own); register_leaf_module adds to it.
+_LEAF_MODULES: set[type] = set()
+# Functions never traced into (kept as one call_function node).
+_LEAF_FUNCTIONS: set[Callable] = set()
+
+# Layers the decompose pass rewrites must stay call_module nodes, even subclasses outside torch.nn.
+_FACTORIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def register_leaf_module(cls: type) -> type:
+    """Keep every instance of `cls` as a single call_module node (usable as a decorator)."""
+    _LEAF_MODULES.add(cls)
+    return cls
+
+
+def register_leaf_function(fn: Callable) -> Callable:
+    """Keep calls of `fn` as a single call_function node (usable as a decorator)."""
+    _LEAF_FUNCTIONS.add(fn)
+    return fn
+
+
+def _timm_leaves() -> tuple[set, set]:
+    try:
+        import timm.models  # noqa: F401  (importing registers timm's no-trace modules)
+        from timm.layers import _fx as timm_fx
+    except Exception:  # timm absent or changed: nothing to add
+        return set(), set()
+    mods = set(timm_fx.get_notrace_modules())
+    fns = {f for f in timm_fx.get_notrace_functions() if callable(f)}
+    return mods, fns
+
+
+class LRDTracer(fx.Tracer):
+    """fx.Tracer that keeps registered leaves and remembers which module a failure came from."""
+
+    def __init__(self, leaf_modules: Iterable = (), leaf_names: Iterable[str] = ()):
+        timm_mods, timm_fns = _timm_leaves()
+        super().__init__(autowrap_functions=tuple(_LEAF_FUNCTIONS | timm_fns))
+        self.leaf_classes = tuple(set(leaf_modules) | _LEAF_MODULES | timm_mods)
+        self.leaf_names = set(leaf_names)
+        self._stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names:
+            return True
+        if self.leaf_classes and isinstance(m, self.leaf_classes):
+            return True
+        if isinstance(m, _FACTORIZABLE):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        self._stack.append(qualname)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            # the innermost traced-through module tags the error first
+            if not hasattr(e, "_lrd_module_path"):
+                e._lrd_module_path = qualname
+            raise
+        finally:
+            self._stack.pop()
+
+
+def _user_line(exc: BaseException) -> str:
+    """The last frame of the traceback outside torch: the user's line that broke tracing."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        if not fr.filename.startswith(_TORCH_DIR) and "lrd_fx" not in fr.filename:
+            return f'{fr.filename}:{fr.lineno} in {fr.name}: {fr.line}'
+    if frames:
+        fr = frames[-1]
+        return f'{fr.filename}:{fr.lineno} in {fr.name}: {fr.line}'
+    return "<unknown line>"
+
+
+def _trace_once(module: nn.Module, leaf_modules, leaf_names) -> fx.GraphModule:
+    tracer = LRDTracer(leaf_modules, leaf_names)
+    graph = tracer.trace(module)
+    name = module.__class__.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+
+def _has_factorizable(m: nn.Module) -> bool:
+    return any(isinstance(x, _FACTORIZABLE) for x in m.modules())
+
+
+def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = True,
+          fallback_parts: Optional[dict] = None, eager_parts: Optional[set] = None,
+          _path: str = "") -> nn.Module:
+    """Trace `model` (which the caller owns: it is rewired, not copied).
+
+    Returns a GraphModule when the model traces. Where a submodule breaks tracing, that submodule is
+    made a leaf, the rest is traced, and the submodule is traced on its own, recursively down to single
+    layers (fallback). A module whose own forward does not trace stays eager, with its children traced
+    separately. `fallback_parts` receives {module path: reason} for every part that fell back.
+    Raises TraceError when fallback is off, or when nothing at all could be traced.
+    """
+    leaf_modules = tuple(leaf_modules)
+    classes = tuple(x for x in leaf_modules if isinstance(x, type))
+    names = {x for x in leaf_modules if isinstance(x, str)}
+    # names are given relative to the whole model; make them relative to this part
+    local_names = {n[len(_path) + 1:] if _path and n.startswith(_path + ".") else n for n in names}
+    parts = fallback_parts if fallback_parts is not None else {}
+    eager = eager_parts if eager_parts is not None else set()
+    forced: dict[str, str] = {}   # relative path -> reason, children that broke tracing
+    while True:
+        try:
+            gm = _trace_once(model, classes, local_names | set(forced))
+            break
+        except Exception as e:  # noqa: BLE001 - any tracing failure is reported or handled below
+            where = getattr(e, "_lrd_module_path", "")
+            line = _user_line(e)
+            full = _join(_path, where) or "<root>"
+            reason = f"{type(e).__name__}: {e} (at {line})"
+            if not fallback:
+                raise TraceError(
+                    f"torch.fx cannot trace module '{full}' ({type(model.get_submodule(where)).__name__ if where else type(model).__name__}): "
+                    f"{reason}. Mark it a leaf (leaf_modules=[{'<its class>' if not where else repr(full)}]) "
+                    f"so it is kept whole, or allow fallback=True to trace its children separately.") from e
+            if where and where not in forced:
+                forced[where] = reason
+                continue
+            # this module's own forward does not trace: keep it eager, trace each child apart
+            parts[_path or "<root>"] = reason
+            eager.add(_path)
+            for cname, child in list(model.named_children()):
+                if isinstance(child, _FACTORIZABLE) or not _has_factorizable(child):
+                    continue   # a single layer needs no graph: the decompose pass swaps it directly
+                setattr(model, cname, trace(child, leaf_modules=leaf_modules, fallback=True,
+                                            fallback_parts=parts, eager_parts=eager,
+                                            _path=_join(_path, cname)))
+            return model
+    for rel, reason in forced.items():
+        full = _join(_path, rel)
+        parts[full] = reason
+        sub = gm.get_submodule(rel)
+        if isinstance(sub, _FACTORIZABLE) or not _has_factorizable(sub):
+            continue
+        new = trace(sub, leaf_modules=leaf_modules, fallback=True, fallback_parts=parts,
+                    eager_parts=eager, _path=full)
+        parent_name, _, attr = rel.rpartition(".")
+        parent = gm.get_submodule(parent_name) if parent_name else gm
+        setattr(parent, attr, new)
+    return gm

@@ -1,0 +1,188 @@
+"""Public API: compile options, errors, no mutation, debug instruments, save/load, tracing fallback."""
+import io
+import contextlib
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import lrd_fx
+from lrd_fx.layers import FactorChain
+
+from conftest import state_hash
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(32, 10))
+
+
+def test_caller_model_not_mutated_and_train_mode_kept():
+    model = torchvision.models.resnet18(num_classes=10)
+    model.train()
+    before = state_hash(model)
+    gm = lrd_fx.compile(model, (torch.randn(2, 3, 32, 32),), ratio=0.25)
+    assert state_hash(model) == before
+    assert gm.training and model.training
+    assert not any(isinstance(m, FactorChain) for m in model.modules())
+    assert any(isinstance(m, FactorChain) for m in gm.modules())
+
+
+def test_config_object_and_overrides():
+    cfg = lrd_fx.Config(ratio=0.5, min_channels=1)
+    gm = lrd_fx.compile(small_cnn(), (torch.randn(1, 3, 8, 8),), config=cfg, ratio=0.25)
+    assert gm.lrd.config.ratio == 0.25 and cfg.ratio == 0.5
+
+
+@pytest.mark.parametrize("kwargs,err,words", [
+    (dict(ratio=0.0), lrd_fx.ConfigError, "ratio"),
+    (dict(ratio=1.5), lrd_fx.ConfigError, "ratio"),
+    (dict(rank=0), lrd_fx.ConfigError, "rank"),
+    (dict(rank={"3": 0}), lrd_fx.ConfigError, "rank"),
+    (dict(rank={"nope.*": 4}), lrd_fx.RankError, "matches no"),
+    (dict(rank={"7": 64}), lrd_fx.RankError, "exceeds its full rank"),
+    (dict(rank=10_000), lrd_fx.RankError, "exceeds the full rank"),
+    (dict(ratoi=0.3), lrd_fx.ConfigError, "unknown option"),
+    (dict(conv_scheme="cp"), lrd_fx.ConfigError, "conv_scheme"),
+    (dict(energy=2.0), lrd_fx.ConfigError, "energy"),
+])
+def test_bad_options(kwargs, err, words):
+    model = small_cnn()
+    before = state_hash(model)
+    with pytest.raises(err, match=words):
+        lrd_fx.compile(model, (torch.randn(1, 3, 8, 8),), **kwargs)
+    assert state_hash(model) == before
+
+
+def test_bad_example_inputs_are_named():
+    model = small_cnn()
+    with pytest.raises(lrd_fx.InputError, match=r"shape \[\(1, 4, 8, 8\)\]"):
+        lrd_fx.compile(model, (torch.randn(1, 4, 8, 8),))
+    with pytest.raises(lrd_fx.InputError, match="dtype torch.float64"):
+        lrd_fx.compile(model, (torch.randn(1, 3, 8, 8, dtype=torch.float64),))
+    with pytest.raises(lrd_fx.InputError, match="meta"):
+        lrd_fx.compile(model, (torch.randn(1, 3, 8, 8, device="meta"),))
+
+
+def test_nan_weight_is_named():
+    model = small_cnn()
+    with torch.no_grad():
+        model[3].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(lrd_fx.FactorizationError, match="'3'"):
+        lrd_fx.compile(model, (torch.randn(1, 3, 8, 8),), check_inputs=False)
+
+
+class Branchy(nn.Module):
+    """Its forward branches on data: fx cannot trace it, its children can be."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.head = nn.Linear(32, 32)
+
+    def forward(self, x):
+        x = self.inner(x)
+        if x.sum() > 0:
+            x = x * 2
+        return self.head(x)
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(32, 32)
+        self.body = Branchy()
+
+    def forward(self, x):
+        return self.body(self.stem(x))
+
+
+def test_untraceable_parts_fall_back_and_are_reported():
+    model = Wrapper()
+    x = torch.randn(4, 32)
+    gm = lrd_fx.compile(model, (x,), rank="full")
+    assert isinstance(gm, torch.fx.GraphModule)
+    assert "body" in gm.lrd.fallback_parts
+    assert isinstance(gm.body.inner, torch.fx.GraphModule)
+    plan = gm.lrd.plan
+    assert all(plan[n]["decision"] == "decomposed" for n in ("stem", "body.inner.0", "body.inner.2", "body.head"))
+    assert plan["body.head"]["fallback"] == "body"
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+    assert "traced separately" in gm.lrd.report()
+
+
+def test_untraceable_without_fallback_raises_trace_error():
+    with pytest.raises(lrd_fx.TraceError, match=r"body.*mark it a leaf|leaf_modules") as ei:
+        lrd_fx.compile(Wrapper(), (torch.randn(2, 32),), fallback=False)
+    assert "test_api.py" in str(ei.value)   # names the Python line that broke
+
+
+def test_leaf_modules_option_keeps_module_whole():
+    model = Wrapper()
+    gm = lrd_fx.compile(model, (torch.randn(2, 32),), leaf_modules=[Branchy], fallback=False)
+    assert gm.lrd.fallback_parts == {}
+    assert "body.head" not in gm.lrd.plan     # inside a leaf: not rewritten
+    assert gm.lrd.plan["stem"]["decision"] == "skipped" or gm.lrd.plan["stem"]["decision"] == "decomposed"
+
+
+def test_debug_prints_graph_after_each_pass(tmp_path):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        lrd_fx.compile(small_cnn(), (torch.randn(1, 3, 8, 8),), debug=True, dump_dir=str(tmp_path))
+    out = buf.getvalue()
+    assert "graph after pass 'shape_prop'" in out and "graph after pass 'decompose'" in out
+    assert "getattr(self, \"3\").core" in out or "3.core" in out or "getattr(self, \"3\")" in out
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["01_shape_prop.py", "02_decompose.py"]
+
+
+def test_env_debug(monkeypatch, capsys):
+    monkeypatch.setenv("LRD_FX_DEBUG", "1")
+    lrd_fx.compile(small_cnn(), (torch.randn(1, 3, 8, 8),))
+    assert "graph after pass 'decompose'" in capsys.readouterr().out
+
+
+def test_failing_pass_is_named():
+    from lrd_fx.pipeline import PassManager, PassResult
+
+    def ok(gm):
+        return PassResult(gm, False)
+    ok.name = "ok"
+
+    def broken(gm):
+        raise RuntimeError("boom")
+    broken.name = "broken"
+    gm = torch.fx.symbolic_trace(small_cnn())
+    with pytest.raises(lrd_fx.PassError, match=r"pass 'broken' failed \(passes run before it: \['ok'\]\).*boom"):
+        PassManager([ok, broken]).run(gm)
+
+
+def test_report_and_plan_are_complete():
+    import json
+    gm = lrd_fx.compile(small_cnn(), (torch.randn(1, 3, 8, 8),), ratio=0.25)
+    plan = gm.lrd.plan
+    assert set(plan) == {"0", "3", "7"}
+    json.dumps(plan)
+    text = gm.lrd.report()
+    for word in ("layer", "ranks", "params", "MFLOPs", "decision", "GFLOPs per forward"):
+        assert word in text
+    assert gm.lrd.flops_after < gm.lrd.flops_before
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = lrd_fx.compile(model, (x,), ratio=0.3)
+    path = tmp_path / "m.pt"
+    lrd_fx.save(gm, path)
+    gm2 = lrd_fx.load(model, path)
+    assert {n: r["ranks"] for n, r in gm2.lrd.plan.items()} == {n: r["ranks"] for n, r in gm.lrd.plan.items()}
+    gm.eval(); gm2.eval()
+    torch.testing.assert_close(gm2(x), gm(x))
+    with pytest.raises(lrd_fx.LoadError):
+        lrd_fx.load(torchvision.models.resnet34(num_classes=10), path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(lrd_fx.LoadError):
+        lrd_fx.load(model, tmp_path / "junk.pt")
