@@ -23,7 +23,9 @@ def _ms(t) -> str:
 
 
 def _mflops(f: int) -> str:
-    return f"{f / 1e6:.1f}" if f else "-"
+    if not f:
+        return "-"
+    return f"{f / 1e6:.1f}" if f >= 1e6 else f"{f / 1e6:.3f}"
 
 
 def format_report(info, *, all_layers: bool = True) -> str:
@@ -45,7 +47,8 @@ def format_report(info, *, all_layers: bool = True) -> str:
             row += [_ms(r.time_original_s), _ms(r.time_estimate_s), _ms(r.time_chosen_s)]
         row += [r.decision, r.reason]
         rows.append(row)
-    lines = [tabulate(rows, headers=headers, tablefmt="simple", intfmt=",")]
+    lines = [tabulate(rows, headers=headers, tablefmt="simple", intfmt=",",
+                           disable_numparse=[0, 3, 6, 7])]
     lines.append("")
     lines.append(summary(info))
     return "\n".join(lines)

@@ -103,7 +103,16 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _has_factorizable(m: nn.Module) -> bool:
+    """True when m holds Conv/Linear layers we may rewrite. torch.nn's own composite layers
+    (e.g. MultiheadAttention, which reads out_proj.weight directly) are never opened up."""
+    if _is_torch_builtin(m):
+        return False
     return any(isinstance(x, _FACTORIZABLE) for x in m.modules())
+
+
+def _is_torch_builtin(m: nn.Module) -> bool:
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    return type(m).__module__.startswith("torch.nn") and not isinstance(m, containers + _FACTORIZABLE)
 
 
 def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = True,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -111,20 +112,20 @@ def energy_rank(singular_values: Tensor, energy: float) -> int:
 # [lower, upper]; components whose singular value exceeds the threshold are kept.
 
 def _tau(x, alpha):
-    return 0.5 * (x - (1 + alpha) + torch.sqrt(torch.clamp((x - (1 + alpha)) ** 2 - 4 * alpha, min=0.0)))
+    return 0.5 * (x - (1 + alpha) + np.sqrt(np.maximum((x - (1 + alpha)) ** 2 - 4 * alpha, 0.0)))
 
 
-def _evb_free_energy(sigma2: float, L: int, M: int, s: Tensor, residual: float, xubar: float) -> float:
-    H = s.numel()
+def _evb_free_energy(sigma2: float, L: int, M: int, s: np.ndarray, residual: float, xubar: float) -> float:
+    H = s.size
     alpha = L / M
     x = s ** 2 / (M * sigma2)
     z1 = x[x > xubar]
     z2 = x[x <= xubar]
     tau_z1 = _tau(z1, alpha)
-    term1 = torch.sum(z2 - torch.log(z2))
-    term2 = torch.sum(z1 - tau_z1)
-    term3 = torch.sum(torch.log((tau_z1 + 1) / z1))
-    term4 = alpha * torch.sum(torch.log(tau_z1 / alpha + 1))
+    term1 = np.sum(z2 - np.log(z2))
+    term2 = np.sum(z1 - tau_z1)
+    term3 = np.sum(np.log((tau_z1 + 1) / z1))
+    term4 = alpha * np.sum(np.log(tau_z1 / alpha + 1))
     obj = term1 + term2 + term3 + term4 + residual / (M * sigma2) + (L - H) * math.log(sigma2)
     return float(obj)
 
@@ -156,23 +157,24 @@ def _minimize_bounded(f, lo: float, hi: float, grid: int = 200, iters: int = 60)
 
 def evbmf_rank_from_singular_values(s: Tensor, m: int, n: int) -> int:
     """EVBMF rank of an [m, n] matrix given all min(m, n) of its singular values (>= 1)."""
-    s = s.detach().double().cpu().flatten()
+    # numpy: hundreds of objective evaluations on small vectors, where torch's per-op overhead dominates.
+    s = np.asarray(torch.as_tensor(s).detach().double().cpu().flatten().numpy(), dtype=np.float64)
     L, M = min(m, n), max(m, n)
-    H = s.numel()
+    H = s.size
     if L <= 1 or H == 0 or float(s.max()) == 0.0:
         return 1
     # Exact zeros (rank-deficient unfoldings) would make log(x) = -inf for every sigma2.
-    s = torch.clamp(s, min=float(s.max()) * 1e-7)
+    s = np.maximum(s, float(s.max()) * 1e-7)
     alpha = L / M
     tauubar = 2.5129 * math.sqrt(alpha)
     residual = 0.0   # all L singular values are used, so nothing is left outside the model
     xubar = (1 + tauubar) * (1 + alpha / tauubar)
     eH_ub = int(min(math.ceil(L / (1 + alpha)) - 1, H)) - 1
-    upper = (float(torch.sum(s ** 2)) + residual) / (L * M)
-    lower = max(float(s[eH_ub + 1] ** 2) / (M * xubar), float(torch.mean(s[eH_ub + 1:] ** 2)) / M)
+    upper = (float(np.sum(s ** 2)) + residual) / (L * M)
+    lower = max(float(s[eH_ub + 1] ** 2) / (M * xubar), float(np.mean(s[eH_ub + 1:] ** 2)) / M)
     sigma2 = _minimize_bounded(lambda v: _evb_free_energy(v, L, M, s, residual, xubar), lower, upper)
     threshold = math.sqrt(M * sigma2 * (1 + tauubar) * (1 + alpha / tauubar))
-    return max(1, int(torch.sum(s > threshold)))
+    return max(1, int(np.sum(s > threshold)))
 
 
 def evbmf_rank(matrix: Tensor, *, name: str = "") -> int:

@@ -1,4 +1,4 @@
-"""Truncated SVD of weight matrices in float32, with checked ranks and finite inputs."""
+"""Truncated SVD of weight matrices (float64 Gram eigensolver, float32 results), with rank/finite checks."""
 from __future__ import annotations
 
 import contextlib
@@ -56,15 +56,21 @@ def _work(a: Tensor) -> Tensor:
     return a.to(device=dev, dtype=torch.float64)
 
 
-@contextlib.contextmanager
-def _eig_threads(t: Tensor):
-    """Run a CPU eigensolver single-threaded, restoring the thread count after.
+# Weights up to this many elements are factorized on one CPU thread (see serial_math).
+SERIAL_MAX_NUMEL = 1 << 22
 
-    MKL's threaded eigensolvers sync on many barriers: on a busy 2-core machine a float64
-    128x128 eigh took 1.8 s with 2 threads and 1 ms with 1 (1024x1024: 2.2 s vs 0.6 s).
+
+@contextlib.contextmanager
+def serial_math(t: Tensor):
+    """Run the factorization math of a small CPU tensor on one thread, restoring the count after.
+
+    The eigensolvers and the small GEMMs here are barrier-bound, and on a busy machine every
+    barrier waits for a descheduled thread: on this 2-core box a float64 128x128 eigh took 1.8 s
+    with 2 threads and 1 ms with 1, and factorizing all of ResNet-50 took 44 s vs 9 s. Big
+    weights (LLM-sized) keep all threads, where GEMM throughput wins.
     """
     n = torch.get_num_threads()
-    if t.device.type != "cpu" or n == 1:
+    if t.device.type != "cpu" or n == 1 or t.numel() > SERIAL_MAX_NUMEL:
         yield
         return
     torch.set_num_threads(1)
@@ -83,8 +89,7 @@ def top_eigvecs(a64: Tensor, rank: int, *, side: str, name: str = "") -> Tensor:
     """
     gram = a64 @ a64.T if side == "left" else a64.T @ a64
     try:
-        with _eig_threads(gram):
-            _, vecs = torch.linalg.eigh(gram)
+        _, vecs = torch.linalg.eigh(gram)
     except RuntimeError as e:  # torch.linalg.LinAlgError: the eigensolver did not converge
         raise FactorizationError(f"{_label(name)}: eigendecomposition failed for shape {list(a64.shape)}: {e}") from e
     return vecs.flip(-1)[:, :rank]   # eigh sorts ascending
@@ -96,13 +101,13 @@ def singular_values(matrix: Tensor, *, name: str = "") -> Tensor:
     From the float64 Gram matrix: accurate to about 1e-8 of the largest value, ample for rank rules.
     """
     a = _as_matrix(matrix, name)
-    a64 = _work(a)
-    gram = a64 @ a64.T if a64.shape[0] <= a64.shape[1] else a64.T @ a64
-    try:
-        with _eig_threads(gram):
+    with serial_math(a):
+        a64 = _work(a)
+        gram = a64 @ a64.T if a64.shape[0] <= a64.shape[1] else a64.T @ a64
+        try:
             ev = torch.linalg.eigvalsh(gram)
-    except RuntimeError as e:
-        raise FactorizationError(f"{_label(name)}: eigendecomposition failed for shape {list(a.shape)}: {e}") from e
+        except RuntimeError as e:
+            raise FactorizationError(f"{_label(name)}: eigendecomposition failed for shape {list(a.shape)}: {e}") from e
     return ev.flip(0).clamp_min(0).sqrt().to(device=a.device, dtype=torch.float32)
 
 
@@ -116,23 +121,28 @@ def svd_split(matrix: Tensor, rank: int, *, name: str = "") -> tuple[Tensor, Ten
     a = _as_matrix(matrix, name)
     m, n = a.shape
     r = check_rank(rank, 1, min(m, n), name, shape=(m, n))
-    a64 = _work(a)
+    with serial_math(a):
+        left, right = _split64(_work(a), r, name)
+    out = dict(device=a.device, dtype=torch.float32)
+    return left.to(**out).contiguous(), right.to(**out).contiguous()
+
+
+def _split64(a64: Tensor, r: int, name: str) -> tuple[Tensor, Tensor]:
+    m, n = a64.shape
     if m <= n:
         u = top_eigvecs(a64, r, side="left", name=name)       # [m, r]
         raw = u.T @ a64                                         # [r, n] = S V^T
         s = raw.norm(dim=1)
         root = s.sqrt()
+        # Rows with s == 0 are zero already; keep them zero instead of 0/0.
         inv = torch.where(s > 0, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
-        left, right = u * root, raw * inv[:, None]
-    else:
-        v = top_eigvecs(a64, r, side="right", name=name)      # [n, r]
-        raw = a64 @ v                                           # [m, r] = U S
-        s = raw.norm(dim=0)
-        root = s.sqrt()
-        inv = torch.where(s > 0, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
-        left, right = raw * inv, root[:, None] * v.T
-    out = dict(device=a.device, dtype=torch.float32)
-    return left.to(**out).contiguous(), right.to(**out).contiguous()
+        return u * root, raw * inv[:, None]
+    v = top_eigvecs(a64, r, side="right", name=name)          # [n, r]
+    raw = a64 @ v                                               # [m, r] = U S
+    s = raw.norm(dim=0)
+    root = s.sqrt()
+    inv = torch.where(s > 0, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
+    return raw * inv, root[:, None] * v.T
 
 
 def svd_error(singular_values: Tensor, rank: int) -> float:

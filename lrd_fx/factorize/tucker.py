@@ -8,8 +8,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..errors import FactorizationError
-from .svd import _label, _work, check_finite, check_rank, singular_values, top_eigvecs
+from ..errors import ConfigError, FactorizationError
+from .svd import _label, _work, check_finite, check_rank, serial_math, singular_values, top_eigvecs
 
 
 def unfold(weight: Tensor, mode: int) -> Tensor:
@@ -114,7 +114,8 @@ def tucker2(weight: Tensor, rank_out: int, rank_in: int, *, name: str = "",
     r_out = check_rank(rank_out, 1, out, name, "rank_out", shape=w.shape)
     r_in = check_rank(rank_in, 1, inp, name, "rank_in", shape=w.shape)
     if method == "hooi":
-        core, u_out, u_in = _hooi(_work(w), r_out, r_in, name)
+        with serial_math(w):
+            core, u_out, u_in = _hooi(_work(w), r_out, r_in, name)
     elif method == "tensorly":
         try:
             with _pytorch_backend():
@@ -122,7 +123,7 @@ def tucker2(weight: Tensor, rank_out: int, rank_in: int, *, name: str = "",
         except RuntimeError as e:  # torch.linalg.LinAlgError (SVD did not converge) is a RuntimeError
             raise FactorizationError(f"{_label(name)}: Tucker-2 failed for shape {list(w.shape)}: {e}") from e
     else:
-        raise ValueError(f"tucker2 method={method!r} must be 'hooi' or 'tensorly'")
+        raise ConfigError(f"tucker2 method={method!r} must be 'hooi' or 'tensorly'")
     core, u_out, u_in = (torch.as_tensor(t).to(device=w.device, dtype=torch.float32).contiguous()
                          for t in (core, u_out, u_in))
     if not (bool(torch.isfinite(core).all()) and bool(torch.isfinite(u_out).all())
@@ -146,7 +147,7 @@ def tucker2_error(weight: Tensor, rank_out: int, rank_in: int, *, name: str = ""
     out, inp = w.shape[:2]
     r_out = check_rank(rank_out, 1, out, name, "rank_out", shape=w.shape)
     r_in = check_rank(rank_in, 1, inp, name, "rank_in", shape=w.shape)
-    total = float(w.double().pow(2).sum())
+    total = float(_work(w).pow(2).sum())
     if total == 0.0:
         return 0.0
     lost = 0.0
