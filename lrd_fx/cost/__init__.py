@@ -1,0 +1,12 @@
+"""Cost model of the rank search: the timer, the SQLite timing cache and the choice rule."""
+from .cache import TimingCache, cache_clear, cache_info, default_path
+from .model import (COST_MODELS, Choice, Option, candidate_ranks, choose, find_edges, get_cost_model,
+                    plan_budget, refine_ranks, register_cost_model, staircase, window_bounds)
+from .timer import Measurement, layer_step, measure, measure_interleaved, use_cost_fn
+
+__all__ = [
+    "TimingCache", "cache_clear", "cache_info", "default_path",
+    "COST_MODELS", "Choice", "Option", "candidate_ranks", "choose", "find_edges", "get_cost_model",
+    "plan_budget", "refine_ranks", "register_cost_model", "staircase", "window_bounds",
+    "Measurement", "layer_step", "measure", "measure_interleaved", "use_cost_fn",
+]

@@ -1,0 +1,535 @@
+"""search_ranks: time each factor chain at candidate ranks on the device; keep the best rank or revert.
+
+Ranks of a Tucker-2 layer are searched along one scale: the rank pair moves on the line through the
+estimate (r_in, r_out), led by the larger of the two. Square layers (r_in = r_out: every 3x3 conv of a
+ResNet) move both ranks together, which is the paper's 512->r->r->512 staircase; a 2-D search would cost
+the square of the measurements for the same edges.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .. import dist
+from ..context import CompileContext
+from ..cost import cache as cache_mod
+from ..cost import model as cm
+from ..cost.timer import Measurement, current_cost_fn, layer_step, measure_interleaved
+from ..errors import LRDError, PassError
+from ..factorize import modules as fm
+from ..factorize.svd import singular_values, svd_error
+from ..factorize.tucker import unfold
+from ..layers import FactorChain
+from ..pipeline import PassResult, graph_modules
+from ..plan import DECOMPOSED, REVERTED, SEARCHED, LayerRecord
+
+ORIGINAL = "original"       # rank key of the original layer in timings and the cache
+MIN_BLOCK_S = {"cuda": 0.002, "cpu": 0.02}   # shortest timed block; longer on CPU to average out scheduling
+REFINE_ROUNDS = 3           # fine-stage iterations (each narrows a suspected edge 8-fold)
+
+
+def _scheme_arg(scheme: str) -> str:
+    return "tucker2" if scheme == "tucker2" else "svd"
+
+
+@dataclass
+class _Line:
+    """Maps the scalar search coordinate s to the layer's rank tuple (data-flow order)."""
+    estimate: tuple
+    full: tuple
+
+    def __post_init__(self):
+        if len(self.estimate) == 1:
+            self.lead, self.q = 0, 1.0
+            self.s_est, self.s_full = self.estimate[0], self.full[0]
+        else:
+            self.lead = 1 if self.estimate[1] >= self.estimate[0] else 0
+            other = 1 - self.lead
+            self.q = self.estimate[other] / self.estimate[self.lead]
+            self.s_est = self.estimate[self.lead]
+            self.s_full = min(self.full[self.lead], int(math.floor(self.full[other] / self.q + 1e-9)))
+            self.s_full = max(self.s_full, self.s_est)
+
+    def ranks(self, s: int) -> tuple:
+        if len(self.estimate) == 1:
+            return (int(s),)
+        out = [0, 0]
+        out[self.lead] = int(s)
+        other = 1 - self.lead
+        out[other] = max(1, min(self.full[other], int(round(s * self.q))))
+        return tuple(out)
+
+
+def _key(ranks) -> str:
+    return "/".join(str(int(r)) for r in ranks)
+
+
+def _memory_format(m: nn.Module) -> str:
+    w = m.weight
+    if w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "contiguous"
+
+
+def _signature(m: nn.Module, scheme: str) -> str:
+    """Everything about a layer that changes its speed except the input shape and rank."""
+    parts = [type(m).__name__, "x".join(map(str, m.weight.shape)), f"bias={m.bias is not None}", scheme]
+    for attr in ("stride", "padding", "dilation", "padding_mode"):
+        if hasattr(m, attr):
+            parts.append(f"{attr}={getattr(m, attr)}")
+    return "|".join(parts)
+
+
+@dataclass
+class _Group:
+    """Layers with identical signature, input shape and rank line: measured once."""
+    names: list
+    module: nn.Module          # the first layer's original (timing uses copies)
+    scheme: str
+    signature: str
+    shape: tuple
+    line: _Line
+    memory_format: str
+    times: dict = field(default_factory=dict)      # s -> Measurement
+    original: Optional[Measurement] = None
+    status: str = "pending"    # pending | coarse | done | skipped
+
+
+class _Timer:
+    """Times modules at one shape: in-memory memo, then the SQLite cache, then the device (or cost_fn)."""
+
+    def __init__(self, ctx: CompileContext, cost_fn: Optional[Callable]):
+        cfg = ctx.config
+        self.ctx = ctx
+        self.mode = cfg.rank_search
+        self.cost_fn = cost_fn
+        self.repeats = max(1, int(cfg.rank_search_repeats))
+        tag = getattr(cost_fn, "cache_tag", None) if cost_fn is not None else None
+        self.objective = self.mode if cost_fn is None else f"{self.mode}:{tag}"
+        path = cache_mod.resolve(cfg.cache) if (cost_fn is None or tag) else None
+        self.cache = cache_mod.TimingCache(path) if path is not None else None
+        self.memo: dict = {}
+        self.measured = 0
+        self.cached = 0
+
+    def _ckey(self, g: _Group, rank_key: str) -> dict:
+        return cache_mod.make_key(device=self.ctx.device, dtype=self.ctx.dtype, memory_format=g.memory_format,
+                                  signature=g.signature, input_shape=g.shape, rank=rank_key,
+                                  objective=self.objective)
+
+    def time(self, g: _Group, wanted: dict) -> dict:
+        """{rank key: Measurement} for wanted {rank key: zero-arg module factory}."""
+        out, todo = {}, {}
+        for k, make in wanted.items():
+            memo_key = (g.signature, g.shape, g.memory_format, k)
+            if memo_key in self.memo:
+                out[k] = self.memo[memo_key]
+                continue
+            hit = self.cache.get(self._ckey(g, k)) if self.cache is not None else None
+            if hit is not None:
+                self.cached += 1
+                out[k] = self.memo[memo_key] = hit
+            else:
+                todo[k] = make
+        if todo:
+            got = self._measure(g, todo)
+            self.measured += len(got)
+            for k, m in got.items():
+                out[k] = self.memo[(g.signature, g.shape, g.memory_format, k)] = m
+            if self.cache is not None:
+                self.cache.put_many((self._ckey(g, k), m) for k, m in got.items())
+        return out
+
+    def _measure(self, g: _Group, todo: dict) -> dict:
+        mods = {k: make() for k, make in todo.items()}
+        if self.cost_fn is not None:
+            out = {}
+            for k, m in mods.items():
+                t = float(self.cost_fn(m, g.shape, self.mode))
+                out[k] = Measurement(t, 0.0, 1, t)
+            return out
+        dev = self.ctx.device
+        mf = torch.channels_last if g.memory_format == "channels_last" else None
+        steps = {k: layer_step(m, g.shape, self.ctx.dtype, dev, self.mode, memory_format=mf)
+                 for k, m in mods.items()}
+        del mods
+        return measure_interleaved(steps, device=dev, rounds=self.repeats, warmup=1,
+                                   min_time_s=MIN_BLOCK_S["cuda" if dev.type == "cuda" else "cpu"])
+
+    def close(self):
+        if self.cache is not None:
+            self.cache.close()
+
+
+def _factory(module: nn.Module, ranks: tuple, scheme: str):
+    return lambda: fm.chain_like(module, ranks, _scheme_arg(scheme))
+
+
+def _measure_group(g: _Group, timer: _Timer, cfg, deadline: Optional[float]) -> None:
+    """Coarse stage (original + grid), then fine stages around suspected edges (deadline permitting)."""
+    line, m = g.line, g.module
+    coarse = cm.candidate_ranks(line.s_est, line.s_full, cfg.rank_search_window)
+    wanted = {ORIGINAL: lambda: m}
+    wanted.update({_key(line.ranks(s)): _factory(m, line.ranks(s), g.scheme) for s in coarse})
+    got = timer.time(g, wanted)
+    g.original = got[ORIGINAL]
+    g.times = {s: got[_key(line.ranks(s))] for s in coarse}
+    g.status = "coarse"
+    for _ in range(REFINE_ROUNDS):
+        if deadline is not None and time.perf_counter() > deadline:
+            return
+        new = cm.refine_ranks(g.times, line.s_est, line.s_full, cfg.rank_search_window)
+        if not new:
+            break
+        # Re-time the neighbours with the new ranks and rescale the new ones into the coarse stage's
+        # frame, so that drift between the stages does not show up as a step.
+        refs = sorted({max([t for t in g.times if t < s] or [min(g.times)]) for s in new} |
+                      {min([t for t in g.times if t > s] or [max(g.times)]) for s in new})
+        fresh = _time_with_refs(timer, g, refs, new)
+        g.times.update(fresh)
+    g.status = "done"
+
+
+def _time_with_refs(timer: _Timer, g: _Group, refs: list, new: list) -> dict:
+    """{s: Measurement} for the fine-stage ranks `new`: memo/cache first; the rest measured interleaved
+    with the already-measured neighbours `refs` and scaled by the median ratio of the refs' times."""
+    line, m = g.line, g.module
+    keys_new = {_key(line.ranks(s)): s for s in new}
+    wanted = {k: _factory(m, line.ranks(s), g.scheme) for k, s in keys_new.items()}
+    if timer.cost_fn is not None:      # a cost function does not drift: no references needed
+        got = timer.time(g, wanted)
+        return {s: got[k] for k, s in keys_new.items()}
+    ref_keys = {f"ref:{_key(line.ranks(s))}": s for s in refs}
+    todo = dict(wanted)
+    todo.update({k: _factory(m, line.ranks(s), g.scheme) for k, s in ref_keys.items()})
+    # look up memo/cache for the new ranks first; measure the rest together with the references
+    out = {}
+    for k in list(wanted):
+        mk = (g.signature, g.shape, g.memory_format, k)
+        hit = timer.memo.get(mk)
+        if hit is None and timer.cache is not None:
+            hit = timer.cache.get(timer._ckey(g, k))
+            if hit is not None:
+                timer.cached += 1
+        if hit is not None:
+            timer.memo[mk] = out[keys_new[k]] = hit
+            del todo[k]
+    if any(not k.startswith("ref:") for k in todo):
+        got = timer._measure(g, todo)
+        ratios = [g.times[s].median_s / got[k].median_s for k, s in ref_keys.items()
+                  if got[k].median_s > 0 and s in g.times]
+        scale = statistics.median(ratios) if ratios else 1.0
+        fresh = []
+        for k, s in keys_new.items():
+            if k in got:
+                meas = Measurement(got[k].median_s * scale, got[k].iqr_s * scale, got[k].n, got[k].min_s * scale)
+                timer.memo[(g.signature, g.shape, g.memory_format, k)] = out[s] = meas
+                fresh.append((timer._ckey(g, k), meas))
+        timer.measured += len(fresh)
+        if timer.cache is not None:
+            timer.cache.put_many(fresh)
+    return out
+
+
+def _errors(module: nn.Module, scheme: str, line: _Line, ranks_s) -> dict:
+    """Relative reconstruction error per scalar rank: exact for SVD; for Tucker-2 the HOSVD bound
+    sqrt(e_out^2 + e_in^2) from the singular values of the two channel unfoldings."""
+    w = module.weight.detach().float()
+    if scheme == "tucker2":
+        s_out, s_in = singular_values(unfold(w, 0)), singular_values(unfold(w, 1))
+        out = {}
+        for s in ranks_s:
+            r_in, r_out = line.ranks(s)
+            out[s] = min(1.0, math.sqrt(svd_error(s_out, r_out) ** 2 + svd_error(s_in, r_in) ** 2))
+        return out
+    sv = singular_values(w.reshape(w.shape[0], -1))
+    return {s: svd_error(sv, line.ranks(s)[0]) for s in ranks_s}
+
+
+def _first_input_shape(gm: fx.GraphModule, rec: LayerRecord) -> Optional[tuple]:
+    for _, part in graph_modules(gm):
+        for node in part.graph.nodes:
+            if node.meta.get("lrd") is rec and node.meta.get("lrd_role") == "first" and node.args:
+                tm = getattr(node.args[0], "meta", {}).get("tensor_meta")
+                if tm is not None and hasattr(tm, "shape"):
+                    return tuple(tm.shape)
+    return None
+
+
+def _choose(g: _Group, name: str, ctx: CompileContext, model) -> dict:
+    """Plan entry for one layer of a measured group."""
+    cfg = ctx.config
+    line = g.line
+    errors = None
+    if cfg.rank_search_objective == "time+error":
+        errors = _errors(ctx.originals[name], g.scheme, line, list(g.times))
+    ch = cm.choose(g.times, model=model, estimate=line.s_est, full=line.s_full, original=g.original,
+                   window=cfg.rank_search_window, margin=cfg.rank_search_margin,
+                   prefer=cfg.rank_search_prefer, objective=cfg.rank_search_objective,
+                   errors=errors, error_weight=cfg.rank_search_error_weight)
+    return _entry(g, ch.rank, ch.reason, errors)
+
+
+def _entry(g: _Group, s: Optional[int], reason: str, errors=None) -> dict:
+    line = g.line
+    status = "" if g.status == "done" else " (from the coarse grid: the fine search was cut short)"
+    return {
+        "ranks": list(line.ranks(s)) if s is not None else None,
+        "reverted": s is None,
+        "reason": reason + status,
+        "time_original_s": g.original.median_s if g.original else None,
+        "time_estimate_s": g.times[line.s_est].median_s if line.s_est in g.times else None,
+        "time_chosen_s": (g.times[s].median_s if s is not None else g.original.median_s),
+        "candidates": {_key(line.ranks(t)): m.median_s for t, m in sorted(g.times.items())},
+    }
+
+
+def _budget_plan(groups: dict, by_name: dict, ctx: CompileContext, model) -> dict:
+    """Whole-model mode (Config.rank_budget): per-layer options -> cost.model.plan_budget."""
+    cfg = ctx.config
+    recs = ctx.records
+    tables, entries = {}, {}
+    fixed = 0
+    total_before = 0
+    for name, gid in by_name.items():
+        total_before += recs[name].params_before
+        g = groups[gid] if gid is not None else None
+        if g is None or g.status == "pending":
+            fixed += recs[name].params_after
+            continue
+        orig = ctx.originals[name]
+        line = g.line
+        rule = _choose(g, name, ctx, model)
+        errors = _errors(orig, g.scheme, line, list(g.times)) if cfg.rank_search_objective == "time+error" else {}
+        lo, hi = cm.window_bounds(line.s_est, line.s_full, cfg.rank_search_window)
+        times = {s: m.median_s for s, m in g.times.items()}
+        in_win = [t for t in times if lo <= t <= hi]
+        keys = {line.s_est, min(in_win), max(in_win)}   # the window's ends bound what the plan can trade
+        keys.update(a for a, _, _ in cm.find_edges(times, cm.EDGE_THRESHOLD) if lo <= a <= hi)
+        if not rule["reverted"]:
+            keys.add(_s_of(line, rule["ranks"]))
+        opts = [cm.Option(s, fm.chain_params(orig, line.ranks(s), _scheme_arg(g.scheme)), times[s],
+                          errors.get(s, 0.0)) for s in sorted(k for k in keys if k in times)]
+        opts.append(cm.Option(None, recs[name].params_before, g.original.median_s, 0.0))
+        tables[name] = opts
+        entries[name] = g
+    budget = cfg.rank_budget * total_before - fixed
+    picked = cm.plan_budget(tables, budget, error_weight=cfg.rank_search_error_weight
+                            if cfg.rank_search_objective == "time+error" else 0.0)
+    plan = {}
+    for name, s in picked.items():
+        g = entries[name]
+        why = (f"whole-model plan (rank_budget={cfg.rank_budget}): "
+               + ("original layer kept" if s is None else f"rank {_key(g.line.ranks(s))}"))
+        plan[name] = _entry(g, s, why)
+    return plan
+
+
+def _s_of(line: _Line, ranks) -> int:
+    return int(ranks[line.lead])
+
+
+# --- graph rewrite ------------------------------------------------------------------------------
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def _revert_nodes(gm: fx.GraphModule, rec: LayerRecord) -> None:
+    """Replace every first->[core]->last node run of `rec` by one call of the original layer."""
+    for _, part in graph_modules(gm):
+        firsts = [n for n in part.graph.nodes
+                  if n.meta.get("lrd") is rec and n.meta.get("lrd_role") == "first"]
+        for first in firsts:
+            run = [first]
+            while run[-1].meta.get("lrd_role") != "last":
+                nxt = [u for u in run[-1].users if u.op == "call_module" and u.meta.get("lrd") is rec]
+                if len(nxt) != 1:
+                    raise PassError(f"search_ranks: factor chain of layer '{rec.name}' is broken after "
+                                    f"{run[-1].format_node()}; re-run with debug=True to see the graph")
+                run.append(nxt[0])
+            last = run[-1]
+            target = first.target[: -len(".first")]
+            with part.graph.inserting_before(first):
+                node = part.graph.call_module(target, first.args, first.kwargs)
+            node.meta.update({k: v for k, v in last.meta.items() if k != "lrd_role"})
+            node.meta["lrd"] = rec
+            last.replace_all_uses_with(node)
+            for n in reversed(run):
+                part.graph.erase_node(n)
+
+
+def _refactorize(gm: fx.GraphModule, ctx: CompileContext, name: str, ranks: tuple) -> None:
+    """Install the real factorization of the original layer at `ranks` (same child names)."""
+    from .decompose import chain_flops
+    rec = ctx.records[name]
+    orig = ctx.originals[name]
+    current = gm.get_submodule(name)
+    chain = (fm.factorize_linear(orig, ranks[0], name=name) if isinstance(orig, nn.Linear)
+             else fm.factorize_conv(orig, ranks, _scheme_arg(rec.scheme), name=name))
+    chain.train(current.training)
+    if isinstance(current, FactorChain) and current.roles() != chain.roles():
+        raise PassError(f"search_ranks: layer '{name}' changed factors {current.roles()} -> "
+                        f"{chain.roles()}; this is a bug, please report it")
+    _set_module(gm, name, chain)
+    rec.ranks = list(ranks)
+    rec.params_after = sum(p.numel() for p in chain.parameters())
+    rec.flops_after = chain_flops(chain, ctx.extras.get("layer_io", {}).get(name))
+
+
+def _apply(gm: fx.GraphModule, ctx: CompileContext, plan: dict) -> bool:
+    # When decompose only built placeholder chains (ctx.extras["factorize_deferred"]: random weights,
+    # as chain_like), every kept layer is factorized here, once, at its final ranks.
+    deferred = bool(ctx.extras.get("factorize_deferred"))
+    modified = False
+    for name, e in plan.items():
+        rec = ctx.records[name]
+        if e.get("keep"):        # not measured: the estimate stays, the reason says why
+            rec.reason = e["reason"]
+            if deferred:
+                _refactorize(gm, ctx, name, tuple(rec.ranks))
+                modified = True
+            continue
+        orig = ctx.originals[name]
+        current = gm.get_submodule(name)
+        rec.time_original_s = e["time_original_s"]
+        rec.time_estimate_s = e["time_estimate_s"]
+        rec.time_chosen_s = e["time_chosen_s"]
+        rec.candidates = dict(e["candidates"])
+        rec.reason = e["reason"]
+        if e["reverted"]:
+            layer = copy.deepcopy(orig)
+            layer.train(current.training)
+            _revert_nodes(gm, rec)
+            _set_module(gm, name, layer)
+            rec.decision = REVERTED
+            rec.ranks = None
+            rec.params_after = rec.params_before
+            rec.flops_after = rec.flops_before
+            modified = True
+            continue
+        ranks = tuple(e["ranks"])
+        if deferred or list(ranks) != list(rec.ranks):
+            _refactorize(gm, ctx, name, ranks)
+            modified = True
+        rec.decision = SEARCHED
+    for _, part in graph_modules(gm):
+        part.graph.lint()
+        part.recompile()
+    return modified
+
+
+# --- the pass -----------------------------------------------------------------------------------
+
+def search_ranks(ctx: CompileContext, *, cost_fn: Optional[Callable] = None, cost_model=None):
+    """Factory of the rank-search pass.
+
+    cost_fn(module, input_shape, mode) -> seconds replaces timing on the device (tests); default: the
+    one installed by lrd_fx.cost.use_cost_fn, else real measurement. cost_model: a name registered
+    with lrd_fx.cost.register_cost_model or a callable (default "staircase").
+    """
+    cfg = ctx.config
+    model = cost_model or getattr(cfg, "rank_search_model", None) or "staircase"
+    cm.get_cost_model(model)   # fail early on an unknown name
+
+    def run(gm):
+        names = [n for n, r in ctx.records.items() if r.decision == DECOMPOSED and n in ctx.originals]
+        if not names:
+            return PassResult(gm, False)
+        plan: dict = {}
+        note = ""
+        err: Optional[str] = None
+        if dist.rank() == 0:
+            try:
+                plan, note = _search(gm, ctx, names, cost_fn or current_cost_fn(), model)
+            except LRDError as e:
+                err, exc = str(e), e
+            except Exception as e:   # tell the other processes before failing, so they do not hang
+                err, exc = f"{type(e).__name__}: {e}", e
+        if dist.is_distributed():
+            box = dist.broadcast_plan({"plan": plan, "note": note, "error": err})
+            plan, note, err = box["plan"], box["note"], box["error"]
+        if err is not None:
+            if dist.rank() == 0:
+                raise exc
+            raise PassError(f"search_ranks failed on process 0: {err}")
+        if note:
+            ctx.notes.append(note)
+        modified = _apply(gm, ctx, plan)
+        return PassResult(gm, modified)
+
+    run.name = "search_ranks"
+    return run
+
+
+def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> dict:
+    cfg = ctx.config
+    groups: dict = {}
+    by_name: dict = {}
+    no_shape = []
+    for name in names:
+        rec = ctx.records[name]
+        orig = ctx.originals[name]
+        shape = tuple(rec.in_shape) if rec.in_shape else _first_input_shape(gm, rec)
+        if not shape:
+            no_shape.append(name)
+            by_name[name] = None
+            continue
+        line = _Line(tuple(rec.estimate or rec.ranks), tuple(rec.full_ranks))
+        sig = _signature(orig, rec.scheme)
+        mf = _memory_format(orig)
+        gid = (sig, shape, mf, line.estimate, line.full)
+        if gid not in groups:
+            groups[gid] = _Group([], orig, rec.scheme, sig, shape, line, mf)
+        groups[gid].names.append(name)
+        by_name[name] = gid
+
+    timer = _Timer(ctx, cost_fn)
+    t0 = time.perf_counter()
+    deadline = t0 + cfg.rank_search_budget_s if cfg.rank_search_budget_s is not None else None
+    stopped = None
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(groups), desc="rank search", unit="layer", disable=not cfg.progress, leave=False)
+    try:
+        for g in groups.values():
+            if deadline is not None and time.perf_counter() > deadline:
+                stopped = f"rank_search_budget_s={cfg.rank_search_budget_s:g} s was spent before this layer"
+                break
+            bar.set_postfix_str(g.names[0] + (f" (+{len(g.names) - 1} alike)" if len(g.names) > 1 else ""))
+            _measure_group(g, timer, cfg, deadline)
+            bar.update(1)
+    except KeyboardInterrupt:
+        stopped = "the rank search was interrupted (Ctrl-C) before this layer was measured"
+    finally:
+        bar.close()
+        timer.close()
+    elapsed = time.perf_counter() - t0
+
+    if cfg.rank_budget is not None:
+        plan = _budget_plan(groups, by_name, ctx, model)
+    else:
+        plan = {}
+        for name, gid in by_name.items():
+            g = groups.get(gid) if gid is not None else None
+            if g is not None and g.status != "pending":
+                plan[name] = _choose(g, name, ctx, model)
+    for name in names:
+        if name not in plan:
+            why = ("no input shape (the layer did not run on the example inputs)" if name in no_shape
+                   else stopped or "not measured")
+            plan[name] = {"keep": True,
+                          "reason": f"{ctx.records[name].reason}; rank search skipped: {why}; kept the estimate"}
+    done = sum(g.status != "pending" for g in groups.values())
+    note = (f"rank search ({cfg.rank_search}): {done} of {len(groups)} distinct layer shapes, "
+            f"{timer.measured} timings measured, {timer.cached} from the cache, {elapsed:.1f} s"
+            + (f"; stopped: {stopped}" if stopped else ""))
+    return plan, note

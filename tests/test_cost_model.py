@@ -1,0 +1,195 @@
+"""Choice rule of the rank search on synthetic staircases: edges, alignment, window, revert, budget."""
+import itertools
+import math
+import random
+
+import pytest
+
+from lrd_fx.cost import model as cm
+from lrd_fx.cost.timer import Measurement
+from lrd_fx.errors import ConfigError
+
+
+def stairs(step=128, jump=0.13, slope=0.001):
+    """Time grows slowly with rank and jumps at every multiple of `step` (CPU-like staircase)."""
+    return lambda r: 1.0 + slope * r + jump * math.ceil(r / step)
+
+
+def curve(f, ranks):
+    return {r: f(r) for r in ranks}
+
+
+def test_picks_rank_just_below_the_edge_under_the_estimate():
+    f = stairs()
+    for est, want in [(257, 256), (260, 256), (300, 256), (129, 128), (256, 256)]:
+        ch = cm.staircase(curve(f, range(1, 513)), estimate=est, full=512, original=10.0)
+        assert (ch.rank, ch.reverted) == (want, False), (est, ch.reason)
+        assert f"{want}->" in ch.reason or est == want
+        assert 128 in ch.edges or 256 in ch.edges
+
+
+def test_no_edge_in_window_keeps_estimate_on_its_step():
+    f = stairs(slope=0.0)
+    ch = cm.staircase(curve(f, range(150, 251)), estimate=210, full=512, original=10.0)
+    # speed: flat step, the best-aligned rank within 1/16 below the estimate
+    assert ch.rank == 208 and not ch.reverted      # multiple of 16; 192 would lose more than 1/16
+    ch = cm.staircase(curve(f, range(150, 251)), estimate=210, full=512, original=10.0, prefer="accuracy")
+    assert ch.rank == 250    # same time up to the window's top
+
+
+def test_prefers_aligned_rank_when_times_tie():
+    # edge at 259 -> 260 (not a hardware-aligned spot): speed snaps down to 256 at equal time
+    f = lambda r: 1.0 + (0.2 if r >= 260 else 0.0)
+    c = curve(f, range(200, 330))
+    assert cm.staircase(c, estimate=280, full=512, original=10.0).rank == 256
+    assert cm.staircase(c, estimate=280, full=512, original=10.0, prefer="accuracy").rank == 259
+    # but not when the aligned rank is measurably slower (no tie)
+    g = lambda r: f(r) + (0.5 if r == 256 else 0.0)
+    assert cm.staircase(curve(g, range(200, 330)), estimate=280, full=512, original=10.0).rank != 256
+
+
+def test_reverts_when_original_is_faster():
+    f = stairs()
+    ch = cm.staircase(curve(f, range(200, 330)), estimate=260, full=512, original=1.0)
+    assert ch.reverted and ch.rank is None and "reverted" in ch.reason and ch.time_s == 1.0
+
+
+def test_margin_takes_largest_rank_that_beats_the_original():
+    f = lambda r: 1.0 + 0.01 * r      # no steps: the estimate would be chosen
+    c = curve(f, range(75, 126))
+    ch = cm.staircase(c, estimate=100, full=512, original=2.0, margin=0.03)
+    assert ch.rank == 94               # 1.94 <= 2.0 * 0.97, 1.95 is not
+    assert not ch.reverted and "not 3% faster" in ch.reason
+
+
+def test_window_and_full_rank_are_respected():
+    f = stairs(step=16)
+    c = curve(f, range(1, 1000))
+    for est, window, full in [(100, 0.25, 512), (60, 0.1, 64), (40, 0.5, 45)]:
+        lo, hi = cm.window_bounds(est, full, window)
+        for prefer in ("speed", "accuracy"):
+            ch = cm.staircase(c, estimate=est, full=full, original=100.0, window=window, prefer=prefer)
+            assert lo <= ch.rank <= hi and ch.rank <= full
+        cands = cm.candidate_ranks(est, full, window)
+        assert min(cands) >= lo and max(cands) <= min(hi, full) and est in cands
+
+
+def test_noise_hides_small_jumps():
+    f = stairs(jump=0.06, slope=0.0)
+    c = {r: Measurement(f(r), 0.4 * f(r), 7) for r in range(200, 330)}   # very noisy medians
+    ch = cm.staircase(c, estimate=260, full=512, original=10.0)
+    assert ch.edges == [] and "no step edge" in ch.reason   # estimate kept, snapped to 256 (aligned)
+    quiet = {r: Measurement(f(r), 0.0, 7) for r in range(200, 330)}
+    assert cm.staircase(quiet, estimate=260, full=512, original=10.0).edges == [256]
+
+
+def test_coarse_to_fine_locates_the_edge():
+    f = stairs()
+    est, full = 300, 512
+    c = curve(f, cm.candidate_ranks(est, full))
+    assert 257 not in c
+    for _ in range(4):
+        new = cm.refine_ranks(c, est, full)
+        if not new:
+            break
+        c.update(curve(f, new))
+    assert 256 in c and 257 in c
+    assert len(c) < 40       # far fewer than the 151 ranks of the window
+    assert cm.staircase(c, estimate=est, full=full, original=10.0).rank == 256
+
+
+def test_time_plus_error_trades_rank_for_accuracy():
+    f = stairs()
+    c = curve(f, range(200, 330))
+    # error falls with rank; a heavy weight pushes the choice to the window's top
+    err = {r: 1.0 - r / 512 for r in c}
+    light = cm.staircase(c, estimate=260, full=512, original=10.0, objective="time+error",
+                         errors=err, error_weight=0.0)
+    heavy = cm.staircase(c, estimate=260, full=512, original=10.0, objective="time+error",
+                         errors=err, error_weight=100.0)
+    assert light.rank < heavy.rank == 325
+    with pytest.raises(ValueError, match="needs errors"):
+        cm.staircase(c, estimate=260, full=512, objective="time+error")
+
+
+def test_bad_options_raise_config_errors():
+    c = {10: 1.0}
+    with pytest.raises(ConfigError, match="prefer"):
+        cm.staircase(c, estimate=10, full=16, prefer="fast")
+    with pytest.raises(ConfigError, match="objective"):
+        cm.staircase(c, estimate=10, full=16, objective="error")
+    with pytest.raises(ConfigError, match="not registered"):
+        cm.get_cost_model("nope")
+
+
+def test_registry_swaps_the_rule():
+    @cm.register_cost_model("always_lowest")
+    def lowest(curve, *, estimate, full, original=None, **_):
+        r = min(curve)
+        return cm.Choice(r, False, "lowest")
+    try:
+        assert cm.choose({5: 1.0, 9: 0.5}, model="always_lowest", estimate=9, full=16).rank == 5
+        assert cm.choose({5: 1.0, 9: 0.5}, model=lowest, estimate=9, full=16).rank == 5
+    finally:
+        del cm.COST_MODELS["always_lowest"]
+
+
+def _brute(tables, budget):
+    best = None
+    for combo in itertools.product(*tables.values()):
+        p = sum(o.params for o in combo)
+        if p > budget:
+            continue
+        t = sum(o.time_s for o in combo)
+        if best is None or t < best[0] - 1e-12:
+            best = (t, combo)
+    return best
+
+
+def test_budget_plan_respects_budget_and_is_near_optimal():
+    rng = random.Random(0)
+    for trial in range(20):
+        tables = {}
+        for i in range(4):
+            opts = [cm.Option(None, 1000, rng.uniform(0.5, 2.0))]
+            for r in (8, 16, 24):
+                opts.append(cm.Option(r, r * 20 + rng.randint(0, 30), rng.uniform(0.3, 1.5)))
+            tables[f"l{i}"] = opts
+        budget = rng.choice([800, 1500, 2500, 4000])
+        picked = cm.plan_budget(tables, budget, spend=0.0)
+        chosen = [next(o for o in tables[n] if o.key == k) for n, k in picked.items()]
+        assert sum(o.params for o in chosen) <= budget
+        t_opt, _ = _brute(tables, budget)
+        # parameter rounding to buckets may only cost the exact optimum very little
+        assert sum(o.time_s for o in chosen) <= t_opt * 1.02 + 1e-9, trial
+
+
+def test_budget_plan_spends_budget_on_rank_when_times_tie():
+    tables = {"a": [cm.Option(8, 100, 1.0), cm.Option(16, 200, 1.0), cm.Option(None, 1000, 3.0)]}
+    assert cm.plan_budget(tables, 250) == {"a": 16}
+    assert cm.plan_budget(tables, 150) == {"a": 8}
+    # infeasible: the smallest options are taken
+    assert cm.plan_budget(tables, 10) == {"a": 8}
+
+
+def test_one_disturbed_timing_makes_no_edge():
+    flat = {r: 1.0 for r in range(240, 280)}
+    spike = {**flat, 257: 2.0}                 # one timing hit by another process
+    assert cm.find_edges(spike, 0.05) == []
+    step = {r: (1.2 if r >= 257 else 1.0) for r in flat}
+    assert [(a, b) for a, b, _ in cm.find_edges(step, 0.05)] == [(256, 257)]
+    assert cm.staircase(spike, estimate=260, full=512, original=10.0).edges == []
+
+
+def test_single_fast_aligned_rank_is_an_edge():
+    # blocked CPU kernels: multiples of 16 are much faster than their neighbours (a comb, not stairs)
+    comb = {r: (0.6 if r % 16 == 0 else 1.0) + 0.002 * r for r in range(38, 65)}
+    ch = cm.staircase(comb, estimate=51, full=128, original=10.0)
+    assert ch.rank == 48 and 48 in ch.edges
+
+
+def test_huge_noise_never_ties_a_much_slower_aligned_rank():
+    c = {r: Measurement(1.0, 5.0, 3) for r in range(146, 196)}    # IQRs five times the medians
+    c[192] = Measurement(4.0, 5.0, 3)
+    ch = cm.staircase(c, estimate=195, full=512, original=100.0)
+    assert ch.rank != 192 and c[ch.rank].median_s == 1.0
