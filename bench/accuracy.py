@@ -187,7 +187,8 @@ def main(argv=None):
         json.dump({"args": vars(args), "results": results}, f, indent=1)
     p0, p1 = results[0]["params"]
     print(f"digits (sklearn, 1397 train / 400 test, 32x32), ResNet-18 from scratch {args.pretrain_epochs} epochs, "
-          f"decomposed at ratio {args.ratio}{'' if args.decompose_head else ' (fc kept)'} ({p0:,} -> {p1:,} params), fine-tuned {args.finetune_epochs} epochs; "
+          f"decomposed at ratio {args.ratio}{'' if args.decompose_head else ' (fc kept)'} ({p0:,} -> {p1:,} params), "
+          f"fine-tuned {args.finetune_epochs} epochs; "
           f"seeds {args.seeds}; torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{load0[0]:.1f} -> {load1[0]:.1f} (shared machine: wall times are noisy)")
     rows = [["original (trained from scratch)", spread([r["original"] for r in results]), "-"],

@@ -150,7 +150,7 @@ def main(argv=None):
     ap.add_argument("--res", type=int, default=224, help="input resolution (square)")
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--ratio", type=float, default=0.25)
-    ap.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds (median taken)")
+    ap.add_argument("--rounds", type=int, default=11, help="interleaved timed rounds (median taken)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads (default 1: on a shared 2-core machine 2 threads stall on each "

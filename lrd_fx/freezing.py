@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FreezeError
-from .layers import ROLE_CORE, ROLE_FIRST, ROLE_LAST
+from .layers import ROLE_CORE, ROLE_LAST
 from .trace import register_leaf_function
 
 FREEZER_NAME = "lrd_freezer"     # attribute of the controller (root) and of its links (nested graphs)

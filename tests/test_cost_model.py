@@ -193,3 +193,10 @@ def test_huge_noise_never_ties_a_much_slower_aligned_rank():
     c[192] = Measurement(4.0, 5.0, 3)
     ch = cm.staircase(c, estimate=195, full=512, original=100.0)
     assert ch.rank != 192 and c[ch.rank].median_s == 1.0
+
+
+def test_never_goes_down_to_an_edge_slower_than_the_estimate():
+    # an "edge" at 19->20 below the estimate 26, but 26 itself measured faster than 19
+    c = {19: 0.5, **{r: 1.5 for r in range(20, 26)}, **{r: 0.4 for r in range(26, 33)}}
+    ch = cm.staircase(c, estimate=26, full=64, original=10.0)
+    assert ch.edges == [19] and ch.rank == 26

@@ -33,7 +33,9 @@ FACTORS = ["0.first", "0.core", "0.last", "4.first", "4.last", "8.first", "8.las
 
 
 def test_sequential_phases_are_as_documented():
-    fr = gated(freeze_period=2).lrd.freezer
+    gm = gated(freeze_period=2)
+    fr = gm.lrd.freezer
+    assert isinstance(fr, FreezeController) and fr is gm.lrd_freezer
     assert sorted(fr.factors) == sorted(FACTORS)
     phase0 = {"0.core", "4.last", "8.last"}            # Tucker-2 cores + SVD "last": frozen in phase 0
     phase1 = set(FACTORS) - phase0

@@ -172,9 +172,10 @@ def staircase(curve: Mapping[int, Time], *, estimate: int, full: int, original: 
     objective="time" (the paper's rule):
       1. Find step edges: neighbouring measured ranks a < b whose time jumps by more than
          max(edge_threshold, tol) beyond the curve's ordinary slope.
-      2. Base rank: a, for the nearest edge with a <= estimate inside the window ("the rank just below
-         the nearest step edge at or under the estimate": 257 -> 256). With no such edge the estimate
-         is already on the cheapest step the window allows: base = estimate.
+      2. Base rank: a, for the nearest edge with a <= estimate inside the window whose time is below
+         the estimate's ("the rank just below the nearest step edge at or under the estimate":
+         257 -> 256). With no such edge the estimate is already on the cheapest step the window
+         allows: base = estimate.
       3. prefer="speed": among ranks on base's step that are within align_loss (1/16) below base and
          tie with it, take the one with the largest alignment (64, then 32, 16, 8), else base.
          prefer="accuracy": take the highest rank of base's step (inside the window) whose time ties
@@ -217,7 +218,9 @@ def staircase(curve: Mapping[int, Time], *, estimate: int, full: int, original: 
         reason = (f"min time/t_ref + {error_weight:g}*error in [{lo}, {hi}]: rank {chosen} "
                   f"({ms(times[chosen])}, error {errors[chosen]:.3g})")
     else:
-        below = [a for a in edge_at if lo <= a <= estimate]
+        # an edge is worth going down to only if its rank is faster than the estimate (on a clean
+        # staircase it always is; noise or a comb can break that)
+        below = [a for a in edge_at if lo <= a <= estimate and (a == estimate or times[a] < times[estimate])]
         if below:
             base = max(below)
             nxt, jump = edge_at[base]

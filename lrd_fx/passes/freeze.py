@@ -46,7 +46,11 @@ def _input_of(node: fx.Node):
 
 
 def gate_node(part: fx.GraphModule, node: fx.Node, m: nn.Module, freezer: fx.Node, key: str) -> fx.Node:
-    """Replace `call_module` node by get_attr weight -> grad_gate -> F.linear/F.convNd (same result)."""
+    """Replace `call_module` node by get_attr weight -> grad_gate -> F.linear/F.convNd (same result).
+
+    The bias, when the factor has one (only "last" factors do: the original layer's bias), goes through
+    the same gate: a frozen factor is frozen whole.
+    """
     g = part.graph
     target = node.target
     with g.inserting_before(node):
@@ -131,13 +135,15 @@ def freeze(ctx: CompileContext):
         if hasattr(gm, FREEZER_NAME):
             raise FreezeError(f"freeze: the model already has an attribute '{FREEZER_NAME}'; rename it")
         schedule = make_schedule(cfg.freeze, cfg)
-        # (part, node, module, key, rec) for graph factors; (module, key, layer, role, scheme) eager
+        # graph factors: (part, node, module, key); eager factors: (module, key); factors: key -> (layer, role, scheme)
         graph_sites = []
         factors: dict[str, tuple] = {}
+        seen: set = set()            # factor keys met in a graph, gated or not
         for prefix, part in graph_modules(gm):
             for node, rec in _factor_nodes(part):
                 m = part.get_submodule(node.target)
                 key = prefix + node.target
+                seen.add(key)
                 reason = _ungatable_reason(m)
                 if reason is not None:
                     ctx.notes.append(f"freeze: '{key}' left ungated: {reason}")
@@ -147,14 +153,13 @@ def freeze(ctx: CompileContext):
                 scheme = rec.scheme if isinstance(rec, LayerRecord) else None
                 factors.setdefault(key, (layer, role, scheme))
                 graph_sites.append((part, node, m, key))
-        gated_graph_keys = set(factors)
         eager_sites = []
         for name, chain in gm.named_modules():
             if not isinstance(chain, FactorChain):
                 continue
             for role, m in chain.named_children():
                 key = f"{name}.{role}"
-                if key in gated_graph_keys:
+                if key in seen:
                     continue
                 if _ungatable_reason(m) is not None:
                     ctx.notes.append(f"freeze: '{key}' left ungated: {_ungatable_reason(m)}")

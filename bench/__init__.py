@@ -1,0 +1,1 @@
+"""Benchmarks of lrd_fx against the original models and peer factorizations (`python -m bench`)."""

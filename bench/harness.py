@@ -1,0 +1,857 @@
+"""Benchmark harness: original vs lrd_fx variants vs peers, timed interleaved; table, JSON, CSV and PNG.
+
+    python -m bench                       # resnet18, resnet50, vit_small_patch16_224, convnext_tiny
+    python -m bench --quick               # CI smoke run: 2 small models, small batch and resolution
+    python -m bench --models resnet50 --batch 64 --device cuda --amp bf16 --compile
+    python -m bench --from-json bench/results/cpu-2025-01-01.json     # print a saved table again
+
+Variants (rows per model):
+  original              the model as created (random init)
+  lrd                   lrd_fx.compile(model, (x,), ratio=R): ranks from the ratio estimate
+  lrd+search            + rank_search="infer" (--search-mode): ranks timed on this device, reverts kept
+  lrd+search+seqfreeze  the lrd+search plan and weights with freeze="sequential" (lrd_fx.save, then
+                        lrd_fx.load(..., freeze="sequential"): no second search, so the row differs from
+                        lrd+search by the gates alone); training speed = mean step time over the
+                        schedule's distinct states (epochs 0 and 1)
+  tltorch               tensorly-torch factorized layers (implementation="factorized") at the ranks
+                        of the `lrd` plan, on the same layers
+  composer              Composer's Factorize in plain torch: every Conv2d/Linear split at latent size
+                        int(F * min(in, out)) (--composer-fraction F), no search
+
+Every model's variants are timed round-robin (lrd_fx.cost.timer.measure_interleaved): after warm-up, one
+block of each variant per round, the variant order rotating each round; the table shows the median over
+the rounds and the spread (interquartile range / median). Speed-ups are ratios of medians measured side
+by side, so they hold when a shared machine drifts; absolute samples/s do not.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a file: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lrd_fx  # noqa: E402
+from lrd_fx.api import count_flops  # noqa: E402
+from lrd_fx.cost.timer import measure_interleaved  # noqa: E402
+from lrd_fx.errors import ConfigError, LRDError  # noqa: E402
+
+from bench import peers  # noqa: E402
+
+FORMAT = "lrd_fx-bench/1"
+VARIANTS = ("original", "lrd", "lrd+search", "lrd+search+seqfreeze", "tltorch", "composer")
+DEFAULT_MODELS = ("resnet18", "resnet50", "vit_small_patch16_224", "convnext_tiny")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# --quick: a CI smoke run (< 2 min on a 2-core CPU) that still produces every variant's numbers.
+# resnet10t (timm) exercises the Tucker-2 path at half resnet18's decomposition cost; vit_tiny the SVD path.
+QUICK = dict(models=("resnet10t", "vit_tiny_patch16_224"), batch=4, size=32, rounds=3, warmup=0,
+             search_budget_s=5.0, search_repeats=3)
+DEFAULTS = dict(models=DEFAULT_MODELS, batch=16, size=224, rounds=5, warmup=1, search_budget_s=None,
+                search_repeats=None)
+
+
+# --- models ---------------------------------------------------------------------------------------------
+
+EXTRA_MODELS: dict[str, Callable[[], nn.Module]] = {}
+
+
+def register_model(name: str):
+    """Make a model factory `() -> nn.Module` (3-channel image input) available to --models by name."""
+    def deco(fn):
+        EXTRA_MODELS[name] = fn
+        return fn
+    return deco
+
+
+@register_model("tiny_cnn")
+def tiny_cnn() -> nn.Module:
+    """A four-layer CNN + linear head: every kind of layer the variants touch, in a fraction of a second."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+def make_model(name: str, size: int) -> nn.Module:
+    """A random-init model by name (registered, torchvision or timm); timm models that fix their input
+    resolution (ViT) are created for `size`."""
+    if name in EXTRA_MODELS:
+        return EXTRA_MODELS[name]()
+    from lrd_fx.models import create_model
+    model = create_model(name)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and tuple(cfg.get("input_size", ()))[-1:] != (size,):
+        try:
+            model = create_model(name, img_size=size)
+        except Exception:
+            pass    # the model takes any resolution (CNNs) or does not know img_size
+    return model
+
+
+# --- settings -------------------------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    models: tuple = DEFAULT_MODELS
+    batch: int = 16
+    size: int = 224
+    rounds: int = 5                      # interleaved timing rounds (median over them)
+    warmup: int = 1                      # untimed calls per variant after the first (probe) call
+    min_block_s: float = 0.05            # each timed block repeats the step until it lasts this long
+    device: str = "cpu"
+    amp: Optional[str] = None            # None or "bf16"
+    channels_last: bool = False
+    compile: bool = False                # torch.compile every variant
+    train: bool = True                   # time SGD training steps too
+    variants: tuple = VARIANTS
+    ratio: float = 0.25                  # lrd_fx ratio (fraction of each layer's params kept)
+    search_mode: str = "infer"           # rank_search of lrd+search and lrd+search+seqfreeze
+    search_budget_s: Optional[float] = None
+    search_repeats: Optional[int] = None
+    composer_fraction: float = 0.25      # Composer latent size = int(fraction * min(in, out))
+    composer_min_channels: int = 8       # layers narrower than this stay (lrd_fx's min_channels default)
+    threads: Optional[int] = None        # torch.set_num_threads for the run (None: torch's default)
+    seed: int = 0
+    quick: bool = False
+    out: Optional[str] = None            # results directory (default bench/results)
+    progress: bool = True
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an int >= 1")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=None,
+                   help=f"comma-separated torchvision/timm names (default {','.join(DEFAULT_MODELS)}; "
+                        f"--quick: {','.join(QUICK['models'])})")
+    p.add_argument("--batch", type=_positive_int, default=None, help="batch size (default 16; --quick 4)")
+    p.add_argument("--size", type=_positive_int, default=None, help="input resolution (default 224; --quick 32)")
+    p.add_argument("--rounds", type=_positive_int, default=None,
+                   help="interleaved timing rounds, median taken (default 5; --quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per variant before timing, after "
+                   "the first call (which compiles under --compile) and the calibration call (default 1; --quick 0)")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: resnet10t + vit_tiny_patch16_224, batch 4, "
+                   "32x32, 3 rounds, search budget 5 s; about 2 minutes on a busy 2-core CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    p.add_argument("--amp", choices=["bf16"], default=None, help="autocast to bfloat16 in forward")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (models and input)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available, else cpu)")
+    p.add_argument("--no-train", action="store_true", help="time inference only")
+    p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--ratio", type=float, default=0.25, help="lrd_fx ratio: fraction of params kept (default 0.25)")
+    p.add_argument("--search-mode", choices=["infer", "train"], default="infer",
+                   help="rank_search of the lrd+search variants (default infer)")
+    p.add_argument("--search-budget", type=float, default=None,
+                   help="rank_search_budget_s: seconds of measuring per compile (default: unlimited; --quick 5)")
+    p.add_argument("--search-repeats", type=_positive_int, default=None,
+                   help="rank_search_repeats (default: lrd_fx's; --quick 3)")
+    p.add_argument("--composer-fraction", type=float, default=0.25,
+                   help="Composer latent fraction of min(in, out) (default 0.25, Composer's default)")
+    p.add_argument("--composer-min-channels", type=_positive_int, default=8,
+                   help="Composer min_channels/min_features (default 8 = lrd_fx's min_channels; Composer's own is 256)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads for the run (default: torch's). On a shared machine use fewer "
+                        "threads than free cores: OpenMP threads that lose their core stall every op")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help=f"results directory (default {RESULTS_DIR})")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--from-json", default=None, metavar="FILE", help="print the table of a saved results file")
+    return p
+
+
+def settings_from_args(args) -> Settings:
+    base = QUICK if args.quick else DEFAULTS
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else tuple(base["models"])
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else VARIANTS
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    if not models:
+        raise ConfigError("--models: give at least one model name")
+    if not 0 < args.ratio <= 1:
+        raise ConfigError(f"--ratio {args.ratio}: must be in (0, 1]")
+    if not 0 < args.composer_fraction < 1:
+        raise ConfigError(f"--composer-fraction {args.composer_fraction}: must be in (0, 1)")
+    if args.warmup is not None and args.warmup < 0:
+        raise ConfigError(f"--warmup {args.warmup}: must be >= 0")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: only cpu and cuda are supported")
+    return Settings(
+        models=models, batch=args.batch or base["batch"], size=args.size or base["size"],
+        rounds=args.rounds or base["rounds"],
+        warmup=args.warmup if args.warmup is not None else base["warmup"], device=device, amp=args.amp,
+        channels_last=args.channels_last, compile=args.compile, train=not args.no_train, variants=variants,
+        ratio=args.ratio, search_mode=args.search_mode,
+        search_budget_s=args.search_budget if args.search_budget is not None else base["search_budget_s"],
+        search_repeats=args.search_repeats or base["search_repeats"],
+        composer_fraction=args.composer_fraction, composer_min_channels=args.composer_min_channels,
+        threads=args.threads, seed=args.seed, quick=args.quick, out=args.out, progress=not args.no_progress)
+
+
+# --- machine --------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict:
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": device, "device_name": name, "python": platform.python_version(),
+            "platform": platform.platform(), "load_avg_start": load}
+
+
+def machine_line(m: dict) -> str:
+    load = m.get("load_avg_start")
+    end = m.get("load_avg_end")
+    line = (f"machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, "
+            f"device {m['device']} ({m['device_name']})")
+    if load:
+        line += f", load avg {load[0]:g} at start" + (f", {end[0]:g} at end" if end else "")
+    return line
+
+
+# --- variants -------------------------------------------------------------------------------------------
+
+@dataclass
+class Variant:
+    name: str
+    module: Optional[nn.Module] = None      # what is measured (params, FLOPs)
+    run: Optional[nn.Module] = None         # what is called (the module, or its torch.compile wrapper)
+    compile_s: Optional[float] = None
+    error: Optional[str] = None
+    freezer: object = None
+    plan: dict = field(default_factory=dict)   # {layer: [scheme or structure, ranks, decision]}
+    layers: tuple = (0, 0)                   # (factorized, candidates)
+    notes: list = field(default_factory=list)
+
+
+def _err(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return " ".join(text.split())
+
+
+def _usable(v: Optional["Variant"]) -> bool:
+    return v is not None and v.error is None and v.module is not None
+
+
+def _lrd_kwargs(s: Settings, search: bool, freeze: bool) -> dict:
+    kw: dict = dict(ratio=s.ratio, progress=False)
+    if search:
+        kw["rank_search"] = s.search_mode
+        if s.search_budget_s is not None:
+            kw["rank_search_budget_s"] = s.search_budget_s
+        if s.search_repeats is not None:
+            kw["rank_search_repeats"] = s.search_repeats
+    if freeze:
+        kw["freeze"] = "sequential"
+    return kw
+
+
+def _cache_entries() -> Optional[int]:
+    try:
+        from lrd_fx.cost.cache import cache_info
+        return int(cache_info()["entries"])
+    except Exception:
+        return None
+
+
+def _lrd_plan_summary(gm) -> tuple[dict, tuple, list]:
+    plan = gm.lrd.plan
+    compact = {n: [r.get("scheme"), r.get("ranks"), r.get("decision")] for n, r in plan.items()}
+    n_fact = sum(r.get("decision") in ("decomposed", "searched") for r in plan.values())
+    notes = []
+    decisions: dict = {}
+    for r in plan.values():
+        decisions[r.get("decision")] = decisions.get(r.get("decision"), 0) + 1
+    stopped = sum("budget" in (r.get("reason") or "") for r in plan.values())
+    if "searched" in decisions or "reverted" in decisions:
+        notes.append(f"{decisions.get('searched', 0)} searched, {decisions.get('reverted', 0)} reverted"
+                     + (f", {stopped} not searched (budget)" if stopped else ""))
+    return compact, (n_fact, len(plan)), notes
+
+
+def build_variant(name: str, model: nn.Module, x: torch.Tensor, s: Settings, built: dict) -> Variant:
+    """One variant of `model`; failures are returned in Variant.error, never raised."""
+    v = Variant(name)
+    try:
+        t0 = time.perf_counter()
+        if name == "original":
+            v.module = model
+            v.compile_s = 0.0
+        elif name == "lrd+search+seqfreeze" and _usable(built.get("lrd+search")):
+            # The searched plan and weights, rebuilt with freezing gates: lrd_fx.save + lrd_fx.load(...,
+            # freeze="sequential") searches nothing, so this row differs from lrd+search by the gates
+            # alone (a second search under a time budget could stop at other layers).
+            src = built["lrd+search"]
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = os.path.join(tmp, "plan.pt")
+                    lrd_fx.save(src.module, path)
+                    gm = lrd_fx.load(model, path, example_inputs=(x,), freeze="sequential")
+                how = "save/load"
+            except LRDError as e:
+                # same plan through compile: the searched ranks per layer, everything else skipped
+                ranks = {n: tuple(p[1]) for n, p in src.plan.items() if p[2] in ("decomposed", "searched")}
+                skip = tuple(n for n in src.plan if n not in ranks)
+                gm = lrd_fx.compile(model, (x,), ratio=s.ratio, rank=ranks or None, skip=skip,
+                                    freeze="sequential", progress=False)
+                how = f"compile(rank=<searched ranks>, skip=<the rest>) because load failed: {_err(e)}"
+            v.compile_s = (src.compile_s or 0.0) + time.perf_counter() - t0
+            v.module = gm
+            v.freezer = gm.lrd.freezer
+            v.plan, v.layers, _ = _lrd_plan_summary(gm)
+            v.notes = [f"lrd+search plan + freeze='sequential' via {how}"]
+            if v.freezer is None:
+                raise RuntimeError("lrd_fx.load(..., freeze='sequential') returned a model without a freezer")
+        elif name.startswith("lrd"):
+            search = "search" in name
+            freeze = name.endswith("seqfreeze")
+            before = _cache_entries() if search else None
+            gm = lrd_fx.compile(model, (x,), **_lrd_kwargs(s, search, freeze))
+            v.compile_s = time.perf_counter() - t0
+            v.module = gm
+            v.freezer = gm.lrd.freezer
+            v.plan, v.layers, v.notes = _lrd_plan_summary(gm)
+            after = _cache_entries() if search else None
+            if before is not None and after is not None:
+                v.notes.append(f"{after - before} new timing-cache entries")
+            if freeze and v.freezer is None:
+                raise RuntimeError("lrd_fx.compile(..., freeze='sequential') returned a model without a freezer")
+        elif name == "tltorch":
+            ref = built.get("lrd")
+            if ref is None:
+                # the lrd plan gives the ranks; build it (untimed) when `lrd` is not a row
+                ref = build_variant("lrd", model, x, dataclasses.replace(s, compile=False), {})
+            if not _usable(ref):
+                raise RuntimeError(f"needs the ranks of the lrd variant, which failed: {ref.error}")
+            plan = ref.module.lrd.plan
+            t0 = time.perf_counter()
+            res = peers.tltorch_factorize(model, plan)
+            v.compile_s = time.perf_counter() - t0
+            v.module = res.model
+            v.plan = {n: [r["structure"], r["ranks"], "replaced"] for n, r in res.replaced.items()}
+            v.layers = (len(res.replaced), len(plan))
+            if res.kept:
+                v.notes.append(f"{len(res.kept)} lrd-factorized layers kept (no tltorch equivalent)")
+        elif name == "composer":
+            res = peers.composer_factorize(model, s.composer_fraction, s.composer_min_channels)
+            v.compile_s = time.perf_counter() - t0
+            v.module = res.model
+            v.plan = {n: [r["structure"], r["ranks"], "replaced"] for n, r in res.replaced.items()}
+            v.layers = (len(res.replaced), len(res.replaced) + len(res.kept))
+        else:  # pragma: no cover - names are validated in settings_from_args
+            raise ConfigError(f"unknown variant {name!r}")
+        if s.channels_last:
+            v.module = v.module.to(memory_format=torch.channels_last)
+        v.run = torch.compile(v.module) if s.compile else v.module
+    except Exception as e:
+        v.error = _err(e)
+        v.module = v.run = None
+        if os.environ.get("LRD_FX_BENCH_TRACEBACK"):
+            traceback.print_exc()
+    return v
+
+
+# --- timing ---------------------------------------------------------------------------------------------
+
+def _autocast(s: Settings):
+    if s.amp == "bf16":
+        return torch.autocast(device_type=torch.device(s.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _logits(out):
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    return out
+
+
+def _loss(out, y):
+    out = _logits(out)
+    if out.dim() == 2 and y is not None and out.shape[0] == y.shape[0]:
+        return F.cross_entropy(out.float(), y % out.shape[1])
+    return out.float().pow(2).mean()
+
+
+def infer_step(v: Variant, x: torch.Tensor, s: Settings) -> Callable[[], None]:
+    m = v.run
+
+    def step():
+        with torch.no_grad(), _autocast(s):
+            m(x)
+    return step
+
+
+def train_steps(v: Variant, x: torch.Tensor, y: torch.Tensor, s: Settings) -> dict:
+    """{key: step}: one SGD step (zero_grad, forward, loss, backward, optimizer step). A variant with a
+    freezing schedule gets one step per distinct schedule state, keyed by epoch."""
+    m = v.run
+    params = [p for p in v.module.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+    def one():
+        opt.zero_grad(set_to_none=True)
+        with _autocast(s):
+            out = m(x)
+        _loss(out, y).backward()
+        opt.step()
+
+    if v.freezer is None:
+        return {v.name: one}
+    epochs = v.freezer.state_epochs() or [0, 1]
+    current = {"epoch": None}   # tracked here: reading the epoch buffer would sync a GPU
+
+    def at(epoch):
+        def step():
+            if current["epoch"] != epoch:
+                v.freezer.set_epoch(epoch)
+                current["epoch"] = epoch
+            one()
+        return step
+    return {(v.name, e): at(e) for e in epochs}
+
+
+def timed_first_calls(fns: dict, device: str) -> tuple[dict, dict]:
+    """Run every candidate once (it compiles under --compile): {key: seconds}, {key: error}."""
+    first, errors = {}, {}
+    for k, fn in fns.items():
+        try:
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            first[k] = time.perf_counter() - t0
+        except Exception as e:
+            errors[k] = _err(e)
+            if os.environ.get("LRD_FX_BENCH_TRACEBACK"):
+                traceback.print_exc()
+    return first, errors
+
+
+def measure(fns: dict, s: Settings) -> tuple[dict, dict, dict]:
+    """({key: Measurement}, {key: error}, {key: first-call seconds}) for the candidates, interleaved."""
+    first, errors = timed_first_calls(fns, s.device)
+    ok = {k: f for k, f in fns.items() if k not in errors}
+    if not ok:
+        return {}, errors, first
+    try:
+        res = measure_interleaved(ok, device=s.device, rounds=s.rounds, warmup=s.warmup, min_time_s=s.min_block_s)
+    except Exception:
+        # one candidate broke mid-run: time the others on their own so the rest of the table survives
+        res = {}
+        for k, f in ok.items():
+            try:
+                res.update(measure_interleaved({k: f}, device=s.device, rounds=s.rounds, warmup=s.warmup,
+                                               min_time_s=s.min_block_s))
+            except Exception as e:
+                errors[k] = _err(e)
+    return res, errors, first
+
+
+def _rel(m) -> float:
+    return m.iqr_s / m.median_s if m.median_s > 0 else 0.0
+
+
+def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callable[[], nn.Module]] = None) -> tuple[list, dict]:
+    """Rows (one per variant) and plans {variant: plan} for one model."""
+    dev = torch.device(s.device)
+    torch.manual_seed(s.seed)
+    rows = {name: {"model": model_name, "variant": name, "status": "failed", "error": None, "notes": []}
+            for name in s.variants}
+    plans: dict = {}
+
+    def fail_all(msg):
+        for r in rows.values():
+            r["error"] = msg
+        if bar is not None:
+            bar.update(len(s.variants))
+        return list(rows.values()), plans
+
+    try:
+        model = (factory() if factory is not None else make_model(model_name, s.size)).to(dev).eval()
+        x = torch.randn(s.batch, 3, s.size, s.size, device=dev)
+        if s.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            out = _logits(model(x[:1]))
+        classes = out.shape[1] if out.dim() == 2 else 1
+        y = torch.randint(0, classes, (s.batch,), device=dev)
+    except Exception as e:
+        return fail_all(f"model could not be created or run: {_err(e)}")
+
+    variants: dict[str, Variant] = {}
+    for name in s.variants:
+        if bar is not None:
+            bar.set_postfix_str(f"{model_name}: building {name}")
+        v = build_variant(name, model, x, s, variants)
+        variants[name] = v
+        row = rows[name]
+        row["compile_s"] = v.compile_s
+        row["notes"] = list(v.notes)
+        row["layers_factorized"], row["layers_total"] = v.layers
+        if v.error:
+            row["error"] = v.error
+        else:
+            plans[name] = v.plan
+            row["params"] = sum(p.numel() for p in v.module.parameters())
+            try:
+                row["gflops"] = count_flops(v.module, (x[:1],)) / 1e9
+            except Exception as e:
+                row["gflops"] = None
+                row["notes"].append(f"FLOP count failed: {_err(e)}")
+        if bar is not None:
+            bar.update(1)
+    live = {n: v for n, v in variants.items() if v.error is None}
+
+    # inference: every variant in eval mode, interleaved
+    if bar is not None:
+        bar.set_postfix_str(f"{model_name}: timing inference ({len(live)} variants x {s.rounds} rounds)")
+    for v in live.values():
+        v.module.eval()
+        if v.freezer is not None:
+            v.freezer.set_epoch(0)
+    res, errs, first = measure({n: infer_step(v, x, s) for n, v in live.items()}, s)
+    for n in live:
+        row = rows[n]
+        if n in errs:
+            row["error"] = f"inference failed: {errs[n]}"
+            continue
+        m = res[n]
+        row["infer_s"], row["infer_spread"] = m.median_s, _rel(m)
+        row["infer_sps"] = s.batch / m.median_s
+        row["status"] = "ok"
+        if s.compile:
+            row["first_call_infer_s"] = first.get(n)
+
+    # training: train mode, one SGD step per call
+    if s.train:
+        if bar is not None:
+            bar.set_postfix_str(f"{model_name}: timing training ({len(live)} variants x {s.rounds} rounds)")
+        fns: dict = {}
+        owner: dict = {}
+        for n, v in live.items():
+            if rows[n]["status"] != "ok":
+                continue
+            v.module.train()
+            try:
+                for k, fn in train_steps(v, x, y, s).items():
+                    fns[k] = fn
+                    owner[k] = n
+            except Exception as e:
+                rows[n]["error"] = f"training setup failed: {_err(e)}"
+        res, errs, first = measure(fns, s)
+        by_variant: dict = {}
+        for k, n in owner.items():
+            if k in errs:
+                rows[n]["error"] = f"training failed: {errs[k]}"
+                rows[n]["status"] = "partial"
+            elif k in res:
+                by_variant.setdefault(n, []).append((k, res[k]))
+        for n, ms in by_variant.items():
+            if rows[n]["status"] != "ok":
+                continue
+            # frozen epochs are as long as the others: the schedule's mean step time is the mean of
+            # the per-state medians
+            t = sum(m.median_s for _, m in ms) / len(ms)
+            row = rows[n]
+            row["train_s"], row["train_spread"] = t, max(_rel(m) for _, m in ms)
+            row["train_sps"] = s.batch / t
+            if len(ms) > 1:
+                row["train_sps_by_epoch"] = {str(k[1]): s.batch / m.median_s for k, m in ms}
+                row["notes"].append("train/s averaged over schedule epochs "
+                                    + ", ".join(str(k[1]) for k, _ in ms))
+            if s.compile:
+                row["first_call_train_s"] = max(first.get(k) or 0.0 for k, _ in ms)
+
+    _ratios(list(rows.values()))
+    del variants, live, model
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return list(rows.values()), plans
+
+
+def _ratios(rows: list) -> None:
+    """Speed-ups and efficiencies of every row against the model's `original` row."""
+    base = next((r for r in rows if r["variant"] == "original" and r["status"] != "failed"), None)
+    for r in rows:
+        for key in ("flop_reduction", "speedup_infer", "speedup_train", "eff_infer", "eff_train"):
+            r.setdefault(key, None)
+        if base is None or r["status"] == "failed":
+            continue
+        if base.get("gflops") and r.get("gflops"):
+            r["flop_reduction"] = base["gflops"] / r["gflops"]
+        for mode in ("infer", "train"):
+            if base.get(f"{mode}_sps") and r.get(f"{mode}_sps"):
+                r[f"speedup_{mode}"] = r[f"{mode}_sps"] / base[f"{mode}_sps"]
+                if r["flop_reduction"]:
+                    r[f"eff_{mode}"] = r[f"speedup_{mode}"] / r["flop_reduction"]
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+def run(s: Settings, models: Optional[dict] = None, argv: Optional[list] = None) -> dict:
+    """Benchmark every model of `s` (or `models`: {name: factory}) and return the results dict."""
+    threads = torch.get_num_threads()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    try:
+        return _run(s, models, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def contention_warning(machine: dict) -> Optional[str]:
+    """A warning when other processes already keep the cores busy (timings then mostly measure waiting)."""
+    load, cores, threads = machine.get("load_avg_start"), machine.get("cores") or 1, machine["torch_threads"]
+    if machine["device_name"] == "cpu" and load and load[0] + threads > cores + 0.5:
+        return (f"load average {load[0]:g} on {cores} cores before the run: with {threads} torch threads the "
+                f"cores are oversubscribed and OpenMP threads stall at every op (20x slower steps were seen "
+                f"on a busy 2-core machine); ratios stay comparable only roughly; consider --threads 1")
+    return None
+
+
+def _run(s: Settings, models: Optional[dict], argv: Optional[list]) -> dict:
+    torch.manual_seed(s.seed)
+    dev = torch.device(s.device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    names = list(models) if models else list(s.models)
+    results = {"format": FORMAT, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "command": "python -m bench" + ("".join(" " + shlex.quote(a) for a in argv) if argv else ""),
+               "machine": machine_info(s.device), "settings": dataclasses.asdict(s), "rows": [], "plans": {},
+               "notes": []}
+    warning = contention_warning(results["machine"])
+    if warning:
+        results["warnings"] = [warning]
+        print(f"bench: warning: {warning}", file=sys.stderr)
+    from tqdm.auto import tqdm
+    t_start = time.perf_counter()
+    with tqdm(total=len(names) * len(s.variants), desc="bench", unit="variant", disable=not s.progress,
+              file=sys.stderr) as bar:
+        for name in names:
+            rows, plans = bench_model(name, s, bar, factory=(models or {}).get(name))
+            results["rows"].extend(rows)
+            results["plans"][name] = plans
+    results["wall_s"] = time.perf_counter() - t_start
+    try:
+        results["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    results["notes"] = legend(s)
+    return results
+
+
+def legend(s: Settings) -> list:
+    amp = f", autocast {s.amp}" if s.amp else ""
+    lines = [
+        f"batch {s.batch}, input {s.size}x{s.size}, {s.rounds} interleaved rounds (median; ± = IQR/median), "
+        f"device {s.device}{amp}{', channels_last' if s.channels_last else ''}"
+        f"{', torch.compile' if s.compile else ', eager'}.",
+        "GFLOPs: forward FLOPs per sample (torch.utils.flop_counter); FLOP red. = original GFLOPs / variant GFLOPs.",
+        "speed-up = samples/s / original's samples/s (same rounds); eff. = speed-up / FLOP red.",
+        f"train: SGD step (zero_grad, forward, cross-entropy, backward, step) in train mode.",
+        f"lrd: ratio={s.ratio}; lrd+search: rank_search='{s.search_mode}'"
+        + (f", rank_search_budget_s={s.search_budget_s:g}" if s.search_budget_s is not None else "")
+        + (f", rank_search_repeats={s.search_repeats}" if s.search_repeats is not None else "")
+        + "; seqfreeze: the lrd+search plan with freeze='sequential' (lrd_fx.save/load, or compile at the "
+        "searched ranks when load fails), "
+        "train/s = mean step time over the schedule's states (epochs 0, 1), compile s = search + load.",
+        "tltorch: tensorly-torch layers (implementation='factorized') at the lrd row's ranks on the same layers: "
+        "Tucker (r_out, r_in, kh, kw) for kxk convs, CP rank r for 1x1 convs and Linear.",
+        f"composer: Composer-style Factorize, every Conv2d/Linear with min(in, out) >= {s.composer_min_channels} "
+        f"split at latent int({s.composer_fraction} * min(in, out)) where that saves multiply-adds.",
+        "compile s: lrd_fx.compile / peer conversion wall time (search rows depend on the timing cache); "
+        "layers: factorized / candidate Conv+Linear layers.",
+    ]
+    return lines
+
+
+# --- output -----------------------------------------------------------------------------------------------
+
+def _f(v, fmt: str, none: str = "-") -> str:
+    return none if v is None else format(v, fmt)
+
+
+def _sps(r: dict, mode: str) -> str:
+    v = r.get(f"{mode}_sps")
+    if v is None:
+        return "-"
+    return f"{v:.1f} ±{100 * (r.get(f'{mode}_spread') or 0):.0f}%"
+
+
+def format_table(results: dict, *, note_width: int = 60) -> str:
+    """The printed table (tabulate) with the machine line and the legend; rebuilt from a results dict."""
+    from tabulate import tabulate
+    headers = ["model", "variant", "params M", "GFLOPs", "FLOP red.", "infer/s", "train/s", "speed-up inf",
+               "speed-up train", "eff. inf", "eff. train", "compile s", "layers", "note"]
+    body = []
+    for r in results["rows"]:
+        note = r.get("error") or "; ".join(r.get("notes") or [])
+        if r.get("error"):
+            note = ("FAILED: " if r["status"] == "failed" else "") + note
+        if len(note) > note_width:
+            note = note[:note_width - 1] + "…"
+        layers = "-" if r["variant"] == "original" or not r.get("layers_total") else \
+            f"{r.get('layers_factorized', 0)}/{r['layers_total']}"
+        body.append([r["model"], r["variant"], _f(r.get("params") and r["params"] / 1e6, ".2f"),
+                     _f(r.get("gflops"), ".3f"), _f(r.get("flop_reduction"), ".2f"), _sps(r, "infer"),
+                     _sps(r, "train"), _f(r.get("speedup_infer"), ".2f"), _f(r.get("speedup_train"), ".2f"),
+                     _f(r.get("eff_infer"), ".2f"), _f(r.get("eff_train"), ".2f"), _f(r.get("compile_s"), ".1f"),
+                     layers, note])
+    lines = [machine_line(results["machine"]), tabulate(body, headers=headers, disable_numparse=True)]
+    lines += ["  " + n for n in results.get("notes", [])]
+    return "\n".join(lines)
+
+
+def results_stem(results: dict) -> str:
+    """<device>-<date>[-flags]: cpu-2025-01-31, cuda-NVIDIA-H100-80GB-HBM3-2025-01-31-bf16-compile."""
+    m, s = results["machine"], results["settings"]
+    dev = "cpu" if m["device_name"] == "cpu" else "cuda-" + m["device_name"]
+    dev = "".join(c if c.isalnum() or c in "-_." else "-" for c in dev)
+    tags = [t for t, on in (("quick", s.get("quick")), (s.get("amp") or "", bool(s.get("amp"))),
+                            ("cl", s.get("channels_last")), ("compile", s.get("compile"))) if on]
+    return "-".join([dev, results["created"][:10]] + tags)
+
+
+def write_results(results: dict, out_dir) -> dict:
+    """Write <stem>.json, .csv and .png into out_dir (a same-named earlier run gets a time suffix)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = results_stem(results)
+    if (out / f"{stem}.json").exists():
+        stem += "-" + results["created"][11:19].replace(":", "")
+    paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "png": out / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(results, indent=1, default=str) + "\n")
+    keys: list = []
+    for r in results["rows"]:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in results["rows"]:
+            w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
+    try:
+        plot_speedups(results, paths["png"])
+    except Exception as e:
+        results.setdefault("plot_error", _err(e))
+        paths.pop("png")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def plot_speedups(results: dict, path) -> None:
+    """Grouped bars: speed-up over the original per model and variant (inference; training when timed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = results["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != "original"]
+    modes = [m for m in ("infer", "train") if any(r.get(f"speedup_{m}") for r in rows)] or ["infer"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(max(6, 1.6 * len(models) * len(modes) + 3), 4.2),
+                             squeeze=False)
+    width = 0.8 / max(1, len(variants))
+    for ax, mode in zip(axes[0], modes):
+        for i, v in enumerate(variants):
+            vals = []
+            for m in models:
+                r = next((r for r in rows if r["model"] == m and r["variant"] == v), None)
+                vals.append((r or {}).get(f"speedup_{mode}") or 0.0)
+            xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(models))]
+            ax.bar(xs, vals, width, label=v)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models, rotation=15, fontsize=8)
+        ax.set_ylabel(f"{'inference' if mode == 'infer' else 'training'} speed-up vs original")
+        ax.set_title("inference" if mode == "infer" else "training")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(machine_line(results["machine"]), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list] = None) -> int:
+    """`python -m bench` / `lrd-fx bench`: run, print the table, write JSON + CSV + PNG. Returns 0, or 2
+    on a usage error; variants that fail are reported in the table, not raised."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.from_json:
+            try:
+                results = json.loads(Path(args.from_json).read_text())
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"--from-json {args.from_json}: cannot read a results file ({e})") from e
+            if results.get("format") != FORMAT:
+                raise ConfigError(f"--from-json {args.from_json}: not a bench results file (format {FORMAT})")
+            print(format_table(results))
+            return 0
+        s = settings_from_args(args)
+    except LRDError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    results = run(s, argv=argv)
+    print(format_table(results))
+    paths = write_results(results, s.out or RESULTS_DIR)
+    print(f"wrote {', '.join(paths.values())} ({results['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

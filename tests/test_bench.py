@@ -1,0 +1,152 @@
+"""Benchmark harness: smoke run in-process (every variant gets numbers, files written) and the peer layers."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bench import harness, peers
+from lrd_fx.cost import use_cost_fn
+
+TINY = ["--models", "tiny_cnn", "--batch", "2", "--size", "16", "--rounds", "1", "--warmup", "0",
+        "--search-repeats", "1", "--search-budget", "5", "--threads", "1", "--no-progress"]
+
+
+def _fake_cost(module, input_shape, mode):
+    """Synthetic layer time for the rank search: grows with parameters, plus a per-layer launch cost."""
+    return 1e-7 * len(list(module.children()) or [module]) + 1e-9 * sum(p.numel() for p in module.parameters())
+
+
+_fake_cost.cache_tag = "bench-test"
+
+
+def _rows(path):
+    data = json.loads(path.read_text())
+    return data, {r["variant"]: r for r in data["rows"]}
+
+
+def test_smoke_every_variant_has_numbers(tmp_path, capsys):
+    tmp_path = tmp_path / "results"
+    threads = torch.get_num_threads()
+    with use_cost_fn(_fake_cost):
+        rc = harness.main(TINY + ["--out", str(tmp_path)])
+    assert rc == 0
+    assert torch.get_num_threads() == threads          # --threads is restored after the run
+    printed = capsys.readouterr().out
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 3 and {f.rsplit(".", 1)[1] for f in files} == {"json", "csv", "png"}
+    data, rows = _rows(next(tmp_path.glob("*.json")))
+    assert list(rows) == list(harness.VARIANTS)
+    for name, r in rows.items():
+        assert r["status"] == "ok", (name, r.get("error"))
+        for key in ("params", "gflops", "infer_sps", "train_sps", "speedup_infer", "speedup_train",
+                    "eff_infer", "eff_train", "compile_s"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] >= 0, (name, key, r[key])
+        assert r["params"] > 0 and r["gflops"] > 0 and r["infer_sps"] > 0 and r["train_sps"] > 0
+    assert rows["original"]["speedup_infer"] == 1.0 and rows["original"]["flop_reduction"] == 1.0
+    # factorized variants have fewer parameters and FLOPs than the original
+    for name in ("lrd", "tltorch", "composer"):
+        assert rows[name]["params"] < rows["original"]["params"]
+        assert rows[name]["flop_reduction"] > 1.0
+    # the freezing row is the searched plan with gates, timed at both schedule states
+    assert set(rows["lrd+search+seqfreeze"]["train_sps_by_epoch"]) == {"0", "1"}
+    searched = {n: p[1] for n, p in data["plans"]["tiny_cnn"]["lrd+search"].items() if p[1]}
+    assert searched and {n: p[1] for n, p in data["plans"]["tiny_cnn"]["lrd+search+seqfreeze"].items()
+                         if p[1]} == searched
+    # tltorch uses the lrd row's ranks on the same layers
+    lrd_plan = data["plans"]["tiny_cnn"]["lrd"]
+    tl_plan = data["plans"]["tiny_cnn"]["tltorch"]
+    assert {n: p[1] for n, p in tl_plan.items()} == {n: p[1] for n, p in lrd_plan.items() if p[2] == "decomposed"}
+    # the table names every variant once, with the machine line, and is rebuilt from the JSON alone
+    table_lines = [ln for ln in printed.splitlines() if ln.startswith("tiny_cnn ")]
+    assert [ln.split()[1] for ln in table_lines] == list(harness.VARIANTS)
+    assert printed.splitlines()[0].startswith("machine: ") and "torch " + torch.__version__ in printed
+    assert harness.format_table(data) in printed
+    rc = harness.main(["--from-json", str(next(tmp_path.glob("*.json")))])
+    assert rc == 0 and harness.format_table(data) in capsys.readouterr().out
+    # CSV: one line per row plus the header
+    assert len(next(tmp_path.glob("*.csv")).read_text().strip().splitlines()) == len(harness.VARIANTS) + 1
+
+
+def test_failed_variant_is_reported_not_raised(tmp_path, monkeypatch, capsys):
+    tmp_path = tmp_path / "results"
+    def broken(*a, **k):
+        raise RuntimeError("peer exploded")
+    monkeypatch.setattr(peers, "composer_factorize", broken)
+    rc = harness.main(TINY + ["--variants", "original,tltorch,composer", "--no-train", "--out", str(tmp_path)])
+    assert rc == 0
+    _, rows = _rows(next(tmp_path.glob("*.json")))
+    assert rows["composer"]["status"] == "failed"
+    assert "RuntimeError: peer exploded" in rows["composer"]["error"]
+    assert rows["composer"].get("infer_sps") is None
+    # tltorch still works without an lrd row (it builds the lrd plan for its ranks, untimed)
+    assert rows["tltorch"]["status"] == "ok" and rows["tltorch"]["infer_sps"] > 0
+    assert rows["tltorch"].get("train_sps") is None
+    assert "FAILED: RuntimeError: peer exploded" in capsys.readouterr().out
+
+
+def test_usage_errors_return_2(capsys):
+    assert harness.main(["--variants", "original,bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert harness.main(["--ratio", "1.5"]) == 2
+
+
+def test_tltorch_layers_at_full_rank_reproduce_the_layer():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 20, 3, stride=2, padding=1)
+    x = torch.randn(2, 12, 9, 9)
+    layer, structure = peers.tltorch_layer(conv, "tucker2", (12, 20))
+    assert "Tucker rank (20, 12, 3, 3)" in structure
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-4, atol=1e-4)
+    pw = nn.Conv2d(12, 10, 1)
+    layer, _ = peers.tltorch_layer(pw, "svd", (10,))
+    torch.testing.assert_close(layer(x), pw(x), rtol=1e-4, atol=1e-4)
+    lin = nn.Linear(16, 24)
+    layer, _ = peers.tltorch_layer(lin, "svd", (16,))
+    z = torch.randn(3, 5, 16)
+    torch.testing.assert_close(layer(z), lin(z), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="conv_svd"):
+        peers.tltorch_layer(conv, "conv_svd", (6,))
+
+
+def test_tltorch_layer_keeps_the_ranks():
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    layer, _ = peers.tltorch_layer(conv, "tucker2", (5, 7))     # lrd order: (r_in, r_out)
+    assert tuple(layer.weight.rank[:2]) == (7, 5) and layer.weight.core.shape[:2] == (7, 5)
+    lin = nn.Linear(16, 24)
+    layer, _ = peers.tltorch_layer(lin, "svd", (4,))
+    assert layer.weight.rank == 4
+
+
+def test_composer_split_follows_composer_rules():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 64, 3, stride=2, padding=1)
+    layer, note = peers.composer_layer(conv, 0.25, 8)
+    assert note == "latent 8"
+    assert layer.module0.weight.shape == (8, 32, 3, 3) and layer.module0.bias is None
+    assert layer.module0.stride == (2, 2) and layer.module1.kernel_size == (1, 1)
+    assert layer.module1.weight.shape == (64, 8, 1, 1) and layer.module1.bias is not None
+    # kept: grouped, narrow, and splits that save no multiply-adds (Composer's break-even rule)
+    assert peers.composer_layer(nn.Conv2d(32, 32, 3, groups=32), 0.25, 8)[0] is None
+    assert peers.composer_layer(nn.Conv2d(4, 64, 3), 0.25, 8)[0] is None
+    assert peers.composer_layer(nn.Linear(64, 64), 0.75, 8)[0] is None     # 48 > 31
+    assert peers.composer_max_rank(64, 64) == 31
+    # SVD init: a weight of rank <= latent is reproduced exactly
+    lin = nn.Linear(40, 48)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 10) @ torch.randn(10, 40))
+    layer, _ = peers.composer_layer(lin, 0.25, 8)
+    z = torch.randn(6, 40)
+    torch.testing.assert_close(layer(z), lin(z), rtol=1e-3, atol=1e-3)
+
+
+def test_composer_factorize_copies_and_counts():
+    model = harness.tiny_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = peers.composer_factorize(model, 0.25, 8)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # caller's model untouched
+    assert set(res.replaced) | set(res.kept) == {n for n, m in model.named_modules()
+                                                  if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert "0" in res.kept            # 3 input channels < min_channels
+    assert res.model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
