@@ -8,11 +8,12 @@ import torch.nn as nn
 
 from lrd_fx.errors import ConfigError, FactorizationError, LRDError, RankError
 from lrd_fx.factorize import (chain_like, chain_params, effective_scheme, energy_rank, evbmf_rank,
-                              factorize, factorize_conv, factorize_linear, full_ranks, ranks_for_energy,
+                              factorize, factorize_conv, factorize_linear, factorize_many, full_ranks, ranks_for_energy,
                               ranks_for_ratio, ranks_for_vbmf, singular_values, svd_error, svd_params,
                               svd_rank_for_ratio, svd_split, tucker2, tucker2_error, tucker2_params,
                               tucker2_ranks_energy, tucker2_ranks_for_ratio, tucker2_ranks_vbmf,
                               tucker2_reconstruct, unfold, unsupported_reason)
+from lrd_fx.factorize import modules
 from lrd_fx.layers import FactorChain
 
 
@@ -404,3 +405,46 @@ def test_ratio_and_energy_argument_errors():
         tucker2_ranks_for_ratio(10, 10, 9, -0.5)
     with pytest.raises(ConfigError, match="energy"):
         energy_rank(torch.ones(3), 0.0)
+
+
+def _many_jobs():
+    torch.manual_seed(0)
+    return [("a", nn.Conv2d(16, 24, 3, padding=1), (6, 8), "tucker2"),
+            ("b", nn.Linear(20, 30), (5,), "svd"),
+            ("c", nn.Conv2d(16, 16, 1), (4,), "svd"),
+            ("d", nn.Conv2d(12, 20, 3), (5,), "svd")]
+
+
+def test_factorize_many_matches_one_by_one_and_restores_threads():
+    jobs = _many_jobs()
+    threads = torch.get_num_threads()
+    serial = factorize_many(jobs, workers=1)
+    parallel = factorize_many(jobs, workers=3)
+    assert torch.get_num_threads() == threads and list(parallel) == ["a", "b", "c", "d"]
+    for name, module, ranks, scheme in jobs:
+        ref = factorize(module, ranks, scheme, name=name)
+        for chain in (serial[name], parallel[name]):
+            assert chain.roles() == ref.roles()
+            for (k, p), (_, q) in zip(chain.state_dict().items(), ref.state_dict().items()):
+                assert torch.equal(p, q), (name, k)
+    assert factorize_many([]) == {}
+
+
+def test_factorize_many_names_the_failing_layer(monkeypatch):
+    jobs = _many_jobs()
+    with torch.no_grad():
+        jobs[2][1].weight[0, 0] = float("nan")
+    threads = torch.get_num_threads()
+    with pytest.raises(FactorizationError, match="'c'.*NaN"):
+        factorize_many(jobs, workers=2)
+    assert torch.get_num_threads() == threads
+    jobs = _many_jobs()
+    real = modules.factorize
+
+    def broken(module, ranks, scheme, *, name=""):
+        if name in ("b", "d"):
+            raise ValueError(f"boom {name}")
+        return real(module, ranks, scheme, name=name)
+    monkeypatch.setattr(modules, "factorize", broken)
+    with pytest.raises(FactorizationError, match=r"layer 'b' \(Linear\) could not be factorized at ranks \[5\]: ValueError: boom b"):
+        factorize_many(jobs, workers=2)

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import skip_init
 
-from ..errors import ConfigError, FactorizationError, RankError
+from ..errors import ConfigError, FactorizationError, LRDError, RankError
 from ..layers import ROLE_CORE, ROLE_FIRST, ROLE_LAST, FactorChain
 from .ranks import (energy_rank, evbmf_rank, svd_rank_for_ratio, tucker2_ranks_energy,
                     tucker2_ranks_for_ratio, tucker2_ranks_vbmf)
@@ -227,6 +229,75 @@ def factorize(module: nn.Module, ranks: Ranks, scheme: str = "tucker2", *, name:
             raise RankError(f"{_label(name)}: a Linear layer takes one rank, got {ranks!r}")
         return factorize_linear(module, r[0], name=name)
     return factorize_conv(module, ranks, scheme, name=name)
+
+
+def factorize_workers(device: torch.device) -> int:
+    """Threads factorize_many uses: one per torch intra-op thread on CPU (at most 8), one on GPUs."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(8, torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, progress: bool = False,
+                   desc: str = "factorize") -> dict:
+    """Factorize several layers: {name: FactorChain} for jobs [(name, module, ranks, scheme), ...].
+
+    On CPU the layers are spread over `workers` Python threads (default factorize_workers), each
+    running its math on one torch thread: the small float64 GEMMs and eigensolvers of one layer do
+    not scale across cores, whole layers do (about 2x on 2 cores). The torch thread count is
+    restored afterwards. Results do not depend on the number of workers. A failure names its layer:
+    an LRDError is re-raised as is, anything else as FactorizationError; with several failures the
+    first in job order is raised.
+    """
+    from tqdm.auto import tqdm
+
+    jobs = list(jobs)
+    if not jobs:
+        return {}
+    dev = jobs[0][1].weight.device
+    n = factorize_workers(dev) if workers is None else max(1, int(workers))
+    n = min(n, len(jobs))
+
+    def one(job):
+        name, module, ranks, scheme = job
+        try:
+            return factorize(module, ranks, scheme, name=name)
+        except LRDError:
+            raise
+        except Exception as e:
+            raise FactorizationError(f"layer '{name}' ({type(module).__name__}) could not be factorized at "
+                                     f"ranks {list(ranks)}: {type(e).__name__}: {e}") from e
+
+    out: dict = {}
+    bar = tqdm(total=len(jobs), desc=desc, unit="layer", disable=not progress, leave=False)
+    try:
+        if n == 1:
+            for job in jobs:
+                out[job[0]] = one(job)
+                bar.update(1)
+            return out
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        errors: dict = {}
+        try:
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="lrd_fx-factorize") as pool:
+                futures = {pool.submit(one, job): i for i, job in enumerate(jobs)}
+                for fut in as_completed(futures):
+                    i = futures[fut]
+                    try:
+                        out[jobs[i][0]] = fut.result()
+                    except BaseException as e:   # noqa: BLE001 - re-raised below, first in job order
+                        errors[i] = e
+                        for f in futures:
+                            f.cancel()
+                    bar.update(1)
+        finally:
+            torch.set_num_threads(threads)
+        if errors:
+            raise errors[min(errors)]
+        return {job[0]: out[job[0]] for job in jobs}
+    finally:
+        bar.close()
 
 
 # --- rank rules applied to a module (data-flow order, clamped to the full ranks) -----------------

@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..context import CompileContext
-from ..errors import FactorizationError, LRDError, RankError
+from ..errors import FactorizationError, RankError
 from ..factorize import modules as fm
 from ..factorize import ranks as fr
 from ..factorize.svd import singular_values
@@ -223,6 +223,7 @@ def decompose(ctx: CompileContext):
         empty_init = ctx.extras.get("init") == "empty"   # load(): weights come from the state_dict
         modified = False
         exceeded = 0
+        pending = []   # layers to factorize: (name, site, module, ranks, scheme, record, io, override)
         for name, site in sites.items():
             m = site.module
             io = layer_io.get(name)
@@ -265,18 +266,20 @@ def decompose(ctx: CompileContext):
                 rec.reason = f"no parameter saving at rank {list(ranks)} ({after} >= {rec.params_before})"
                 replace_call_sites(site, name, m, rec)
                 continue
-            try:
-                if empty_init:
-                    chain = fm.chain_like(m, ranks, scheme)
-                elif isinstance(m, nn.Linear):
-                    chain = fm.factorize_linear(m, ranks[0], name=name)
-                else:
-                    chain = fm.factorize_conv(m, ranks, "tucker2" if scheme == "tucker2" else "svd", name=name)
-            except LRDError:
-                raise
-            except Exception as e:
-                raise FactorizationError(f"layer '{name}' ({type(m).__name__}) could not be factorized at "
-                                         f"ranks {list(ranks)}: {type(e).__name__}: {e}") from e
+            pending.append((name, site, m, ranks, scheme, rec, io, override))
+        # Factorize every chosen layer at once (spread over CPU threads). With a rank search the chains
+        # are placeholders of the right shapes: search_ranks factorizes each kept layer once, at its
+        # final ranks (ctx.extras["factorize_deferred"]), instead of here and again after the search.
+        deferred = bool(cfg.rank_search) and (not empty_init or bool(ctx.extras.get("factorize_deferred")))
+        if empty_init or deferred:
+            chains = {name: fm.chain_like(m, ranks, scheme) for name, _, m, ranks, scheme, *_ in pending}
+        else:
+            chains = fm.factorize_many([(name, m, ranks, "tucker2" if scheme == "tucker2" else "svd")
+                                        for name, _, m, ranks, scheme, *_ in pending],
+                                       progress=cfg.progress and len(pending) >= 16)
+        ctx.extras["factorize_deferred"] = deferred
+        for name, site, m, ranks, scheme, rec, io, override in pending:
+            chain = chains[name]
             ctx.originals[name] = m
             rec.ranks = list(ranks)
             rec.decision = DECOMPOSED

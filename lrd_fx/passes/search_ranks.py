@@ -368,14 +368,11 @@ def _revert_nodes(gm: fx.GraphModule, rec: LayerRecord) -> None:
                 part.graph.erase_node(n)
 
 
-def _refactorize(gm: fx.GraphModule, ctx: CompileContext, name: str, ranks: tuple) -> None:
-    """Install the real factorization of the original layer at `ranks` (same child names)."""
+def _install(gm: fx.GraphModule, ctx: CompileContext, name: str, ranks: tuple, chain: FactorChain) -> None:
+    """Put the real factorization `chain` of layer `name` (at `ranks`) in place of its current chain."""
     from .decompose import chain_flops
     rec = ctx.records[name]
-    orig = ctx.originals[name]
     current = gm.get_submodule(name)
-    chain = (fm.factorize_linear(orig, ranks[0], name=name) if isinstance(orig, nn.Linear)
-             else fm.factorize_conv(orig, ranks, _scheme_arg(rec.scheme), name=name))
     chain.train(current.training)
     if isinstance(current, FactorChain) and current.roles() != chain.roles():
         raise PassError(f"search_ranks: layer '{name}' changed factors {current.roles()} -> "
@@ -387,17 +384,17 @@ def _refactorize(gm: fx.GraphModule, ctx: CompileContext, name: str, ranks: tupl
 
 
 def _apply(gm: fx.GraphModule, ctx: CompileContext, plan: dict) -> bool:
-    # When decompose only built placeholder chains (ctx.extras["factorize_deferred"]: random weights,
-    # as chain_like), every kept layer is factorized here, once, at its final ranks.
+    # When decompose only built placeholder chains (ctx.extras["factorize_deferred"]: the shapes, no
+    # weights), every kept layer is factorized here, once, at its final ranks.
     deferred = bool(ctx.extras.get("factorize_deferred"))
     modified = False
+    todo = []          # (name, ranks) to factorize
     for name, e in plan.items():
         rec = ctx.records[name]
         if e.get("keep"):        # not measured: the estimate stays, the reason says why
             rec.reason = e["reason"]
             if deferred:
-                _refactorize(gm, ctx, name, tuple(rec.ranks))
-                modified = True
+                todo.append((name, tuple(rec.ranks)))
             continue
         orig = ctx.originals[name]
         current = gm.get_submodule(name)
@@ -419,9 +416,14 @@ def _apply(gm: fx.GraphModule, ctx: CompileContext, plan: dict) -> bool:
             continue
         ranks = tuple(e["ranks"])
         if deferred or list(ranks) != list(rec.ranks):
-            _refactorize(gm, ctx, name, ranks)
-            modified = True
+            todo.append((name, ranks))
         rec.decision = SEARCHED
+    chains = fm.factorize_many([(name, ctx.originals[name], ranks, _scheme_arg(ctx.records[name].scheme))
+                                for name, ranks in todo],
+                               progress=ctx.config.progress and len(todo) >= 16)
+    for name, ranks in todo:
+        _install(gm, ctx, name, ranks, chains[name])
+        modified = True
     for _, part in graph_modules(gm):
         part.graph.lint()
         part.recompile()
