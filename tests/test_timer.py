@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lrd_fx.cost.timer import (Measurement, current_cost_fn, layer_step, measure, measure_interleaved,
+from lrd_fx.cost.timer import (Measurement, current_cost_fn, layer_step, measure, measure_interleaved, measure_rounds,
                                summarize, use_cost_fn)
 from lrd_fx.errors import ConfigError
 
@@ -82,3 +82,13 @@ def test_use_cost_fn_nests():
     assert current_cost_fn() is None
     with pytest.raises(ConfigError):
         use_cost_fn(3)
+
+
+def test_measure_rounds_gives_paired_samples():
+    a = torch.randn(128, 128)
+    fns = {"small": lambda: a[:16, :16] @ a[:16, :16], "big": lambda: a @ a @ a}
+    got = measure_rounds(fns, device="cpu", rounds=4, warmup=0, min_time_s=0.001)
+    assert list(got) == ["small", "big"] and all(len(v) == 4 and min(v) > 0 for v in got.values())
+    assert sorted(b / s for b, s in zip(got["big"], got["small"]))[2] > 1.0
+    with pytest.raises(ConfigError, match="rounds"):
+        measure_rounds(fns, rounds=0)

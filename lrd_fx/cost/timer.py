@@ -101,6 +101,17 @@ def measure_interleaved(fns: Mapping[Hashable, Callable[[], object]], *, device=
                         warmup: int = 2, min_time_s: float = 0.01) -> dict:
     """{key: Measurement}: one block of every candidate per round, round-robin, so that drift (thermal,
     other processes on a shared machine) hits all candidates alike; median over the rounds."""
+    samples = measure_rounds(fns, device=device, rounds=rounds, warmup=warmup, min_time_s=min_time_s)
+    return {k: summarize(v) for k, v in samples.items()}
+
+
+def measure_rounds(fns: Mapping[Hashable, Callable[[], object]], *, device="cpu", rounds: int = 7,
+                   warmup: int = 2, min_time_s: float = 0.01) -> dict:
+    """{key: [seconds per call, one per round]}: the raw samples of measure_interleaved.
+
+    Sample i of every candidate comes from the same round, so per-round ratios of two candidates
+    are paired (their median is the most drift-proof speed-up figure).
+    """
     if rounds < 1:
         raise ConfigError(f"rounds={rounds!r} must be >= 1 (timed repeats per candidate)")
     dev = _device(device)
@@ -117,7 +128,7 @@ def measure_interleaved(fns: Mapping[Hashable, Callable[[], object]], *, device=
         shift = i % len(keys)
         for k in keys[shift:] + keys[:shift]:
             samples[k].append(blocks[k](numbers[k]))
-    return {k: summarize(v) for k, v in samples.items()}
+    return samples
 
 
 def _check_mode(mode: str) -> str:
