@@ -1,8 +1,11 @@
 """lrd_fx: a torch.fx compiler that makes low-rank-decomposed networks fast."""
 from .api import LRDInfo, compile, load, save
+from .bn import recalibrate_bn
 from .config import Config
 from .errors import (CacheError, ConfigError, FactorizationError, FreezeError, InputError, LoadError,
                      LRDError, PassError, RankError, TraceError)
+from .ddp import wrap_ddp
+from .freezing import FreezeController, Schedule, register_schedule, schedule_names, strip_gates
 from .trace import register_leaf_function, register_leaf_module
 
 __version__ = "0.1.0"
@@ -12,4 +15,6 @@ __all__ = [
     "LRDError", "ConfigError", "RankError", "InputError", "TraceError", "FactorizationError",
     "PassError", "CacheError", "FreezeError", "LoadError",
     "register_leaf_module", "register_leaf_function",
+    "FreezeController", "Schedule", "register_schedule", "schedule_names", "strip_gates",
+    "recalibrate_bn", "wrap_ddp",
 ]

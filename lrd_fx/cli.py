@@ -35,7 +35,7 @@ def cmd_compile(args) -> int:
     shape = args.input or default_input_shape(model, args.model)
     x = torch.randn(*shape)
     overrides = dict(ratio=args.ratio, debug=args.debug, conv_scheme=args.conv_scheme)
-    for key in ("rank", "energy", "rank_search", "freeze", "dump_dir"):
+    for key in ("rank", "energy", "rank_search", "freeze", "freeze_period", "freeze_group", "dump_dir"):
         val = getattr(args, key)
         if val is not None:
             overrides[key] = val
@@ -54,8 +54,8 @@ def cmd_cache(args) -> int:
         for k, v in cache.cache_info(args.path).items():
             print(f"{k}: {v}")
     else:
-        cache.cache_clear(args.path)
-        print("timing cache cleared")
+        n = cache.cache_clear(args.path)
+        print(f"timing cache cleared: {n} entries removed ({args.path or cache.default_path()})")
     return 0
 
 
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input", type=_shape, default=None, help="example input shape NxCxHxW (default: model's)")
     c.add_argument("--rank-search", default=None, choices=["infer", "train"], help="time candidate ranks")
     c.add_argument("--freeze", default=None, choices=["sequential", "static"], help="insert freezing gates")
+    c.add_argument("--freeze-period", type=int, default=None, help="epochs per phase of --freeze sequential")
+    c.add_argument("--freeze-group", default=None, choices=["core", "outer", "first", "last"],
+                   help="group always frozen by --freeze static (default core)")
     c.add_argument("--debug", action="store_true", help="print the graph after every pass")
     c.add_argument("--dump-dir", default=None, help="write each stage's code to this directory")
     c.add_argument("--factorized-only", action="store_true", help="list only factorized layers")

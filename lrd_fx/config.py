@@ -95,9 +95,12 @@ class Config:
                 f"rank_search_objective={self.rank_search_objective!r} must be 'time' or 'time+error'")
         if self.rank_budget is not None and not (0 < self.rank_budget <= 1):
             raise ConfigError(f"rank_budget={self.rank_budget!r} must be a fraction in (0, 1]")
-        if self.freeze is not None and not callable(self.freeze) and self.freeze not in ("sequential", "static"):
-            raise ConfigError(
-                f"freeze={self.freeze!r} must be None, 'sequential', 'static' or a callable (epoch, layer, role)")
+        if self.freeze is not None and not callable(self.freeze):
+            from .freezing import Schedule, schedule_names   # registered names (register_schedule)
+            if not isinstance(self.freeze, Schedule) and self.freeze not in schedule_names():
+                raise ConfigError(
+                    f"freeze={self.freeze!r} must be None, a registered schedule name {schedule_names()}, a "
+                    f"Schedule or a callable (epoch, layer_name, role) -> trainable")
         if not isinstance(self.freeze_period, int) or self.freeze_period < 1:
             raise ConfigError(f"freeze_period={self.freeze_period!r} must be an int >= 1")
         if self.freeze_group not in ("core", "outer", "first", "last"):

@@ -24,3 +24,38 @@ def test_bad_input_flag(capsys):
     with pytest.raises(SystemExit):
         main(["compile", "resnet18", "--input", "1xAx3"])
     assert "NxCxHxW" in capsys.readouterr().err
+
+
+def test_cache_info_and_clear(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from lrd_fx.cost.cache import TimingCache, make_key
+    from lrd_fx.cost.timer import Measurement
+    path = tmp_path / "timings.sqlite"
+    monkeypatch.setenv("LRD_FX_CACHE", str(path))
+    with TimingCache(path) as c:
+        c.put_many((make_key(device=torch.device("cpu"), dtype=torch.float32, memory_format="contiguous",
+                             signature="Conv2d|8x8x3x3", input_shape=(1, 8, 4, 4), rank=str(r),
+                             objective="infer"), Measurement(1e-3, 0.0, 3)) for r in (2, 3, 4))
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert f"path: {path}" in out and "entries: 3" in out
+    assert main(["cache", "clear", "--path", str(path)]) == 0
+    assert "3 entries removed" in capsys.readouterr().out
+    assert main(["cache", "info", "--path", str(path)]) == 0
+    assert "entries: 0" in capsys.readouterr().out
+
+
+def test_compile_with_freeze_period_and_save(tmp_path, capsys):
+    import torch
+
+    import lrd_fx
+    from lrd_fx.models import create_model
+    out = tmp_path / "r18.pt"
+    assert main(["compile", "resnet18", "--input", "1x3x32x32", "--freeze", "sequential", "--freeze-period", "3",
+                 "--factorized-only", "--save", str(out)]) == 0
+    assert "decomposed" in capsys.readouterr().out
+    gm = lrd_fx.load(create_model("resnet18"), out)
+    fr = gm.lrd.freezer
+    assert fr is not None and fr.schedule.period == 3
+    assert gm.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
