@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help=f"results directory (default {RESULTS_DIR})")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--from-json", default=None, metavar="FILE", help="print the table of a saved results file")
+    p.add_argument("--markdown", action="store_true", help="with --from-json: print it as a GitHub-markdown table")
     return p
 
 
@@ -734,8 +735,9 @@ def _sps(r: dict, mode: str) -> str:
     return f"{v:.1f} ±{100 * (r.get(f'{mode}_spread') or 0):.0f}%"
 
 
-def format_table(results: dict, *, note_width: int = 60) -> str:
-    """The printed table (tabulate) with the machine line and the legend; rebuilt from a results dict."""
+def format_table(results: dict, *, note_width: int = 60, markdown: bool = False) -> str:
+    """The printed table (tabulate) with the machine line and the legend; rebuilt from a results dict.
+    markdown=True: a GitHub-markdown table (for the README) without the note column or the legend."""
     from tabulate import tabulate
     headers = ["model", "variant", "params M", "GFLOPs", "FLOP red.", "infer/s", "train/s", "speed-up inf",
                "speed-up train", "eff. inf", "eff. train", "compile s", "layers", "note"]
@@ -753,6 +755,10 @@ def format_table(results: dict, *, note_width: int = 60) -> str:
                      _sps(r, "train"), _f(r.get("speedup_infer"), ".2f"), _f(r.get("speedup_train"), ".2f"),
                      _f(r.get("eff_infer"), ".2f"), _f(r.get("eff_train"), ".2f"), _f(r.get("compile_s"), ".1f"),
                      layers, note])
+    if markdown:
+        body = [[c.replace("±", "± ") for c in row[:-1]] for row in body]
+        return "\n".join([machine_line(results["machine"]), "",
+                          tabulate(body, headers=headers[:-1], tablefmt="github", disable_numparse=True)])
     lines = [machine_line(results["machine"]), tabulate(body, headers=headers, disable_numparse=True)]
     lines += ["  " + n for n in results.get("notes", [])]
     return "\n".join(lines)
@@ -840,7 +846,7 @@ def main(argv: Optional[list] = None) -> int:
                 raise ConfigError(f"--from-json {args.from_json}: cannot read a results file ({e})") from e
             if results.get("format") != FORMAT:
                 raise ConfigError(f"--from-json {args.from_json}: not a bench results file (format {FORMAT})")
-            print(format_table(results))
+            print(format_table(results, markdown=args.markdown))
             return 0
         s = settings_from_args(args)
     except LRDError as e:

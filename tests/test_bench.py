@@ -150,3 +150,28 @@ def test_composer_factorize_copies_and_counts():
                                                   if isinstance(m, (nn.Conv2d, nn.Linear))}
     assert "0" in res.kept            # 3 input channels < min_channels
     assert res.model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_quick_command_runs_end_to_end(tmp_path):
+    """`python -m bench --quick` as CI runs it: real measurements, every variant of both models has numbers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, LRD_FX_CACHE=str(tmp_path / "timings.sqlite"))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--no-progress", "--out", str(tmp_path / "out")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data, _ = _rows(next((tmp_path / "out").glob("*-quick.json")))
+    models = sorted({r["model"] for r in data["rows"]})
+    assert models == sorted(harness.QUICK["models"])
+    for r in data["rows"]:
+        assert r["status"] == "ok", (r["model"], r["variant"], r.get("error"))
+        assert r["infer_sps"] > 0 and r["train_sps"] > 0 and r["params"] > 0, (r["model"], r["variant"])
+    for m in models:
+        assert [r["variant"] for r in data["rows"] if r["model"] == m] == list(harness.VARIANTS)
+        table = [ln for ln in proc.stdout.splitlines() if ln.startswith(m + " ")]
+        assert len(table) == len(harness.VARIANTS)
+    assert proc.stdout.startswith("machine: ")
