@@ -33,7 +33,7 @@ def main():
     torch.manual_seed(0)                                   # same initial weights on every process
     model = torchvision.models.resnet18(num_classes=10).to(device)
     x0 = torch.randn(2, 3, 32, 32, device=device)
-    gm = lrd_fx.compile(model, (x0,), ratio=0.25, freeze="sequential")
+    gm = lrd_fx.compile(model, (x0,), ratio=0.25, freeze="sequential", progress=rank == 0)
     freezer = gm.lrd.freezer
     if args.ckpt and os.path.exists(args.ckpt):
         gm.load_state_dict(torch.load(args.ckpt, map_location=device))   # restores the epoch counter too
