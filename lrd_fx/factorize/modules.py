@@ -231,6 +231,9 @@ def factorize(module: nn.Module, ranks: Ranks, scheme: str = "tucker2", *, name:
     return factorize_conv(module, ranks, scheme, name=name)
 
 
+PROGRESS_MIN_LAYERS = 16   # factorize_many shows its progress bar from this many layers on
+
+
 def factorize_workers(device: torch.device) -> int:
     """Threads factorize_many uses: one per torch intra-op thread on CPU (at most 8), one on GPUs."""
     if device.type != "cpu":
@@ -245,7 +248,8 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
     On CPU the layers are spread over `workers` Python threads (default factorize_workers), each
     running its math on one torch thread: the small float64 GEMMs and eigensolvers of one layer do
     not scale across cores, whole layers do (about 2x on 2 cores). The torch thread count is
-    restored afterwards. Results do not depend on the number of workers. A failure names its layer:
+    restored afterwards. Results do not depend on the number of workers. `progress` shows a tqdm bar
+    when there are at least PROGRESS_MIN_LAYERS layers. A failure names its layer:
     an LRDError is re-raised as is, anything else as FactorizationError; with several failures the
     first in job order is raised.
     """
@@ -269,7 +273,8 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
                                      f"ranks {list(ranks)}: {type(e).__name__}: {e}") from e
 
     out: dict = {}
-    bar = tqdm(total=len(jobs), desc=desc, unit="layer", disable=not progress, leave=False)
+    bar = tqdm(total=len(jobs), desc=desc, unit="layer", leave=False,
+               disable=not progress or len(jobs) < PROGRESS_MIN_LAYERS)
     try:
         if n == 1:
             for job in jobs:

@@ -16,7 +16,7 @@ from ..factorize import ranks as fr
 from ..factorize.svd import singular_values
 from ..layers import FactorChain
 from ..pipeline import PassResult, graph_modules
-from ..plan import DECOMPOSED, SKIPPED, LayerRecord
+from ..plan import DECOMPOSED, LayerRecord
 from ..trace import _FACTORIZABLE
 
 try:  # timm's Linear only adds a dtype cast to F.linear: safe to factorize
@@ -270,13 +270,12 @@ def decompose(ctx: CompileContext):
         # Factorize every chosen layer at once (spread over CPU threads). With a rank search the chains
         # are placeholders of the right shapes: search_ranks factorizes each kept layer once, at its
         # final ranks (ctx.extras["factorize_deferred"]), instead of here and again after the search.
-        deferred = bool(cfg.rank_search) and (not empty_init or bool(ctx.extras.get("factorize_deferred")))
+        deferred = bool(cfg.rank_search) and not empty_init
         if empty_init or deferred:
             chains = {name: fm.chain_like(m, ranks, scheme) for name, _, m, ranks, scheme, *_ in pending}
         else:
-            chains = fm.factorize_many([(name, m, ranks, "tucker2" if scheme == "tucker2" else "svd")
-                                        for name, _, m, ranks, scheme, *_ in pending],
-                                       progress=cfg.progress and len(pending) >= 16)
+            chains = fm.factorize_many([(name, m, ranks, scheme) for name, _, m, ranks, scheme, *_ in pending],
+                                       progress=cfg.progress)
         ctx.extras["factorize_deferred"] = deferred
         for name, site, m, ranks, scheme, rec, io, override in pending:
             chain = chains[name]

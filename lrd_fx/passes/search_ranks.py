@@ -36,10 +36,6 @@ MIN_BLOCK_S = {"cuda": 0.002, "cpu": 0.02}   # shortest timed block; longer on C
 REFINE_ROUNDS = 3           # fine-stage iterations (each narrows a suspected edge 8-fold)
 
 
-def _scheme_arg(scheme: str) -> str:
-    return "tucker2" if scheme == "tucker2" else "svd"
-
-
 @dataclass
 class _Line:
     """Maps the scalar search coordinate s to the layer's rank tuple (data-flow order)."""
@@ -170,7 +166,7 @@ class _Timer:
 
 
 def _factory(module: nn.Module, ranks: tuple, scheme: str):
-    return lambda: fm.chain_like(module, ranks, _scheme_arg(scheme))
+    return lambda: fm.chain_like(module, ranks, scheme)
 
 
 def _measure_group(g: _Group, timer: _Timer, cfg, deadline: Optional[float]) -> None:
@@ -316,7 +312,7 @@ def _budget_plan(groups: dict, by_name: dict, ctx: CompileContext, model) -> dic
         keys.update(a for a, _, _ in cm.find_edges(times, cm.EDGE_THRESHOLD) if lo <= a <= hi)
         if not rule["reverted"]:
             keys.add(_s_of(line, rule["ranks"]))
-        opts = [cm.Option(s, fm.chain_params(orig, line.ranks(s), _scheme_arg(g.scheme)), times[s],
+        opts = [cm.Option(s, fm.chain_params(orig, line.ranks(s), g.scheme), times[s],
                           errors.get(s, 0.0)) for s in sorted(k for k in keys if k in times)]
         opts.append(cm.Option(None, recs[name].params_before, g.original.median_s, 0.0))
         tables[name] = opts
@@ -418,9 +414,8 @@ def _apply(gm: fx.GraphModule, ctx: CompileContext, plan: dict) -> bool:
         if deferred or list(ranks) != list(rec.ranks):
             todo.append((name, ranks))
         rec.decision = SEARCHED
-    chains = fm.factorize_many([(name, ctx.originals[name], ranks, _scheme_arg(ctx.records[name].scheme))
-                                for name, ranks in todo],
-                               progress=ctx.config.progress and len(todo) >= 16)
+    chains = fm.factorize_many([(name, ctx.originals[name], ranks, ctx.records[name].scheme)
+                                for name, ranks in todo], progress=ctx.config.progress)
     for name, ranks in todo:
         _install(gm, ctx, name, ranks, chains[name])
         modified = True

@@ -249,14 +249,10 @@ def test_broadcast_is_identity_outside_distributed():
     assert dist.broadcast_plan(plan) is plan
 
 
-def test_deferred_factorization_factorizes_every_kept_layer_once():
-    """With placeholder chains from decompose (ctx.extras["factorize_deferred"]), the pass factorizes
-    each kept layer at its final ranks: the result equals a plain compile at those ranks."""
-    import copy
-
-    from lrd_fx.api import _run
-    from lrd_fx.config import Config
-    from lrd_fx.context import CompileContext
+def test_deferred_factorization_factorizes_every_kept_layer_once(monkeypatch):
+    """With a search, decompose only builds placeholder chains; the pass factorizes each kept layer
+    once, at its final ranks: the result equals a plain compile at those ranks."""
+    from lrd_fx.factorize import modules as fm
 
     model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
                           nn.ReLU(), nn.Conv2d(32, 24, 3, padding=1))
@@ -266,13 +262,19 @@ def test_deferred_factorization_factorizes_every_kept_layer_once():
             return 0.1          # last layer: the original wins -> reverted
         return Staircase(step=16)(module, shape, mode)
 
-    cfg = Config().replace(rank=20, rank_search="infer", progress=False)
-    ctx = CompileContext(config=cfg, model=model, example_inputs=(X,))
-    ctx.extras.update(init="empty", factorize_deferred=True)
+    calls = []
+    real = fm.factorize
+
+    def counting(module, ranks, scheme="tucker2", *, name=""):
+        calls.append((name, tuple(ranks)))
+        return real(module, ranks, scheme, name=name)
+    monkeypatch.setattr(fm, "factorize", counting)
     with use_cost_fn(cost):
-        gm = _run(copy.deepcopy(model), ctx)
+        gm = lrd_fx.compile(model, (X,), rank=20, rank_search="infer", progress=False)
+    monkeypatch.setattr(fm, "factorize", real)
     plan = gm.lrd.plan
     assert [plan[n]["decision"] for n in ("0", "2", "4")] == ["searched", "searched", "reverted"]
+    assert sorted(calls) == [("0", (16, 16)), ("2", (16, 16))]     # once each, never at rank 20
     ref = lrd_fx.compile(model, (X,), rank={"0": 16, "2": 16}, skip=("4",))
     torch.testing.assert_close(gm(X), ref(X), rtol=1e-4, atol=1e-4)
 
