@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import csv
 import dataclasses
 import gc
 import json
-import math
 import os
 import platform
 import shlex
@@ -502,10 +500,6 @@ def measure(fns: dict, s: Settings) -> tuple[dict, dict, dict]:
     return res, errors, first
 
 
-def _rel(m) -> float:
-    return m.iqr_s / m.median_s if m.median_s > 0 else 0.0
-
-
 def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callable[[], nn.Module]] = None) -> tuple[list, dict]:
     """Rows (one per variant) and plans {variant: plan} for one model."""
     dev = torch.device(s.device)
@@ -572,7 +566,7 @@ def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callab
             row["error"] = f"inference failed: {errs[n]}"
             continue
         m = res[n]
-        row["infer_s"], row["infer_spread"] = m.median_s, _rel(m)
+        row["infer_s"], row["infer_spread"] = m.median_s, m.rel_noise
         row["infer_sps"] = s.batch / m.median_s
         row["status"] = "ok"
         if s.compile:
@@ -609,7 +603,7 @@ def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callab
             # the per-state medians
             t = sum(m.median_s for _, m in ms) / len(ms)
             row = rows[n]
-            row["train_s"], row["train_spread"] = t, max(_rel(m) for _, m in ms)
+            row["train_s"], row["train_spread"] = t, max(m.rel_noise for _, m in ms)
             row["train_sps"] = s.batch / t
             if len(ms) > 1:
                 row["train_sps_by_epoch"] = {str(k[1]): s.batch / m.median_s for k, m in ms}
@@ -705,7 +699,7 @@ def legend(s: Settings) -> list:
         f"{', torch.compile' if s.compile else ', eager'}.",
         "GFLOPs: forward FLOPs per sample (torch.utils.flop_counter); FLOP red. = original GFLOPs / variant GFLOPs.",
         "speed-up = samples/s / original's samples/s (same rounds); eff. = speed-up / FLOP red.",
-        f"train: SGD step (zero_grad, forward, cross-entropy, backward, step) in train mode.",
+        "train: SGD step (zero_grad, forward, cross-entropy, backward, step) in train mode.",
         f"lrd: ratio={s.ratio}; lrd+search: rank_search='{s.search_mode}'"
         + (f", rank_search_budget_s={s.search_budget_s:g}" if s.search_budget_s is not None else "")
         + (f", rank_search_repeats={s.search_repeats}" if s.search_repeats is not None else "")

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lrd_fx  # noqa: E402
-from lrd_fx.cost.timer import layer_step, measure_rounds  # noqa: E402
+from lrd_fx.cost.timer import layer_step, measure_rounds, summarize  # noqa: E402
 from lrd_fx.models import create_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,13 +47,8 @@ def _plan_key(gm) -> dict:
 
 def _paired(samples: dict, base: str, other: str) -> tuple[float, float]:
     """Median and IQR of per-round speed-ups base_time / other_time."""
-    ratios = sorted(b / o for b, o in zip(samples[base], samples[other]))
-    if len(ratios) >= 4:
-        q = statistics.quantiles(ratios, n=4, method="inclusive")
-        iqr = q[2] - q[0]
-    else:
-        iqr = ratios[-1] - ratios[0]
-    return statistics.median(ratios), iqr
+    m = summarize([b / o for b, o in zip(samples[base], samples[other])])
+    return m.median_s, m.iqr_s
 
 
 def machine() -> str:
@@ -111,7 +106,8 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()[0]
 
     from tabulate import tabulate
-    print(machine())
+    machine_text = machine()
+    print(machine_text)
     print(f"{args.model}, ratio {args.ratio}, rank_search={args.mode!r}, input {list(x.shape)}, "
           f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds; load average "
           f"{load0:.2f} -> {load1:.2f}")
@@ -131,7 +127,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS / f"rank_search-{args.model}-{args.mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "machine": machine(), "args": vars(args) | {"cache": None if tmp else args.cache},
+        "machine": machine_text, "args": vars(args) | {"cache": None if tmp else args.cache},
         "torch": torch.__version__, "threads": torch.get_num_threads(), "load": [load0, load1],
         "params": {"original": n_orig, "lrd": n_lrd, "lrd+search": n_search},
         "ms_median": {k: v * 1e3 for k, v in med.items()},

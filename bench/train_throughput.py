@@ -30,23 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import lrd_fx  # noqa: E402
 from lrd_fx.freezing import StaticSchedule, clone_model, find_freezer, strip_gates  # noqa: E402
 
-try:
-    from lrd_fx.cost.timer import measure_interleaved
-except ImportError:  # pragma: no cover - the library timer is the reference; this keeps the bench usable
-    def measure_interleaved(fns, *, device="cpu", rounds=7, warmup=2, min_time_s=0.01):
-        from types import SimpleNamespace
-        keys = list(fns)
-        for k in keys:
-            for _ in range(warmup):
-                fns[k]()
-        samples = {k: [] for k in keys}
-        for i in range(rounds):
-            s = i % len(keys)
-            for k in keys[s:] + keys[:s]:
-                t0 = time.perf_counter()
-                fns[k]()
-                samples[k].append(time.perf_counter() - t0)
-        return {k: SimpleNamespace(median_s=statistics.median(v), n=len(v)) for k, v in samples.items()}
+from lrd_fx.cost.timer import measure_interleaved  # noqa: E402
 
 
 def build(name: str, res: int, num_classes: int) -> nn.Module:
