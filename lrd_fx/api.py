@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from .config import Config
 from .context import CompileContext
 from .errors import ConfigError, InputError, LoadError, LRDError
 from .pipeline import PassManager, PassTimer, default_instruments, graph_modules
-from .plan import DECOMPOSED, SEARCHED, LayerRecord
+from .plan import LayerRecord
 from .trace import trace
 
 

@@ -1,8 +1,10 @@
-"""Shared test fixtures: deterministic seeds, small threads, a private timing cache."""
+"""Shared test fixtures and helpers: deterministic seeds, a private timing cache, state hashes, and a
+model that does not trace whole."""
 import hashlib
 
 import pytest
 import torch
+import torch.nn as nn
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +23,28 @@ def state_hash(model: torch.nn.Module) -> str:
                  if v.numel() else b"")
     h.update(str(model.training).encode())
     return h.hexdigest()
+
+
+class Branchy(nn.Module):
+    """Its forward branches on data: fx cannot trace it, its children can be."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.head = nn.Linear(32, 32)
+
+    def forward(self, x):
+        x = self.inner(x)
+        if x.sum() > 0:            # data-dependent: this module stays eager
+            x = x * 2
+        return self.head(x)
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(32, 32)
+        self.body = Branchy()
+
+    def forward(self, x):
+        return self.body(self.stem(x))

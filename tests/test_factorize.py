@@ -1,5 +1,4 @@
 """Tests of lrd_fx.factorize: exactness at full rank, rank rules, errors, dtypes."""
-import math
 import threading
 
 import pytest
@@ -12,7 +11,7 @@ from lrd_fx.factorize import (chain_like, chain_params, effective_scheme, energy
                               ranks_for_ratio, ranks_for_vbmf, singular_values, svd_error, svd_params,
                               svd_rank_for_ratio, svd_split, tucker2, tucker2_error, tucker2_params,
                               tucker2_ranks_energy, tucker2_ranks_for_ratio, tucker2_ranks_vbmf,
-                              tucker2_reconstruct, unfold, unsupported_reason)
+                              tucker2_reconstruct, unsupported_reason)
 from lrd_fx.factorize import modules
 from lrd_fx.layers import FactorChain
 

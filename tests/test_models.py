@@ -1,7 +1,6 @@
 """Model-level sweep: real torchvision/timm architectures compile; full rank reproduces the model."""
 import pytest
 import torch
-import torch.nn as nn
 
 import lrd_fx
 from lrd_fx.layers import FactorChain

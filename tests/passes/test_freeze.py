@@ -17,6 +17,7 @@ from lrd_fx.layers import FactorChain
 from lrd_fx.passes.freeze import freeze
 from lrd_fx.plan import DECOMPOSED, LayerRecord
 from lrd_fx.trace import LRDTracer
+from conftest import Wrapper
 
 
 class Toy(nn.Module):
@@ -180,29 +181,6 @@ def test_compile_with_freeze_sequential_sets_freezer():
     torch.testing.assert_close(gm.eval()(x), model.eval()(x), rtol=1e-4, atol=1e-4)
     plain = lrd_fx.compile(model, (x,), rank="full", freeze=None)
     assert _gates(plain) == [] and plain.lrd.freezer is None
-
-
-class Branchy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inner = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
-        self.head = nn.Linear(32, 32)
-
-    def forward(self, x):
-        x = self.inner(x)
-        if x.sum() > 0:            # data-dependent: this module stays eager
-            x = x * 2
-        return self.head(x)
-
-
-class Wrapper(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Linear(32, 32)
-        self.body = Branchy()
-
-    def forward(self, x):
-        return self.body(self.stem(x))
 
 
 def test_nested_graphs_and_eager_parts_are_gated():
