@@ -200,3 +200,37 @@ def test_never_goes_down_to_an_edge_slower_than_the_estimate():
     c = {19: 0.5, **{r: 1.5 for r in range(20, 26)}, **{r: 0.4 for r in range(26, 33)}}
     ch = cm.staircase(c, estimate=26, full=64, original=10.0)
     assert ch.edges == [19] and ch.rank == 26
+
+
+def _plan_params(tables, picked):
+    return sum(next(o for o in tables[n] if o.key == k).params for n, k in picked.items())
+
+
+def test_budget_plan_holds_a_tight_budget_over_many_layers():
+    # issue 10: 60 layers, a budget 0.5% above the smallest plan; rounding every option up to a bucket
+    # made the plan infeasible and the original layers (twice the parameters) came back
+    tables = {f"l{i}": [cm.Option(8, 1006, 1.0), cm.Option(16, 1900 + i, 0.9), cm.Option(None, 2001, 0.5)]
+              for i in range(60)}
+    smallest = 60 * 1006
+    for slack in (0.0, 0.005, 0.02, 0.3, 2.0):
+        budget = smallest * (1 + slack)
+        for buckets in (100, 4000):
+            picked = cm.plan_budget(tables, budget, buckets=buckets)
+            assert _plan_params(tables, picked) <= budget, (slack, buckets)
+    # 2% of slack (1207 params) buys exactly one upgrade: the original (+995, fastest)
+    assert _plan_params(tables, cm.plan_budget(tables, smallest * 1.02)) == smallest + 995
+    assert set(cm.plan_budget(tables, smallest * 3.0).values()) == {None}
+
+
+def test_budget_plan_with_few_buckets_stays_feasible():
+    # buckets=100 used to walk the back-pointers off the table (IndexError)
+    rng = random.Random(3)
+    for trial in range(30):
+        tables = {f"l{i}": [cm.Option(None, 1000, rng.uniform(0.5, 2.0))] +
+                  [cm.Option(r, r * 20 + rng.randint(0, 30), rng.uniform(0.3, 1.5)) for r in (8, 16, 24)]
+                  for i in range(12)}
+        budget = rng.uniform(12 * 190, 12 * 1000)
+        picked = cm.plan_budget(tables, budget, buckets=100, spend=0.0)
+        assert set(picked) == set(tables) and _plan_params(tables, picked) <= budget, trial
+    with pytest.raises(ValueError, match="buckets"):
+        cm.plan_budget(tables, 5000, buckets=0)

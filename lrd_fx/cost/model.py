@@ -287,23 +287,37 @@ def plan_budget(tables: Mapping[str, Sequence[Option]], budget_params: float, *,
     Cost of an option = time_s + error_weight * error * (time of the layer's original) - a small
     credit for parameters, so that among near-optimal plans the budget is spent on rank:
     filling the whole budget is worth `spend` (2%) of the total time. Group knapsack by dynamic
-    programming over `buckets` parameter buckets (each option's params rounded up, so the budget
-    holds). Returns {layer: key}; when even the smallest options exceed the budget, those are taken.
+    programming over `buckets` buckets of the slack (the budget minus every layer's smallest option):
+    each layer's smallest option costs no bucket and every larger one is rounded up, so the plan of
+    smallest options is always reachable and every plan returned holds the budget exactly.
+    Returns {layer: key}; when even the smallest options exceed the budget, those are taken.
     """
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
+        raise ValueError(f"buckets={buckets!r} must be an int >= 1")
     names = list(tables)
     if not names:
         return {}
     for n in names:
         if not tables[n]:
             raise ValueError(f"layer {n!r} has no options")
-    smallest = sum(min(o.params for o in tables[n]) for n in names)
+    base = {n: min(o.params for o in tables[n]) for n in names}
+    smallest = sum(base.values())
     if smallest > budget_params:
         return {n: min(tables[n], key=lambda o: (o.params, o.time_s)).key for n in names}
     orig_t = {n: max((o.time_s for o in tables[n] if o.key is None), default=0.0) for n in names}
     total_t = sum(min(o.time_s for o in tables[n]) for n in names)
     credit = spend * total_t / max(budget_params, 1.0)
-    unit = max(budget_params, 1.0) / buckets
+    slack = budget_params - smallest
+    unit = slack / buckets if slack > 0 else 0.0
     cap = buckets
+
+    def weight(o: Option, n: str) -> int:
+        extra = o.params - base[n]
+        if extra <= 0:
+            return 0
+        # rounded up: the rounded plan never holds more parameters than the budget allows
+        return cap + 1 if unit <= 0 else int(math.ceil(extra / unit - 1e-9))
+
     dp = np.zeros(cap + 1)            # min cost with used weight <= c
     back = []
     for n in names:
@@ -311,7 +325,7 @@ def plan_budget(tables: Mapping[str, Sequence[Option]], budget_params: float, *,
         new = np.full(cap + 1, np.inf)
         arg = np.full(cap + 1, -1, dtype=np.int64)
         for i, o in enumerate(opts):
-            wi = int(math.ceil(o.params / unit - 1e-9))
+            wi = weight(o, n)
             if wi > cap:
                 continue
             ci = o.time_s + error_weight * o.error * orig_t[n] - credit * o.params
@@ -325,7 +339,10 @@ def plan_budget(tables: Mapping[str, Sequence[Option]], budget_params: float, *,
     out = {}
     c = cap
     for n, arg in zip(reversed(names), reversed(back)):
-        o = tables[n][int(arg[c])]
+        i = int(arg[c])
+        if i < 0:    # unreachable: the smallest options weigh 0, so every c has a plan
+            raise AssertionError(f"plan_budget: no plan for layer {n!r} at bucket {c}")
+        o = tables[n][i]
         out[n] = o.key
-        c -= int(math.ceil(o.params / unit - 1e-9))
+        c -= weight(o, n)
     return {n: out[n] for n in names}
