@@ -8,49 +8,70 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch.fx as fx
+import torch.nn as nn
 
 from .errors import LRDError, PassError
 
 
 @dataclass
 class PassResult:
-    graph_module: fx.GraphModule
+    graph_module: nn.Module   # the root: a GraphModule, or an eager module with traced parts inside
     modified: bool
 
 
-Pass = Callable[[fx.GraphModule], PassResult]
+Pass = Callable[[nn.Module], PassResult]
 
 
 def pass_name(p) -> str:
     return getattr(p, "name", None) or getattr(p, "__name__", None) or type(p).__name__
 
 
+def part_label(prefix: str, part: nn.Module) -> str:
+    """How instruments and errors name a traced part: "root" or its module path, with its class."""
+    name = prefix[:-1] if prefix else "root"
+    return f"{name} ({type(part).__name__})"
+
+
 class Instrument:
     """Hooks around each pass; instruments may print, passes never do."""
 
-    def before_pass(self, name: str, gm: fx.GraphModule) -> None: ...
+    def before_pass(self, name: str, root: nn.Module) -> None: ...
     def after_pass(self, name: str, result: PassResult) -> None: ...
 
 
+def _eager_header(root: nn.Module) -> Optional[str]:
+    if isinstance(root, fx.GraphModule):
+        return None
+    return (f"root {type(root).__name__} stays eager (its forward does not trace); "
+            f"its traced parts follow")
+
+
 class PrintAfterPass(Instrument):
-    """Print the graph after every pass (`debug=True` or LRD_FX_DEBUG=1)."""
+    """Print every traced part's graph after every pass (`debug=True` or LRD_FX_DEBUG=1)."""
 
     def __init__(self, style: str = "code", stream=None):
         self.style = style
         self.stream = stream
 
     def after_pass(self, name, result):
-        gm = result.graph_module
+        root = result.graph_module
         tag = "modified" if result.modified else "unchanged"
+        parts = graph_modules(root)
         print(f"\n=== lrd_fx: graph after pass '{name}' ({tag}) ===", file=self.stream)
-        if self.style == "tabular":
-            print(format_tabular(gm.graph), file=self.stream)
-        else:
-            print(gm.code.strip(), file=self.stream)
+        header = _eager_header(root)
+        if header:
+            print(f"# {header}", file=self.stream)
+        for prefix, part in parts:
+            if len(parts) > 1 or prefix:
+                print(f"--- part {part_label(prefix, part)} ---", file=self.stream)
+            if self.style == "tabular":
+                print(format_tabular(part.graph), file=self.stream)
+            else:
+                print(part.code.strip(), file=self.stream)
 
 
 class DumpAfterPass(Instrument):
-    """Write each stage's code to <dump_dir>/<NN>_<pass>.py."""
+    """Write each stage's code to <dump_dir>/<NN>_<pass>.py, every traced part under its own header."""
 
     def __init__(self, dump_dir: str):
         self.dir = Path(dump_dir)
@@ -59,8 +80,18 @@ class DumpAfterPass(Instrument):
 
     def after_pass(self, name, result):
         self.count += 1
+        root = result.graph_module
         path = self.dir / f"{self.count:02d}_{name}.py"
-        path.write_text(f"# lrd_fx: graph after pass '{name}'\n" + result.graph_module.code)
+        text = f"# lrd_fx: graph after pass '{name}'\n"
+        header = _eager_header(root)
+        if header:
+            text += f"# {header}\n"
+        parts = graph_modules(root)
+        for prefix, part in parts:
+            if len(parts) > 1 or prefix:
+                text += f"\n# --- part {part_label(prefix, part)} ---\n"
+            text += part.code
+        path.write_text(text)
 
 
 class PassTimer(Instrument):
@@ -70,7 +101,7 @@ class PassTimer(Instrument):
         self.times: dict[str, float] = {}
         self._t0 = 0.0
 
-    def before_pass(self, name, gm):
+    def before_pass(self, name, root):
         self._t0 = time.perf_counter()
 
     def after_pass(self, name, result):
@@ -85,26 +116,44 @@ def format_tabular(graph: fx.Graph) -> str:
 
 
 class PassManager:
-    """Run passes in order; lint after each; name the failing pass and those before it."""
+    """Run passes in order over a root that is a GraphModule or an eager module with traced parts.
+
+    After each pass, every GraphModule part is linted and recompiled here (passes only edit graphs),
+    as torch/fx/passes/infra/pass_manager.py does; a failure names the pass, the part and the passes
+    run before it.
+    """
 
     def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = (), lint: bool = True):
         self.passes = list(passes)
         self.instruments = list(instruments)
         self.lint = lint
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
+    def finish(self, root: nn.Module) -> None:
+        """Lint (if enabled) and recompile every traced part of root."""
+        for prefix, part in graph_modules(root):
+            try:
+                if self.lint:
+                    part.graph.lint()
+                part.recompile()
+            except Exception as e:
+                raise RuntimeError(f"traced part {part_label(prefix, part)} is invalid after the pass: "
+                                   f"{type(e).__name__}: {e}") from e
+
+    def run(self, root: nn.Module) -> PassResult:
         done: list[str] = []
         modified = False
         for p in self.passes:
             name = pass_name(p)
             for ins in self.instruments:
-                ins.before_pass(name, gm)
+                ins.before_pass(name, root)
             try:
-                result = p(gm)
+                result = p(root)
                 if not isinstance(result, PassResult):
                     raise TypeError(f"pass returned {type(result).__name__}, expected PassResult")
-                if self.lint:
-                    result.graph_module.graph.lint()
+                if not isinstance(result.graph_module, nn.Module):
+                    raise TypeError(f"pass returned {type(result.graph_module).__name__} as its model, "
+                                    f"expected an nn.Module")
+                self.finish(result.graph_module)
             except KeyboardInterrupt:
                 raise
             except LRDError as e:
@@ -120,10 +169,10 @@ class PassManager:
                     f"each pass, or dump_dir=... to save each stage's code.") from e
             for ins in self.instruments:
                 ins.after_pass(name, result)
-            gm = result.graph_module
+            root = result.graph_module
             modified = modified or result.modified
             done.append(name)
-        return PassResult(gm, modified)
+        return PassResult(root, modified)
 
 
 def default_instruments(debug: bool, dump_dir: Optional[str]) -> list[Instrument]:

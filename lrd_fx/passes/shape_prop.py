@@ -1,9 +1,14 @@
-"""shape_prop: run the example inputs once and annotate every node with its tensor shapes."""
+"""shape_prop: run the example inputs once through the whole model and annotate every part's nodes with shapes."""
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
+import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..context import CompileContext
 from ..pipeline import PassResult, graph_modules
@@ -14,11 +19,82 @@ def _shape(x):
     return list(x.shape) if isinstance(x, torch.Tensor) else None
 
 
-def capture_layer_io(root: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, dict]:
-    """Run root once; return ({layer name: {in, out, calls}}, {graph-module name: (args, kwargs)})."""
+class RecordShapes(fx.Interpreter):
+    """Runs one call of a traced part node by node, storing node.meta["tensor_meta"] as fx's ShapeProp
+    does, but taking the call's keyword arguments too (parts of a model that stays eager, e.g. a Hugging
+    Face encoder layer, are called with kwargs; ShapeProp binds positional inputs only)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=True)
+        self._inputs: dict[str, Any] = {}
+        self._node = None
+
+    def call(self, args: tuple, kwargs: dict):
+        # Bind exactly as Python binds the generated forward (fx reorders keyword-only parameters).
+        # (the class's forward: the instance's is patched while shapes are recorded)
+        sig = inspect.signature(type(self.module).forward)
+        bound = sig.bind(self.module, *args, **kwargs)
+        bound.apply_defaults()
+        self._inputs = dict(bound.arguments)
+        try:
+            return self.run(enable_io_processing=False)
+        finally:
+            self._inputs = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._node = n
+        result = super().run_node(n)
+        found = False
+
+        def meta(obj):
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        m = map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = m
+        n.meta["type"] = type(result)
+        return result
+
+    def placeholder(self, target, args, kwargs):
+        name = str(target).lstrip("*")
+        if name in self._inputs:
+            return self._inputs[name]
+        if args:
+            return args[0]   # the default recorded at trace time
+        raise TypeError(f"no value for input '{name}' of traced part {type(self.module).__name__}")
+
+
+def _record_once(part: fx.GraphModule, failed: dict, name: str):
+    """A forward for `part` that records shapes on its first call and runs the plain forward after."""
+    plain = type(part).forward.__get__(part)
+    state = {"done": False}
+
+    def forward(*args, **kwargs):
+        if state["done"]:
+            return plain(*args, **kwargs)
+        state["done"] = True
+        try:
+            return RecordShapes(part).call(args, kwargs)
+        except Exception as e:   # noqa: BLE001 - shapes are annotations: run the part plainly instead
+            failed[name] = f"{type(e).__name__}: {e}"
+            return plain(*args, **kwargs)
+    return forward
+
+
+def capture_shapes(root: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """Run root once on (args, kwargs), eval mode, no grad. Every traced part records its nodes'
+    tensor_meta on its first call; every Conv/Linear records its input/output shapes and call count.
+
+    Returns ({layer name: {in, out, calls}}, {part name: why its shapes were not recorded}).
+    """
     layers: dict[str, dict] = {}
-    part_inputs: dict[str, tuple] = {}
+    failed: dict[str, str] = {}
     handles = []
+    patched = []
     for name, m in root.named_modules():
         if isinstance(m, _FACTORIZABLE):
             def hook(mod, inp, out, name=name):
@@ -26,46 +102,38 @@ def capture_layer_io(root: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, 
                                                "out": _shape(out), "calls": 0})
                 rec["calls"] += 1
             handles.append(m.register_forward_hook(hook))
-        if isinstance(m, torch.fx.GraphModule) and name:
-            def pre(mod, a, kw, name=name):
-                part_inputs.setdefault(name, (a, kw))
-            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+    for prefix, part in graph_modules(root):
+        # an instance attribute shadows the class's generated forward for this one run
+        part.forward = _record_once(part, failed, prefix[:-1] or "<root>")
+        patched.append(part)
+    modes = {m: m.training for m in root.modules()}
+    root.eval()   # shapes only: keep BatchNorm statistics of the copy untouched
     try:
         with torch.no_grad():
             root(*args, **kwargs)
     finally:
+        for m, mode in modes.items():
+            m.training = mode
         for h in handles:
             h.remove()
-    return layers, part_inputs
+        for part in patched:
+            part.__dict__.pop("forward", None)
+    return layers, failed
 
 
 def shape_prop(ctx: CompileContext):
-    def run(gm):
+    def run(root):
         if ctx.example_inputs is None:
-            return PassResult(gm, False)
-        was_training = gm.training
-        gm.eval()   # shapes only: keep BatchNorm statistics of the copy untouched
-        try:
-            layers, part_inputs = capture_layer_io(gm, ctx.example_inputs, ctx.example_kwargs)
-            for prefix, part in graph_modules(gm):
-                name = prefix[:-1]
-                if name == "":
-                    a, kw = ctx.example_inputs, ctx.example_kwargs
-                elif name in part_inputs:
-                    a, kw = part_inputs[name]
-                else:
-                    continue   # never called with these inputs
-                if kw:
-                    continue   # ShapeProp takes positional inputs only; hooks above still give layer shapes
-                with torch.no_grad():
-                    ShapeProp(part).propagate(*a)
-        finally:
-            gm.train(was_training)
+            return PassResult(root, False)
+        layers, failed = capture_shapes(root, ctx.example_inputs, ctx.example_kwargs)
         ctx.extras["layer_io"] = layers
-        for prefix, part in graph_modules(gm):
+        ctx.extras["shape_prop_failed"] = failed
+        for part_name, why in failed.items():
+            ctx.notes.append(f"shape_prop: shapes of traced part '{part_name}' not recorded ({why[:120]})")
+        for prefix, part in graph_modules(root):
             for node in part.graph.nodes:
                 if node.op == "call_module" and (prefix + node.target) in layers:
                     node.meta["lrd_io"] = layers[prefix + node.target]
-        return PassResult(gm, False)
+        return PassResult(root, False)
     run.name = "shape_prop"
     return run
