@@ -34,8 +34,8 @@ def cmd_compile(args) -> int:
     model = create_model(args.model).eval()
     shape = args.input or default_input_shape(model, args.model)
     x = torch.randn(*shape)
-    overrides = dict(ratio=args.ratio, debug=args.debug, conv_scheme=args.conv_scheme)
-    for key in ("rank", "energy", "rank_search", "freeze", "freeze_period", "freeze_group", "dump_dir"):
+    overrides = dict(debug=args.debug, conv_scheme=args.conv_scheme)
+    for key in ("ratio", "rank", "energy", "rank_search", "freeze", "freeze_period", "freeze_group", "dump_dir"):
         val = getattr(args, key)
         if val is not None:
             overrides[key] = val
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile a torchvision/timm model and print the per-layer report")
     c.add_argument("model", help="torchvision or timm model name, e.g. resnet50, vit_small_patch16_224")
-    c.add_argument("--ratio", type=float, default=0.25, help="fraction of each layer's params kept (default 0.25)")
+    c.add_argument("--ratio", type=float, default=None, help="fraction of each layer's params kept (default 0.25)")
     c.add_argument("--rank", type=_rank, default=None, help="fixed rank: int, 'full' or 'vbmf'")
     c.add_argument("--energy", type=float, default=None, help="singular-value energy kept, in (0, 1]")
     c.add_argument("--conv-scheme", default="tucker2", choices=["tucker2", "svd"])

@@ -308,7 +308,7 @@ def _fallback_of(name: str, parts: dict) -> Optional[str]:
 def _rule_text(cfg, override) -> str:
     if override is not None:
         return f"rank[...]={override}"
-    if cfg.rank is not None:
+    if cfg.rank is not None and not isinstance(cfg.rank, dict):   # a dict's other layers follow energy/ratio
         return f"rank={cfg.rank}"
     if cfg.energy is not None:
         return f"energy={cfg.energy}"

@@ -138,7 +138,7 @@ def test_fake_without_cache_tag_never_reaches_the_cache(tmp_path):
 def test_time_budget_keeps_estimates():
     with use_cost_fn(Staircase()):
         gm = lrd_fx.compile(convs(1), (X,), rank=20, rank_search="infer", progress=False,
-                            rank_search_budget_s=0.0)
+                            rank_search_budget_s=1e-9)
     rec = gm.lrd.plan["0"]
     assert rec["decision"] == "decomposed" and rec["ranks"] == [20, 20]
     assert "rank_search_budget_s" in rec["reason"] and "kept the estimate" in rec["reason"]
