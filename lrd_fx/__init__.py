@@ -3,7 +3,7 @@ from .api import LRDInfo, compile, load, save
 from .bn import recalibrate_bn
 from .config import Config
 from .errors import (CacheError, ConfigError, FactorizationError, FreezeError, InputError, LoadError,
-                     LRDError, PassError, RankError, TraceError)
+                     LRDError, PassError, RankError, SaveError, TraceError)
 from .ddp import wrap_ddp
 from .freezing import FreezeController, Schedule, register_schedule, schedule_names, strip_gates
 from .trace import register_leaf_function, register_leaf_module
@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "compile", "save", "load", "Config", "LRDInfo",
     "LRDError", "ConfigError", "RankError", "InputError", "TraceError", "FactorizationError",
-    "PassError", "CacheError", "FreezeError", "LoadError",
+    "PassError", "CacheError", "FreezeError", "LoadError", "SaveError",
     "register_leaf_module", "register_leaf_function",
     "FreezeController", "Schedule", "register_schedule", "schedule_names", "strip_gates",
     "recalibrate_bn", "wrap_ddp",

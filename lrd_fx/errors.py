@@ -38,4 +38,9 @@ class FreezeError(LRDError):
 
 
 class LoadError(LRDError):
-    """A saved plan does not fit the model it is loaded onto."""
+    """A file cannot be loaded: not an lrd_fx file, an unsafe (pickle) or newer format, damaged, or its plan
+    does not fit the model it is loaded onto."""
+
+
+class SaveError(LRDError):
+    """A compiled model cannot be written (missing directory, unsaveable schedule or tensor)."""

@@ -1,4 +1,4 @@
-"""Public API: compile options, errors, no mutation, debug instruments, save/load, tracing fallback."""
+"""Public API: compile options, errors, no mutation, debug instruments, tracing fallback (save/load: test_save_load.py)."""
 import inspect
 import io
 import os
@@ -146,20 +146,3 @@ def test_report_and_plan_are_complete():
     for word in ("layer", "ranks", "params", "MFLOPs", "decision", "GFLOPs per forward"):
         assert word in text
     assert gm.lrd.flops_after < gm.lrd.flops_before
-
-
-def test_save_load_roundtrip(tmp_path):
-    model = torchvision.models.resnet18(num_classes=10).eval()
-    x = torch.randn(2, 3, 32, 32)
-    gm = lrd_fx.compile(model, (x,), ratio=0.3)
-    path = tmp_path / "m.pt"
-    lrd_fx.save(gm, path)
-    gm2 = lrd_fx.load(model, path)
-    assert {n: r["ranks"] for n, r in gm2.lrd.plan.items()} == {n: r["ranks"] for n, r in gm.lrd.plan.items()}
-    gm.eval(); gm2.eval()
-    torch.testing.assert_close(gm2(x), gm(x))
-    with pytest.raises(lrd_fx.LoadError):
-        lrd_fx.load(torchvision.models.resnet34(num_classes=10), path)
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(lrd_fx.LoadError):
-        lrd_fx.load(model, tmp_path / "junk.pt")
