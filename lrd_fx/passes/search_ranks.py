@@ -228,7 +228,8 @@ def _time_with_refs(timer: _Timer, g: _Group, refs: list, new: list) -> dict:
             if k in got:
                 meas = Measurement(got[k].median_s * scale, got[k].iqr_s * scale, got[k].n, got[k].min_s * scale)
                 timer.memo[(g.signature, g.shape, g.memory_format, k)] = out[s] = meas
-                fresh.append((timer._ckey(g, k), meas))
+                # the cache keeps what was measured, with the scale that put it into this frame
+                fresh.append((timer._ckey(g, k), got[k], scale))
         timer.measured += len(fresh)
         if timer.cache is not None:
             timer.cache.put_many(fresh)
@@ -468,7 +469,7 @@ def search_ranks(ctx: CompileContext, *, cost_fn: Optional[Callable] = None, cos
     return run
 
 
-def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> dict:
+def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict, str]:
     cfg = ctx.config
     groups: dict = {}
     by_name: dict = {}

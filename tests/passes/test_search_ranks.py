@@ -2,6 +2,7 @@
 import math
 import os
 
+import pytest
 import torch
 import torch.multiprocessing as tmp
 import torch.nn as nn
@@ -265,9 +266,9 @@ def test_deferred_factorization_factorizes_every_kept_layer_once(monkeypatch):
     calls = []
     real = fm.factorize
 
-    def counting(module, ranks, scheme="tucker2", *, name=""):
+    def counting(module, ranks, scheme="tucker2", *, name="", **kw):
         calls.append((name, tuple(ranks)))
-        return real(module, ranks, scheme, name=name)
+        return real(module, ranks, scheme, name=name, **kw)
     monkeypatch.setattr(fm, "factorize", counting)
     with use_cost_fn(cost):
         gm = lrd_fx.compile(model, (X,), rank=20, rank_search="infer", progress=False)
@@ -279,9 +280,8 @@ def test_deferred_factorization_factorizes_every_kept_layer_once(monkeypatch):
     torch.testing.assert_close(gm(X), ref(X), rtol=1e-4, atol=1e-4)
 
 
-def test_fine_stage_is_rescaled_to_the_coarse_frame(tmp_path):
-    """New ranks are timed together with already-measured neighbours and put on their scale, so drift
-    between the coarse and the fine stage cannot fake a step."""
+def _fine_stage_timer(tmp_path, monkeypatch, scripted):
+    """A _Timer whose device measurement is replaced by scripted times: {rank key: seconds}."""
     from lrd_fx.config import Config
     from lrd_fx.context import CompileContext
     from lrd_fx.cost.timer import Measurement
@@ -290,11 +290,77 @@ def test_fine_stage_is_rescaled_to_the_coarse_frame(tmp_path):
     layer = nn.Linear(32, 32)
     cfg = Config().replace(rank_search="infer", rank_search_repeats=3, cache=str(tmp_path / "c.sqlite"))
     timer = sr._Timer(CompileContext(config=cfg, model=layer), cost_fn=None)
+    asked = []
+
+    def measure(g, todo):
+        asked.append(sorted(todo))
+        return {k: Measurement(scripted[k], 0.1 * scripted[k], 3, 0.9 * scripted[k]) for k in todo}
+    monkeypatch.setattr(timer, "_measure", measure)
     g = sr._Group(["lin"], layer, "svd", "Linear|32x32", (4, 32), sr._Line((8,), (32,)), "contiguous")
-    # pretend the coarse stage ran on a machine 1000x slower than now
-    g.times = {4: Measurement(1.0, 0.0, 3), 8: Measurement(1.0, 0.0, 3)}
+    return timer, g, asked
+
+
+def test_fine_stage_is_rescaled_to_the_coarse_frame(tmp_path, monkeypatch):
+    """New ranks are timed together with already-measured neighbours and put on their scale, so drift
+    between the coarse and the fine stage cannot fake a step. No real clock: the measurement is
+    scripted, the machine three times slower in the fine stage than in the coarse one."""
+    from lrd_fx.cost.timer import Measurement
+    from lrd_fx.passes import search_ranks as sr
+
+    scripted = {"ref:4": 3.0, "ref:8": 3.3, "5": 3.0, "6": 4.5}
+    timer, g, asked = _fine_stage_timer(tmp_path, monkeypatch, scripted)
+    g.times = {4: Measurement(1.0, 0.0, 3), 8: Measurement(1.1, 0.0, 3)}     # the coarse stage's frame
     out = sr._time_with_refs(timer, g, refs=[4, 8], new=[5, 6])
+    assert asked == [["5", "6", "ref:4", "ref:8"]]          # new ranks interleaved with both references
+    # both references ran 3x slower: the new ranks are divided by 3 (median of the refs' ratios)
+    assert out[5].median_s == pytest.approx(1.0) and out[6].median_s == pytest.approx(1.5)
+    assert out[6].iqr_s == pytest.approx(0.15) and out[6].min_s == pytest.approx(1.35)
+    assert timer.measured == 2
+    # the cache holds the measurements as taken, marked with the scale that was applied
+    with cache.TimingCache(tmp_path / "c.sqlite") as c:
+        k6 = timer._ckey(g, "6")
+        assert c.get(k6, raw=True).median_s == pytest.approx(4.5)
+        assert c.is_rescaled(k6) and c.get(k6).median_s == pytest.approx(1.5)
+        assert c.get(timer._ckey(g, "ref:4")) is None                         # references are not stored
+    info = cache.cache_info(tmp_path / "c.sqlite")
+    assert info["entries"] == 2 and info["rescaled"] == 2
+    # a second fine stage finds rank 6 in the memo and measures only rank 7 with the references
+    scripted["7"] = 6.0
+    out = sr._time_with_refs(timer, g, refs=[4, 8], new=[6, 7])
+    assert asked[-1] == ["7", "ref:4", "ref:8"] and out[6].median_s == pytest.approx(1.5)
+    assert out[7].median_s == pytest.approx(2.0)
     timer.close()
-    assert set(out) == {5, 6}
-    assert all(0.1 < m.median_s < 10.0 for m in out.values())          # on the coarse stage's scale
-    assert timer.measured == 2 and cache.cache_info(tmp_path / "c.sqlite")["entries"] == 2   # refs not cached
+
+
+def test_fine_stage_without_drift_is_not_rescaled(tmp_path, monkeypatch):
+    from lrd_fx.cost.timer import Measurement
+    from lrd_fx.passes import search_ranks as sr
+
+    timer, g, _ = _fine_stage_timer(tmp_path, monkeypatch, {"ref:4": 1.0, "ref:8": 1.1, "5": 1.05})
+    g.times = {4: Measurement(1.0, 0.0, 3), 8: Measurement(1.1, 0.0, 3)}
+    out = sr._time_with_refs(timer, g, refs=[4, 8], new=[5])
+    timer.close()
+    assert out[5].median_s == pytest.approx(1.05)
+    with cache.TimingCache(tmp_path / "c.sqlite") as c:
+        assert c.is_rescaled(timer._ckey(g, "5")) is False
+    assert cache.cache_info(tmp_path / "c.sqlite")["rescaled"] == 0
+
+
+def test_search_returns_plan_and_note_as_annotated(monkeypatch):
+    import typing
+
+    from lrd_fx.passes import search_ranks as sr
+
+    ret = typing.get_type_hints(sr._search)["return"]
+    assert typing.get_origin(ret) is tuple and typing.get_args(ret) == (dict, str)
+    seen = []
+    real = sr._search
+
+    def spy(*a, **kw):
+        seen.append(real(*a, **kw))
+        return seen[-1]
+    monkeypatch.setattr(sr, "_search", spy)
+    with use_cost_fn(Staircase()):
+        lrd_fx.compile(convs(1), (X,), rank=20, rank_search="infer", progress=False)
+    plan, note = seen[0]
+    assert isinstance(plan, dict) and "0" in plan and isinstance(note, str) and "rank search" in note
