@@ -219,6 +219,9 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     if not isinstance(model, nn.Module):
         raise LoadError(f"load() takes the original torch.nn.Module first (the model compile was given), got "
                         f"{type(model).__name__}")
+    if isinstance(getattr(model, "lrd", None), api.LRDInfo):
+        raise LoadError("load() takes the original model (the one given to lrd_fx.compile), not a compiled one: "
+                        "the file's plan is applied to a copy of the original")
     _check_overrides(overrides)
     where = _fspath(path)
     header, tensors = _read(where, trust_file)
@@ -226,7 +229,7 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     cfg = _rebuild_config(header, plan, overrides, where)
     inputs = api._as_tuple(example_inputs)
     device, dtype = api._model_device_dtype(model)
-    work = copy.deepcopy(model)
+    work = getattr(api, "copy_model", copy.deepcopy)(model)
     if inputs is not None and cfg.check_inputs:
         api._check_inputs(work, inputs, device, dtype)
     ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
@@ -303,7 +306,7 @@ def _read(where: str, trust_file: bool) -> tuple[dict, dict]:
     if looks_safetensors and 8 + n <= size:
         try:
             meta = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             meta = None
         if isinstance(meta, dict):
             return _read_safetensors(where, meta, size, n)
@@ -327,7 +330,7 @@ def _read_safetensors(where: str, meta: dict, size: int, n: int) -> tuple[dict, 
                         f"header); for plain weights use model.load_state_dict(safetensors.torch.load_file(path))")
     try:
         header = json.loads(info[_HEADER])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise LoadError(f"'{where}': the lrd_fx header is not valid JSON ({e}); the file is damaged") from e
     if not isinstance(header, dict):
         raise LoadError(f"'{where}': the lrd_fx header is not a JSON object; the file is damaged")
@@ -407,13 +410,27 @@ def _parse_plan(header: dict, where: str) -> dict[str, LayerRecord]:
             raise LoadError(f"{bad} ({e}); the file is damaged") from e
         if rec.decision not in _DECISIONS:
             raise LoadError(f"{bad}: decision {rec.decision!r} is not one of {list(_DECISIONS)}")
-        if rec.factorized:
-            ok = isinstance(rec.ranks, list) and rec.ranks and all(
-                isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rec.ranks)
+        for f, ok in (("reason", isinstance(rec.reason, str)), ("candidates", isinstance(rec.candidates, dict)),
+                      ("estimate", rec.estimate is None or _int_list(rec.estimate)),
+                      ("scheme", rec.scheme is None or isinstance(rec.scheme, str)),
+                      *((t, getattr(rec, t) is None or _number(getattr(rec, t)))
+                        for t in ("time_original_s", "time_estimate_s", "time_chosen_s"))):
             if not ok:
+                raise LoadError(f"{bad}: {f}={getattr(rec, f)!r} has the wrong type; the file is damaged")
+        if rec.factorized:
+            if not _int_list(rec.ranks):
                 raise LoadError(f"{bad}: a factorized layer needs ranks (a list of ints >= 1), got {rec.ranks!r}")
         plan[name] = rec
     return plan
+
+
+def _int_list(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
+                                                   for r in v)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _rebuild_config(header: dict, plan: dict[str, LayerRecord], overrides: dict, where: str) -> Config:

@@ -410,6 +410,14 @@ def test_foreign_truncated_and_damaged_files(tmp_path, saved):
     cases["baddecision"] = "decision"
     rewrite_header(good, tmp_path / "badalias", lambda h: h.update(aliases={"x": "nope"}))
     cases["badalias"] = "lacks"
+    rewrite_header(good, tmp_path / "badreason", lambda h: h["plan"]["0"].update(reason={"x": 1}))
+    cases["badreason"] = "reason=.*wrong type"
+    deep = tmp_path / "deep"
+    save_file({"w": torch.zeros(1)}, str(deep), metadata={"lrd_fx": "[" * 200_000})
+    cases["deep"] = "not valid JSON"
+    raw = b'{"a":' + b"[" * 200_000
+    (tmp_path / "deep_raw").write_bytes(len(raw).to_bytes(8, "little") + raw)
+    cases["deep_raw"] = "not an lrd_fx file"
     for name, words in cases.items():
         with pytest.raises(lrd_fx.LoadError, match=words):
             lrd_fx.load(model, tmp_path / name)
@@ -419,6 +427,8 @@ def test_foreign_truncated_and_damaged_files(tmp_path, saved):
         lrd_fx.load(model, tmp_path)
     with pytest.raises(lrd_fx.LoadError, match="nn.Module"):
         lrd_fx.load("not a model", good)
+    with pytest.raises(lrd_fx.LoadError, match="original model"):
+        lrd_fx.load(lrd_fx.load(model, good), good)
 
 
 def test_weights_that_do_not_fit_are_named(tmp_path, saved):
