@@ -172,6 +172,12 @@ def chain_like(module: nn.Module, ranks: Ranks, scheme: str) -> FactorChain:
     return _finish(module, _make_layers(module, ranks, eff, w.device, w.dtype, init=True), eff)
 
 
+def factor_dtype(a: torch.Tensor) -> torch.dtype:
+    """dtype to build factors of weight `a` in: float64 weights keep float64 (a float64 model stays exact
+    to float64 precision at full rank); any other dtype gets float32, cast to the layer's by the chain."""
+    return torch.float64 if a.dtype == torch.float64 else torch.float32
+
+
 def _set(param: nn.Parameter, value: torch.Tensor, requires_grad: bool) -> None:
     with torch.no_grad():
         param.copy_(value.reshape(param.shape))
@@ -179,9 +185,10 @@ def _set(param: nn.Parameter, value: torch.Tensor, requires_grad: bool) -> None:
 
 
 def _build(module: nn.Module, ranks: tuple, eff: str, weights: dict) -> FactorChain:
-    """Chain in float32 on the weight's device with the given factor weights, then cast back."""
+    """Chain in float32 (float64 for float64 weights) on the weight's device with the given factor
+    weights, then cast back."""
     w = module.weight
-    layers = _make_layers(module, ranks, eff, w.device, torch.float32, init=False)
+    layers = _make_layers(module, ranks, eff, w.device, factor_dtype(w), init=False)
     for role, value in weights.items():
         _set(layers[role].weight, value, w.requires_grad)
     if module.bias is not None:
@@ -195,7 +202,7 @@ def factorize_linear(linear: nn.Linear, rank: int, *, name: str = "") -> FactorC
     if not isinstance(linear, nn.Linear):
         raise FactorizationError(f"{_label(name)}: factorize_linear needs an nn.Linear, got {type(linear).__name__}")
     ranks = _check_ranks(linear, rank, "svd", name)
-    left, right = svd_split(linear.weight, ranks[0], name=name)
+    left, right = svd_split(linear.weight, ranks[0], name=name, dtype=factor_dtype(linear.weight))
     return _build(linear, ranks, "svd", {ROLE_FIRST: right, ROLE_LAST: left})
 
 
@@ -214,10 +221,10 @@ def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = ""
     w = conv.weight.detach()
     out, inp = w.shape[:2]
     if eff in ("svd", "conv_svd"):
-        left, right = svd_split(w.reshape(out, -1), ranks[0], name=name)
+        left, right = svd_split(w.reshape(out, -1), ranks[0], name=name, dtype=factor_dtype(w))
         return _build(conv, ranks, eff, {ROLE_FIRST: right, ROLE_LAST: left})
     r_in, r_out = ranks
-    core, u_out, u_in = tucker2(w, r_out, r_in, name=name)
+    core, u_out, u_in = tucker2(w, r_out, r_in, name=name, dtype=factor_dtype(w))
     return _build(conv, ranks, eff, {ROLE_FIRST: u_in.t(), ROLE_CORE: core, ROLE_LAST: u_out})
 
 

@@ -111,8 +111,9 @@ def singular_values(matrix: Tensor, *, name: str = "") -> Tensor:
     return ev.flip(0).clamp_min(0).sqrt().to(device=a.device, dtype=torch.float32)
 
 
-def svd_split(matrix: Tensor, rank: int, *, name: str = "") -> tuple[Tensor, Tensor]:
-    """Truncated SVD: (L [m, r], R [r, n]) float32 with L @ R ≈ matrix; sqrt(S) goes into both factors.
+def svd_split(matrix: Tensor, rank: int, *, name: str = "",
+              dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Truncated SVD: (L [m, r], R [r, n]) in `dtype` with L @ R ≈ matrix; sqrt(S) goes into both factors.
 
     Splitting sqrt(S) evenly keeps both factor layers at a similar scale, which trains better than
     putting S on one side. L @ R is the projection of the matrix on its top-r singular subspace,
@@ -123,7 +124,7 @@ def svd_split(matrix: Tensor, rank: int, *, name: str = "") -> tuple[Tensor, Ten
     r = check_rank(rank, 1, min(m, n), name, shape=(m, n))
     with serial_math(a):
         left, right = _split64(_work(a), r, name)
-    out = dict(device=a.device, dtype=torch.float32)
+    out = dict(device=a.device, dtype=dtype)
     return left.to(**out).contiguous(), right.to(**out).contiguous()
 
 

@@ -122,11 +122,12 @@ def _hooi(w64: Tensor, r_out: int, r_in: int, name: str, n_iter_max: int = 100, 
 
 
 def tucker2(weight: Tensor, rank_out: int, rank_in: int, *, name: str = "",
-            method: str = "hooi") -> tuple[Tensor, Tensor, Tensor]:
+            method: str = "hooi", dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
     """Tucker-2 of a kernel [out, in, *k]: (core [r_out, r_in, *k], u_out [out, r_out], u_in [in, r_in]).
 
     weight ≈ core ×0 u_out ×1 u_in, i.e. W[o, i] = sum_ab u_out[o, a] core[a, b] u_in[i, b].
-    float32 on the weight's device; exact (to fp32 precision) at rank_out=out, rank_in=in.
+    In `dtype` (float32 unless asked) on the weight's device; exact (to that precision) at
+    rank_out=out, rank_in=in.
     method="hooi" (default) runs HOOI in float64 here; method="tensorly" calls
     tensorly.decomposition.partial_tucker (pytorch backend, float32), the reference it is tested against.
     """
@@ -145,7 +146,7 @@ def tucker2(weight: Tensor, rank_out: int, rank_in: int, *, name: str = "",
             raise FactorizationError(f"{_label(name)}: Tucker-2 failed for shape {list(w.shape)}: {e}") from e
     else:
         raise ConfigError(f"tucker2 method={method!r} must be 'hooi' or 'tensorly'")
-    core, u_out, u_in = (torch.as_tensor(t).to(device=w.device, dtype=torch.float32).contiguous()
+    core, u_out, u_in = (torch.as_tensor(t).to(device=w.device, dtype=dtype).contiguous()
                          for t in (core, u_out, u_in))
     if not (bool(torch.isfinite(core).all()) and bool(torch.isfinite(u_out).all())
             and bool(torch.isfinite(u_in).all())):
