@@ -438,7 +438,7 @@ def _rebuild_config(header: dict, plan: dict[str, LayerRecord], overrides: dict,
     known = {f.name for f in dataclasses.fields(Config)}
     kw: dict[str, Any] = {k: saved[k] for k in _REBUILD_FIELDS if k in saved and k in known}
     kw.update(_leaf_modules(saved, overrides, where))
-    kw.update(_freeze_options(header.get("freeze"), overrides, where))
+    kw.update(_freeze_options(header.get("freeze"), bool(header.get("freezer_keys")), overrides, where))
     for k in ("debug", "progress", "dump_dir", "check_inputs"):
         if k in overrides:
             kw[k] = overrides[k]
@@ -476,7 +476,7 @@ def _leaf_modules(saved: dict, overrides: dict, where: str) -> dict:
     return {"leaf_modules": given}
 
 
-def _freeze_options(spec, overrides: dict, where: str) -> dict:
+def _freeze_options(spec, gated: bool, overrides: dict, where: str) -> dict:
     """freeze / freeze_period / freeze_group: the caller's, else the file's; freeze=None drops the gates."""
     from .freezing import schedule_names
     if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("schedule"), str)):
@@ -486,6 +486,10 @@ def _freeze_options(spec, overrides: dict, where: str) -> dict:
     out = {}
     if "freeze" in overrides:
         out["freeze"] = overrides["freeze"]
+    elif gated and not saved:
+        # an lrd_fx/1 file whose schedule was a function: the gates cannot be rebuilt without being told how
+        raise LoadError(f"'{where}' has freezing gates but no saved schedule (it was a function); pass "
+                        f"freeze=<schedule name, Schedule or callable> to keep gates, or freeze=None to drop them")
     elif saved:
         name = saved["schedule"]
         if name not in schedule_names():

@@ -123,6 +123,13 @@ def test_old_format_converts_with_trust_file(tmp_path):
     assert gm3.lrd.freezer.epoch == 3
     assert_same_state(gm, gm3)
     torch.testing.assert_close(gm3.eval()(X), gm(X))
+    # an old file whose schedule was a function (dropped by the old save): the caller must say what to do
+    cfg["freeze"] = None
+    torch.save({"format": "lrd_fx/1", "config": cfg, "plan": gm.lrd.plan, "state_dict": gm.state_dict()}, old)
+    with pytest.raises(lrd_fx.LoadError, match="no saved schedule"):
+        lrd_fx.load(model, old, trust_file=True)
+    assert lrd_fx.load(model, old, trust_file=True, freeze="sequential").lrd.freezer.epoch == 3
+    assert lrd_fx.load(model, old, trust_file=True, freeze=None).lrd.freezer is None
 
 
 def test_paths_and_printing_in_a_file_are_not_honoured(tmp_path, capsys, saved):
@@ -250,6 +257,8 @@ def test_gates_added_at_load_start_at_epoch_zero(saved):
     torch.testing.assert_close(gm2.eval()(X), gm(X))
     with pytest.raises(lrd_fx.LoadError, match="freeze_period"):
         lrd_fx.load(model, path, freeze_period=2)
+    gm3 = lrd_fx.load(model, path, freeze=lambda epoch, layer, role: role != "core")   # a function is fine here
+    assert gm3.lrd.freezer.frozen_now() and all(k.endswith(".core") for k in gm3.lrd.freezer.frozen_now())
 
 
 class TiedLM(nn.Module):
