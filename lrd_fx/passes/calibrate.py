@@ -1,0 +1,322 @@
+"""calibration_stats and calibrate: record layer input statistics on calibration data, refit factors to output error."""
+from __future__ import annotations
+
+import collections
+import copy
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..bn import _forward, recalibrate_bn
+from ..context import CompileContext
+from ..errors import InputError, LRDError
+from ..factorize import modules as fm
+from ..factorize import ranks as fr
+from ..factorize.svd import singular_values
+from ..factorize.whiten import CHANNEL, IM2COL, LINEAR, InputStats, Whitening, features, whitened_matrix
+from ..layers import FactorChain
+from ..pipeline import PassResult
+from ..trace import _FACTORIZABLE
+
+
+class _Stop(Exception):
+    """Raised by a hook once every layer of interest has seen its inputs: the rest of the forward is skipped."""
+
+
+def calibration_batches(batches) -> list:
+    """The calibration data as a list (it is iterated once per refit round), checked for emptiness."""
+    if isinstance(batches, (torch.Tensor, dict)):
+        batches = [batches]
+    try:
+        out = list(batches)
+    except TypeError:
+        raise InputError(f"calibration must be an iterable of input batches (tensors, (x, y) tuples or dicts "
+                         f"of model kwargs), got {type(batches).__name__}") from None
+    if not out:
+        raise InputError("calibration=... yielded no batch; pass a few input batches, e.g. [x1, x2]")
+    return out
+
+
+def view_of(module: nn.Module, scheme: str) -> Optional[str]:
+    """The feature view a layer's statistics are recorded in, None where none is supported."""
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return None
+    if scheme == "tucker2":
+        return CHANNEL
+    if module.weight.dim() > 4 or isinstance(module.padding, str):
+        return None   # im2col needs unfold (1-D/2-D) and numeric padding
+    return IM2COL
+
+
+def _layer_features(module: nn.Module, view: str, x: torch.Tensor) -> torch.Tensor:
+    if view == IM2COL:
+        return features(x, view, kernel_size=module.kernel_size, stride=module.stride,
+                        padding=module.padding, dilation=module.dilation)
+    return features(x, view)
+
+
+def _dim(module: nn.Module, view: str) -> int:
+    w = module.weight
+    return w.shape[1] if view in (LINEAR, CHANNEL) else w[0].numel()
+
+
+def _run_all(model: nn.Module, batches: list, what: str) -> None:
+    device = next((p.device for p in model.parameters()), None)
+    for b in batches:
+        try:
+            _forward(model, b, device)
+        except _Stop:
+            pass
+        except LRDError:
+            raise
+        except Exception as e:
+            raise InputError(f"calibration: the model does not run on a calibration batch while {what} "
+                             f"({type(e).__name__}: {e}); pass batches shaped like example_inputs") from e
+
+
+def whitening_of(ctx: CompileContext, name: str) -> Optional[Whitening]:
+    """The one-shot calibration statistics of a layer (calibration_stats pass), or None."""
+    st = ctx.extras.get("calibration_stats", {}).get(name)
+    return None if st is None else Whitening(st, ctx.config.calibration_damping)
+
+
+def energy_ranks(module: nn.Module, scheme: str, wh: Whitening, energy: float, *, name: str = "") -> tuple:
+    """Ranks (data-flow order) keeping `energy` of the layer's *output* energy on the calibration data:
+    the singular values of W C^1/2 (Tucker-2: of its channel unfoldings) instead of W's."""
+    w = whitened_matrix(module.weight, wh, name=name)
+    if scheme == "tucker2":
+        r_out, r_in = fr.tucker2_ranks_energy(w, energy, name=name)
+        return (r_in, r_out)
+    return (fr.energy_rank(singular_values(w.reshape(w.shape[0], -1), name=name), energy),)
+
+
+class _Whitened:
+    """Stand-in layer whose weight is W C^1/2: its reconstruction error is the relative output error."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+
+def error_source(ctx: CompileContext, name: str):
+    """What the rank search measures a layer's error on: the whitened weight when calibration data was
+    given (so "time+error" trades time against output error), else the original layer."""
+    orig = ctx.originals[name]
+    wh = whitening_of(ctx, name)
+    if wh is None:
+        return orig
+    cache = ctx.extras.setdefault("calibration_whitened", {})
+    if name not in cache:
+        cache[name] = _Whitened(whitened_matrix(orig.weight, wh, name=name))
+    return cache[name]
+
+
+def calibration_stats(ctx: CompileContext):
+    """Factory of the pass that runs the calibration batches once through the (not yet decomposed)
+    model and records each eligible layer's input second moment in ctx.extras["calibration_stats"]."""
+    from .decompose import _skip_reason, collect_sites, layer_scheme
+
+    def run(gm):
+        batches = ctx.extras["calibration"]
+        cfg = ctx.config
+        stats: dict[str, InputStats] = {}
+        handles = []
+        for name, site in collect_sites(gm, ctx.extras.get("eager_parts", ())).items():
+            m = site.module
+            if not isinstance(m, _FACTORIZABLE) or _skip_reason(name, m, cfg) is not None:
+                continue
+            view = view_of(m, layer_scheme(m, cfg.conv_scheme))
+            if view is None:
+                continue
+            stats[name] = InputStats(_dim(m, view), view, device=m.weight.device)
+
+            def hook(mod, args, name=name, view=view):
+                if args and isinstance(args[0], torch.Tensor):
+                    stats[name].update(_layer_features(mod, view, args[0]))
+            handles.append(m.register_forward_pre_hook(hook))
+        was = gm.training
+        gm.eval()   # inference behaviour (dropout off, BatchNorm running statistics untouched)
+        try:
+            with torch.no_grad():
+                _run_all(gm, batches, "recording layer input statistics")
+        finally:
+            for h in handles:
+                h.remove()
+            gm.train(was)
+        ctx.extras["calibration_stats"] = {n: s for n, s in stats.items() if s.n > 0}
+        n = sum(1 for s in stats.values() if s.n)
+        ctx.notes.append(f"calibration: {len(batches)} batch(es); input statistics of {n} layer(s)")
+        return PassResult(gm, False)
+
+    run.name = "calibration_stats"
+    return run
+
+
+def _chains(gm: nn.Module, ctx: CompileContext) -> list[str]:
+    out = []
+    for name, rec in ctx.records.items():
+        if rec.factorized and name in ctx.originals:
+            try:
+                m = gm.get_submodule(name)
+            except AttributeError:
+                continue
+            if isinstance(m, FactorChain):
+                out.append(name)
+    return out
+
+
+def _install_weights(chain: FactorChain, new: FactorChain) -> None:
+    with torch.no_grad():
+        for (k, p), (k2, q) in zip(chain.named_parameters(), new.named_parameters()):
+            p.copy_(q.to(dtype=p.dtype, device=p.device))
+
+
+def _probe(gm: nn.Module, names: list, batch) -> tuple[list, dict]:
+    """Run one batch; return the layers grouped by shared input tensor in call order, and calls per batch."""
+    order, inputs, calls = [], {}, collections.Counter()
+    handles = []
+    for name in names:
+        def hook(mod, args, name=name):
+            calls[name] += 1
+            if name not in inputs:
+                order.append(name)
+                inputs[name] = args[0] if args else None   # held: ids stay unique while probing
+        handles.append(gm.get_submodule(name)[0].register_forward_pre_hook(hook))
+    try:
+        _run_all(gm, [batch], "probing the layer order")
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[int, list] = {}
+    for name in order:
+        groups.setdefault(id(inputs[name]), []).append(name)
+    return list(groups.values()), dict(calls)
+
+
+def _round(ref: nn.Module, gm: nn.Module, group: list, calls: dict, ctx: CompileContext, batches: list) -> dict:
+    """Paired statistics (original-model input, compressed-model input) of the layers in `group`."""
+    stats, queues, handles = {}, {}, []
+    left = {"ref": 0, "gm": 0}
+    for name in group:
+        orig = ctx.originals[name]
+        view = view_of(orig, ctx.records[name].scheme)
+        stats[name] = InputStats(_dim(orig, view), view, device=orig.weight.device)
+        queues[name] = collections.deque()
+
+        def ref_hook(mod, args, name=name, orig=orig, view=view):
+            queues[name].append(_layer_features(orig, view, args[0]))
+            left["ref"] -= 1
+            if left["ref"] == 0:
+                raise _Stop
+
+        def gm_hook(mod, args, name=name, orig=orig, view=view):
+            if queues[name]:
+                stats[name].update_pair(queues[name].popleft(), _layer_features(orig, view, args[0]))
+            left["gm"] -= 1
+            if left["gm"] == 0:
+                raise _Stop
+        handles.append(ref.get_submodule(name).register_forward_pre_hook(ref_hook))
+        handles.append(gm.get_submodule(name)[0].register_forward_pre_hook(gm_hook))
+    total = sum(calls[n] for n in group)
+    try:
+        for b in batches:
+            left["ref"] = left["gm"] = total
+            _run_all(ref, [b], "running the original model")
+            _run_all(gm, [b], "running the compressed model")
+            for q in queues.values():
+                q.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _can_pair(ref: nn.Module, name: str, orig: nn.Module) -> bool:
+    try:
+        m = ref.get_submodule(name)
+    except AttributeError:
+        return False
+    return type(m) is type(orig) and m.weight.shape == orig.weight.shape
+
+
+def calibrate(ctx: CompileContext):
+    """Factory of the pass that refits every factor chain to the output error on the calibration data
+    (sequential: layer by layer in call order, on the compressed model's own inputs, towards the
+    original model's outputs), then re-estimates BatchNorm statistics on the same batches."""
+
+    def run(gm):
+        cfg = ctx.config
+        batches = ctx.extras["calibration"]
+        names = _chains(gm, ctx)
+        damping = cfg.calibration_damping
+        used: dict[str, InputStats] = {}
+        was = gm.training
+        gm.eval()
+        try:
+            with torch.no_grad():
+                if cfg.calibration_mode == "sequential" and names:
+                    ref = copy.deepcopy(ctx.model).eval()
+                    pairable = [n for n in names if _can_pair(ref, n, ctx.originals[n])]
+                    groups, calls = _probe(gm, pairable, batches[0])
+                    for group in groups:
+                        stats = _round(ref, gm, group, calls, ctx, batches)
+                        for name in group:
+                            if stats[name].n:
+                                used[name] = stats[name]
+                                _refit(gm, ctx, name, stats[name], damping)
+                    del ref
+                # one-shot statistics (from calibration_stats) for layers the sequential pass could not pair
+                rest = [n for n in names if n not in used and n in ctx.extras.get("calibration_stats", {})]
+                jobs = [(n, ctx.originals[n], tuple(ctx.records[n].ranks), ctx.records[n].scheme) for n in rest]
+                whiten = {n: whitening_of(ctx, n) for n in rest}
+                chains = fm.factorize_many(jobs, progress=cfg.progress, desc="calibrate", whiten=whiten)
+                for n in rest:
+                    _install_weights(gm.get_submodule(n), chains[n])
+                    used[n] = ctx.extras["calibration_stats"][n]
+                    _mark(ctx, n, "one-shot")
+        finally:
+            gm.train(was)
+        _report(ctx, names, used, damping)
+        if cfg.recalibrate_bn:
+            recalibrate_bn(gm, batches)
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules()):
+                ctx.notes.append(f"calibration: BatchNorm statistics re-estimated on {len(batches)} batch(es)")
+        return PassResult(gm, bool(used))
+
+    run.name = "calibrate"
+    return run
+
+
+def _refit(gm, ctx: CompileContext, name: str, stats: InputStats, damping: float) -> None:
+    rec = ctx.records[name]
+    chain = fm.factorize(ctx.originals[name], tuple(rec.ranks), rec.scheme, name=name,
+                         whiten=Whitening(stats, damping))
+    _install_weights(gm.get_submodule(name), chain)
+    _mark(ctx, name, "sequential")
+
+
+def _mark(ctx: CompileContext, name: str, how: str) -> None:
+    rec = ctx.records[name]
+    tag = f"data-aware ({how})"
+    if tag not in rec.reason:
+        rec.reason = f"{rec.reason}; {tag}" if rec.reason else tag
+
+
+def _report(ctx: CompileContext, names: list, used: dict, damping: float) -> None:
+    from ..factorize.whiten import damped_stats
+    missing = [n for n in names if n not in used]
+    if missing:
+        ctx.notes.append(f"calibration: {len(missing)} factorized layer(s) saw no calibration data and keep the "
+                         f"plain weight factorization: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+    deficient = []
+    for n, st in used.items():
+        d = damped_stats(st, damping)
+        if d.deficient:
+            deficient.append(f"{n} ({st.n} samples, {st.dim} features, numerical rank {d.numerical_rank})")
+    if deficient:
+        ctx.notes.append(
+            f"calibration: rank-deficient input statistics in {len(deficient)} layer(s), regularised by a ridge of "
+            f"calibration_damping={damping} x mean input energy towards the original weights (more calibration "
+            f"data fixes this): " + "; ".join(deficient[:8]) + (" ..." if len(deficient) > 8 else ""))
