@@ -95,7 +95,124 @@ def _trace_once(module: nn.Module, leaf_modules, leaf_names) -> fx.GraphModule:
     tracer = LRDTracer(leaf_modules, leaf_names)
     graph = tracer.trace(module)
     name = module.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, name)
+    keep_plain_attributes(gm, module)
+    return gm
+
+
+def keep_plain_attributes(gm: nn.Module, module: nn.Module) -> None:
+    """Copy module's plain attributes (not modules, tensors or private names; e.g. a HF `config`, RAFT's
+    `hidden_state_size`) onto its traced replacement, so code outside the graph that reads them still works."""
+    for key, value in vars(module).items():
+        if key.startswith("_") or key == "training" or isinstance(value, (nn.Module, torch.Tensor)):
+            continue
+        if key in vars(gm) or hasattr(type(gm), key):
+            continue   # never shadow what the GraphModule itself defines (graph, code, forward, ...)
+        setattr(gm, key, value)
+
+
+def by_mode(training: bool, if_training, if_eval):
+    """A value that depends on the module's train/eval mode (`training` is the module's own flag)."""
+    return if_training if training else if_eval
+
+
+class TrainingFlag(nn.Module):
+    """Returns its own `training` flag, which .train()/.eval() on the model set: lets a graph read the mode."""
+
+    def forward(self) -> bool:
+        return self.training
+
+
+_FLAG = "lrd_training"
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _merge_arg(g: fx.Graph, flag, a, b, before: fx.Node):
+    """a (traced in train mode) and b (eval mode), equal up to constants: a merged argument whose
+    differing constants are by_mode(self.training, a, b) nodes; _Mismatch when the structure differs."""
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.name == b.name:
+            return a
+        raise _Mismatch
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        if type(a) is not type(b) or len(a) != len(b):
+            raise _Mismatch
+        return type(a)(_merge_arg(g, flag, x, y, before) for x, y in zip(a, b))
+    if isinstance(a, dict) or isinstance(b, dict):
+        if type(a) is not type(b) or list(a) != list(b):
+            raise _Mismatch
+        return {k: _merge_arg(g, flag, a[k], b[k], before) for k in a}
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if a is b:
+            return a
+        raise _Mismatch
+    if type(a) is type(b) and a == b:
+        return a
+    if isinstance(a, slice) or isinstance(b, slice):
+        raise _Mismatch
+    with g.inserting_before(before):
+        return g.call_function(by_mode, (flag, a, b))
+
+
+def _merge_modes(gm_train: fx.GraphModule, gm_eval: fx.GraphModule) -> bool:
+    """Make gm_train's graph exact in both modes when the two traces differ only in constants (dropout
+    probabilities, `training=` flags): those become by_mode(self.training, ...) nodes. False (graph left
+    as traced) when the structure differs, e.g. an aux head that only runs in train mode."""
+    a_nodes, b_nodes = list(gm_train.graph.nodes), list(gm_eval.graph.nodes)
+    if len(a_nodes) != len(b_nodes):
+        return False
+    for x, y in zip(a_nodes, b_nodes):
+        if (x.op, x.name) != (y.op, y.name) or not (x.target == y.target or x.target is y.target):
+            return False
+    g = gm_train.graph
+    if hasattr(gm_train, _FLAG):
+        return False
+    gm_train.add_module(_FLAG, TrainingFlag())
+    body = next(n for n in a_nodes if n.op != "placeholder")
+    with g.inserting_before(body):
+        flag = g.call_module(_FLAG)
+    try:
+        merged = [(x, _merge_arg(g, flag, x.args, y.args, x), _merge_arg(g, flag, x.kwargs, y.kwargs, x))
+                  for x, y in zip(a_nodes, b_nodes)]
+    except _Mismatch:
+        for n in reversed(list(g.nodes)):
+            if n.op == "call_function" and n.target is by_mode:
+                g.erase_node(n)
+        g.erase_node(flag)
+        delattr(gm_train, _FLAG)
+        return False
+    for x, args, kwargs in merged:
+        x.args, x.kwargs = args, kwargs
+    gm_train.recompile()
+    return True
+
+
+def _trace_both_modes(module: nn.Module, leaf_modules, leaf_names) -> tuple[fx.GraphModule, Optional[str]]:
+    """Trace in the module's mode and in the other one. Python branches on self.training are fixed by
+    tracing, so a graph must hold for both modes: constants that differ become by_mode nodes; a
+    structure that differs is returned with a reason (the caller keeps that module eager)."""
+    gm = _trace_once(module, leaf_modules, leaf_names)
+    flags = {m: m.training for m in module.modules()}
+    try:
+        module.train(not module.training)
+        try:
+            other = _trace_once(module, leaf_modules, leaf_names)
+        except Exception as e:  # noqa: BLE001 - traces in one mode only: keep it eager
+            return gm, (f"forward traces in {'train' if flags[module] else 'eval'} mode only "
+                        f"({type(e).__name__}: {str(e)[:120]})")
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    if gm.code == other.code:
+        return gm, None
+    train_gm, eval_gm = (gm, other) if module.training else (other, gm)
+    if _merge_modes(train_gm, eval_gm):
+        return train_gm, None
+    return gm, ("forward depends on self.training (train and eval mode trace to different graphs, "
+                "e.g. an aux head): kept eager so both modes behave as the original")
 
 
 def _join(prefix: str, name: str) -> str:
@@ -134,9 +251,22 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
     parts = fallback_parts if fallback_parts is not None else {}
     eager = eager_parts if eager_parts is not None else set()
     forced: dict[str, str] = {}   # relative path -> reason, children that broke tracing
+
+    def keep_eager(reason: str) -> nn.Module:
+        # this module's own forward does not trace (or not for both modes): keep it eager, trace each child apart
+        parts[_path or "<root>"] = reason
+        eager.add(_path)
+        for cname, child in list(model.named_children()):
+            if isinstance(child, _FACTORIZABLE) or not _has_factorizable(child):
+                continue   # a single layer needs no graph: the decompose pass swaps it directly
+            setattr(model, cname, trace(child, leaf_modules=leaf_modules, fallback=True,
+                                        fallback_parts=parts, eager_parts=eager,
+                                        _path=_join(_path, cname)))
+        return model
+
     while True:
         try:
-            gm = _trace_once(model, classes, local_names | set(forced))
+            gm, mode_reason = _trace_both_modes(model, classes, local_names | set(forced))
             break
         except Exception as e:  # noqa: BLE001 - any tracing failure is reported or handled below
             where = getattr(e, "_lrd_module_path", "")
@@ -151,16 +281,14 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
             if where and where not in forced:
                 forced[where] = reason
                 continue
-            # this module's own forward does not trace: keep it eager, trace each child apart
-            parts[_path or "<root>"] = reason
-            eager.add(_path)
-            for cname, child in list(model.named_children()):
-                if isinstance(child, _FACTORIZABLE) or not _has_factorizable(child):
-                    continue   # a single layer needs no graph: the decompose pass swaps it directly
-                setattr(model, cname, trace(child, leaf_modules=leaf_modules, fallback=True,
-                                            fallback_parts=parts, eager_parts=eager,
-                                            _path=_join(_path, cname)))
-            return model
+            return keep_eager(reason)
+    if mode_reason is not None:
+        if not fallback:
+            raise TraceError(
+                f"module '{_path or '<root>'}' ({type(model).__name__}): {mode_reason}; one graph cannot "
+                f"reproduce both modes. Allow fallback=True (that module then stays eager, its children are "
+                f"traced), or mark it a leaf (leaf_modules=[...]).")
+        return keep_eager(mode_reason)
     for rel, reason in forced.items():
         full = _join(_path, rel)
         parts[full] = reason

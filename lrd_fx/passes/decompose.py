@@ -289,13 +289,34 @@ def decompose(ctx: CompileContext):
             modified = True
         if exceeded and not any(r.decision == DECOMPOSED for r in ctx.records.values()):
             raise RankError(f"rank={cfg.rank} exceeds the full rank of every eligible layer; choose a smaller rank")
-        for _, part in graph_modules(gm):
-            part.graph.lint()
-            part.recompile()
-        return PassResult(gm, modified)
+        _weight_reads(gm, ctx)
+        return PassResult(gm, modified)   # the PassManager lints and recompiles every part
 
     run.name = "decompose"
     return run
+
+
+def _weight_reads(gm: nn.Module, ctx: CompileContext) -> None:
+    """Graph reads (get_attr) of a swapped layer's weight/bias: unused ones (left by tracing code such as
+    T5's `self.wo.weight.dtype` checks) are dropped; used ones read FactorChain.weight, the product of
+    the factors, computed on every forward: say so in the report."""
+    for prefix, part in graph_modules(gm):
+        for node in list(part.graph.nodes):
+            if node.op != "get_attr":
+                continue
+            owner, _, attr = node.target.rpartition(".")
+            try:
+                mod = part.get_submodule(owner) if owner else part
+            except AttributeError:
+                continue
+            if not isinstance(mod, FactorChain):
+                continue
+            if not node.users:
+                part.graph.erase_node(node)
+            elif attr == "weight":
+                ctx.notes.append(f"decompose: graph {prefix[:-1] or '<root>'} reads '{prefix + node.target}' "
+                                 f"of a factorized layer: it gets the product of the factors, computed on "
+                                 f"every forward")
 
 
 def _fallback_of(name: str, parts: dict) -> Optional[str]:
