@@ -16,7 +16,7 @@ from lrd_fx import freezing
 from lrd_fx.cost.timer import use_cost_fn
 from lrd_fx.layers import FactorChain
 
-from conftest import state_hash
+from conftest import Wrapper, state_hash
 
 X = torch.randn(2, 3, 8, 8)
 
@@ -184,6 +184,20 @@ def test_a_different_model_is_named(saved):
     shorter = nn.Sequential(*list(small_cnn())[:7], nn.Linear(32, 10))
     with pytest.raises(lrd_fx.LoadError, match="'9'"):
         lrd_fx.load(shorter, path)
+
+
+def test_model_traced_in_parts_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = Wrapper()                  # its `body` does not trace whole: traced child by child
+    x = torch.randn(3, 32)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, freeze="sequential", progress=False)
+    assert gm.lrd.fallback_parts
+    gm.lrd.freezer.set_epoch(1)
+    lrd_fx.save(gm, tmp_path / "w.lrd")
+    gm2 = lrd_fx.load(model, tmp_path / "w.lrd")
+    assert gm2.lrd.plan == gm.lrd.plan and gm2.lrd.freezer.epoch == 1
+    assert_same_state(gm, gm2)
+    torch.testing.assert_close(gm2(x), gm(x))
 
 
 class FakeCost:
