@@ -106,9 +106,9 @@ def _check_not_empty(inputs: tuple) -> None:
     def walk(x, where):
         if isinstance(x, torch.Tensor):
             if x.numel() == 0:
-                raise InputError(f"{where} has shape {tuple(x.shape)} (a dimension of size 0): rank_search would "
-                                 f"time layers on empty tensors and revert every layer; pass at least one "
-                                 f"sample, e.g. a batch of the size you will run")
+                raise InputError(f"{where} has shape {tuple(x.shape)} (a dimension of size 0): rank_search and "
+                                 f"whole_model_check would time empty tensors (and revert every layer); pass "
+                                 f"at least one sample, e.g. a batch of the size you will run")
         elif isinstance(x, (list, tuple)):
             for i, v in enumerate(x):
                 walk(v, f"{where}[{i}]")
@@ -160,8 +160,8 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
     inputs = _as_tuple(example_inputs)
     if cfg.rank_search is not None and inputs is None:
         raise ConfigError("rank_search needs example_inputs: the layers are timed at their real input shapes")
-    if cfg.rank_search is not None:
-        _check_not_empty(inputs)
+    if inputs is not None and (cfg.rank_search is not None or cfg.whole_model_check):
+        _check_not_empty(inputs)      # both time the model on these inputs
     device, dtype = _model_device_dtype(model)
     work = copy.deepcopy(model)
     if inputs is not None and cfg.check_inputs:

@@ -200,6 +200,11 @@ def test_empty_batch_with_a_search_is_an_input_error(mode):
         lrd_fx.compile(model, (torch.randn(0, 16, 4, 4),), rank_search=mode, progress=False)
 
 
+def test_empty_batch_with_the_whole_model_check_is_an_input_error():
+    with use_cost_fn(_Never()), pytest.raises(InputError, match=r"example_inputs\[0\] has shape \(0, 16, 4, 4\)"):
+        lrd_fx.compile(small_model(), (torch.randn(0, 16, 4, 4),), whole_model_check=True, progress=False)
+
+
 def test_empty_tensor_nested_in_the_inputs_is_named():
     class Two(nn.Module):
         def __init__(self):
