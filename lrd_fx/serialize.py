@@ -222,6 +222,9 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     if isinstance(getattr(model, "lrd", None), api.LRDInfo):
         raise LoadError("load() takes the original model (the one given to lrd_fx.compile), not a compiled one: "
                         "the file's plan is applied to a copy of the original")
+    if not isinstance(trust_file, bool):
+        raise LoadError(f"trust_file={trust_file!r} must be True or False (True unpickles old-format files: "
+                        f"only for files you wrote yourself)")
     _check_overrides(overrides)
     where = _fspath(path)
     header, tensors = _read(where, trust_file)

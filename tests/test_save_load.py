@@ -103,6 +103,8 @@ def test_payload_in_old_format_file_does_not_run(tmp_path, zipfile, saved):
                _use_new_zipfile_serialization=zipfile)
     with pytest.raises(lrd_fx.LoadError, match="trust_file=True") as e:
         lrd_fx.load(model, path)
+    with pytest.raises(lrd_fx.LoadError, match="trust_file='yes'"):
+        lrd_fx.load(model, path, trust_file="yes")
     assert "lrd_fx/1" in str(e.value) and "lrd_fx.save" in str(e.value)
     assert not marker.exists()
 
