@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -24,8 +25,18 @@ def grad_gate(weight: torch.Tensor, freezer: nn.Module, key: str) -> torch.Tenso
     A detached weight gets no gradient (no weight-gradient GEMM in backward: the saving) while the
     gradient with respect to the layer's input still flows. The decision is a Python bool read from
     the controller's current state, so torch.compile specializes on it and guards on the state.
+    A frozen weight's `.grad` is reset to None: optimizer.zero_grad(set_to_none=False) leaves a zero
+    tensor there from the epoch it trained in, and weight decay, momentum and Adam would move the
+    weight by it (measured: tests/test_freezing.py); optimizers skip parameters whose grad is None.
     """
-    return weight if freezer.trainable(key) else weight.detach()
+    if freezer.trainable(key):
+        return weight
+    if _reset_frozen_grad and weight.is_leaf and weight.grad is not None:   # non-leaf weights have no .grad
+        weight.grad = None
+    return weight.detach()
+
+
+_reset_frozen_grad = True   # tests switch it off to measure what the reset prevents
 
 
 register_leaf_function(grad_gate)   # re-tracing a gated graph keeps the gate as one node
@@ -252,8 +263,15 @@ class FreezeController(nn.Module):
             self.current_epoch.fill_(epoch)
 
     def set_schedule(self, schedule) -> None:
-        """Switch to another schedule (name, Schedule or callable); the epoch counter is kept."""
-        new = make_schedule(schedule)
+        """Switch to another schedule (name, Schedule or callable); the epoch counter is kept, and a name
+        is built with the options in use: the period of the last "sequential" schedule, the group of
+        the last "static" one (set_schedule("sequential") after period 3 keeps period 3)."""
+        # The controller does not keep the Config, so the options are read off the schedules it ran.
+        opts = dict(getattr(self, "_schedule_options", {}))
+        for attr, option in (("period", "freeze_period"), ("group", "freeze_group")):
+            if hasattr(self.schedule, attr):
+                opts[option] = getattr(self.schedule, attr)
+        new = make_schedule(schedule, SimpleNamespace(**opts))
         old, old_states = self.schedule, self._states
         self.schedule, self._states = new, {}
         try:
@@ -261,6 +279,7 @@ class FreezeController(nn.Module):
         except FreezeError:
             self.schedule, self._states = old, old_states
             raise
+        self._schedule_options = opts
 
     def step_epoch(self) -> int:
         """Advance to the next epoch; returns it."""

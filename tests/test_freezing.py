@@ -143,9 +143,29 @@ def test_set_schedule_and_schedule_instances():
     assert fr.schedule.name == "sequential"
 
 
-def _train_epoch(gm, opt, steps=3):
+def test_set_schedule_keeps_the_period_and_group():
+    # issue 10: set_schedule("sequential") reset freeze_period to 1
+    fr = gated(freeze_period=3).lrd.freezer
+    fr.set_epoch(4)                                         # phase (4 // 3) % 2 = 1
+    frozen = set(fr.frozen_now())
+    fr.set_schedule("sequential")
+    assert fr.schedule.period == 3 and fr.phase == 1 and set(fr.frozen_now()) == frozen
+    fr.set_schedule("static")
+    assert fr.schedule.group == "core"
+    fr.set_schedule(StaticSchedule("last"))
+    fr.set_schedule("sequential")                           # the period survives a detour
+    assert fr.schedule.period == 3
+    fr.set_schedule("static")                               # and so does the group
+    assert fr.schedule.group == "last"
+    fr.set_schedule(SequentialSchedule(2))                  # an instance says its own period
+    fr.set_schedule("static")
+    fr.set_schedule("sequential")
+    assert fr.schedule.period == 2
+
+
+def _train_epoch(gm, opt, steps=3, set_to_none=True):
     for _ in range(steps):
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
         nn.functional.cross_entropy(gm(X), Y).backward()
         opt.step()
 
@@ -158,8 +178,11 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_frozen_weights_stay_bit_identical(opt_name):
+def test_frozen_weights_stay_bit_identical(opt_name, set_to_none):
+    # set_to_none=False: zero_grad leaves a zero tensor in .grad of the weights trained the epoch
+    # before; weight decay, momentum and Adam moved them by it (issue 10) until the gates reset it
     gm = gated()
     fr = gm.lrd.freezer
     opt = OPTIMIZERS[opt_name](gm.parameters())
@@ -168,7 +191,7 @@ def test_frozen_weights_stay_bit_identical(opt_name):
         fr.set_epoch(epoch)
         frozen = fr.frozen_now()
         before = {n: p.detach().clone() for n, p in params.items()}
-        _train_epoch(gm, opt)
+        _train_epoch(gm, opt, set_to_none=set_to_none)
         for n, p in params.items():
             owner = n.rpartition(".")[0]
             if owner in frozen:
@@ -257,4 +280,58 @@ def test_torch_compile_recompiles_once_per_schedule_state():
     plain = strip_gates(gm).eval()
     gm.eval()
     torch.testing.assert_close(torch.compile(plain, backend="eager")(X), gm(X))
+    dynamo.reset()
+
+
+def _frozen_that_moved(step, gm, fr, epochs=3):
+    moved = []
+    for epoch in range(epochs):
+        fr.set_epoch(epoch)
+        before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+        for _ in range(2):
+            step()
+        moved += [(epoch, n) for n, p in gm.named_parameters()
+                  if n.rpartition(".")[0] in fr.frozen_now() and not torch.equal(p, before[n])]
+    return moved
+
+
+def test_zero_grad_without_set_to_none_moves_frozen_weights_without_the_gates_reset(monkeypatch):
+    """What the gates' grad reset prevents, measured: with a plain detach gate, zero grads left by
+    zero_grad(set_to_none=False) make SGD momentum + weight decay move every frozen factor."""
+    import lrd_fx.freezing as fz
+    gm = gated()
+    fr = gm.lrd.freezer
+    opt = OPTIMIZERS["sgd_momentum_wd"](gm.parameters())
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(gm(X), Y).backward()
+        opt.step()
+    monkeypatch.setattr(fz, "_reset_frozen_grad", False)
+    moved = _frozen_that_moved(step, gm, fr)
+    assert {e for e, _ in moved} == {1, 2} and len(moved) >= 8       # every frozen factor, after epoch 0
+    monkeypatch.setattr(fz, "_reset_frozen_grad", True)
+    assert _frozen_that_moved(step, gm, fr) == []
+
+
+def test_compiled_gates_keep_frozen_weights_with_zero_grad_set_to_none_false():
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    gm = gated()
+    fr = gm.lrd.freezer
+    dynamo.reset()
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(gm, backend=cnt)
+    opt = OPTIMIZERS["adamw"](gm.parameters())
+    frames = []
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(compiled(X), Y).backward()
+        opt.step()
+        frames.append(cnt.frame_count)
+    assert _frozen_that_moved(step, gm, fr, epochs=4) == []
+    # the reset costs a recompilation the first time a state meets zero grads, never one per epoch
+    assert frames[-1] == frames[-4] <= 4, frames
     dynamo.reset()
