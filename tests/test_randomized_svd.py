@@ -1,0 +1,52 @@
+"""Randomized truncated SVD: accurate where certified (decaying spectrum), exact fallback on flat spectra."""
+import torch
+
+import lrd_fx.factorize.svd as svd
+from lrd_fx.factorize.svd import _split64, randomized_svd_split, svd_split
+
+
+def _matrix(m, n, s):
+    g = torch.Generator().manual_seed(1)
+    u, _ = torch.linalg.qr(torch.randn(m, len(s), dtype=torch.float64, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, len(s), dtype=torch.float64, generator=g))
+    return ((u * s) @ v.T).float()
+
+
+def _err(a, left, right):
+    return float((a.double() - left.double() @ right.double()).norm() / a.double().norm())
+
+
+def test_randomized_error_within_one_percent_of_exact_on_decaying_spectra():
+    for s in (torch.exp(-torch.arange(200.0) / 12), 1.0 / torch.arange(1, 201.0)):
+        a = _matrix(200, 600, s.double())
+        for r in (10, 40):
+            res = randomized_svd_split(a, r)
+            assert res is not None, (r, "certified on a decaying spectrum")
+            exact = _err(a, *_split64(a.double(), r, ""))
+            assert _err(a, *res) <= 1.01 * exact
+            assert res[0].shape == (200, r) and res[1].shape == (r, 600)
+    # tall matrices are sketched on their smaller side; factors keep the [m, r] @ [r, n] layout
+    tall = _matrix(600, 200, torch.exp(-torch.arange(200.0) / 12).double())
+    left, right = randomized_svd_split(tall, 20)
+    assert left.shape == (600, 20) and right.shape == (20, 200)
+    assert _err(tall, left, right) <= 1.01 * _err(tall, *_split64(tall.double(), 20, ""))
+
+
+def test_flat_spectrum_falls_back_to_exact(monkeypatch):
+    flat = _matrix(200, 600, torch.ones(200, dtype=torch.float64))
+    gauss = torch.randn(200, 600)          # a random init: Marchenko-Pastur, hardly decaying
+    for a in (flat, gauss):
+        assert randomized_svd_split(a, 40) is None
+    # svd_split tries the randomized path on big matrices and returns the exact result when it declines
+    monkeypatch.setattr(svd, "RANDOMIZED_MIN_NUMEL", 1)
+    calls = []
+    real = svd.randomized_svd_split
+    monkeypatch.setattr(svd, "randomized_svd_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    left, right = svd_split(gauss, 40)
+    assert calls
+    exact = _split64(gauss.double(), 40, "")
+    torch.testing.assert_close(left @ right, (exact[0] @ exact[1]).float(), rtol=1e-4, atol=1e-5)
+    # ... and the randomized factors when it accepts (decaying spectrum)
+    dec = _matrix(200, 600, torch.exp(-torch.arange(200.0) / 12).double())
+    left, right = svd_split(dec, 40)
+    assert len(calls) == 2 and _err(dec, left, right) <= 1.01 * _err(dec, *_split64(dec.double(), 40, ""))
