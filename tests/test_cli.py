@@ -59,3 +59,17 @@ def test_compile_with_freeze_period_and_save(tmp_path, capsys):
     fr = gm.lrd.freezer
     assert fr is not None and fr.schedule.period == 3
     assert gm.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_cache_info_on_odd_paths_changes_nothing(tmp_path, capsys):
+    d = tmp_path / "somedir"
+    d.mkdir()
+    assert main(["cache", "info", "--path", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert "CacheError" in err and str(d) in err and "not an lrd_fx timing cache" in err and "cache=False" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["somedir"]           # not renamed, nothing created
+    missing = tmp_path / "new" / "timings.sqlite"
+    assert main(["cache", "info", "--path", str(missing)]) == 0
+    assert "entries: 0" in capsys.readouterr().out and not (tmp_path / "new").exists()
+    assert main(["cache", "clear", "--path", str(missing)]) == 0
+    assert "0 entries removed" in capsys.readouterr().out and not (tmp_path / "new").exists()
