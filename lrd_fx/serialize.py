@@ -261,6 +261,9 @@ def _check_overrides(overrides: dict) -> None:
                 f"rebuilds exactly those (nothing is re-ranked or re-searched). To use {name}=, compile the "
                 f"original model again: lrd_fx.compile(model, inputs, {name}=...). load() accepts: "
                 f"{', '.join(LOAD_OPTIONS)}, trust_file")
+        if name == "calibration":
+            raise LoadError("load() does not take calibration=: the file holds the fitted weights and load "
+                            "factorizes nothing; to fit to other data, compile the original model again")
         raise LoadError(f"load() got an unknown option {name}=; it accepts: {', '.join(LOAD_OPTIONS)}, trust_file")
 
 

@@ -366,7 +366,8 @@ def test_registered_schedule_saves_by_name(tmp_path, monkeypatch):
 # --- options at load --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("option, value", [("ratio", 0.5), ("rank", 4), ("energy", 0.9), ("rank_search", "infer"),
-                                           ("conv_scheme", "svd"), ("skip", ("0",)), ("bogus", 1)])
+                                           ("conv_scheme", "svd"), ("skip", ("0",)), ("bogus", 1),
+                                           ("calibration", [X])])
 def test_options_that_change_the_architecture_are_refused(saved, option, value):
     model, _, path = saved
     with pytest.raises(lrd_fx.LoadError, match=f"{option}="):
