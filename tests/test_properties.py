@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import lrd_fx
+from conftest import state_hash
 from lrd_fx.factorize import ranks as fr
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
@@ -66,7 +67,9 @@ def _compile_full(layer, shape, channels_last, dtype, scheme):
         x = x.contiguous(memory_format=fmt)
     with torch.no_grad():
         ref = model(x)
+    before = state_hash(model)
     gm = lrd_fx.compile(model, (x,), rank="full", min_channels=1, conv_scheme=scheme, progress=False)
+    assert state_hash(model) == before                     # the caller's model is never touched
     return model, gm, x, ref
 
 
