@@ -18,7 +18,7 @@ RankSpec = Union[None, int, str, dict]
 @dataclass
 class Config:
     # --- rank rule (decompose) -------------------------------------------------------------
-    ratio: Optional[float] = None          # fraction of a layer's params kept; None: 0.25 (a given ratio excludes rank=int/energy)
+    ratio: Optional[float] = None          # fraction of a layer's weights kept; None: 0.25 (one rule: see validate)
     rank: RankSpec = None                  # int, "full", "vbmf", or {name-or-glob: int} per layer
     energy: Optional[float] = None         # keep this fraction of singular-value energy (0, 1]
     conv_scheme: str = "tucker2"           # "tucker2" (1x1 -> kxk -> 1x1) or "svd" (kxk -> 1x1)
