@@ -132,6 +132,66 @@ def count_flops(model: nn.Module, inputs: tuple) -> int:
         model.train(was)
 
 
+def _flops_or_note(model: nn.Module, ctx: CompileContext, when: str) -> Optional[int]:
+    """count_flops, or None with a note in the report when torch's FLOP counter fails on this model
+    (e.g. an AssertionError inside it for timm's cait): an optional measurement must not sink the compile."""
+    try:
+        return count_flops(model, ctx.example_inputs)
+    except Exception as e:  # noqa: BLE001 - any failure of the counter only loses the FLOP figures
+        ctx.notes.append(f"FLOPs unknown: torch.utils.flop_counter failed on the model {when} "
+                         f"({type(e).__name__}: {str(e)[:200]})")
+        return None
+
+
+def _check_model(model: nn.Module, cfg: Config, inputs: Optional[tuple]) -> None:
+    """Refuse models lrd_fx cannot work on, saying what to pass instead."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InputError(f"model is a TorchScript module ({type(model).__name__}); lrd_fx needs the eager "
+                         f"nn.Module: compile the model before torch.jit.script/trace, then script the result")
+    from .layers import FactorChain
+    compiled = isinstance(getattr(model, "lrd", None), LRDInfo) or any(
+        isinstance(m, FactorChain) for m in model.modules())
+    if compiled and cfg.rank != "full":
+        raise InputError("model was already compiled by lrd_fx (it has .lrd or factor chains inside); pass the "
+                         "original model instead (to change ranks, compile the original again), or rank='full' "
+                         "to re-factorize it exactly")
+    lazy = [n for n, m in model.named_modules()
+            if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy and (inputs is None or not cfg.check_inputs):
+        raise InputError(f"lazy layer {lazy[0] or '<root>'} has uninitialized parameters; pass example_inputs "
+                         f"(with check_inputs=True) so lrd_fx initialises them on its copy of the model, or run "
+                         f"one forward before compiling")
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if not nn.parameter.is_lazy(t) and t.is_meta]
+    if meta:
+        raise InputError(f"model has tensors on the meta device ({meta[0]}{' ...' if len(meta) > 1 else ''}): "
+                         f"there are no weights to factorize; materialise them first, e.g. "
+                         f"model.to_empty(device='cpu') then load_state_dict(...)")
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """copy.deepcopy(model), also for models whose layers hold non-leaf tensors computed by hooks
+    (old-style torch.nn.utils.weight_norm, torch.nn.utils.prune): those are copied detached, and the
+    hooks recompute them on the next forward."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as e:
+        if "deepcopy protocol" not in str(e):
+            raise InputError(f"copy.deepcopy(model) failed ({e}); lrd_fx works on a copy so that your model is "
+                             f"never changed: make the model deep-copyable") from e
+    memo: dict = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as e:
+        raise InputError(f"copy.deepcopy(model) failed ({type(e).__name__}: {e}); lrd_fx works on a copy so "
+                         f"that your model is never changed: remove what cannot be copied (e.g. "
+                         f"torch.nn.utils.remove_weight_norm) first") from e
+
+
 def build_passes(ctx: CompileContext) -> list:
     """The pass list for a config: shape_prop, decompose, [search_ranks], [freeze]."""
     from .passes.decompose import decompose
@@ -162,8 +222,9 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
         raise ConfigError("rank_search needs example_inputs: the layers are timed at their real input shapes")
     if inputs is not None and (cfg.rank_search is not None or cfg.whole_model_check):
         _check_not_empty(inputs)      # both time the model on these inputs
+    _check_model(model, cfg, inputs)
     device, dtype = _model_device_dtype(model)
-    work = copy.deepcopy(model)
+    work = copy_model(model)
     if inputs is not None and cfg.check_inputs:
         _check_inputs(work, inputs, device, dtype)
     ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
@@ -174,7 +235,7 @@ def _run(work: nn.Module, ctx: CompileContext) -> nn.Module:
     cfg = ctx.config
     ctx.extras["params_before"] = sum(p.numel() for p in work.parameters())
     if ctx.example_inputs is not None:
-        ctx.extras["flops_before"] = count_flops(work, ctx.example_inputs)
+        ctx.extras["flops_before"] = _flops_or_note(work, ctx, "before compiling")
     eager: set = set()
     leaves = tuple(cfg.leaf_modules)
     gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,
@@ -184,8 +245,8 @@ def _run(work: nn.Module, ctx: CompileContext) -> nn.Module:
     pm = PassManager(build_passes(ctx), instruments=default_instruments(cfg.debug, cfg.dump_dir) + [timer])
     gm = pm.run(gm).graph_module
     ctx.pass_times.update(timer.times)
-    if ctx.example_inputs is not None:
-        ctx.extras["flops_after"] = count_flops(gm, ctx.example_inputs)
+    if ctx.example_inputs is not None and ctx.extras.get("flops_before") is not None:
+        ctx.extras["flops_after"] = _flops_or_note(gm, ctx, "after compiling")
     gm.lrd = LRDInfo(gm, ctx)
     return gm
 

@@ -47,8 +47,13 @@ def format_report(info, *, all_layers: bool = True) -> str:
             row += [_ms(r.time_original_s), _ms(r.time_estimate_s), _ms(r.time_chosen_s)]
         row += [r.decision, r.reason]
         rows.append(row)
-    lines = [tabulate(rows, headers=headers, tablefmt="simple", intfmt=",",
-                           disable_numparse=[0, 3, 6, 7])]
+    if rows:
+        lines = [tabulate(rows, headers=headers, tablefmt="simple", intfmt=",",
+                          disable_numparse=[0, 3, 6, 7])]
+    elif recs:
+        lines = ["(no layer factorized; all_layers=True lists the layers and why they were left)"]
+    else:
+        lines = ["(no Conv/Linear layer found in the model: nothing to factorize)"]
     lines.append("")
     lines.append(summary(info))
     return "\n".join(lines)
@@ -85,10 +90,12 @@ def summary(info) -> str:
         ["params, whole model", f"{t['model_params_before']:,} -> {t['model_params_after']:,}",
          _x(t["model_params_before"], t["model_params_after"]) + " fewer"],
     ]
-    if t["model_flops_before"]:
+    if t["model_flops_before"] and t["model_flops_after"] is not None:
         rows.append(["GFLOPs per forward (example inputs)",
                      f"{t['model_flops_before'] / 1e9:.3f} -> {t['model_flops_after'] / 1e9:.3f}",
                      _x(t["model_flops_before"], t["model_flops_after"]) + " fewer"])
+    elif t["model_flops_before"] is None or t["model_flops_after"] is None:
+        rows.append(["GFLOPs per forward (example inputs)", "unknown", "torch's FLOP counter failed (see note)"])
     if info.pass_times:
         rows.append(["pass times", ", ".join(f"{k} {v:.2f}s" for k, v in info.pass_times.items()), ""])
     out = tabulate(rows, tablefmt="plain")

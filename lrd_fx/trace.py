@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import TraceError
+from .factorize.modules import HFConv1D
 
 _FX_DIR = os.path.dirname(fx.__file__)
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -20,7 +21,7 @@ _LEAF_MODULES: set[type] = set()
 _LEAF_FUNCTIONS: set[Callable] = set()
 
 # Layers the decompose pass rewrites must stay call_module nodes, even subclasses outside torch.nn.
-_FACTORIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_FACTORIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, HFConv1D)   # HFConv1D: transformers' GPT-2 Conv1D
 
 
 def register_leaf_module(cls: type) -> type:

@@ -100,7 +100,8 @@ def test_leaf_modules_option_keeps_module_whole():
     model = Wrapper()
     gm = lrd_fx.compile(model, (torch.randn(2, 32),), leaf_modules=[Branchy], fallback=False)
     assert gm.lrd.fallback_parts == {}
-    assert "body.head" not in gm.lrd.plan     # inside a leaf: not rewritten
+    head = gm.lrd.plan["body.head"]           # inside a leaf: not rewritten, but reported with the reason
+    assert head["decision"] == "skipped" and "inside body (Branchy), which is kept as a leaf" in head["reason"]
     assert gm.lrd.plan["stem"]["decision"] == "skipped" or gm.lrd.plan["stem"]["decision"] == "decomposed"
 
 

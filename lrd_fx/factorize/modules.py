@@ -24,26 +24,130 @@ Ranks = Union[int, Sequence[int]]
 
 # --- what a module is and how it will be factorized ----------------------------------------------
 
+def _is_hf_conv1d_class(cls) -> bool:
+    return any(k.__name__ == "Conv1D" and k.__module__.startswith("transformers.")
+               for k in getattr(cls, "__mro__", ()))
+
+
+class _HFConv1DMeta(type):
+    def __instancecheck__(cls, obj) -> bool:
+        return _is_hf_conv1d_class(type(obj))
+
+    def __subclasscheck__(cls, sub) -> bool:
+        return _is_hf_conv1d_class(sub)
+
+
+class HFConv1D(metaclass=_HFConv1DMeta):
+    """Stands for transformers.pytorch_utils.Conv1D (GPT-2 family: weight [in, out], y = x @ W + b) in
+    isinstance checks, so lrd_fx recognises it without importing transformers."""
+
+
+def _is_timm_linear_class(cls) -> bool:
+    return cls.__name__ == "Linear" and cls.__module__.startswith("timm.layers")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear (and subclasses) or HF Conv1D: factorized by SVD into two nn.Linear layers."""
+    return isinstance(module, (nn.Linear, HFConv1D))
+
+
+def layer_shape(module: nn.Module) -> tuple:
+    """The weight's shape as (out, in, *kernel), whatever the layer stores (HF Conv1D keeps [in, out])."""
+    shape = tuple(module.weight.shape)
+    return (shape[1], shape[0]) if isinstance(module, HFConv1D) else shape
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as the [out, in*k] matrix both SVD schemes split (detached)."""
+    w = module.weight.detach()
+    return w.t() if isinstance(module, HFConv1D) else w.reshape(w.shape[0], -1)
+
+
+def _quantized(module: nn.Module) -> bool:
+    mod = type(module).__module__
+    return mod.startswith(("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized",
+                           "torch.nn.intrinsic.quantized"))
+
+
+def is_layer_like(module: nn.Module) -> bool:
+    """A Conv/Linear-like layer the report accounts for, factorizable or not: Linear, Conv*d,
+    ConvTranspose*d, lazy and quantized variants, HF Conv1D, nn.MultiheadAttention."""
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, HFConv1D, nn.MultiheadAttention)):
+        return True
+    name = type(module).__name__
+    return _quantized(module) and ("Linear" in name or "Conv" in name) and "PackedParams" not in name
+
+
+def weight_reason(module: nn.Module) -> Optional[str]:
+    """Why the layer's weight is more than a plain Parameter the factors could replace (a
+    parametrization, old-style weight_norm, a pruning mask, hooks), with what to do; None if plain."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy module with uninitialized parameters: pass example_inputs (or run one forward) first"
+    if parametrize.is_parametrized(module):
+        kinds = sorted({type(p).__name__.lstrip("_") for ps in module.parametrizations.values() for p in ps})
+        tensors = list(module.parametrizations.keys())
+        return (f"{'/'.join(tensors)} parametrized ({', '.join(kinds)}): factor chains would drop the "
+                f"parametrization; to factorize, remove it first with "
+                f"torch.nn.utils.parametrize.remove_parametrizations(layer, {tensors[0]!r})")
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm):
+            return ("old-style torch.nn.utils.weight_norm (weight computed from weight_g/weight_v): to "
+                    "factorize, remove it first with torch.nn.utils.remove_weight_norm(layer)")
+        if isinstance(hook, BasePruningMethod):
+            return (f"pruning mask on {hook._tensor_name!r} (torch.nn.utils.prune): to factorize, make the "
+                    f"pruning permanent first with torch.nn.utils.prune.remove(layer, {hook._tensor_name!r})")
+    if module._forward_pre_hooks or module._forward_hooks:
+        return "has forward hooks, which factor chains would not run; remove them to factorize the layer"
+    if not isinstance(getattr(module, "weight", None), nn.Parameter):
+        return "weight is not an nn.Parameter (set or computed outside the layer): kept as is"
+    return None
+
+
+def forward_reason(module: nn.Module) -> Optional[str]:
+    """Why the layer's forward is not exactly its base layer's (weight standardization, same padding,
+    ...), so plain factors would not reproduce it; None when it is."""
+    cls = type(module)
+    if isinstance(module, HFConv1D):
+        base = next(k for k in cls.__mro__ if _is_hf_conv1d_class(k) and k.__name__ == "Conv1D"
+                    and k.__module__.startswith("transformers."))
+        return None if cls.forward is base.forward else f"{cls.__name__} overrides Conv1D.forward"
+    if isinstance(module, nn.Linear):
+        if cls.forward is nn.Linear.forward:
+            return None
+        # timm's Linear only casts the weight to the input dtype under TorchScript: plain F.linear otherwise
+        if any(_is_timm_linear_class(k) and cls.forward is k.forward for k in cls.__mro__):
+            return None
+        return f"{cls.__name__} overrides Linear.forward"
+    for base in _CONVS.values():
+        if isinstance(module, base):
+            if cls.forward is not base.forward or cls._conv_forward is not base._conv_forward:
+                return f"{cls.__name__} overrides {base.__name__}.forward"
+            return None
+    return None
+
+
 def unsupported_reason(module: nn.Module) -> Optional[str]:
     """Why `module` cannot be factorized exactly by this module's functions, or None if it can."""
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "lazy module with uninitialized parameters"
-    if isinstance(module, nn.Linear):
-        if type(module).forward is not nn.Linear.forward:
-            return f"{type(module).__name__} overrides Linear.forward"
-        return None
-    for cls in _CONVS.values():
-        if isinstance(module, cls):
-            # Subclasses such as timm's Conv2dSame/StdConv2d change the forward: the plain-conv
-            # factors would not reproduce them.
-            if type(module).forward is not cls.forward or type(module)._conv_forward is not cls._conv_forward:
-                return f"{type(module).__name__} overrides {cls.__name__}.forward"
-            if module.groups != 1:
-                return f"grouped conv (groups={module.groups})"
-            if module.transposed:
-                return "transposed conv"
-            return None
-    return f"{type(module).__name__} is not an nn.Linear or nn.Conv1d/2d/3d"
+    if _quantized(module):
+        return f"quantized layer ({type(module).__name__}): factorize the float model before quantizing it"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return f"transposed conv ({type(module).__name__}): lrd_fx does not factorize transposed convs"
+    if not (is_linear_like(module) or isinstance(module, tuple(_CONVS.values()))):
+        return f"{type(module).__name__} is not an nn.Linear, HF Conv1D or nn.Conv1d/2d/3d"
+    why = weight_reason(module) or forward_reason(module)
+    if why is not None:
+        return why
+    if getattr(module, "groups", 1) != 1:
+        return f"grouped conv (groups={module.groups})"
+    if getattr(module, "transposed", False):
+        return "transposed conv"
+    return None
 
 
 def _require_supported(module: nn.Module, name: str) -> None:
@@ -60,12 +164,12 @@ def _conv_dims(conv: nn.Module) -> int:
 
 def is_pointwise(module: nn.Module) -> bool:
     """A conv whose kernel is 1 in every dimension (factorized by SVD whatever the scheme)."""
-    return not isinstance(module, nn.Linear) and all(k == 1 for k in module.weight.shape[2:])
+    return not is_linear_like(module) and all(k == 1 for k in module.weight.shape[2:])
 
 
 def effective_scheme(module: nn.Module, scheme: str) -> str:
-    """The FactorChain.scheme a layer gets: "svd" (Linear, 1x1 conv), "tucker2" or "conv_svd"."""
-    if isinstance(module, nn.Linear) or is_pointwise(module):
+    """The FactorChain.scheme a layer gets: "svd" (Linear, HF Conv1D, 1x1 conv), "tucker2" or "conv_svd"."""
+    if is_linear_like(module) or is_pointwise(module):
         return "svd"
     if scheme == "tucker2":
         return "tucker2"
@@ -80,8 +184,8 @@ def full_ranks(module: nn.Module, scheme: str) -> tuple:
     Linear / 1x1 conv: (min(in, out),); tucker2: (in, out); conv_svd: (min(out, in*k),).
     """
     eff = effective_scheme(module, scheme)
-    out, inp = module.weight.shape[:2]
-    k = math.prod(module.weight.shape[2:])
+    out, inp, *kernel = layer_shape(module)
+    k = math.prod(kernel)
     if eff == "svd":
         return (min(inp, out),)
     if eff == "tucker2":
@@ -100,17 +204,17 @@ def _check_ranks(module: nn.Module, ranks: Ranks, scheme: str, name: str) -> tup
         want = "(r_in, r_out)" if eff == "tucker2" else "(r,)"
         raise RankError(
             f"{_label(name)}: {eff} factorization of {type(module).__name__} "
-            f"{list(module.weight.shape)} takes ranks {want}, got {ranks!r}")
+            f"{list(layer_shape(module))} takes ranks {want}, got {ranks!r}")
     what = ("r_in", "r_out") if eff == "tucker2" else ("rank",)
-    return tuple(check_rank(r, 1, f, name, w, shape=module.weight.shape) for r, f, w in zip(ranks, full, what))
+    return tuple(check_rank(r, 1, f, name, w, shape=layer_shape(module)) for r, f, w in zip(ranks, full, what))
 
 
 def chain_params(module: nn.Module, ranks: Ranks, scheme: str) -> int:
     """Parameter count of the FactorChain at `ranks`, bias included."""
     ranks = _check_ranks(module, ranks, scheme, "")
     eff = effective_scheme(module, scheme)
-    out, inp = module.weight.shape[:2]
-    k = math.prod(module.weight.shape[2:])
+    out, inp, *kernel = layer_shape(module)
+    k = math.prod(kernel)
     bias = out if module.bias is not None else 0
     if eff == "svd":
         return ranks[0] * (inp + out) + bias
@@ -128,9 +232,9 @@ def _make_layers(module: nn.Module, ranks: tuple, eff: str, device, dtype, init:
         kw.update(device=device, dtype=dtype)
         return cls(*args, **kw) if init else skip_init(cls, *args, **kw)
 
-    out, inp = module.weight.shape[:2]
+    out, inp = layer_shape(module)[:2]
     has_bias = module.bias is not None
-    if isinstance(module, nn.Linear):
+    if is_linear_like(module):
         r, = ranks
         return OrderedDict([(ROLE_FIRST, make(nn.Linear, inp, r, bias=False)),
                             (ROLE_LAST, make(nn.Linear, r, out, bias=has_bias))])
@@ -197,12 +301,12 @@ def _build(module: nn.Module, ranks: tuple, eff: str, weights: dict) -> FactorCh
 
 
 def factorize_linear(linear: nn.Linear, rank: int, *, name: str = "") -> FactorChain:
-    """SVD of an nn.Linear: first = Linear(in, r, bias=False), last = Linear(r, out, original bias)."""
+    """SVD of an nn.Linear or HF Conv1D: first = Linear(in, r, bias=False), last = Linear(r, out, bias)."""
     _require_supported(linear, name)
-    if not isinstance(linear, nn.Linear):
+    if not is_linear_like(linear):
         raise FactorizationError(f"{_label(name)}: factorize_linear needs an nn.Linear, got {type(linear).__name__}")
     ranks = _check_ranks(linear, rank, "svd", name)
-    left, right = svd_split(linear.weight, ranks[0], name=name, dtype=factor_dtype(linear.weight))
+    left, right = svd_split(weight_matrix(linear), ranks[0], name=name, dtype=factor_dtype(linear.weight))
     return _build(linear, ranks, "svd", {ROLE_FIRST: right, ROLE_LAST: left})
 
 
@@ -214,7 +318,7 @@ def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = ""
     1x1 r_out->out (bias). scheme="svd" (chain scheme "conv_svd"), ranks=(r,): kxk in->r, 1x1 r->out.
     """
     _require_supported(conv, name)
-    if isinstance(conv, nn.Linear):
+    if is_linear_like(conv):
         raise FactorizationError(f"{_label(name)}: factorize_conv needs a conv layer; use factorize_linear")
     eff = effective_scheme(conv, scheme)
     ranks = _check_ranks(conv, ranks, scheme, name)
@@ -230,7 +334,7 @@ def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = ""
 
 def factorize(module: nn.Module, ranks: Ranks, scheme: str = "tucker2", *, name: str = "") -> FactorChain:
     """factorize_linear or factorize_conv, whichever fits `module`."""
-    if isinstance(module, nn.Linear):
+    if is_linear_like(module):
         r = tuple(ranks) if isinstance(ranks, (list, tuple)) else (ranks,)
         if len(r) != 1:
             raise RankError(f"{_label(name)}: a Linear layer takes one rank, got {ranks!r}")
@@ -315,15 +419,14 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
 # --- rank rules applied to a module (data-flow order, clamped to the full ranks) -----------------
 
 def _matrix(module: nn.Module) -> torch.Tensor:
-    w = module.weight.detach()
-    return w.reshape(w.shape[0], -1)   # [out, in*k]: the matrix both SVD schemes split
+    return weight_matrix(module)   # [out, in*k]: the matrix both SVD schemes split
 
 
 def ranks_for_ratio(module: nn.Module, scheme: str, ratio: float) -> tuple:
     """Largest ranks whose factor weights (bias excluded) are <= ratio of the layer's weights."""
     eff = effective_scheme(module, scheme)
-    out, inp = module.weight.shape[:2]
-    k = math.prod(module.weight.shape[2:])
+    out, inp, *kernel = layer_shape(module)
+    k = math.prod(kernel)
     if eff == "tucker2":
         r_out, r_in = tucker2_ranks_for_ratio(out, inp, k, ratio)
         return (r_in, r_out)

@@ -19,27 +19,14 @@ from ..pipeline import PassResult, graph_modules
 from ..plan import DECOMPOSED, LayerRecord
 from ..trace import _FACTORIZABLE
 
-try:  # timm's Linear only adds a dtype cast to F.linear: safe to factorize
-    from timm.layers import Linear as _TimmLinear
-except Exception:  # pragma: no cover - timm absent
-    _TimmLinear = None
-
-
 def _plain_forward(m: nn.Module) -> bool:
-    """True when m computes exactly its base layer (no overridden forward such as weight standardization)."""
-    for base in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        if type(m) is base:
-            return True
-    if _TimmLinear is not None and type(m) is _TimmLinear:
-        return True
-    for base in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        if isinstance(m, base):
-            return type(m).forward is base.forward and getattr(type(m), "_conv_forward", None) is getattr(base, "_conv_forward", None)
-    return False
+    """True when m computes exactly its base layer (no overridden forward such as weight standardization;
+    timm's Linear and HF Conv1D count as plain). The factorizer applies the same rule."""
+    return fm.forward_reason(m) is None
 
 
 def layer_scheme(m: nn.Module, conv_scheme: str) -> str:
-    if isinstance(m, nn.Linear):
+    if fm.is_linear_like(m):
         return "svd"
     if all(k == 1 for k in m.kernel_size):
         return "svd"
@@ -47,19 +34,24 @@ def layer_scheme(m: nn.Module, conv_scheme: str) -> str:
 
 
 def _dims(m: nn.Module) -> tuple[int, int, int]:
-    """(out, in, kernel numel) of a Conv/Linear."""
+    """(out, in, kernel numel) of a Conv/Linear (HF Conv1D included)."""
     if isinstance(m, nn.Linear):
         return m.out_features, m.in_features, 1
+    if fm.is_linear_like(m):
+        out, inp = fm.layer_shape(m)
+        return out, inp, 1
     return m.out_channels, m.in_channels, math.prod(m.kernel_size)
 
 
 def weight_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in (m.weight, m.bias) if p is not None)
+    # parametrized / weight-normed / pruned layers keep their real tensors elsewhere: count what they own
+    own = sum(p.numel() for p in m.parameters())
+    return own if own else sum(p.numel() for p in (getattr(m, "weight", None), getattr(m, "bias", None))
+                               if isinstance(p, torch.Tensor))
 
 
 def _matrix(m: nn.Module) -> torch.Tensor:
-    w = m.weight.detach()
-    return w.reshape(w.shape[0], -1).float()
+    return fm.weight_matrix(m).float()
 
 
 def layer_flops(m: nn.Module, io: Optional[dict]) -> int:
@@ -158,15 +150,22 @@ def collect_sites(gm: nn.Module, eager_parts) -> dict[str, _Site]:
     return sites
 
 
-def _skip_reason(name: str, m: nn.Module, cfg) -> Optional[str]:
+def _skip_reason(name: str, m: nn.Module, cfg, note: Optional[str] = None) -> Optional[str]:
+    """Why layer `name` is left as it is (None: factorize it); `note` is a site-level reason
+    (shared weight, never called as a layer) found by site_notes."""
     if any(_match(name, p) for p in cfg.skip):
         return "excluded by skip="
     if cfg.filter_fn is not None and not cfg.filter_fn(name, m):
         return "excluded by filter_fn"
-    if isinstance(m, nn.Linear) and not cfg.decompose_linear:
+    if fm.is_linear_like(m) and not cfg.decompose_linear:
         return "decompose_linear=False"
-    if not isinstance(m, nn.Linear) and not cfg.decompose_conv:
+    if not fm.is_linear_like(m) and not cfg.decompose_conv:
         return "decompose_conv=False"
+    why = fm.weight_reason(m)
+    if why is not None:
+        return why
+    if note is not None:
+        return note
     if not _plain_forward(m):
         return f"{type(m).__name__} overrides forward: factors would not reproduce it"
     if getattr(m, "groups", 1) != 1:
@@ -177,6 +176,101 @@ def _skip_reason(name: str, m: nn.Module, cfg) -> Optional[str]:
     if min(out, inp) < cfg.min_channels:
         return f"min(in, out)={min(out, inp)} < min_channels={cfg.min_channels}"
     return None
+
+
+def site_notes(gm: nn.Module, sites: dict, layer_io: dict, ran: bool) -> dict[str, str]:
+    """Site-level reasons to leave a layer as it is: its weight or bias is shared with another module
+    (a factor chain for one user would untie them), or it sits directly in an eager part and was not
+    called as a layer on the example inputs (`ran`), so its eager parent may read its weight itself."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in gm.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    notes: dict[str, str] = {}
+    for name, site in sites.items():
+        m = site.module
+        for attr in ("weight", "bias"):
+            p = getattr(m, attr, None)
+            others = [o.rpartition(".")[0] for o in owners.get(id(p), []) if o.rpartition(".")[0] != name]
+            if isinstance(p, nn.Parameter) and others:
+                try:
+                    kind = type(gm.get_submodule(others[0])).__name__
+                except AttributeError:
+                    kind = "module"
+                notes[name] = (f"weight shared with {others[0] or '<root>'} ({kind}"
+                               f"{', as its ' + attr if attr != 'weight' else ''}): a factor chain would "
+                               f"untie them; kept as is")
+                break
+        if name not in notes and ran and site.eager and not site.nodes and name not in layer_io:
+            notes[name] = ("not called as a layer on the example inputs (its eager parent may read its "
+                           "weight directly): kept as is")
+    return notes
+
+
+_MHA_REASON = ("nn.MultiheadAttention reads its projection weights directly (F.multi_head_attention_forward), "
+               "so they cannot be swapped for factor chains; kept as is")
+
+
+def account_layers(gm: nn.Module, ctx: CompileContext) -> None:
+    """Add a skipped record, with its reason, for every Conv/Linear-like layer of the caller's model
+    that no call site covered (inside a leaf, read by get_attr, dropped by tracing, ConvTranspose,
+    quantized, nn.MultiheadAttention projections), so the report accounts for every layer."""
+    called: dict[str, str] = {}   # path of a module a graph calls whole -> its class name
+    read: dict[str, str] = {}     # path of a tensor a graph reads with get_attr -> that graph's path
+    for prefix, part in graph_modules(gm):
+        for node in part.graph.nodes:
+            if node.op == "call_module":
+                called[prefix + node.target] = ""
+            elif node.op == "get_attr":
+                read[prefix + node.target] = prefix[:-1] or "<root>"
+    layer_io = ctx.extras.get("layer_io", {})
+    eager = set(ctx.extras.get("eager_parts", ()))
+    for name, m in ctx.model.named_modules():
+        if not fm.is_layer_like(m):
+            continue
+        if isinstance(m, nn.MultiheadAttention):
+            key = f"{name}.in_proj" if name else "in_proj"
+            if key not in ctx.records:
+                ws = [m.in_proj_weight, m.in_proj_bias, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
+                n = sum(w.numel() for w in ws if isinstance(w, torch.Tensor))
+                ctx.records[key] = LayerRecord(name=key, kind="MultiheadAttention.in_proj", reason=_MHA_REASON,
+                                               params_before=n, params_after=n,
+                                               fallback=_fallback_of(key, ctx.fallback_parts))
+            continue
+        if name in ctx.records:
+            continue
+        io = layer_io.get(name)
+        flops = layer_flops(m, io) if isinstance(m, _FACTORIZABLE) else 0
+        n = weight_params(m)
+        ctx.records[name] = LayerRecord(
+            name=name, kind=type(m).__name__, reason=_unreached_reason(name, m, gm, ctx.model, called, read, eager),
+            in_shape=io["in"] if io else None, out_shape=io["out"] if io else None,
+            params_before=n, params_after=n, flops_before=flops, flops_after=flops,
+            fallback=_fallback_of(name, ctx.fallback_parts))
+
+
+def _unreached_reason(name: str, m: nn.Module, gm: nn.Module, model: nn.Module, called: dict, read: dict,
+                      eager: set) -> str:
+    parts = name.split(".")
+    ancestors = [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]   # nearest first
+    if ancestors and isinstance(model.get_submodule(ancestors[0]), nn.MultiheadAttention):
+        return _MHA_REASON
+    why = fm.unsupported_reason(m)
+    if why is not None:
+        return why
+    if f"{name}.weight" in read:
+        return (f"its weight is read directly by the traced forward of {read[f'{name}.weight']} (not called "
+                f"as a layer), so it cannot be swapped for a factor chain")
+    for anc in ancestors:
+        if anc in called:
+            return f"inside {anc} ({type(model.get_submodule(anc)).__name__}), which is kept as a leaf (not traced into)"
+    try:
+        gm.get_submodule(name)
+    except AttributeError:
+        return "not reached by the traced forward (unused, or on a branch the trace did not take)"
+    for anc in ancestors:
+        if anc.rpartition(".")[0] in eager or ("" in eager and "." not in anc):
+            return f"inside {anc} ({type(model.get_submodule(anc)).__name__}), which is kept as a leaf / not traced"
+    return "not called as a layer by the traced model"
 
 
 def replace_call_sites(site: _Site, name: str, chain: nn.Module, rec: LayerRecord) -> None:
@@ -213,6 +307,7 @@ def decompose(ctx: CompileContext):
     def run(gm):
         layer_io = ctx.extras.get("layer_io", {})
         sites = collect_sites(gm, ctx.extras.get("eager_parts", ()))
+        notes = site_notes(gm, sites, layer_io, ctx.example_inputs is not None)
         per_layer = cfg.rank if isinstance(cfg.rank, dict) else {}
         for pattern in per_layer:
             if not any(_match(n, pattern) for n in sites):
@@ -233,7 +328,7 @@ def decompose(ctx: CompileContext):
                               flops_before=layer_flops(m, io), flops_after=layer_flops(m, io),
                               fallback=_fallback_of(name, ctx.fallback_parts))
             ctx.records[name] = rec
-            reason = _skip_reason(name, m, cfg)
+            reason = _skip_reason(name, m, cfg, notes.get(name))
             override = None
             for pattern, r in per_layer.items():
                 if _match(name, pattern):
@@ -289,6 +384,7 @@ def decompose(ctx: CompileContext):
             modified = True
         if exceeded and not any(r.decision == DECOMPOSED for r in ctx.records.values()):
             raise RankError(f"rank={cfg.rank} exceeds the full rank of every eligible layer; choose a smaller rank")
+        account_layers(gm, ctx)
         _weight_reads(gm, ctx)
         return PassResult(gm, modified)   # the PassManager lints and recompiles every part
 

@@ -1,0 +1,354 @@
+"""Every weight-bearing layer users have: HF Conv1D, timm Linear, MultiheadAttention, ConvTranspose,
+quantized/lazy layers, tied and parametrized weights, and inputs lrd_fx must refuse."""
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import state_hash
+from torch.nn.utils import parametrizations, parametrize, prune
+
+import lrd_fx
+from lrd_fx.errors import InputError
+from lrd_fx.factorize import modules as fm
+
+
+def _plan(gm):
+    return gm.lrd.plan
+
+
+def _accounted(model: nn.Module, plan: dict) -> list:
+    """Names of Conv/Linear-like layers of `model` with no decision in `plan` (should be none)."""
+    missing = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            name = f"{name}.in_proj"          # its packed q/k/v projection is a Parameter, not a module
+        if fm.is_layer_like(m):
+            rec = plan.get(name)
+            if rec is None or rec["decision"] not in ("decomposed", "searched", "reverted", "skipped") \
+                    or (rec["decision"] == "skipped" and not rec["reason"]):
+                missing.append(name)
+    return missing
+
+
+# --- HF Conv1D (GPT-2) and timm Linear -----------------------------------------------------------
+
+def test_hf_conv1d_is_recognised_by_name_not_by_import():
+    # any class named Conv1D from a transformers module (and its subclasses) is recognised; lrd_fx
+    # never imports transformers to do so
+    Fake = type("Conv1D", (nn.Module,), {"__module__": "transformers.pytorch_utils"})
+    Sub = type("MyConv1D", (Fake,), {"__module__": "mymodels"})
+    assert isinstance(Fake(), fm.HFConv1D) and isinstance(Sub(), fm.HFConv1D)
+    assert not isinstance(nn.Linear(2, 2), fm.HFConv1D)
+    assert not isinstance(type("Conv1D", (nn.Module,), {"__module__": "mymodels"})(), fm.HFConv1D)
+    src = "\n".join(open(m.__file__).read() for m in (fm, sys.modules["lrd_fx.trace"]))
+    assert "import transformers" not in src and "from transformers" not in src
+
+
+def test_hf_conv1d_factorized_like_a_linear():
+    from transformers.pytorch_utils import Conv1D
+    layer = Conv1D(24, 16)                    # nf=out=24, nx=in=16: weight [16, 24], y = x @ W + b
+    nn.init.normal_(layer.bias)
+    x = torch.randn(3, 5, 16)
+    assert isinstance(layer, fm.HFConv1D) and fm.unsupported_reason(layer) is None
+    chain = fm.factorize(layer, 16)           # full rank: exact
+    assert [type(c) for c in chain] == [nn.Linear, nn.Linear] and chain.source == "Conv1D"
+    torch.testing.assert_close(chain(x), layer(x), rtol=1e-4, atol=1e-5)
+    model = nn.Sequential(layer, nn.GELU(), Conv1D(16, 24))
+    gm = lrd_fx.compile(model, (x,), ratio=0.5)
+    plan = _plan(gm)
+    assert [plan[n]["kind"] for n in ("0", "2")] == ["Conv1D", "Conv1D"]
+    assert all(plan[n]["decision"] == "decomposed" for n in ("0", "2"))
+    assert sum(p.numel() for p in gm.parameters()) < sum(p.numel() for p in model.parameters())
+    full = lrd_fx.compile(model, (x,), rank="full")
+    torch.testing.assert_close(full(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def test_gpt2_gets_smaller_and_its_tied_head_stays_tied():
+    model = _tiny_gpt2()
+    before = state_hash(model)
+    ids = torch.randint(0, 128, (2, 8))
+    gm = lrd_fx.compile(model, (ids,), ratio=0.5)
+    plan = _plan(gm)
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv1d) == 8 and all(plan[n]["decision"] == "decomposed" for n in conv1d)
+    # lm_head shares the embedding's weight: left as is, never untied
+    assert plan["lm_head"]["decision"] == "skipped"
+    assert "weight shared with transformer.wte" in plan["lm_head"]["reason"]
+    assert gm.lm_head.weight is gm.transformer.wte.weight
+    # parameter totals count the shared tensor once, and the model got smaller
+    assert gm.lrd.params_before == sum(p.numel() for p in model.parameters())
+    assert gm.lrd.params_after == sum(p.numel() for p in gm.parameters()) < gm.lrd.params_before
+    assert torch.isfinite(gm(ids).logits).all()
+    assert _accounted(model, plan) == []
+    full = lrd_fx.compile(model, (ids,), rank="full")
+    torch.testing.assert_close(full(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert state_hash(model) == before
+
+
+def test_timm_linear_factorizes():
+    from timm.layers import Linear as TimmLinear
+    model = nn.Sequential(TimmLinear(32, 32), nn.ReLU(), TimmLinear(32, 10))
+    x = torch.randn(4, 32)
+    assert fm.unsupported_reason(model[0]) is None
+    gm = lrd_fx.compile(model, (x,), rank="full")
+    assert all(_plan(gm)[n]["decision"] == "decomposed" for n in ("0", "2"))
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+# --- every Conv/Linear-like layer appears in the report ------------------------------------------
+
+class Blocky(nn.Module):
+    """Kept as a leaf (leaf_modules=[Blocky]): its layers are never traced into."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 16)
+        self.fc2 = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x).relu())
+
+
+class Zoo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.raw = nn.Conv2d(8, 16, 1)           # its weight is read with F.conv2d, never called
+        self.blk = Blocky()
+        self.lazy = nn.LazyLinear(16)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.q = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(16, 16)), {nn.Linear})
+        self.unused = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = self.up(self.conv(x))                               # [B, 8, 16, 16]
+        y = F.conv2d(y, self.raw.weight, self.raw.bias)         # [B, 16, 16, 16]
+        t = y.mean((2, 3)).unsqueeze(1).expand(-1, 4, -1)       # [B, 4, 16]
+        t = self.blk(self.lazy(t))
+        t = self.mha(t, t, t)[0]
+        return self.q(t)
+
+
+def test_every_layer_of_a_mixed_model_is_accounted_for():
+    model = Zoo().eval()
+    x = torch.randn(2, 8, 8, 8)
+    model(x)                                   # materialise the lazy layer (it becomes an nn.Linear)
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, leaf_modules=[Blocky])
+    plan = _plan(gm)
+    assert _accounted(model, plan) == []
+    why = {n: plan[n]["reason"] for n in plan}
+    assert plan["conv"]["decision"] == "decomposed"
+    assert plan["lazy"]["decision"] == "decomposed"
+    assert "transposed conv" in why["up"] and plan["up"]["kind"] == "ConvTranspose2d"
+    assert "read directly" in why["raw"]
+    for n in ("blk.fc1", "blk.fc2"):
+        assert "inside blk (Blocky), which is kept as a leaf" in why[n]
+    for n in ("mha.in_proj", "mha.out_proj"):
+        assert "nn.MultiheadAttention reads its projection weights directly" in why[n]
+    assert "quantized" in why["q.0"]
+    assert "not reached by the traced forward" in why["unused"]
+    report = gm.lrd.report()
+    assert all(n in report for n in ("up", "raw", "blk.fc1", "mha.in_proj", "q.0", "unused"))
+    torch.testing.assert_close(lrd_fx.compile(model, (x,), rank="full", leaf_modules=[Blocky])(x), model(x),
+                               rtol=1e-4, atol=1e-4)
+    after = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lazy_layer_without_example_inputs_is_refused():
+    model = nn.Sequential(nn.Linear(16, 16), nn.LazyLinear(16))
+    with pytest.raises(InputError, match="uninitialized.*example_inputs"):
+        lrd_fx.compile(model)
+    assert fm.unsupported_reason(model[1]).startswith("lazy module with uninitialized parameters")
+
+
+def _tv_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+    return VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32,
+                             mlp_dim=64).eval(), torch.randn(1, 3, 32, 32)
+
+
+def _timm(name, size, **kw):
+    import timm
+    return timm.create_model(name, pretrained=False, img_size=size, **kw).eval(), torch.randn(1, 3, size, size)
+
+
+ZOO = {
+    "torchvision_vit": _tv_vit,
+    "timm_swin": lambda: _timm("swin_tiny_patch4_window7_224", 32, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                               window_size=4, patch_size=2),
+    "timm_beit": lambda: _timm("beit_base_patch16_224", 32, embed_dim=32, depth=1, num_heads=2, patch_size=16),
+    "timm_eva02": lambda: _timm("eva02_tiny_patch14_224", 28, embed_dim=32, depth=1, num_heads=2, patch_size=14),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_attention_models_account_for_every_layer(name):
+    model, x = ZOO[name]()
+    gm = lrd_fx.compile(model, (x,), ratio=0.5)
+    plan = _plan(gm)
+    assert _accounted(model, plan) == []
+    assert any(r["decision"] == "decomposed" for r in plan.values())
+    qkv = [n for n in plan if n.endswith(("qkv", "in_proj"))]
+    assert qkv, "the attention's qkv projection is missing from the report"
+    for n in qkv:   # factorized, or skipped with the reason
+        assert plan[n]["decision"] == "decomposed" or plan[n]["reason"], n
+    if name == "torchvision_vit":
+        assert all("MultiheadAttention" in plan[n]["reason"] for n in plan if "self_attention" in n)
+    assert torch.isfinite(gm(x)).all()
+
+
+# --- tied weights --------------------------------------------------------------------------------
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(32, 32)
+        self.b = nn.Linear(32, 32)
+        self.b.weight = self.a.weight
+        self.c = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x).relu()).relu())
+
+
+def test_tied_linears_stay_tied_through_training():
+    model = Tied()
+    before = state_hash(model)
+    x = torch.randn(8, 32)
+    gm = lrd_fx.compile(model, (x,), ratio=0.25)
+    plan = _plan(gm)
+    assert plan["c"]["decision"] == "decomposed"
+    assert plan["a"]["decision"] == plan["b"]["decision"] == "skipped"
+    assert "weight shared with b" in plan["a"]["reason"] and "weight shared with a" in plan["b"]["reason"]
+    assert gm.lrd.params_before == 2 * 32 * 32 + 3 * 32           # the shared tensor counted once
+    opt = torch.optim.SGD(gm.parameters(), lr=0.5)
+    gm(x).square().mean().backward()
+    opt.step()
+    assert gm.a.weight is gm.b.weight
+    torch.testing.assert_close(gm.a.weight, gm.b.weight)
+    assert state_hash(model) == before
+
+
+# --- parametrized and masked weights -------------------------------------------------------------
+
+def _top_singular(w: torch.Tensor) -> float:
+    return torch.linalg.matrix_norm(w.detach().reshape(w.shape[0], -1), ord=2).item()
+
+
+def test_spectral_norm_survives_compile_and_training():
+    model = nn.Sequential(parametrizations.spectral_norm(nn.Conv2d(16, 16, 3, padding=1)), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1))
+    x = torch.randn(4, 16, 8, 8)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5)
+    plan = _plan(gm)
+    assert plan["0"]["decision"] == "skipped" and "remove_parametrizations" in plan["0"]["reason"]
+    assert plan["2"]["decision"] == "decomposed"
+    layer = gm.get_submodule("0")
+    assert parametrize.is_parametrized(layer, "weight")
+    gm.train()
+    opt = torch.optim.SGD(gm.parameters(), lr=1.0)
+    for _ in range(5):
+        opt.zero_grad()
+        (gm(x) * 100).square().mean().backward()
+        opt.step()
+    assert abs(_top_singular(layer.weight) - 1.0) < 0.05
+
+
+def test_weight_norm_parametrization_is_skipped():
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(32, 32)), nn.Linear(32, 32))
+    plan = _plan(lrd_fx.compile(model, (torch.randn(2, 32),), ratio=0.5))
+    assert plan["0"]["decision"] == "skipped" and "WeightNorm" in plan["0"]["reason"]
+
+
+def test_old_weight_norm_and_prune_masks_compile_without_crash():
+    wn = torch.nn.utils.weight_norm(nn.Conv2d(16, 16, 3))
+    pruned = nn.Conv2d(16, 16, 3)
+    prune.l1_unstructured(pruned, "weight", amount=0.5)
+    model = nn.Sequential(wn, nn.ReLU(), pruned, nn.ReLU(), nn.Conv2d(16, 16, 1))
+    before = state_hash(model)
+    x = torch.randn(2, 16, 10, 10)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5)
+    plan = _plan(gm)
+    assert "remove_weight_norm" in plan["0"]["reason"] and plan["0"]["decision"] == "skipped"
+    assert "prune.remove" in plan["2"]["reason"] and plan["2"]["decision"] == "skipped"
+    assert plan["4"]["decision"] == "decomposed"
+    full = lrd_fx.compile(model, (x,), rank="full")
+    torch.testing.assert_close(full(x), model(x), rtol=1e-4, atol=1e-5)
+    assert state_hash(model) == before
+    assert (gm.get_submodule("2").weight == 0).float().mean().item() >= 0.5   # the mask still applies
+
+
+# --- inputs that cannot work ---------------------------------------------------------------------
+
+def test_script_module_is_refused():
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(16, 16)))
+    with pytest.raises(InputError, match="eager nn.Module"):
+        lrd_fx.compile(scripted, (torch.randn(2, 16),))
+
+
+def test_already_compiled_model_is_refused_unless_rank_full():
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    x = torch.randn(4, 32)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5)
+    with pytest.raises(InputError, match="already compiled by lrd_fx"):
+        lrd_fx.compile(gm, (x,), ratio=0.5)
+    again = lrd_fx.compile(gm, (x,), rank="full")
+    torch.testing.assert_close(again(x), gm(x), rtol=1e-4, atol=1e-5)
+
+
+def test_meta_device_model_is_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 16))
+    with pytest.raises(InputError, match="meta device"):
+        lrd_fx.compile(model)
+
+
+# --- reports with nothing to factorize; the FLOP counter failing ---------------------------------
+
+@pytest.mark.parametrize("kind", ["nothing", "conv_transpose", "quantized"])
+def test_report_without_factorizable_layers(kind):
+    if kind == "nothing":
+        model, x = nn.Sequential(nn.ReLU()), torch.randn(2, 4)
+    elif kind == "conv_transpose":
+        model, x = nn.Sequential(nn.ConvTranspose2d(16, 16, 3), nn.ConvTranspose1d(16, 16, 3)), None
+    else:
+        model = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(16, 16)), {nn.Linear})
+        x = torch.randn(2, 16)
+    gm = lrd_fx.compile(model, x)
+    text = gm.lrd.report()
+    plan = _plan(gm)
+    assert _accounted(model, plan) == []
+    assert not any(r["decision"] == "decomposed" for r in plan.values())
+    if kind == "nothing":
+        assert plan == {} and "nothing to factorize" in text
+    elif kind == "conv_transpose":
+        assert set(plan) == {"0", "1"} and all("transposed conv" in r["reason"] for r in plan.values())
+        assert "ConvTranspose2d" in text and "ConvTranspose1d" in text
+    else:
+        assert set(plan) == {"0"} and "quantized" in plan["0"]["reason"] and "quantized" in text
+
+
+def test_flop_counter_failure_does_not_sink_compile(monkeypatch):
+    from torch.utils import flop_counter
+
+    def broken(self):
+        raise AssertionError("flop counter bug")      # what torch's counter raises on timm's cait
+    monkeypatch.setattr(flop_counter.FlopCounterMode, "__enter__", broken)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    gm = lrd_fx.compile(model, (torch.randn(2, 32),), ratio=0.5)
+    assert gm.lrd.flops_before is None
+    assert all(r["decision"] == "decomposed" for r in _plan(gm).values())
+    text = gm.lrd.report()
+    assert "unknown" in text and "FLOPs unknown" in text and "AssertionError" in text
