@@ -76,11 +76,11 @@ class Config:
             self.ratio = DEFAULT_RATIO
         if isinstance(self.skip, str):
             self.skip = (self.skip,)
-        elif isinstance(self.skip, list):
+        elif isinstance(self.skip, (list, set, frozenset)):
             self.skip = tuple(self.skip)
         if isinstance(self.leaf_modules, (str, type)):
             self.leaf_modules = (self.leaf_modules,)
-        elif isinstance(self.leaf_modules, list):
+        elif isinstance(self.leaf_modules, (list, set, frozenset)):
             self.leaf_modules = tuple(self.leaf_modules)
         if isinstance(self.rank, dict):
             # JSON gives lists, numpy its own ints; the rank rule reads ints and tuples of ints (a new
@@ -255,4 +255,4 @@ def _choice(name: str, v, options: tuple) -> None:
 
 def _names(name: str, v, kinds: tuple, example: str) -> None:
     if not isinstance(v, tuple) or not all(isinstance(x, kinds) for x in v):
-        raise ConfigError(f"{name}={v!r} must be a tuple or list of {example}")
+        raise ConfigError(f"{name}={v!r} must be a tuple, list or set of {example}")

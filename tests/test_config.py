@@ -110,6 +110,7 @@ def test_valid_options_are_accepted(kwargs):
 def test_shorthand_forms_are_normalised_at_construction():
     assert Config(skip="fc").skip == ("fc",)
     assert Config(skip=["a", "b"]).skip == ("a", "b")
+    assert sorted(Config(skip={"a", "b"}).skip) == ["a", "b"]
     assert Config(leaf_modules=nn.ReLU).leaf_modules == (nn.ReLU,)
     assert Config(leaf_modules=["x"]).leaf_modules == ("x",)
     ranks = {"a": [2, 3]}                       # what a JSON file gives back
