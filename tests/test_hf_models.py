@@ -1,0 +1,182 @@
+"""Hugging Face transformers models (tiny random configs, no download) compile: exact at rank="full",
+smaller at ratio=0.5, attention masks, KV caches and generate() keep working."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lrd_fx
+from lrd_fx.layers import FactorChain
+
+tf = pytest.importorskip("transformers")
+
+V = 96   # vocabulary
+B, T = 2, 8
+
+
+def _ids(t=T):
+    return torch.randint(2, V, (B, t))
+
+
+def _mask(t=T):
+    m = torch.ones(B, t, dtype=torch.long)
+    m[1, t - 3:] = 0   # the second sequence is padded
+    return m
+
+
+def _text(*extra):
+    return lambda: (_ids(), _mask()) + extra
+
+
+# name -> (model builder, example inputs, output field, {layer left as it is: words of its reason})
+MODELS = {
+    "bert": (lambda: tf.BertModel(tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=64,
+                                                max_position_embeddings=32)),
+             _text(), "last_hidden_state", {}),
+    "roberta": (lambda: tf.RobertaModel(tf.RobertaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                         num_attention_heads=4, intermediate_size=64,
+                                                         max_position_embeddings=40, pad_token_id=1)),
+                _text(), "last_hidden_state", {}),
+    "distilbert": (lambda: tf.DistilBertModel(tf.DistilBertConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4,
+                                                                  hidden_dim=64, max_position_embeddings=32)),
+                   _text(), "last_hidden_state", {}),
+    # GPT-2's positional order is (input_ids, cache, attention_mask)
+    "gpt2": (lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                                      bos_token_id=0, eos_token_id=1, pad_token_id=1)),
+             lambda: (_ids(), None, _mask()), "logits",
+             {"lm_head": "weight shared with transformer.wte"}),   # tied to the token embedding
+    # grouped-query attention: 2 key/value heads for 4 query heads
+    "llama": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=2, num_attention_heads=4,
+                                                         num_key_value_heads=2, max_position_embeddings=32,
+                                                         bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                                         tie_word_embeddings=False)),
+              _text(), "logits", {}),
+    "t5": (lambda: tf.T5Model(tf.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                          decoder_start_token_id=0)),
+           lambda: (_ids(), _mask(), _ids(5)), "last_hidden_state", {}),
+    # the patch projection has 3 input channels (< min_channels=8)
+    "vit": (lambda: tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64)),
+            lambda: (torch.randn(B, 3, 32, 32),), "last_hidden_state",
+            {"embeddings.patch_embeddings.projection": "min_channels"}),
+    "clip_text": (lambda: tf.CLIPTextModel(tf.CLIPTextConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                                             num_hidden_layers=2, num_attention_heads=4,
+                                                             max_position_embeddings=32, bos_token_id=0,
+                                                             eos_token_id=1, pad_token_id=1)),
+                  _text(), "last_hidden_state", {}),
+}
+
+
+def _build(name):
+    torch.manual_seed(0)
+    make, inputs, field, left = MODELS[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = make().eval()
+    return model, inputs(), field, left
+
+
+def _params(model):
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _layers(model):
+    """Names of the Linear-like layers (nn.Linear, HF Conv1D) of the original model."""
+    return {n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_full_rank_is_exact_and_every_linear_is_accounted(name):
+    model, x, field, left = _build(name)
+    gm = lrd_fx.compile(model, x, rank="full", progress=False)
+    with torch.no_grad():
+        want, got = getattr(model(*x), field), getattr(gm(*x), field)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert _params(gm) > _params(model)           # full-rank factors hold more weights
+    plan = gm.lrd.plan
+    linears = _layers(model)
+    assert linears <= set(plan), f"layers missing from the report: {sorted(linears - set(plan))}"
+    not_factorized = {n: r["reason"] for n, r in plan.items() if r["decision"] != "decomposed"}
+    assert set(not_factorized) == set(left), not_factorized
+    for n, words in left.items():
+        assert words in not_factorized[n]
+    factorized = [n for n in linears if plan[n]["decision"] == "decomposed"]
+    assert len(factorized) == len(linears - set(left)) >= 8
+    assert all(isinstance(gm.get_submodule(n), FactorChain) for n in factorized)
+    # models whose top-level forward does not trace stay eager with traced parts: the report says so
+    if not isinstance(gm, torch.fx.GraphModule):
+        assert "<root>" in gm.lrd.fallback_parts and "traced separately" in gm.lrd.report()
+        assert type(gm) is type(model)
+    assert not any(isinstance(m, FactorChain) for m in model.modules())   # the caller's model is untouched
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_ratio_half_is_smaller_and_finite(name):
+    model, x, field, _ = _build(name)
+    gm = lrd_fx.compile(model, x, ratio=0.5, progress=False)
+    assert _params(gm) < _params(model)
+    assert sum(r["decision"] == "decomposed" for r in gm.lrd.plan.values()) >= 8
+    with torch.no_grad():
+        out = getattr(gm(*x), field)
+    assert out.shape == getattr(model(*x), field).shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_kv_cache_and_attention_mask_at_full_rank(name):
+    model, x, field, _ = _build(name)
+    gm = lrd_fx.compile(model, x, rank="full", progress=False)
+    ids, mask = _ids(), _mask()
+    nxt = _ids(1)
+    mask2 = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
+    outs = []
+    with torch.no_grad():
+        for m in (model, gm):
+            first = m(input_ids=ids, attention_mask=mask, use_cache=True)
+            step = m(input_ids=nxt, attention_mask=mask2, cache=first.cache, use_cache=True)
+            outs.append((first.logits, step.logits))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_greedy_matches_at_full_rank(name):
+    model, x, field, _ = _build(name)
+    gm = lrd_fx.compile(model, x, rank="full", progress=False)
+    ids, mask = _ids(5), _mask(5)
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = model.generate(ids, **kw)
+        got = gm.generate(ids, **kw)
+    assert got.shape == (B, 5 + 4)
+    assert torch.equal(got, want)
+
+
+def test_fine_tuning_steps_and_train_mode_dropout():
+    """A compiled BERT trains (dropout active in train mode, as in the original), and its traced parts
+    read the mode: eval output stays deterministic."""
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.5,
+                        attention_probs_dropout_prob=0.5)
+    model = tf.BertModel(cfg).eval()
+    x = _text()()
+    gm = lrd_fx.compile(model, x, ratio=0.5, progress=False)
+    gm.train()
+    a, b = gm(*x).last_hidden_state, gm(*x).last_hidden_state
+    assert not torch.allclose(a, b)                 # dropout is on in train mode
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in gm.parameters()]
+    for _ in range(2):
+        loss = gm(*x).last_hidden_state.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert any(not torch.equal(p0, p) for p0, p in zip(before, gm.parameters()))
+    gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*x).last_hidden_state, gm(*x).last_hidden_state)
