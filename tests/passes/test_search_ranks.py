@@ -136,10 +136,27 @@ def test_fake_without_cache_tag_never_reaches_the_cache(tmp_path):
     assert cache.cache_info(path)["entries"] == 0
 
 
-def test_time_budget_keeps_estimates():
+class _SteppingTime:
+    """The search's `time` module with a fake perf_counter that advances one second per call."""
+
+    def __init__(self):
+        import time as real
+        self._real, self.now = real, 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_time_budget_keeps_estimates(monkeypatch):
+    from lrd_fx.passes import search_ranks as sr
+    monkeypatch.setattr(sr, "time", _SteppingTime())      # a fake clock: the budget is spent at the first look
     with use_cost_fn(Staircase()):
         gm = lrd_fx.compile(convs(1), (X,), rank=20, rank_search="infer", progress=False,
-                            rank_search_budget_s=1e-9)
+                            rank_search_budget_s=0.5)
     rec = gm.lrd.plan["0"]
     assert rec["decision"] == "decomposed" and rec["ranks"] == [20, 20]
     assert "rank_search_budget_s" in rec["reason"] and "kept the estimate" in rec["reason"]
