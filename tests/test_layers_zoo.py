@@ -352,3 +352,39 @@ def test_flop_counter_failure_does_not_sink_compile(monkeypatch):
     assert all(r["decision"] == "decomposed" for r in _plan(gm).values())
     text = gm.lrd.report()
     assert "unknown" in text and "FLOPs unknown" in text and "AssertionError" in text
+
+
+def test_timm_cait_whose_flops_torch_cannot_count_still_compiles():
+    # torch's FlopCounterMode raises "AssertionError: Expected gradient function to be set" on cait
+    model, x = _timm("cait_xxs24_224", 32, embed_dim=32, num_heads=2, depth=2, depth_token_only=2, patch_size=16)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5)
+    assert gm.lrd.flops_before is None and "FLOPs unknown" in gm.lrd.report()
+    assert any(r["decision"] == "decomposed" for r in _plan(gm).values())
+    assert _accounted(model, _plan(gm)) == []
+    assert torch.isfinite(gm(x)).all()
+
+
+class ReadsWeight(nn.Module):
+    """Does not trace (data-dependent branch), so it stays eager; it reads proj's weight itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.fc(F.linear(x, self.proj.weight, self.proj.bias))
+
+
+def test_layer_of_an_eager_part_never_called_as_a_layer_is_kept():
+    model = nn.Sequential(nn.Linear(32, 32), ReadsWeight())
+    x = torch.randn(4, 32)
+    gm = lrd_fx.compile(model, (x,), ratio=0.25)
+    plan = _plan(gm)
+    assert plan["1.fc"]["decision"] == "decomposed"
+    assert plan["1.proj"]["decision"] == "skipped" and "not called as a layer" in plan["1.proj"]["reason"]
+    assert isinstance(gm.get_submodule("1.proj"), nn.Linear)
+    full = lrd_fx.compile(model, (x,), rank="full")
+    torch.testing.assert_close(full(x), model(x), rtol=1e-4, atol=1e-5)
