@@ -196,21 +196,31 @@ def build_passes(ctx: CompileContext) -> list:
     """The pass list for a config: shape_prop, decompose, [search_ranks], [freeze]."""
     from .passes.decompose import decompose
     from .passes.shape_prop import shape_prop
-    passes = [shape_prop(ctx), decompose(ctx)]
+    calibrated = ctx.extras.get("calibration") is not None
+    passes = [shape_prop(ctx)]
+    if calibrated:   # data-aware factorization (compile(..., calibration=batches))
+        from .passes.calibrate import calibrate, calibration_stats
+        passes.append(calibration_stats(ctx))
+    passes.append(decompose(ctx))
     if ctx.config.rank_search is not None:
         from .passes.search_ranks import search_ranks
         passes.append(search_ranks(ctx))
+    if calibrated:
+        passes.append(calibrate(ctx))
     if ctx.config.freeze is not None:
         from .passes.freeze import freeze
         passes.append(freeze(ctx))
     return passes
 
 
-def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] = None, **overrides) -> nn.Module:
+def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] = None, calibration=None,
+            **overrides) -> nn.Module:
     """Trace `model`, factorize its Conv/Linear layers and return a GraphModule with `.lrd`.
 
     The caller's model is never mutated: a deep copy is traced and rewritten. Every Config field can be
     given as a keyword (e.g. ratio=0.25, rank_search="infer", freeze="sequential", debug=True).
+    calibration: a few input batches (tensors, (x, y) tuples or dicts of keyword inputs): factors are
+    then fitted to each layer's output error on them, and BatchNorm statistics re-estimated.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -228,6 +238,9 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
     if inputs is not None and cfg.check_inputs:
         _check_inputs(work, inputs, device, dtype)
     ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
+    if calibration is not None:
+        from .passes.calibrate import calibration_batches
+        ctx.extras["calibration"] = calibration_batches(calibration)
     return _run(work, ctx)
 
 

@@ -300,22 +300,55 @@ def _build(module: nn.Module, ranks: tuple, eff: str, weights: dict) -> FactorCh
     return _finish(module, layers, eff).to(device=w.device, dtype=w.dtype)
 
 
-def factorize_linear(linear: nn.Linear, rank: int, *, name: str = "") -> FactorChain:
-    """SVD of an nn.Linear or HF Conv1D: first = Linear(in, r, bias=False), last = Linear(r, out, bias)."""
+def _whitened_svd(module: nn.Module, matrix: torch.Tensor, rank: int, whiten, name: str):
+    """(left, right, bias correction or None) of the data-aware SVD (factorize/whiten.py)."""
+    from .whiten import CHANNEL, whitened_svd_split
+    if whiten.view == CHANNEL:
+        raise FactorizationError(f"{_label(name)}: an SVD factorization needs im2col/linear calibration "
+                                 f"statistics, got per-channel ones (recorded for Tucker-2)")
+    left, right, _ = whitened_svd_split(matrix, rank, whiten, name=name)
+    fix = None
+    if module.bias is not None and whiten.stats.cross_moment is not None:
+        # mean of W x_ref - W' x over the calibration samples, folded into the bias
+        st = whiten.stats
+        w = matrix.detach().double().to(st.xx.device)
+        approx = (left.double() @ right.double()).to(st.xx.device)
+        fix = (w @ st.ref_mean - approx @ st.mean).float()
+    return left, right, fix
+
+
+def _add_bias(chain: FactorChain, fix) -> FactorChain:
+    if fix is not None:
+        with torch.no_grad():
+            chain[-1].bias.add_(fix.to(device=chain[-1].bias.device, dtype=chain[-1].bias.dtype))
+    return chain
+
+
+def factorize_linear(linear: nn.Linear, rank: int, *, name: str = "", whiten=None) -> FactorChain:
+    """SVD of an nn.Linear or HF Conv1D: first = Linear(in, r, bias=False), last = Linear(r, out, bias).
+
+    whiten: a factorize.whiten.Whitening (calibration statistics): the factors then minimise the
+    error of the layer's outputs on that data instead of the weights' error.
+    """
     _require_supported(linear, name)
     if not is_linear_like(linear):
         raise FactorizationError(f"{_label(name)}: factorize_linear needs an nn.Linear, got {type(linear).__name__}")
     ranks = _check_ranks(linear, rank, "svd", name)
+    if whiten is not None:
+        left, right, fix = _whitened_svd(linear, weight_matrix(linear), ranks[0], whiten, name)
+        return _add_bias(_build(linear, ranks, "svd", {ROLE_FIRST: right, ROLE_LAST: left}), fix)
     left, right = svd_split(weight_matrix(linear), ranks[0], name=name, dtype=factor_dtype(linear.weight))
     return _build(linear, ranks, "svd", {ROLE_FIRST: right, ROLE_LAST: left})
 
 
-def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = "") -> FactorChain:
+def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = "", whiten=None) -> FactorChain:
     """Factorize an nn.Conv1d/2d/3d (groups=1) into a FactorChain.
 
     1x1 kernels: SVD into two 1x1 convs, ranks=(r,), whatever `scheme` says.
     scheme="tucker2", ranks=(r_in, r_out): 1x1 in->r_in, kxk r_in->r_out (stride/padding/dilation),
     1x1 r_out->out (bias). scheme="svd" (chain scheme "conv_svd"), ranks=(r,): kxk in->r, 1x1 r->out.
+    whiten: calibration statistics (factorize.whiten.Whitening; im2col view for SVD schemes, channel
+    view for Tucker-2): fit the output error on that data instead of the weight error.
     """
     _require_supported(conv, name)
     if is_linear_like(conv):
@@ -325,21 +358,32 @@ def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = ""
     w = conv.weight.detach()
     out, inp = w.shape[:2]
     if eff in ("svd", "conv_svd"):
+        if whiten is not None:
+            left, right, fix = _whitened_svd(conv, w.reshape(out, -1), ranks[0], whiten, name)
+            return _add_bias(_build(conv, ranks, eff, {ROLE_FIRST: right, ROLE_LAST: left}), fix)
         left, right = svd_split(w.reshape(out, -1), ranks[0], name=name, dtype=factor_dtype(w))
         return _build(conv, ranks, eff, {ROLE_FIRST: right, ROLE_LAST: left})
     r_in, r_out = ranks
+    if whiten is not None:
+        from .whiten import CHANNEL, whitened_tucker2
+        if whiten.view != CHANNEL:
+            raise FactorizationError(f"{_label(name)}: Tucker-2 needs per-channel calibration statistics, "
+                                     f"got {whiten.view!r} ones")
+        core, u_out, first, _ = whitened_tucker2(w, r_out, r_in, whiten, name=name)
+        return _build(conv, ranks, eff, {ROLE_FIRST: first, ROLE_CORE: core, ROLE_LAST: u_out})
     core, u_out, u_in = tucker2(w, r_out, r_in, name=name, dtype=factor_dtype(w))
     return _build(conv, ranks, eff, {ROLE_FIRST: u_in.t(), ROLE_CORE: core, ROLE_LAST: u_out})
 
 
-def factorize(module: nn.Module, ranks: Ranks, scheme: str = "tucker2", *, name: str = "") -> FactorChain:
-    """factorize_linear or factorize_conv, whichever fits `module`."""
+def factorize(module: nn.Module, ranks: Ranks, scheme: str = "tucker2", *, name: str = "",
+              whiten=None) -> FactorChain:
+    """factorize_linear or factorize_conv, whichever fits `module` (whiten: calibration statistics)."""
     if is_linear_like(module):
         r = tuple(ranks) if isinstance(ranks, (list, tuple)) else (ranks,)
         if len(r) != 1:
             raise RankError(f"{_label(name)}: a Linear layer takes one rank, got {ranks!r}")
-        return factorize_linear(module, r[0], name=name)
-    return factorize_conv(module, ranks, scheme, name=name)
+        return factorize_linear(module, r[0], name=name, whiten=whiten)
+    return factorize_conv(module, ranks, scheme, name=name, whiten=whiten)
 
 
 PROGRESS_MIN_LAYERS = 16   # factorize_many shows its progress bar from this many layers on
@@ -353,7 +397,7 @@ def factorize_workers(device: torch.device) -> int:
 
 
 def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, progress: bool = False,
-                   desc: str = "factorize") -> dict:
+                   desc: str = "factorize", whiten: Optional[dict] = None) -> dict:
     """Factorize several layers: {name: FactorChain} for jobs [(name, module, ranks, scheme), ...].
 
     On CPU the layers are spread over `workers` Python threads (default factorize_workers), each
@@ -362,7 +406,7 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
     restored afterwards. Results do not depend on the number of workers. `progress` shows a tqdm bar
     when there are at least PROGRESS_MIN_LAYERS layers. A failure names its layer:
     an LRDError is re-raised as is, anything else as FactorizationError; with several failures the
-    first in job order is raised.
+    first in job order is raised. `whiten` ({name: Whitening}) makes those layers data-aware.
     """
     from tqdm.auto import tqdm
 
@@ -376,7 +420,7 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
     def one(job):
         name, module, ranks, scheme = job
         try:
-            return factorize(module, ranks, scheme, name=name)
+            return factorize(module, ranks, scheme, name=name, whiten=(whiten or {}).get(name))
         except LRDError:
             raise
         except Exception as e:

@@ -86,7 +86,7 @@ def _match(name: str, pattern: str) -> bool:
     return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
-def _ranks_for(name: str, m: nn.Module, scheme: str, cfg, per_layer: Optional[object]) -> tuple:
+def _ranks_for(name: str, m: nn.Module, scheme: str, cfg, per_layer: Optional[object], whitening=None) -> tuple:
     """Ranks in data-flow order (SVD: (r,), Tucker-2: (r_in, r_out)) from the configured rule."""
     out, inp, k = _dims(m)
     full = fm.full_ranks(m, scheme)
@@ -103,6 +103,9 @@ def _ranks_for(name: str, m: nn.Module, scheme: str, cfg, per_layer: Optional[ob
             ranks = (r_in, r_out)
         else:
             ranks = (fr.evbmf_rank(_matrix(m)),)
+    elif cfg.energy is not None and whitening is not None:   # calibration data: energy of the outputs
+        from .calibrate import energy_ranks
+        ranks = energy_ranks(m, scheme, whitening, cfg.energy, name=name)
     elif cfg.energy is not None:
         if scheme == "tucker2":
             r_out, r_in = fr.tucker2_ranks_energy(m.weight.detach().float(), cfg.energy)
@@ -344,7 +347,7 @@ def decompose(ctx: CompileContext):
                 raise FactorizationError(
                     f"layer '{name}' ({type(m).__name__}) has NaN/Inf in its weight; fix or re-initialise "
                     f"the weights, or exclude the layer with skip=['{name}']")
-            ranks = _ranks_for(name, m, scheme, cfg, override)
+            ranks = _ranks_for(name, m, scheme, cfg, override, _whitening(ctx, name))
             rec.estimate = list(ranks)
             if any(r < 1 for r in ranks):
                 raise RankError(f"layer '{name}': rank {ranks} must be >= 1")
@@ -365,7 +368,8 @@ def decompose(ctx: CompileContext):
         # Factorize every chosen layer at once (spread over CPU threads). With a rank search the chains
         # are placeholders of the right shapes: search_ranks factorizes each kept layer once, at its
         # final ranks (ctx.extras["factorize_deferred"]), instead of here and again after the search.
-        deferred = bool(cfg.rank_search) and not empty_init
+        # With calibration data the calibrate pass fits every chain to the data: no weight-only fit here.
+        deferred = (bool(cfg.rank_search) or "calibration" in ctx.extras) and not empty_init
         if empty_init or deferred:
             chains = {name: fm.chain_like(m, ranks, scheme) for name, _, m, ranks, scheme, *_ in pending}
         else:
@@ -413,6 +417,13 @@ def _weight_reads(gm: nn.Module, ctx: CompileContext) -> None:
                 ctx.notes.append(f"decompose: graph {prefix[:-1] or '<root>'} reads '{prefix + node.target}' "
                                  f"of a factorized layer: it gets the product of the factors, computed on "
                                  f"every forward")
+
+
+def _whitening(ctx: CompileContext, name: str):
+    if "calibration_stats" not in ctx.extras:
+        return None
+    from .calibrate import whitening_of
+    return whitening_of(ctx, name)
 
 
 def _fallback_of(name: str, parts: dict) -> Optional[str]:

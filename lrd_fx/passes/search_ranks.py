@@ -251,6 +251,14 @@ def _errors(module: nn.Module, scheme: str, line: _Line, ranks_s) -> dict:
     return {s: svd_error(sv, line.ranks(s)[0]) for s in ranks_s}
 
 
+def _error_source(ctx: CompileContext, name: str):
+    """The original layer, or with calibration data its whitened weight (error = output error)."""
+    if "calibration_stats" not in ctx.extras:
+        return ctx.originals[name]
+    from .calibrate import error_source
+    return error_source(ctx, name)
+
+
 def _first_input_shape(gm: fx.GraphModule, rec: LayerRecord) -> Optional[tuple]:
     for _, part in graph_modules(gm):
         for node in part.graph.nodes:
@@ -267,7 +275,7 @@ def _choose(g: _Group, name: str, ctx: CompileContext, model) -> dict:
     line = g.line
     errors = None
     if cfg.rank_search_objective == "time+error":
-        errors = _errors(ctx.originals[name], g.scheme, line, list(g.times))
+        errors = _errors(_error_source(ctx, name), g.scheme, line, list(g.times))
     ch = cm.choose(g.times, model=model, estimate=line.s_est, full=line.s_full, original=g.original,
                    window=cfg.rank_search_window, margin=cfg.rank_search_margin,
                    prefer=cfg.rank_search_prefer, objective=cfg.rank_search_objective,
@@ -305,7 +313,8 @@ def _budget_plan(groups: dict, by_name: dict, ctx: CompileContext, model) -> dic
         orig = ctx.originals[name]
         line = g.line
         rule = _choose(g, name, ctx, model)
-        errors = _errors(orig, g.scheme, line, list(g.times)) if cfg.rank_search_objective == "time+error" else {}
+        errors = (_errors(_error_source(ctx, name), g.scheme, line, list(g.times))
+                  if cfg.rank_search_objective == "time+error" else {})
         lo, hi = cm.window_bounds(line.s_est, line.s_full, cfg.rank_search_window)
         times = {s: m.median_s for s, m in g.times.items()}
         in_win = [t for t in times if lo <= t <= hi]
