@@ -492,3 +492,18 @@ def test_config_in_the_header_holds_data_only(tmp_path):
     h = header_of(tmp_path / "m.lrd")
     assert "filter_fn" in h["config_not_saved"] and "filter_fn" not in h["config"]
     json.dumps(h)   # plain JSON throughout
+
+
+def test_hugging_face_gpt2_with_tied_head_roundtrip(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=100, n_positions=16,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    gm = lrd_fx.compile(model, (ids,), ratio=0.5, progress=False).eval()
+    assert any(r["decision"] == "decomposed" for r in gm.lrd.plan.values())
+    lrd_fx.save(gm, tmp_path / "gpt2.lrd")
+    assert header_of(tmp_path / "gpt2.lrd")["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
+    gm2 = lrd_fx.load(model, tmp_path / "gpt2.lrd").eval()
+    assert gm2.get_submodule("lm_head").weight is gm2.get_submodule("transformer.wte").weight
+    torch.testing.assert_close(gm2(ids).logits, gm(ids).logits)
