@@ -388,3 +388,16 @@ def test_layer_of_an_eager_part_never_called_as_a_layer_is_kept():
     assert isinstance(gm.get_submodule("1.proj"), nn.Linear)
     full = lrd_fx.compile(model, (x,), rank="full")
     torch.testing.assert_close(full(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_tied_and_spectral_normed_layers_survive_save_and_load(tmp_path):
+    model = nn.Sequential(Tied(), nn.ReLU(), nn.Unflatten(1, (2, 4, 4)),
+                          parametrizations.spectral_norm(nn.Conv2d(2, 16, 3, padding=1)))
+    x = torch.randn(4, 32)
+    gm = lrd_fx.compile(model, (x,), ratio=0.25).eval()
+    lrd_fx.save(gm, tmp_path / "m.lrd")
+    back = lrd_fx.load(model, tmp_path / "m.lrd", (x,)).eval()
+    assert back.get_submodule("0.a").weight is back.get_submodule("0.b").weight
+    assert parametrize.is_parametrized(back.get_submodule("3"), "weight")
+    assert _plan(back)["0.c"]["decision"] == "decomposed"
+    torch.testing.assert_close(back(x), gm(x))
