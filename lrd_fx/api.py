@@ -29,6 +29,8 @@ class LRDInfo:
         self.flops_after = ctx.extras.get("flops_after", 0)
         self.params_before = ctx.extras.get("params_before", 0)
         self.params_after = sum(p.numel() for p in root.parameters())
+        self.whole_model = ctx.extras.get("whole_model")   # whole compiled model vs original, timed (check_speed)
+        self.setting = ctx.extras.get("setting")           # precision / layout / execution form timed in
         self._eager_records = {n: r for n, r in ctx.records.items()}
 
     def records(self) -> dict[str, LayerRecord]:
@@ -42,7 +44,17 @@ class LRDInfo:
                     out[rec.name] = rec
         for name, rec in self._eager_records.items():
             out.setdefault(name, rec)
-        return out
+        # graph records come part by part, eager ones after: sort by the layers' places in the model
+        order = {n: i for i, (n, _) in enumerate(self._root.named_modules())}
+
+        def place(name: str) -> float:
+            probe = name
+            while probe:
+                if probe in order:
+                    return order[probe] + (0 if probe == name else 0.5)
+                probe = probe.rpartition(".")[0]
+            return len(order)
+        return dict(sorted(out.items(), key=lambda kv: place(kv[0])))
 
     @property
     def plan(self) -> dict[str, dict]:
@@ -193,7 +205,7 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 
 def build_passes(ctx: CompileContext) -> list:
-    """The pass list for a config: shape_prop, decompose, [search_ranks], [freeze]."""
+    """The pass list for a config: shape_prop, decompose, [search_ranks], [freeze], [fuse]."""
     from .passes.decompose import decompose
     from .passes.shape_prop import shape_prop
     calibrated = ctx.extras.get("calibration") is not None
@@ -210,7 +222,34 @@ def build_passes(ctx: CompileContext) -> list:
     if ctx.config.freeze is not None:
         from .passes.freeze import freeze
         passes.append(freeze(ctx))
+    if ctx.config.fuse_inference:
+        from .passes.fuse import fuse as fuse_pass
+        passes.append(fuse_pass(ctx))
+    from .passes.check_speed import check_speed, wants_check
+    if wants_check(ctx.config):    # last: it times the model every other pass made
+        passes.append(check_speed(ctx))
     return passes
+
+
+def fuse(model: nn.Module, *, debug: bool = False) -> nn.Module:
+    """An inference-only copy of `model` (eval mode): freezing gates and no-op nodes (Identity, eval
+    dropout) dropped, BatchNorm folded into the conv before it, adjacent linear maps with nothing between
+    them merged where the merged layer is cheaper. Exact up to float rounding in eval mode; running the
+    copy in train mode raises ConfigError. Takes a model from lrd_fx.compile (or any model: it is traced
+    first). The given model is not changed."""
+    from .freezing import clone_model, is_gated, strip_gates
+    from .passes.fuse import fuse as fuse_pass
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"fuse() takes a torch.nn.Module, got {type(model).__name__}")
+    work = strip_gates(model) if is_gated(model) else clone_model(model)
+    if not graph_modules(work):
+        work = trace(work, fallback=True)
+    info = getattr(work, "lrd", None)
+    if isinstance(info, LRDInfo):
+        info.notes = list(info.notes)      # the copy's own list: the given model's notes stay as they were
+    notes = info.notes if isinstance(info, LRDInfo) else None
+    pm = PassManager([fuse_pass(None, notes=notes)], instruments=default_instruments(debug, None))
+    return pm.run(work).graph_module
 
 
 def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] = None, calibration=None,
@@ -241,7 +280,10 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
     if calibration is not None:
         from .passes.calibrate import calibration_batches
         ctx.extras["calibration"] = calibration_batches(calibration)
-    return _run(work, ctx)
+    from .cost.timer import active_amp, no_autocast
+    ctx.extras["autocast"] = active_amp(device)   # the caller's precision: the rank search times in it
+    with no_autocast(device):   # the passes' own math (factorization) stays in full precision
+        return _run(work, ctx)
 
 
 def _run(work: nn.Module, ctx: CompileContext) -> nn.Module:

@@ -105,4 +105,7 @@ def summary(info) -> str:
             out += f"\n  {path}: {why[:160]}"
     for note in info.notes:
         out += f"\n{note}"
+    from .passes.check_speed import describe   # whole compiled model vs original, timed
+    for line in describe(getattr(info, "whole_model", None)):
+        out += f"\n{line}"
     return out

@@ -196,3 +196,26 @@ def tucker2_ranks_vbmf(weight: Tensor, *, name: str = "") -> tuple[int, int]:
     """(r_out, r_in): evbmf_rank of the mode-0 and mode-1 unfoldings of a [out, in, *k] kernel."""
     w = weight.detach()
     return evbmf_rank(unfold(w, 0), name=name), evbmf_rank(unfold(w, 1), name=name)
+
+
+# --- hardware alignment -------------------------------------------------------------------------
+
+def align_rank(r: int, align: int, full: int) -> int:
+    """Rank `r` rounded to the alignment unit `align` (e.g. 8: half-precision tensor-core tiles).
+
+    The rule: round down to a multiple of `align` (fewer parameters, never more than the rule's
+    budget), but never below one unit (a rank under `align` becomes `align`); the full rank (exact)
+    and ranks of layers whose full rank is below one unit stay as they are; never above `full`.
+    """
+    r, align, full = int(r), int(align or 1), int(full)
+    if align <= 1 or r >= full or full < align:
+        return r
+    return min(full, max(align, (r // align) * align))
+
+
+def aligned_in(lo: int, hi: int, align: int) -> list[int]:
+    """Every multiple of `align` in [lo, hi] (empty for align <= 1: every rank is aligned to 1)."""
+    align = int(align or 1)
+    if align <= 1:
+        return []
+    return list(range(-(-max(1, lo) // align) * align, hi + 1, align))

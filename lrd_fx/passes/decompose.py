@@ -308,6 +308,8 @@ def decompose(ctx: CompileContext):
     cfg = ctx.config
 
     def run(gm):
+        from ..cost.timer import setting_of
+        align = setting_of(ctx).align      # Config.align; "auto": 8 on CUDA half precision, else 1
         layer_io = ctx.extras.get("layer_io", {})
         sites = collect_sites(gm, ctx.extras.get("eager_parts", ()))
         notes = site_notes(gm, sites, layer_io, ctx.example_inputs is not None)
@@ -349,6 +351,11 @@ def decompose(ctx: CompileContext):
                     f"the weights, or exclude the layer with skip=['{name}']")
             ranks = _ranks_for(name, m, scheme, cfg, override, _whitening(ctx, name))
             rec.estimate = list(ranks)
+            if align > 1 and override is None and (cfg.rank is None or cfg.rank == "vbmf"
+                                                   or isinstance(cfg.rank, dict)):
+                # a rule's estimate (ratio/energy/vbmf) goes to the hardware's rank unit; ranks the user
+                # gave (rank=int, per-layer ranks, "full") stay as given
+                ranks = tuple(fr.align_rank(r, align, f) for r, f in zip(ranks, full))
             if any(r < 1 for r in ranks):
                 raise RankError(f"layer '{name}': rank {ranks} must be >= 1")
             if any(r > f for r, f in zip(ranks, full)):
@@ -381,15 +388,16 @@ def decompose(ctx: CompileContext):
             ctx.originals[name] = m
             rec.ranks = list(ranks)
             rec.decision = DECOMPOSED
-            rec.reason = _rule_text(cfg, override)
+            rec.reason = _rule_text(cfg, override) + (
+                f"; aligned to a multiple of {align} (align={cfg.align!r})" if rec.estimate != list(ranks) else "")
             rec.params_after = sum(p.numel() for p in chain.parameters())
             rec.flops_after = chain_flops(chain, io)
             replace_call_sites(site, name, chain, rec)
             modified = True
         if exceeded and not any(r.decision == DECOMPOSED for r in ctx.records.values()):
             raise RankError(f"rank={cfg.rank} exceeds the full rank of every eligible layer; choose a smaller rank")
-        account_layers(gm, ctx)
         _weight_reads(gm, ctx)
+        account_layers(gm, ctx)
         return PassResult(gm, modified)   # the PassManager lints and recompiles every part
 
     run.name = "decompose"

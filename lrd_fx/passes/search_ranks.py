@@ -4,6 +4,13 @@ Ranks of a Tucker-2 layer are searched along one scale: the rank pair moves on t
 estimate (r_in, r_out), led by the larger of the two. Square layers (r_in = r_out: every 3x3 conv of a
 ResNet) move both ranks together, which is the paper's 512->r->r->512 staircase; a 2-D search would cost
 the square of the measurements for the same edges.
+
+Candidates are timed as the compiled model will run (cost.timer.Setting): under the caller's autocast
+(or Config.amp), in the model's memory format, in the execution form of Config.rank_search_exec. A
+reference kernel timed between the candidates, the spread of the repeats and the load average tell a
+busy machine; disturbed timings are measured again and each keeps its least disturbed value (another
+process only ever adds time), and a revert, or any decision made while the machine was busy, is
+re-checked by re-measuring the ranks it rests on.
 """
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import copy
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -22,9 +29,11 @@ from .. import dist
 from ..context import CompileContext
 from ..cost import cache as cache_mod
 from ..cost import model as cm
-from ..cost.timer import Measurement, current_cost_fn, layer_step, measure_interleaved
+from ..cost.timer import (Measurement, autocast_context, current_cost_fn, current_fake_clock, layer_step,
+                          machine_load, measure_interleaved, others_load, reference_step, setting_of, summarize)
 from ..errors import LRDError, PassError
 from ..factorize import modules as fm
+from ..factorize.ranks import aligned_in
 from ..factorize.svd import singular_values, svd_error
 from ..factorize.tucker import unfold
 from ..layers import FactorChain
@@ -34,6 +43,12 @@ from ..plan import DECOMPOSED, REVERTED, SEARCHED, LayerRecord
 ORIGINAL = "original"       # rank key of the original layer in timings and the cache
 MIN_BLOCK_S = {"cuda": 0.002, "cpu": 0.02}   # shortest timed block; longer on CPU to average out scheduling
 REFINE_ROUNDS = 3           # fine-stage iterations (each narrows a suspected edge 8-fold)
+SPREAD_BOUND = 0.15         # a candidate whose repeats spread more (IQR / median) is measured again
+REF_BOUND = 0.25            # reference kernel this much slower than its quietest: the machine was busy
+LOAD_BOUND = 0.5            # other processes' load per core above which the machine counts as busy
+MAX_REMEASURE = 1           # re-measurements of one batch of disturbed timings
+MAX_RECHECK = 2             # re-measurements of the ranks one decision rests on
+_REF = "__reference__"      # key of the reference kernel among the interleaved candidates
 
 
 @dataclass
@@ -41,6 +56,7 @@ class _Line:
     """Maps the scalar search coordinate s to the layer's rank tuple (data-flow order)."""
     estimate: tuple
     full: tuple
+    align: int = 1             # the other rank of a Tucker-2 pair goes to a multiple of this too
 
     def __post_init__(self):
         if len(self.estimate) == 1:
@@ -61,6 +77,9 @@ class _Line:
         out[self.lead] = int(s)
         other = 1 - self.lead
         out[other] = max(1, min(self.full[other], int(round(s * self.q))))
+        a = self.align
+        if a > 1 and self.full[other] >= a and out[other] < self.full[other]:
+            out[other] = min(self.full[other], max(a, int(round(s * self.q / a)) * a))
         return tuple(out)
 
 
@@ -97,6 +116,7 @@ class _Group:
     times: dict = field(default_factory=dict)      # s -> Measurement
     original: Optional[Measurement] = None
     status: str = "pending"    # pending | coarse | done | skipped
+    busy: bool = False         # a batch of this group was disturbed (a burst, or spread repeats)
 
 
 class _Timer:
@@ -107,6 +127,7 @@ class _Timer:
         self.ctx = ctx
         self.mode = cfg.rank_search
         self.cost_fn = cost_fn
+        self.setting = setting_of(ctx)
         self.repeats = max(1, int(cfg.rank_search_repeats))
         tag = getattr(cost_fn, "cache_tag", None) if cost_fn is not None else None
         self.objective = self.mode if cost_fn is None else f"{self.mode}:{tag}"
@@ -115,11 +136,24 @@ class _Timer:
         self.memo: dict = {}
         self.measured = 0
         self.cached = 0
+        # contention: what the reference kernel, the spread of repeats and the load average showed
+        self.batches = 0
+        self.busy_batches = 0
+        self.ref_quiet: Optional[float] = None   # the reference kernel's fastest median: the machine at rest
+        self.ref_worst = 1.0                     # its slowest median relative to that
+        self.ref_seen: list = []                 # its median in every batch so far
+        self.loads: list = []                    # other processes' load per core, one per batch
+        self.remeasured = 0                      # timings measured again because they were disturbed
+        self.rechecked = 0                       # decisions re-checked by re-measurement
+        self.changed = 0                         # ... of which the re-measurement changed
+        self.last_busy = False
+        self._ref = None
 
     def _ckey(self, g: _Group, rank_key: str) -> dict:
         return cache_mod.make_key(device=self.ctx.device, dtype=self.ctx.dtype, memory_format=g.memory_format,
                                   signature=g.signature, input_shape=g.shape, rank=rank_key,
-                                  objective=self.objective)
+                                  objective=self.objective, amp=self.setting.amp,
+                                  exec_form=self.setting.exec_form)
 
     def time(self, g: _Group, wanted: dict) -> dict:
         """{rank key: Measurement} for wanted {rank key: zero-arg module factory}."""
@@ -144,25 +178,128 @@ class _Timer:
                 self.cache.put_many((self._ckey(g, k), m) for k, m in got.items())
         return out
 
+    def remeasure(self, g: _Group, wanted: dict) -> dict:
+        """Measure already-timed keys again; each keeps the less disturbed of its old and new timing."""
+        got = self._measure(g, wanted)
+        out, rows = {}, []
+        for k, m in got.items():
+            mk = (g.signature, g.shape, g.memory_format, k)
+            old = self.memo.get(mk)
+            best = m if old is None else _least_disturbed(old, m)
+            self.memo[mk] = out[k] = best
+            rows.append((self._ckey(g, k), best))
+        if self.cache is not None:
+            self.cache.put_many(rows)
+        return out
+
     def _measure(self, g: _Group, todo: dict) -> dict:
+        """One interleaved batch; timings whose repeats spread beyond SPREAD_BOUND (all of them when the
+        reference kernel saw the machine busy) are measured again, up to MAX_REMEASURE times, and
+        each keeps its least disturbed value."""
+        got = self._measure_once(g, todo)
+        for _ in range(MAX_REMEASURE):
+            again = list(got) if self.last_busy else [
+                k for k, m in got.items() if m.n > 1 and m.rel_noise > SPREAD_BOUND]
+            if not again:
+                break
+            g.busy = True
+            fresh = self._measure_once(g, {k: todo[k] for k in again})
+            self.remeasured += len(again)
+            for k in again:
+                got[k] = _least_disturbed(got[k], fresh[k])
+        return got
+
+    def _measure_once(self, g: _Group, todo: dict) -> dict:
         mods = {k: make() for k, make in todo.items()}
-        if self.cost_fn is not None:
-            out = {}
-            for k, m in mods.items():
-                t = float(self.cost_fn(m, g.shape, self.mode))
-                out[k] = Measurement(t, 0.0, 1, t)
-            return out
         dev = self.ctx.device
-        mf = torch.channels_last if g.memory_format == "channels_last" else None
-        steps = {k: layer_step(m, g.shape, self.ctx.dtype, dev, self.mode, memory_format=mf)
+        self.batches += 1
+        if self.cost_fn is not None:
+            # the cost function runs in the setting the device would: autocast on, layout applied
+            out = {}
+            with autocast_context(dev, self.setting.amp):
+                for k, m in mods.items():
+                    if g.memory_format == "channels_last":
+                        m = copy.deepcopy(m).to(memory_format=torch.channels_last)
+                    out[k] = _as_measurement(self.cost_fn(m, g.shape, self.mode))
+            self.last_busy = False
+            return out
+        setting = replace(self.setting, memory_format=g.memory_format)
+        steps = {k: layer_step(m, g.shape, self.ctx.dtype, dev, self.mode, setting=setting)
                  for k, m in mods.items()}
         del mods
-        return measure_interleaved(steps, device=dev, rounds=self.repeats, warmup=1,
-                                   min_time_s=MIN_BLOCK_S["cuda" if dev.type == "cuda" else "cpu"])
+        block = MIN_BLOCK_S["cuda" if dev.type == "cuda" else "cpu"]
+        steps[_REF] = self._reference(block)
+        got = measure_interleaved(steps, device=dev, rounds=self.repeats, warmup=1, min_time_s=block,
+                                  min_times={_REF: block / 4})
+        self._observe(g, got.pop(_REF))
+        return got
+
+    def _reference(self, block: float):
+        """The reference kernel; its quiet time is taken once, on its own, before the first batch."""
+        if self._ref is None:
+            self._ref = reference_step(self.ctx.device)
+            quiet = measure_interleaved({_REF: self._ref}, device=self.ctx.device, rounds=5, warmup=1,
+                                        min_time_s=block / 4)[_REF]
+            self.ref_quiet = quiet.median_s
+        return self._ref
+
+    def _observe(self, g: _Group, ref: Measurement) -> None:
+        """Was the machine busy during this batch? The reference kernel slower than its quietest (the
+        report says so), or than its usual time, or spread (then the batch is measured again: under a
+        load that lasts, its usual time is the frame every candidate shares, and measuring again would
+        only cost time); other processes' load is noted (a 1-minute average: it marks the group)."""
+        quiet = self.ref_quiet if self.ref_quiet else ref.median_s
+        usual = statistics.median(self.ref_seen + [quiet])
+        self.ref_seen.append(ref.median_s)
+        self.ref_quiet = min(quiet, ref.median_s)
+        slow = ref.median_s / quiet if quiet > 0 else 1.0
+        self.ref_worst = max(self.ref_worst, slow)
+        if slow > 1 + REF_BOUND:
+            self.busy_batches += 1
+        self.last_busy = (ref.median_s > usual * (1 + REF_BOUND) if usual > 0 else False) or (
+            ref.n > 1 and ref.rel_noise > SPREAD_BOUND)
+        if self.last_busy:
+            g.busy = True
+        if current_fake_clock() is None:      # under a fake clock the machine's load says nothing
+            load = others_load(*machine_load())
+            if load is not None:
+                self.loads.append(load)
+
+    def contention(self) -> Optional[str]:
+        """A report line when the machine was seen busy, else None."""
+        load = max(self.loads) if self.loads else None
+        if not (self.busy_batches or self.remeasured or (load is not None and load > LOAD_BOUND)):
+            return None
+        parts = []
+        if self.busy_batches:
+            parts.append(f"reference kernel up to {self.ref_worst:.2f}x its quiet time in {self.busy_batches} "
+                         f"of {self.batches} batches")
+        if load is not None and load > LOAD_BOUND:
+            parts.append(f"other processes' load up to {load:.1f} per core")
+        parts.append(f"{self.remeasured} timings measured again (each keeps its least disturbed value)")
+        if self.rechecked:
+            parts.append(f"{self.rechecked} decisions re-checked by re-measurement, {self.changed} changed")
+        return ("rank search: the machine was busy (" + "; ".join(parts) + "); timings are less reliable "
+                "than on an idle machine: search again with the machine otherwise idle for the best ranks")
 
     def close(self):
         if self.cache is not None:
             self.cache.close()
+
+
+def _least_disturbed(a: Measurement, b: Measurement) -> Measurement:
+    """Of two timings of the same thing, the faster: another process can only add time."""
+    return a if a.median_s <= b.median_s else b
+
+
+def _as_measurement(t) -> Measurement:
+    """A cost function's answer: seconds, or one sample per repeat (then summarized like real ones)."""
+    if isinstance(t, Measurement):
+        return t
+    if isinstance(t, (list, tuple)):
+        return summarize(t)
+    t = float(t)
+    return Measurement(t, 0.0, 1, t)
 
 
 def _factory(module: nn.Module, ranks: tuple, scheme: str):
@@ -173,6 +310,9 @@ def _measure_group(g: _Group, timer: _Timer, cfg, deadline: Optional[float]) -> 
     """Coarse stage (original + grid), then fine stages around suspected edges (deadline permitting)."""
     line, m = g.line, g.module
     coarse = cm.candidate_ranks(line.s_est, line.s_full, cfg.rank_search_window)
+    if line.align > 1:     # every aligned rank in the window is a candidate
+        lo, hi = cm.window_bounds(line.s_est, line.s_full, cfg.rank_search_window)
+        coarse = sorted(set(coarse) | set(aligned_in(lo, hi, line.align)))
     wanted = {ORIGINAL: lambda: m}
     wanted.update({_key(line.ranks(s)): _factory(m, line.ranks(s), g.scheme) for s in coarse})
     got = timer.time(g, wanted)
@@ -192,6 +332,34 @@ def _measure_group(g: _Group, timer: _Timer, cfg, deadline: Optional[float]) -> 
         fresh = _time_with_refs(timer, g, refs, new)
         g.times.update(fresh)
     g.status = "done"
+
+
+def _recheck(g: _Group, timer: _Timer, ctx: CompileContext, model) -> None:
+    """A revert, or any decision made after a disturbed batch, must survive a re-measurement: the
+    original and every measured rank are timed again in one interleaved batch (one frame: re-timing a
+    few points only would compare them with disturbed neighbours), each keeps its least disturbed
+    timing, and the choice is made again, up to MAX_RECHECK times while it changes. A deterministic
+    cost function (single samples) has nothing to re-check."""
+    if g.status == "pending" or g.original is None:
+        return
+    if any(m.n <= 1 for m in [g.original, *g.times.values()]):
+        return
+    line = g.line
+    first = _choose(g, g.names[0], ctx, model)
+    if not (g.busy or first["reverted"]):
+        return
+    for _ in range(MAX_RECHECK):
+        wanted = {ORIGINAL: lambda: g.module}
+        wanted.update({_key(line.ranks(s)): _factory(g.module, line.ranks(s), g.scheme) for s in sorted(g.times)})
+        got = timer.remeasure(g, wanted)
+        g.original = got[ORIGINAL]
+        g.times = {t: got[_key(line.ranks(t))] for t in g.times}
+        timer.rechecked += 1
+        again = _choose(g, g.names[0], ctx, model)
+        if (again["ranks"], again["reverted"]) == (first["ranks"], first["reverted"]):
+            return
+        timer.changed += 1
+        first = again
 
 
 def _time_with_refs(timer: _Timer, g: _Group, refs: list, new: list) -> dict:
@@ -480,6 +648,7 @@ def search_ranks(ctx: CompileContext, *, cost_fn: Optional[Callable] = None, cos
 
 def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict, str]:
     cfg = ctx.config
+    setting = setting_of(ctx)
     groups: dict = {}
     by_name: dict = {}
     no_shape = []
@@ -491,9 +660,12 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
             no_shape.append(name)
             by_name[name] = None
             continue
-        line = _Line(tuple(rec.estimate or rec.ranks), tuple(rec.full_ranks))
+        # the decomposed ranks: the rule's estimate, aligned (Config.align) where the rule made it
+        line = _Line(tuple(rec.ranks or rec.estimate), tuple(rec.full_ranks), setting.align)
         sig = _signature(orig, rec.scheme)
-        mf = _memory_format(orig)
+        # NHWC when the model's weights or inputs are (activations stay NHWC through the convs)
+        mf = "channels_last" if setting.memory_format == "channels_last" and orig.weight.dim() == 4 \
+            else _memory_format(orig)
         gid = (sig, shape, mf, line.estimate, line.full)
         if gid not in groups:
             groups[gid] = _Group([], orig, rec.scheme, sig, shape, line, mf)
@@ -513,6 +685,7 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
                 break
             bar.set_postfix_str(g.names[0] + (f" (+{len(g.names) - 1} alike)" if len(g.names) > 1 else ""))
             _measure_group(g, timer, cfg, deadline)
+            _recheck(g, timer, ctx, model)
             bar.update(1)
     except KeyboardInterrupt:
         stopped = "the rank search was interrupted (Ctrl-C) before this layer was measured"
@@ -536,7 +709,12 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
             plan[name] = {"keep": True,
                           "reason": f"{ctx.records[name].reason}; rank search skipped: {why}; kept the estimate"}
     done = sum(g.status != "pending" for g in groups.values())
-    note = (f"rank search ({cfg.rank_search}): {done} of {len(groups)} distinct layer shapes, "
+    note = (f"rank search ({cfg.rank_search}; timed with {setting.describe()}"
+            + (f", ranks aligned to {setting.align}" if setting.align > 1 else "")
+            + f"): {done} of {len(groups)} distinct layer shapes, "
             f"{timer.measured} timings measured, {timer.cached} from the cache, {elapsed:.1f} s"
             + (f"; stopped: {stopped}" if stopped else ""))
+    busy = timer.contention()
+    if busy:
+        note += "\n" + busy
     return plan, note

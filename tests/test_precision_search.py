@@ -1,0 +1,371 @@
+"""Rank search measures what will run (autocast, channels_last, execution form), survives a busy machine,
+aligns ranks, and checks the whole model: all with cost functions or a fake clock, no real clock."""
+import math
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lrd_fx
+from lrd_fx.cost import cache, timer
+from lrd_fx.cost.timer import use_cost_fn, use_fake_clock
+from lrd_fx.factorize.ranks import align_rank, aligned_in
+from lrd_fx.layers import FactorChain
+from lrd_fx.passes import search_ranks as sr
+from tests.conftest import state_hash
+
+X = torch.randn(2, 32, 5, 5)
+
+
+def convs(n=1, c=32):
+    layers = []
+    for _ in range(n):
+        layers += [nn.Conv2d(c, c, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def lead_rank(m):
+    return m.core.out_channels if "core" in m.roles() else (
+        m.first.out_features if isinstance(m.first, nn.Linear) else m.first.out_channels)
+
+
+def stair(module, original=10.0, step=16):
+    """Synthetic staircase: chains jump by 20% after every multiple of `step`; originals cost `original`."""
+    if isinstance(module, FactorChain):
+        r = lead_rank(module)
+        return 1.0 + 0.001 * r + 0.2 * math.ceil(r / step)
+    return original
+
+
+def nhwc_3x3(module) -> bool:
+    """A 3x3 conv weight of the module is laid out channels_last (and therefore not contiguous)."""
+    ws = [p for p in module.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    return bool(ws) and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                            for w in ws)
+
+
+# --- 1. the search measures what will run ------------------------------------------------------
+
+def test_cost_fn_runs_under_the_callers_autocast_and_layout():
+    seen = []
+
+    def cost(module, shape, mode):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), nhwc_3x3(module)))
+        return stair(module)
+
+    model = convs()
+    x = X.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16), use_cost_fn(cost):
+        gm = lrd_fx.compile(model, (x,), rank=20, rank_search="infer", progress=False)
+    assert seen and all(s == (True, torch.bfloat16, True) for s in seen)
+    assert gm.lrd.setting.amp == "bf16" and gm.lrd.setting.memory_format == "channels_last"
+    assert gm.lrd.plan["0"]["ranks"] == [16, 16]
+    assert "autocast bf16, channels_last, eager" in " ".join(gm.lrd.notes)
+    # outside the compile call nothing is left on, and the model was searched, not changed
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_amp_option_and_off():
+    seen = []
+
+    def cost(module, shape, mode):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return stair(module)
+
+    with use_cost_fn(cost):     # no autocast active: amp= asks for it
+        lrd_fx.compile(convs(), (X,), rank=20, rank_search="train", amp="bf16", progress=False)
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16), use_cost_fn(cost):   # amp="off" wins over autocast
+        gm = lrd_fx.compile(convs(), (X,), rank=20, rank_search="train", amp="off", progress=False)
+    assert seen and set(seen) == {False}
+    assert gm.lrd.setting.amp is None
+
+
+def test_weights_channels_last_without_channels_last_inputs():
+    seen = []
+
+    def cost(module, shape, mode):
+        if isinstance(module, nn.Conv2d) or isinstance(module, FactorChain):
+            seen.append(nhwc_3x3(module))
+        return stair(module)
+
+    model = convs().to(memory_format=torch.channels_last)
+    with use_cost_fn(cost):
+        lrd_fx.compile(model, (X,), rank=20, rank_search="infer", progress=False)
+    assert seen and all(seen)
+
+
+def test_cache_keys_differ_by_amp_and_execution_form(tmp_path):
+    base = dict(device="cpu", dtype=torch.float32, memory_format="contiguous", signature="s", input_shape=(2, 3),
+                rank="8", objective="infer")
+    fp32, bf16 = cache.make_key(**base), cache.make_key(**base, amp="bf16")
+    graphed = cache.make_key(**base, exec_form="cuda_graph")
+    assert len({tuple(k.values()) for k in (fp32, bf16, graphed)}) == 3
+    assert fp32 == cache.make_key(**base, amp=None, exec_form="eager")   # old rows stay valid
+
+    path = tmp_path / "t.sqlite"
+
+    def cost(module, shape, mode):
+        calls.append(1)
+        return stair(module)
+    cost.cache_tag = "stair"
+    calls = []
+    with use_cost_fn(cost):
+        lrd_fx.compile(convs(), (X,), rank=20, rank_search="infer", progress=False, cache=str(path))
+    first = len(calls)
+    n = cache.cache_info(path)["entries"]
+    with torch.autocast("cpu", dtype=torch.bfloat16), use_cost_fn(cost):
+        lrd_fx.compile(convs(), (X,), rank=20, rank_search="infer", progress=False, cache=str(path))
+    assert len(calls) == 2 * first                     # nothing from the fp32 rows
+    assert cache.cache_info(path)["entries"] == 2 * n
+    with use_cost_fn(cost):
+        lrd_fx.compile(convs(), (X,), rank=20, rank_search="infer", progress=False, cache=str(path))
+    assert len(calls) == 2 * first                     # fp32 again: all from the cache
+
+
+def test_execution_form_compile_builds_compiled_steps(monkeypatch):
+    compiled = []
+
+    def fake_compile(m, *a, **k):      # stands in for torch.compile: records, runs eagerly
+        compiled.append(type(m).__name__)
+        return m
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    infos = []
+
+    def clock(info):
+        infos.append(info)
+        return 1e-3 if info.label == "reference" else stair(info.module) * 1e-3
+
+    with use_fake_clock(clock):
+        gm = lrd_fx.compile(convs(), (X,), rank=20, rank_search="infer", progress=False,
+                            rank_search_exec="compile", cache=False)
+    assert "FactorChain" in compiled and "Conv2d" in compiled
+    assert {i.setting.exec_form for i in infos if i.label == "candidate"} == {"compile"}
+    assert gm.lrd.plan["0"]["ranks"] == [16, 16] and gm.lrd.whole_model["exec_form"] == "compile"
+
+
+def test_cuda_graph_needs_cuda():
+    with pytest.raises(lrd_fx.LRDError, match="rank_search_exec='cuda_graph'"):
+        lrd_fx.compile(convs(), (X,), rank=20, rank_search="infer", rank_search_exec="cuda_graph", progress=False)
+
+
+def test_defaults_by_device_and_precision():
+    assert timer.default_align("cuda", torch.float32, "bf16") == 8
+    assert timer.default_align("cuda", torch.float16, None) == 8
+    assert timer.default_align("cuda", torch.float32, None) == 1
+    assert timer.default_align("cpu", torch.bfloat16, "bf16") == 1
+    assert timer.resolve_exec("auto", "cuda") == "cuda_graph" and timer.resolve_exec("auto", "cpu") == "eager"
+    assert timer.resolve_amp(None, "fp16") == "fp16" and timer.resolve_amp("off", "bf16") is None
+    with pytest.raises(lrd_fx.LRDError, match="amp"):
+        lrd_fx.compile(convs().to(torch.bfloat16), (X.to(torch.bfloat16),), amp="fp16")
+
+
+def test_factorization_is_full_precision_under_the_callers_autocast():
+    model = convs(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gm = lrd_fx.compile(model, (X,), rank="full", progress=False)
+    torch.testing.assert_close(gm(X), model(X), rtol=1e-4, atol=1e-4)
+
+
+# --- contention: a noisy burst does not flip the decision ----------------------------------------
+
+class FakeDevice:
+    """A fake clock: a staircase device (original 1.3, chains ~1.0-1.6, reference kernel 1) whose calls
+    in [burst_from, burst_to) are slowed by a random factor in [1, 4] (another process: only adds time)."""
+
+    def __init__(self, burst=None, seed=0):
+        self.burst, self.calls, self.rng = burst, 0, random.Random(seed)
+        self.labels = []
+
+    def __call__(self, info):
+        self.calls += 1
+        self.labels.append(info.label)
+        if info.label == "reference":
+            t = 1.0
+        elif isinstance(info.module, FactorChain):
+            t = stair(info.module)
+        else:
+            t = 1.3
+        if self.burst and self.burst[0] <= self.calls < self.burst[1]:
+            t *= 1 + 3 * self.rng.random()
+        return t * 1e-3
+
+
+def _search(fake, **kw):
+    with use_fake_clock(fake):
+        return lrd_fx.compile(convs(), (X,), rank=20, rank_search="infer", progress=False, cache=False,
+                              whole_model_check=False, **kw)
+
+
+def test_noisy_burst_does_not_flip_the_decision(monkeypatch):
+    quiet = _search(FakeDevice())
+    want = quiet.lrd.plan["0"]
+    assert want["decision"] == "searched" and want["ranks"] == [16, 16]
+    assert not any("busy" in n for n in quiet.lrd.notes)
+    # a burst over the first rounds of the first batch (after the reference kernel's 5 quiet timings)
+    burst = (6, 80)
+    # without re-measurement the burst does flip it (so the test tests something)
+    monkeypatch.setattr(sr, "MAX_REMEASURE", 0)
+    monkeypatch.setattr(sr, "MAX_RECHECK", 0)
+    naive = _search(FakeDevice(burst))
+    assert (naive.lrd.plan["0"]["ranks"], naive.lrd.plan["0"]["decision"]) != (want["ranks"], want["decision"])
+    monkeypatch.undo()
+    fake = FakeDevice(burst)
+    got = _search(fake)
+    assert (got.lrd.plan["0"]["ranks"], got.lrd.plan["0"]["decision"]) == (want["ranks"], want["decision"])
+    notes = " ".join(got.lrd.notes)
+    assert "the machine was busy" in notes and "measured again" in notes
+    assert "reference" in fake.labels
+
+
+def test_spread_of_repeats_triggers_remeasurement():
+    """Cost functions may answer one sample per repeat: a spread beyond the bound is measured again."""
+    calls = {"n": 0}
+
+    def cost(module, shape, mode):
+        calls["n"] += 1
+        t = stair(module, original=1.3)
+        return [t] * 7 if calls["n"] > 30 else [t, t, t, 3 * t, 4 * t, t * 5, t * 4]
+    with use_cost_fn(cost):
+        gm = lrd_fx.compile(convs(), (X,), rank=20, rank_search="infer", progress=False,
+                            whole_model_check=False)
+    assert gm.lrd.plan["0"]["ranks"] == [16, 16]
+    assert "measured again" in " ".join(gm.lrd.notes)
+
+
+# --- 2. hardware-aligned ranks -------------------------------------------------------------------
+
+def test_align_rank_rule():
+    assert align_rank(76, 8, 512) == 72           # down to the multiple
+    assert align_rank(5, 8, 64) == 8              # never below one unit
+    assert align_rank(512, 8, 512) == 512         # full rank (exact) stays
+    assert align_rank(5, 8, 6) == 5               # full rank below one unit: as it was
+    assert align_rank(77, 1, 512) == 77 and align_rank(77, None, 512) == 77
+    assert aligned_in(15, 25, 8) == [16, 24] and aligned_in(1, 9, 8) == [8] and aligned_in(3, 90, 1) == []
+
+
+def test_estimate_is_aligned_but_given_ranks_are_not():
+    model = nn.Sequential(nn.Linear(100, 100), nn.ReLU(), nn.Conv2d(64, 64, 3))
+    x = torch.randn(2, 100)
+    gm = lrd_fx.compile(model[:1], (x,), ratio=0.25, align=8)
+    rec = gm.lrd.plan["0"]
+    assert rec["estimate"] == [12] and rec["ranks"] == [8] and "aligned to a multiple of 8" in rec["reason"]
+    assert gm(x).shape == (2, 100)
+    plain = lrd_fx.compile(model[:1], (x,), ratio=0.25)     # CPU fp32: align "auto" is 1
+    assert plain.lrd.plan["0"]["ranks"] == [12] and plain.lrd.setting.align == 1
+    given = lrd_fx.compile(model[:1], (x,), rank=12, align=8)
+    assert given.lrd.plan["0"]["ranks"] == [12]
+    conv = lrd_fx.compile(model[2:], (torch.randn(1, 64, 6, 6),), ratio=0.25, align=8)
+    rec = conv.lrd.plan["2"]
+    assert rec["estimate"] != rec["ranks"] and all(r % 8 == 0 for r in rec["ranks"])
+
+
+def test_search_candidates_include_every_aligned_rank_in_the_window():
+    seen = set()
+
+    def cost(module, shape, mode):
+        if isinstance(module, FactorChain):
+            seen.add(lead_rank(module))
+            assert module.core.in_channels % 8 == 0      # the other rank of the pair is aligned too
+        return stair(module, step=64)
+    model = nn.Sequential(nn.Conv2d(64, 128, 3, padding=1))
+    with use_cost_fn(cost):
+        gm = lrd_fx.compile(model, (torch.randn(1, 64, 4, 4),), rank={"0": (30, 60)}, rank_search="infer",
+                            rank_search_window=0.5, align=8, progress=False)
+    assert set(range(32, 88, 8)) <= seen          # window [30, 90] around 60
+    assert gm.lrd.plan["0"]["ranks"][0] % 8 == 0      # r_in on the line, aligned
+
+
+# --- 3. whole-model check ------------------------------------------------------------------------
+
+def _whole(fake_lrd_s, mode="train", model=None):
+    infos = []
+
+    def clock(info):
+        infos.append(info)
+        if info.label == "original":
+            return 10e-3
+        if info.label == "lrd":
+            return fake_lrd_s
+        return 1e-3 if info.label == "reference" else stair(info.module) * 1e-3
+    with use_fake_clock(clock):
+        gm = lrd_fx.compile(model or convs(1), (X,), rank=20, rank_search=mode, progress=False, cache=False)
+    return gm, infos
+
+
+def test_whole_model_check_faster_and_not_faster():
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+    before = state_hash(model)
+    gm, infos = _whole(8e-3, model=model)      # "train": BatchNorm statistics would move on the model timed
+    wm = gm.lrd.whole_model
+    assert wm["original_s"] == pytest.approx(10e-3) and wm["lrd_s"] == pytest.approx(8e-3)
+    assert wm["speedup"] == pytest.approx(1.25) and wm["faster"] and wm["mode"] == "train"
+    rep = gm.lrd.report()
+    assert "whole model (train" in rep and "speed-up 1.25x" in rep and "NOT faster" not in rep
+    whole = [i for i in infos if i.label in ("original", "lrd")]
+    assert {i.label for i in whole} == {"original", "lrd"} and all(i.mode == "train" for i in whole)
+    slow, _ = _whole(12.5e-3, mode="infer")
+    assert slow.lrd.whole_model["speedup"] == pytest.approx(0.8) and not slow.lrd.whole_model["faster"]
+    assert "NOT faster than the original" in slow.lrd.report()
+    assert state_hash(model) == before
+
+
+def test_whole_model_check_in_the_same_precision_and_layout():
+    infos = []
+
+    def clock(info):
+        infos.append((info.label, info.setting, torch.is_autocast_enabled("cpu")))
+        return 1e-3 if info.label != "lrd" else 0.5e-3
+    model = convs()
+    x = X.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16), use_fake_clock(clock):
+        gm = lrd_fx.compile(model, (x,), ratio=0.5, whole_model_check=True, progress=False)
+    whole = [(s, on) for label, s, on in infos if label in ("original", "lrd")]
+    assert whole and all(s.amp == "bf16" and s.memory_format == "channels_last" and on for s, on in whole)
+    assert gm.lrd.whole_model["speedup"] == pytest.approx(2.0) and gm.lrd.whole_model["mode"] == "infer"
+
+
+def test_whole_model_check_does_not_touch_the_returned_model():
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+    with use_fake_clock(lambda info: 1e-3):
+        gm = lrd_fx.compile(model, (X,), ratio=0.5, whole_model_check=True, rank_search=None, progress=False)
+        ref = lrd_fx.compile(model, (X,), ratio=0.5, progress=False)
+    assert gm.lrd.whole_model is not None and ref.lrd.whole_model is None
+    torch.testing.assert_close(gm.get_submodule("1").running_mean, ref.get_submodule("1").running_mean)
+
+
+def test_whole_model_check_with_cost_functions():
+    with use_cost_fn(lambda m, shape, mode: stair(m)):
+        auto = lrd_fx.compile(convs(), (X,), rank=20, rank_search="infer", progress=False)
+    assert auto.lrd.whole_model is None and "whole-model check skipped" in " ".join(auto.lrd.notes)
+    seen = []
+
+    def cost(module, shape, mode):
+        seen.append(type(module).__name__)
+        return 1.0 if isinstance(module, nn.Sequential) else 0.5 if isinstance(module, torch.fx.GraphModule) \
+            else stair(module)
+    with use_cost_fn(cost):
+        gm = lrd_fx.compile(convs(), (X,), rank=20, rank_search="infer", progress=False, whole_model_check=True)
+    assert gm.lrd.whole_model["speedup"] == pytest.approx(2.0) and "GraphModule" in seen
+
+
+def test_whole_model_check_needs_example_inputs():
+    with pytest.raises(lrd_fx.LRDError, match="whole_model_check"):
+        lrd_fx.compile(convs(), whole_model_check=True)
+
+
+def test_whole_model_check_failure_is_a_note_not_a_crash():
+    class NoGrad(nn.Module):          # its output never requires grad: "train" cannot be timed whole
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.lin(x).detach()
+    x = torch.randn(2, 32)
+    with use_fake_clock(lambda info: 1e-3):
+        gm = lrd_fx.compile(NoGrad(), (x,), ratio=0.5, rank_search="train", progress=False, cache=False)
+    assert "error" in gm.lrd.whole_model
+    assert "whole-model check failed" in gm.lrd.report()
