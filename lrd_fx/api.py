@@ -160,6 +160,12 @@ def _check_model(model: nn.Module, cfg: Config, inputs: Optional[tuple]) -> None
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError(f"model is a TorchScript module ({type(model).__name__}); lrd_fx needs the eager "
                          f"nn.Module: compile the model before torch.jit.script/trace, then script the result")
+    scripted = [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        # fx traces into a scripted submodule's C++ module (its weights vanish from .parameters()), and a
+        # deep copy of one holds non-leaf tensors no optimizer accepts: neither trains
+        raise InputError(f"submodule '{scripted[0]}' is a TorchScript module; lrd_fx needs eager nn.Modules "
+                         f"throughout: compile the eager model, then torch.jit.script/trace the result")
     from .layers import FactorChain
     compiled = isinstance(getattr(model, "lrd", None), LRDInfo) or any(
         isinstance(m, FactorChain) for m in model.modules())

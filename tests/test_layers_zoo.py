@@ -401,3 +401,11 @@ def test_tied_and_spectral_normed_layers_survive_save_and_load(tmp_path):
     assert parametrize.is_parametrized(back.get_submodule("3"), "weight")
     assert _plan(back)["0.c"]["decision"] == "decomposed"
     torch.testing.assert_close(back(x), gm(x))
+
+
+
+def test_scripted_submodule_is_refused():
+    # fx would trace into its C++ module, and a copy of it does not train: refused, not silently broken
+    model = nn.Sequential(torch.jit.script(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 16))
+    with pytest.raises(InputError, match="submodule '0' is a TorchScript module"):
+        lrd_fx.compile(model, (torch.randn(4, 16),))
