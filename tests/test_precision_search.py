@@ -159,7 +159,9 @@ def test_defaults_by_device_and_precision():
     assert timer.resolve_exec("auto", "cuda") == "cuda_graph" and timer.resolve_exec("auto", "cpu") == "eager"
     assert timer.resolve_amp(None, "fp16") == "fp16" and timer.resolve_amp("off", "bf16") is None
     with pytest.raises(lrd_fx.LRDError, match="amp"):
-        lrd_fx.compile(convs().to(torch.bfloat16), (X.to(torch.bfloat16),), amp="fp16")
+        lrd_fx.compile(convs().to(torch.bfloat16), (X.to(torch.bfloat16),), amp="fp16", whole_model_check=True)
+    # nothing timed: options for another device are no error (a config written on a GPU machine)
+    lrd_fx.compile(convs(), (X,), rank=20, rank_search_exec="cuda_graph")
 
 
 def test_factorization_is_full_precision_under_the_callers_autocast():

@@ -2,11 +2,13 @@
 from .cache import TimingCache, cache_clear, cache_info, default_path
 from .model import (COST_MODELS, Choice, Option, candidate_ranks, choose, find_edges, get_cost_model,
                     plan_budget, refine_ranks, register_cost_model, staircase, window_bounds)
-from .timer import Measurement, layer_step, measure, measure_interleaved, measure_rounds, use_cost_fn
+from .timer import (Measurement, Setting, layer_step, measure, measure_interleaved, measure_rounds, use_cost_fn,
+                    use_fake_clock)
 
 __all__ = [
     "TimingCache", "cache_clear", "cache_info", "default_path",
     "COST_MODELS", "Choice", "Option", "candidate_ranks", "choose", "find_edges", "get_cost_model",
     "plan_budget", "refine_ranks", "register_cost_model", "staircase", "window_bounds",
     "Measurement", "layer_step", "measure", "measure_interleaved", "measure_rounds", "use_cost_fn",
+    "Setting", "use_fake_clock",
 ]

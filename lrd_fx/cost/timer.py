@@ -247,16 +247,21 @@ def setting_of(ctx) -> Setting:
     if got is not None:
         return got
     cfg = ctx.config
+    # nothing is timed without a search or a whole-model check: then only the alignment is used, and
+    # options that fit another device (a config saved on a GPU machine) are not errors
+    timed = cfg.rank_search is not None or getattr(cfg, "whole_model_check", None) is True
     amp = resolve_amp(getattr(cfg, "amp", None), ctx.extras.get("autocast"))
-    if amp is not None and ctx.dtype in _HALF and AMP_DTYPES[amp] != ctx.dtype:
+    if timed and amp is not None and ctx.dtype in _HALF and AMP_DTYPES[amp] != ctx.dtype:
         raise ConfigError(f"amp={amp!r} but the model's weights are {ctx.dtype}: autocast would time a "
                           f"mixed precision that does not run; pass amp='off' or cast the model")
     align = getattr(cfg, "align", "auto")
     if align == "auto":
         align = default_align(ctx.device, ctx.dtype, amp)
+    exec_option = getattr(cfg, "rank_search_exec", "auto")
+    if not timed and exec_option == "cuda_graph" and _device(ctx.device).type != "cuda":
+        exec_option = "eager"
     got = Setting(amp=amp, memory_format=memory_format_of(ctx.model, ctx.example_inputs),
-                  exec_form=resolve_exec(getattr(cfg, "rank_search_exec", "auto"), ctx.device),
-                  align=int(align or 1))
+                  exec_form=resolve_exec(exec_option, ctx.device), align=int(align or 1))
     ctx.extras["setting"] = got
     return got
 

@@ -144,9 +144,10 @@ def describe(wm: Optional[dict]) -> list[str]:
             line += f" (paired median of {wm['rounds']} rounds, IQR {wm['speedup_iqr']:.2f})"
     lines = [line]
     if not wm.get("faster"):
-        lines.append("the decomposed model is NOT faster than the original here: per-layer gains did not add "
-                     "up for the whole model; try rank_search='train'/'infer' as it will run, a rank_budget, "
-                     "or keep the original model")
+        lines.append(f"the decomposed model is NOT faster than the original here"
+                     + (f" ({sp:.2f}x)" if sp is not None else "")
+                     + ": the per-layer gains did not add up for the whole model; search in the mode and "
+                     "precision you run, try a rank_budget, or keep the original model")
     if wm.get("busy"):
         lines.append("(the machine was busy during the whole-model check: time again on an idle machine)")
     if wm.get("note"):

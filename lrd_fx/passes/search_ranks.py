@@ -685,7 +685,8 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
                 break
             bar.set_postfix_str(g.names[0] + (f" (+{len(g.names) - 1} alike)" if len(g.names) > 1 else ""))
             _measure_group(g, timer, cfg, deadline)
-            _recheck(g, timer, ctx, model)
+            if deadline is None or time.perf_counter() <= deadline:
+                _recheck(g, timer, ctx, model)
             bar.update(1)
     except KeyboardInterrupt:
         stopped = "the rank search was interrupted (Ctrl-C) before this layer was measured"
