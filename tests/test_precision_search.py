@@ -222,6 +222,25 @@ def test_noisy_burst_does_not_flip_the_decision(monkeypatch):
     assert "reference" in fake.labels
 
 
+def test_lasting_load_is_reported_but_not_measured_again_and_again():
+    """Everything twice as slow after the reference kernel's quiet timing (another process that stays):
+    the report says the machine was busy; only the first batch, where the slowdown began, is re-measured,
+    and the decision is the quiet one."""
+    class Loaded(FakeDevice):
+        def __call__(self, info):
+            t = super().__call__(info)
+            return t if self.calls <= 5 else 2 * t
+    fake = Loaded()
+    gm = _search(fake)
+    assert gm.lrd.plan["0"]["ranks"] == [16, 16]
+    notes = " ".join(gm.lrd.notes)
+    assert "the machine was busy" in notes and "reference kernel up to 2.00x" in notes
+    import re
+    again = int(re.search(r"(\d+) timings measured again", notes).group(1))
+    first_batch = len(gm.lrd.plan["0"]["candidates"]) + 1     # coarse ranks + the original
+    assert 0 < again <= first_batch
+
+
 def test_spread_of_repeats_triggers_remeasurement():
     """Cost functions may answer one sample per repeat: a spread beyond the bound is measured again."""
     calls = {"n": 0}
