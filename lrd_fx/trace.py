@@ -94,9 +94,17 @@ def _user_line(exc: BaseException) -> str:
 
 def _trace_once(module: nn.Module, leaf_modules, leaf_names) -> fx.GraphModule:
     tracer = LRDTracer(leaf_modules, leaf_names)
-    graph = tracer.trace(module)
-    name = module.__class__.__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    had = set(vars(module))
+    try:
+        graph = tracer.trace(module)
+        name = module.__class__.__name__
+        gm = fx.GraphModule(tracer.root, graph, name)
+    finally:
+        # fx stores tensor constants on the traced module (_tensor_constant0, ...); the GraphModule has its
+        # own reference now: leave the module as it was, so a second trace names them the same way
+        for key in set(vars(module)) - had:
+            if key.startswith("_tensor_constant"):
+                delattr(module, key)
     keep_plain_attributes(gm, module)
     return gm
 
@@ -191,6 +199,26 @@ def _merge_modes(gm_train: fx.GraphModule, gm_eval: fx.GraphModule) -> bool:
     return True
 
 
+def _mode_leaf_candidates(model: nn.Module, leaf_classes, leaf_names) -> set:
+    """Submodules (relative names) with no factorizable layer whose forward reads self.training."""
+    import inspect
+    out = set()
+    for qn, m in model.named_modules():
+        if not qn or qn in leaf_names or any(qn.startswith(n + ".") for n in leaf_names | out):
+            continue
+        if _is_torch_builtin(m) or (leaf_classes and isinstance(m, leaf_classes)) or _has_factorizable(m):
+            continue
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            continue
+        try:
+            src = inspect.getsource(type(m).forward)
+        except (OSError, TypeError):
+            continue
+        if "training" in src:
+            out.add(qn)
+    return out
+
+
 def _trace_both_modes(module: nn.Module, leaf_modules, leaf_names) -> tuple[fx.GraphModule, Optional[str]]:
     """Trace in the module's mode and in the other one. Python branches on self.training are fixed by
     tracing, so a graph must hold for both modes: constants that differ become by_mode nodes; a
@@ -283,6 +311,17 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
                 forced[where] = reason
                 continue
             return keep_eager(reason)
+    if mode_reason is not None:
+        # Small modules with no Conv/Linear inside that read self.training (timm's DropPath, ...) lose
+        # nothing as leaves: keep them whole and retry, so the rest of this module stays one graph.
+        mode_leaves = _mode_leaf_candidates(model, classes, local_names | set(forced))
+        if mode_leaves:
+            try:
+                gm2, reason2 = _trace_both_modes(model, classes, local_names | set(forced) | mode_leaves)
+            except Exception:  # noqa: BLE001 - no better: keep the module eager below
+                reason2 = mode_reason
+            if reason2 is None:
+                gm, mode_reason = gm2, None
     if mode_reason is not None:
         if not fallback:
             raise TraceError(
