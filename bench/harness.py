@@ -9,6 +9,12 @@ Variants (rows per model):
   original              the model as created (random init)
   lrd                   lrd_fx.compile(model, (x,), ratio=R): ranks from the ratio estimate
   lrd+search            + rank_search="infer" (--search-mode): ranks timed on this device, reverts kept
+  lrd+round8            the divisor rule (AIMET / msModelSlim style): the lrd row's estimated ranks rounded
+                        down to a multiple of 8 (--round-multiple), scaled so that the model has the
+                        parameters of the lrd+search row (within 2%): the search against the simple rule at
+                        equal parameters (lrd_fx.compile(rank={layer: ranks}, skip=<the rest>))
+  lrd+fuse              lrd with fuse_inference=True: BatchNorm folded, adjacent linear maps merged, no-op
+                        nodes dropped; inference only (its training columns stay empty)
   lrd+search+seqfreeze  the lrd+search plan and weights with freeze="sequential" (lrd_fx.save, then
                         lrd_fx.load(..., freeze="sequential"): no second search, so the row differs from
                         lrd+search by the gates alone); training speed = mean step time over the
@@ -57,7 +63,8 @@ from lrd_fx.errors import ConfigError, LRDError  # noqa: E402
 from bench import peers  # noqa: E402
 
 FORMAT = "lrd_fx-bench/1"
-VARIANTS = ("original", "lrd", "lrd+search", "lrd+search+seqfreeze", "tltorch", "composer")
+VARIANTS = ("original", "lrd", "lrd+search", "lrd+round8", "lrd+search+seqfreeze", "lrd+fuse", "tltorch", "composer")
+INFERENCE_ONLY = ("lrd+fuse",)
 DEFAULT_MODELS = ("resnet18", "resnet50", "vit_small_patch16_224", "convnext_tiny")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -123,6 +130,8 @@ class Settings:
     amp: Optional[str] = None            # None or "bf16"
     channels_last: bool = False
     compile: bool = False                # torch.compile every variant
+    compile_backend: str = "inductor"    # torch.compile backend (tests use "eager": same guards, no codegen)
+    round_multiple: int = 8              # lrd+round8: ranks rounded down to a multiple of this
     train: bool = True                   # time SGD training steps too
     variants: tuple = VARIANTS
     ratio: float = 0.25                  # lrd_fx ratio (fraction of each layer's params kept)
@@ -160,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="CI smoke run: resnet10t + vit_tiny_patch16_224, batch 4, "
                    "32x32, 3 rounds, search budget 5 s; about 2 minutes on a busy 2-core CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    p.add_argument("--round-multiple", type=_positive_int, default=8,
+                   help="lrd+round8: round estimated ranks down to a multiple of this (default 8; 32/64 also common)")
     p.add_argument("--amp", choices=["bf16"], default=None, help="autocast to bfloat16 in forward")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (models and input)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available, else cpu)")
@@ -212,7 +224,8 @@ def settings_from_args(args) -> Settings:
         models=models, batch=args.batch or base["batch"], size=args.size or base["size"],
         rounds=args.rounds or base["rounds"],
         warmup=args.warmup if args.warmup is not None else base["warmup"], device=device, amp=args.amp,
-        channels_last=args.channels_last, compile=args.compile, train=not args.no_train, variants=variants,
+        channels_last=args.channels_last, compile=args.compile, compile_backend=args.compile_backend,
+        round_multiple=args.round_multiple, train=not args.no_train, variants=variants,
         ratio=args.ratio, search_mode=args.search_mode,
         search_budget_s=args.search_budget if args.search_budget is not None else base["search_budget_s"],
         search_repeats=args.search_repeats or base["search_repeats"],
@@ -268,6 +281,7 @@ class Variant:
     plan: dict = field(default_factory=dict)   # {layer: [scheme or structure, ranks, decision]}
     layers: tuple = (0, 0)                   # (factorized, candidates)
     notes: list = field(default_factory=list)
+    inference_only: bool = False             # fused for eval: no training rows
 
 
 def _err(e: BaseException) -> str:
@@ -315,6 +329,41 @@ def _lrd_plan_summary(gm) -> tuple[dict, tuple, list]:
     return compact, (n_fact, len(plan)), notes
 
 
+def divisor_ranks(model: nn.Module, plan: dict, multiple: int, target_params: Optional[int] = None) -> tuple[dict, float]:
+    """({layer: ranks}, scale) of the divisor rule: every factorized layer's estimated ranks times `scale`,
+    rounded down to a multiple of `multiple` (at least `multiple`, at most the full rank). With
+    target_params, `scale` is chosen so that the whole model's parameter count is the closest to it (the
+    comparison at equal parameters); else scale = 1."""
+    from lrd_fx.factorize import chain_params
+    layers = {n: r for n, r in plan.items() if r.get("decision") in ("decomposed", "searched") and r.get("estimate")}
+    base = sum(p.numel() for p in model.parameters())
+
+    def at(scale):
+        ranks, total = {}, base
+        for n, r in layers.items():
+            rr = []
+            for e, f in zip(r["estimate"], r["full_ranks"]):
+                k = int(e * scale) // multiple * multiple
+                rr.append(min(f, max(k, min(multiple, f))))
+            ranks[n] = tuple(rr)
+            total += chain_params(model.get_submodule(n), ranks[n], r["scheme"]) - r["params_before"]
+        return ranks, total
+
+    if target_params is None:
+        return at(1.0)[0], 1.0
+    lo, hi = 0.1, 10.0
+    best = (float("inf"), 1.0)
+    for _ in range(40):          # params grow with the scale (in steps): bisect, keep the closest
+        mid = (lo * hi) ** 0.5
+        total = at(mid)[1]
+        best = min(best, (abs(total - target_params), mid))
+        if total < target_params:
+            lo = mid
+        else:
+            hi = mid
+    return at(best[1])[0], best[1]
+
+
 def build_variant(name: str, model: nn.Module, x: torch.Tensor, s: Settings, built: dict) -> Variant:
     """One variant of `model`; failures are returned in Variant.error, never raised."""
     v = Variant(name)
@@ -348,6 +397,30 @@ def build_variant(name: str, model: nn.Module, x: torch.Tensor, s: Settings, bui
             v.notes = [f"lrd+search plan + freeze='sequential' via {how}"]
             if v.freezer is None:
                 raise RuntimeError("lrd_fx.load(..., freeze='sequential') returned a model without a freezer")
+        elif name == "lrd+fuse":
+            gm = lrd_fx.compile(model, (x,), **_lrd_kwargs(s, False, False), fuse_inference=True)
+            v.compile_s = time.perf_counter() - t0
+            v.module = gm
+            v.inference_only = True
+            v.plan, v.layers, v.notes = _lrd_plan_summary(gm)
+            v.notes += [n.replace("fuse (inference only): ", "") for n in gm.lrd.notes if n.startswith("fuse")]
+        elif name == "lrd+round8":
+            ref = built.get("lrd")
+            if ref is None:
+                ref = build_variant("lrd", model, x, dataclasses.replace(s, compile=False), {})
+            if not _usable(ref):
+                raise RuntimeError(f"needs the estimated ranks of the lrd variant, which failed: {ref.error}")
+            searched = built.get("lrd+search")
+            target = sum(p.numel() for p in searched.module.parameters()) if _usable(searched) else None
+            ranks, scale = divisor_ranks(model, ref.module.lrd.plan, s.round_multiple, target)
+            t0 = time.perf_counter()
+            skip = tuple(n for n in ref.module.lrd.plan if n not in ranks)
+            gm = lrd_fx.compile(model, (x,), ratio=s.ratio, rank=ranks or None, skip=skip, progress=False)
+            v.compile_s = time.perf_counter() - t0
+            v.module = gm
+            v.plan, v.layers, v.notes = _lrd_plan_summary(gm)
+            v.notes.append(f"estimates x{scale:.2f}, rounded down to a multiple of {s.round_multiple}"
+                           + (" (scaled to lrd+search's params)" if target else " (lrd+search not built: unscaled)"))
         elif name.startswith("lrd"):
             search = "search" in name
             freeze = name.endswith("seqfreeze")
@@ -388,7 +461,7 @@ def build_variant(name: str, model: nn.Module, x: torch.Tensor, s: Settings, bui
             raise ConfigError(f"unknown variant {name!r}")
         if s.channels_last:
             v.module = v.module.to(memory_format=torch.channels_last)
-        v.run = torch.compile(v.module) if s.compile else v.module
+        v.run = torch.compile(v.module, backend=s.compile_backend) if s.compile else v.module
     except Exception as e:
         v.error = _err(e)
         v.module = v.run = None
@@ -480,12 +553,32 @@ def timed_first_calls(fns: dict, device: str) -> tuple[dict, dict]:
     return first, errors
 
 
-def measure(fns: dict, s: Settings) -> tuple[dict, dict, dict]:
-    """({key: Measurement}, {key: error}, {key: first-call seconds}) for the candidates, interleaved."""
+def dynamo_graphs() -> int:
+    """Graphs torch.compile (dynamo) has compiled in this process so far: a rise while timing means a
+    recompile was timed."""
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:  # pragma: no cover - dynamo unavailable
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def measure(fns: dict, s: Settings, compiles: Optional[dict] = None, phase: str = "") -> tuple[dict, dict, dict]:
+    """({key: Measurement}, {key: error}, {key: first-call seconds}) for the candidates, interleaved.
+    compiles[phase] receives how many graphs torch.compile built during the timed rounds (should be 0)."""
     first, errors = timed_first_calls(fns, s.device)
     ok = {k: f for k, f in fns.items() if k not in errors}
     if not ok:
         return {}, errors, first
+    graphs = dynamo_graphs()
+    try:
+        return _measure_ok(ok, s, errors) + (first,)
+    finally:
+        if compiles is not None:
+            compiles[phase] = dynamo_graphs() - graphs
+
+
+def _measure_ok(ok: dict, s: Settings, errors: dict) -> tuple[dict, dict]:
     try:
         res = measure_interleaved(ok, device=s.device, rounds=s.rounds, warmup=s.warmup, min_time_s=s.min_block_s)
     except Exception:
@@ -497,7 +590,7 @@ def measure(fns: dict, s: Settings) -> tuple[dict, dict, dict]:
                                                min_time_s=s.min_block_s))
             except Exception as e:
                 errors[k] = _err(e)
-    return res, errors, first
+    return res, errors
 
 
 def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callable[[], nn.Module]] = None) -> tuple[list, dict]:
@@ -528,6 +621,16 @@ def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callab
     except Exception as e:
         return fail_all(f"model could not be created or run: {_err(e)}")
 
+    compiles: dict = {}
+    if s.compile:
+        # Variants of one model share code objects (ResNet.forward, Conv2d.forward, ...) and so dynamo's
+        # cache entries, across models too: with the default limit of 8 entries per code object, the
+        # later variants and modes silently fell back to running frame by frame (slower than eager).
+        # Start each model afresh with room for every variant in eval and train mode and each freezing
+        # state.
+        import torch._dynamo as dynamo
+        dynamo.reset()
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 4 * len(s.variants) + 8)
     variants: dict[str, Variant] = {}
     for name in s.variants:
         if bar is not None:
@@ -559,7 +662,7 @@ def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callab
         v.module.eval()
         if v.freezer is not None:
             v.freezer.set_epoch(0)
-    res, errs, first = measure({n: infer_step(v, x, s) for n, v in live.items()}, s)
+    res, errs, first = measure({n: infer_step(v, x, s) for n, v in live.items()}, s, compiles, "infer")
     for n in live:
         row = rows[n]
         if n in errs:
@@ -581,6 +684,9 @@ def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callab
         for n, v in live.items():
             if rows[n]["status"] != "ok":
                 continue
+            if v.inference_only:
+                rows[n]["notes"].append("inference only (fused for eval: no training row)")
+                continue
             v.module.train()
             try:
                 for k, fn in train_steps(v, x, y, s).items():
@@ -588,7 +694,7 @@ def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callab
                     owner[k] = n
             except Exception as e:
                 rows[n]["error"] = f"training setup failed: {_err(e)}"
-        res, errs, first = measure(fns, s)
+        res, errs, first = measure(fns, s, compiles, "train")
         by_variant: dict = {}
         for k, n in owner.items():
             if k in errs:
@@ -612,6 +718,12 @@ def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callab
             if s.compile:
                 row["first_call_train_s"] = max(first.get(k) or 0.0 for k, _ in ms)
 
+    if s.compile:
+        for row in rows.values():
+            row["graphs_compiled_while_timing"] = dict(compiles)
+        if any(compiles.values()):
+            for row in rows.values():
+                row["notes"].append(f"torch.compile recompiled while timing ({compiles}): numbers include compiling")
     _ratios(list(rows.values()))
     del variants, live, model
     gc.collect()
@@ -644,10 +756,16 @@ def run(s: Settings, models: Optional[dict] = None, argv: Optional[list] = None)
     threads = torch.get_num_threads()
     if s.threads:
         torch.set_num_threads(s.threads)
+    limit = None
+    if s.compile:
+        import torch._dynamo as dynamo
+        limit = dynamo.config.recompile_limit   # bench_model raises it per model
     try:
         return _run(s, models, argv)
     finally:
         torch.set_num_threads(threads)
+        if limit is not None:
+            dynamo.config.recompile_limit = limit
 
 
 def contention_warning(machine: dict) -> Optional[str]:
@@ -706,6 +824,9 @@ def legend(s: Settings) -> list:
         + "; seqfreeze: the lrd+search plan with freeze='sequential' (lrd_fx.save/load, or compile at the "
         "searched ranks when load fails), "
         "train/s = mean step time over the schedule's states (epochs 0, 1), compile s = search + load.",
+        f"lrd+round8: the lrd estimates scaled to lrd+search's parameter count and rounded down to a multiple of "
+        f"{s.round_multiple} (the divisor rule at equal params); lrd+fuse: lrd with fuse_inference=True "
+        f"(BatchNorm folded, adjacent linear maps merged, no-op nodes dropped), inference only.",
         "tltorch: tensorly-torch layers (implementation='factorized') at the lrd row's ranks on the same layers: "
         "Tucker (r_out, r_in, kh, kw) for kxk convs, CP rank r for 1x1 convs and Linear.",
         f"composer: Composer-style Factorize, every Conv2d/Linear with min(in, out) >= {s.composer_min_channels} "

@@ -1,5 +1,5 @@
 """lrd_fx: a torch.fx compiler that makes low-rank-decomposed networks fast."""
-from .api import LRDInfo, compile, load, save
+from .api import LRDInfo, compile, fuse, load, save
 from .bn import recalibrate_bn
 from .config import Config
 from .errors import (CacheError, ConfigError, FactorizationError, FreezeError, InputError, LoadError,
@@ -11,7 +11,7 @@ from .trace import register_leaf_function, register_leaf_module
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "save", "load", "Config", "LRDInfo",
+    "compile", "fuse", "save", "load", "Config", "LRDInfo",
     "LRDError", "ConfigError", "RankError", "InputError", "TraceError", "FactorizationError",
     "PassError", "CacheError", "FreezeError", "LoadError", "SaveError",
     "register_leaf_module", "register_leaf_function",

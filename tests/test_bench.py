@@ -40,10 +40,21 @@ def test_smoke_every_variant_has_numbers(tmp_path, capsys):
     assert list(rows) == list(harness.VARIANTS)
     for name, r in rows.items():
         assert r["status"] == "ok", (name, r.get("error"))
-        for key in ("params", "gflops", "infer_sps", "train_sps", "speedup_infer", "speedup_train",
-                    "eff_infer", "eff_train", "compile_s"):
+        keys = ("params", "gflops", "infer_sps", "speedup_infer", "eff_infer", "compile_s")
+        if name not in harness.INFERENCE_ONLY:
+            keys += ("train_sps", "speedup_train", "eff_train")
+        for key in keys:
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] >= 0, (name, key, r[key])
-        assert r["params"] > 0 and r["gflops"] > 0 and r["infer_sps"] > 0 and r["train_sps"] > 0
+        assert r["params"] > 0 and r["gflops"] > 0 and r["infer_sps"] > 0
+    # lrd+fuse: inference only, BatchNorm folded (fewer params than lrd by the BN affine/statistics)
+    assert rows["lrd+fuse"].get("train_sps") is None and "inference only" in " ".join(rows["lrd+fuse"]["notes"])
+    assert rows["lrd+fuse"]["params"] < rows["lrd"]["params"]
+    assert any("BatchNorm folded" in n for n in rows["lrd+fuse"]["notes"])
+    # lrd+round8: ranks are multiples of 8 (or the full rank), params within 2% of lrd+search's... or as close
+    # as multiples of 8 allow on this tiny model
+    round8 = data["plans"]["tiny_cnn"]["lrd+round8"]
+    ranks = [r for p in round8.values() if p[2] == "decomposed" for r in p[1]]
+    assert ranks and all(r % 8 == 0 for r in ranks)
     assert rows["original"]["speedup_infer"] == 1.0 and rows["original"]["flop_reduction"] == 1.0
     # factorized variants have fewer parameters and FLOPs than the original
     for name in ("lrd", "tltorch", "composer"):
@@ -175,3 +186,38 @@ def test_quick_command_runs_end_to_end(tmp_path):
         table = [ln for ln in proc.stdout.splitlines() if ln.startswith(m + " ")]
         assert len(table) == len(harness.VARIANTS)
     assert proc.stdout.startswith("machine: ")
+
+
+def test_compiled_variants_do_not_recompile_while_timed(tmp_path):
+    """--compile: every graph is built by the untimed first calls; the timed rounds (inference, then training
+    at both freezing states) compile nothing. The eager backend has dynamo's guards without codegen."""
+    before = harness.dynamo_graphs()
+    with use_cost_fn(_fake_cost):
+        results = harness.run(harness.settings_from_args(harness.build_parser().parse_args(
+            TINY + ["--compile", "--compile-backend", "eager", "--rounds", "2",
+                    "--variants", "original,lrd,lrd+search,lrd+search+seqfreeze,lrd+fuse,composer"])))
+    rows = {r["variant"]: r for r in results["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), {n: r.get("error") for n, r in rows.items()}
+    assert harness.dynamo_graphs() > before                      # the variants were compiled
+    assert rows["original"]["graphs_compiled_while_timing"] == {"infer": 0, "train": 0}
+    assert not any("recompiled while timing" in " ".join(r["notes"]) for r in rows.values())
+
+
+def test_new_epochs_do_not_recompile_a_gated_model():
+    """The gates guard on the schedule state, not the epoch: in a training loop (zero_grad, step), epochs
+    2.. reuse the graphs compiled in epochs 0 and 1."""
+    import lrd_fx
+    torch._dynamo.reset()
+    model = harness.tiny_cnn()
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    gm = lrd_fx.compile(model, (x,), ratio=0.25, freeze="sequential", progress=False)
+    run = torch.compile(gm, backend="eager")
+    opt = torch.optim.SGD(gm.parameters(), lr=1e-3, momentum=0.9)
+    counts = []
+    for epoch in gm.lrd.freezer.epochs(6):
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(run(x), y).backward()
+            opt.step()
+        counts.append(harness.dynamo_graphs())
+    assert counts[1] > counts[0] and counts[2:] == [counts[1]] * 4, counts
