@@ -296,3 +296,40 @@ def test_segmentation_model_compiles_exact_at_full_rank():
     assert want.keys() == got.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+class DropPathLike(nn.Module):
+    """No layer inside; its forward branches on self.training (as timm's DropPath does)."""
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = x.new_empty((x.shape[0], 1)).bernoulli_(0.5)
+        return x * keep / 0.5
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.drop_path = DropPathLike()
+        self.table = torch.arange(16.0)      # read by the graph as a tensor constant
+
+    def forward(self, x):
+        return x + self.drop_path(self.fc2(torch.relu(self.fc1(x + self.table))))
+
+
+def test_small_mode_dependent_modules_become_leaves_and_the_parent_stays_one_graph():
+    model = ResidualBlock()
+    x = torch.randn(8, 16)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    assert isinstance(gm, fx.GraphModule) and gm.lrd.fallback_parts == {}
+    assert any(n.op == "call_module" and n.target == "drop_path" for n in gm.graph.nodes)
+    assert not any(k.startswith("_tensor_constant") for k in vars(model))   # tracing left the model alone
+    for mode in (False, True):
+        model.train(mode), gm.train(mode)
+        torch.manual_seed(5)
+        want = model(x)
+        torch.manual_seed(5)
+        torch.testing.assert_close(gm(x), want, rtol=1e-4, atol=1e-5)
