@@ -126,7 +126,7 @@ def test_ratio_half_is_smaller_and_finite(name):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_kv_cache_and_attention_mask_at_full_rank(name):
+def test_kv_cache_attention_mask_and_generate_at_full_rank(name):
     model, x, field, _ = _build(name)
     gm = lrd_fx.compile(model, x, rank="full", progress=False)
     ids, mask = _ids(), _mask()
@@ -140,12 +140,7 @@ def test_kv_cache_and_attention_mask_at_full_rank(name):
             outs.append((first.logits, step.logits))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_generate_greedy_matches_at_full_rank(name):
-    model, x, field, _ = _build(name)
-    gm = lrd_fx.compile(model, x, rank="full", progress=False)
+    # greedy generate() on the compiled model gives the original's tokens
     ids, mask = _ids(5), _mask(5)
     kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=1)
     with torch.no_grad(), warnings.catch_warnings():
@@ -156,7 +151,7 @@ def test_generate_greedy_matches_at_full_rank(name):
     assert torch.equal(got, want)
 
 
-def test_fine_tuning_steps_and_train_mode_dropout():
+def test_fine_tuning_steps_train_mode_dropout_and_save_load(tmp_path):
     """A compiled BERT trains (dropout active in train mode, as in the original), and its traced parts
     read the mode: eval output stays deterministic."""
     torch.manual_seed(0)
@@ -180,3 +175,9 @@ def test_fine_tuning_steps_and_train_mode_dropout():
     gm.eval()
     with torch.no_grad():
         torch.testing.assert_close(gm(*x).last_hidden_state, gm(*x).last_hidden_state)
+    path = tmp_path / "bert.lrd"
+    lrd_fx.save(gm, path)
+    loaded = lrd_fx.load(model, path)
+    assert type(loaded) is type(model) and loaded.lrd.plan.keys() == gm.lrd.plan.keys()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(*x).last_hidden_state, gm(*x).last_hidden_state)
