@@ -57,6 +57,9 @@ def save(gm: nn.Module, path) -> None:
         "freeze": _freeze_spec(gm, info.config),
     }
     header["config"], header["config_not_saved"] = _config_dict(info.config)
+    if getattr(gm, "_lrd_fused", False):
+        # lrd_fx.fuse(gm) after compile: the model, not the compile options, says how to rebuild it
+        header["config"]["fuse_inference"] = True
     tensors, aliases = _distinct_tensors(gm.state_dict())
     header["aliases"] = aliases
     header["freezer_keys"] = _freezer_keys(gm)

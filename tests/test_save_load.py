@@ -507,3 +507,20 @@ def test_hugging_face_gpt2_with_tied_head_roundtrip(tmp_path):
     gm2 = lrd_fx.load(model, tmp_path / "gpt2.lrd").eval()
     assert gm2.get_submodule("lm_head").weight is gm2.get_submodule("transformer.wte").weight
     torch.testing.assert_close(gm2(ids).logits, gm(ids).logits)
+
+
+def test_fused_models_roundtrip(tmp_path, saved):
+    model, gm, _ = saved
+    fused = lrd_fx.compile(model, (X,), ratio=0.5, fuse_inference=True, progress=False)
+    lrd_fx.save(fused, tmp_path / "f.lrd")
+    gm2 = lrd_fx.load(model, tmp_path / "f.lrd")
+    assert "1.running_mean" not in gm2.state_dict()            # BatchNorm folded as in the saved model
+    assert_same_state(fused, gm2)
+    torch.testing.assert_close(gm2(X), fused(X))
+    # fused after compile (lrd_fx.fuse): the file says so, whatever the compile options were
+    later = lrd_fx.fuse(gm)
+    lrd_fx.save(later, tmp_path / "later.lrd")
+    assert header_of(tmp_path / "later.lrd")["config"]["fuse_inference"] is True
+    gm3 = lrd_fx.load(model, tmp_path / "later.lrd")
+    assert_same_state(later, gm3)
+    torch.testing.assert_close(gm3(X), later(X))
