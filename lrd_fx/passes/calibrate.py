@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import copy
 from typing import Optional
 
 import torch
@@ -257,7 +256,8 @@ def calibrate(ctx: CompileContext):
         try:
             with torch.no_grad():
                 if cfg.calibration_mode == "sequential" and names:
-                    ref = copy.deepcopy(ctx.model).eval()
+                    from ..api import copy_model   # deepcopy that also copes with weight-norm/pruned layers
+                    ref = copy_model(ctx.model).eval()
                     pairable = [n for n in names if _can_pair(ref, n, ctx.originals[n])]
                     groups, calls = _probe(gm, pairable, batches[0])
                     for group in groups:
