@@ -183,10 +183,6 @@ def freeze(ctx: CompileContext):
             gate_node(part, node, m, fnode, key)
         for m, key in eager_sites:
             gate_module_(m, controller, key)
-        for _, part in graph_modules(gm):
-            if id(part) in freezer_nodes:
-                part.graph.lint()
-                part.recompile()
         ctx.extras["freezer"] = controller
         ctx.notes.append(f"freeze: {schedule.describe()}; {len(factors)} factor layers gated")
         return PassResult(gm, True)

@@ -187,7 +187,9 @@ class _Timer:
             old = self.memo.get(mk)
             best = m if old is None else _least_disturbed(old, m)
             self.memo[mk] = out[k] = best
-            rows.append((self._ckey(g, k), best))
+            # the cache holds what was measured: `best` may be an older timing rescaled into the
+            # coarse stage's frame, which must not be stored as a raw measurement
+            rows.append((self._ckey(g, k), m))
         if self.cache is not None:
             self.cache.put_many(rows)
         return out
@@ -334,7 +336,7 @@ def _measure_group(g: _Group, timer: _Timer, cfg, deadline: Optional[float]) -> 
     g.status = "done"
 
 
-def _recheck(g: _Group, timer: _Timer, ctx: CompileContext, model) -> None:
+def _recheck(g: _Group, timer: _Timer, ctx: CompileContext, model, deadline: Optional[float] = None) -> None:
     """A revert, or any decision made after a disturbed batch, must survive a re-measurement: the
     original and every measured rank are timed again in one interleaved batch (one frame: re-timing a
     few points only would compare them with disturbed neighbours), each keeps its least disturbed
@@ -349,6 +351,8 @@ def _recheck(g: _Group, timer: _Timer, ctx: CompileContext, model) -> None:
     if not (g.busy or first["reverted"]):
         return
     for _ in range(MAX_RECHECK):
+        if deadline is not None and time.perf_counter() > deadline:
+            return      # rank_search_budget_s: re-checks are measurements too
         wanted = {ORIGINAL: lambda: g.module}
         wanted.update({_key(line.ranks(s)): _factory(g.module, line.ranks(s), g.scheme) for s in sorted(g.times)})
         got = timer.remeasure(g, wanted)
@@ -597,10 +601,7 @@ def _apply(gm: fx.GraphModule, ctx: CompileContext, plan: dict) -> bool:
     for name, ranks in todo:
         _install(gm, ctx, name, ranks, chains[name])
         modified = True
-    for _, part in graph_modules(gm):
-        part.graph.lint()
-        part.recompile()
-    return modified
+    return modified   # the PassManager lints and recompiles every part
 
 
 # --- the pass -----------------------------------------------------------------------------------
@@ -686,7 +687,7 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
             bar.set_postfix_str(g.names[0] + (f" (+{len(g.names) - 1} alike)" if len(g.names) > 1 else ""))
             _measure_group(g, timer, cfg, deadline)
             if deadline is None or time.perf_counter() <= deadline:
-                _recheck(g, timer, ctx, model)
+                _recheck(g, timer, ctx, model, deadline)
             bar.update(1)
     except KeyboardInterrupt:
         stopped = "the rank search was interrupted (Ctrl-C) before this layer was measured"

@@ -15,6 +15,7 @@ from lrd_fx.freezing import (FreezeController, FreezerLink, GatedLinear, grad_ga
                              strip_gates)
 from lrd_fx.layers import FactorChain
 from lrd_fx.passes.freeze import freeze
+from lrd_fx.pipeline import PassManager
 from lrd_fx.plan import DECOMPOSED, LayerRecord
 from lrd_fx.trace import LRDTracer
 from conftest import Wrapper
@@ -62,6 +63,11 @@ def _gates(gm):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is grad_gate]
 
 
+def run_freeze(ctx, gm):
+    """The freeze pass as compile runs it: the PassManager lints and recompiles every part after it."""
+    return PassManager([freeze(ctx)]).run(gm)
+
+
 def _factor_calls(gm):
     return [n.target for n in gm.graph.nodes if n.op == "call_module" and "lrd_role" in n.meta]
 
@@ -70,7 +76,7 @@ def test_gates_replace_factor_calls_and_are_visible():
     model = Toy()
     gm, ctx = hand_built(model)
     assert len(_factor_calls(gm)) == 7
-    res = freeze(ctx)(gm)
+    res = run_freeze(ctx, gm)
     gm = res.graph_module
     assert res.modified
     assert _factor_calls(gm) == []
@@ -96,7 +102,7 @@ def test_gated_graph_computes_the_same(epoch):
     model = Toy().eval()
     x = torch.randn(2, 8, 7, 7)
     gm, ctx = hand_built(model)
-    gm = freeze(ctx)(gm).graph_module.eval()
+    gm = run_freeze(ctx, gm).graph_module.eval()
     gm.lrd_freezer.set_epoch(epoch)
     torch.testing.assert_close(gm(x), model(x))
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -108,7 +114,7 @@ def test_gated_graph_computes_the_same(epoch):
 def test_frozen_factors_get_no_grad_and_others_do():
     model = Toy()
     gm, ctx = hand_built(model)
-    gm = freeze(ctx)(gm).graph_module
+    gm = run_freeze(ctx, gm).graph_module
     fr = gm.lrd_freezer
     for epoch in (0, 1):
         gm.zero_grad(set_to_none=True)
@@ -133,7 +139,7 @@ def test_strip_gates_returns_an_ungated_copy():
     model = Toy().eval()
     x = torch.randn(2, 8, 7, 7)
     gm, ctx = hand_built(model)
-    gm = freeze(ctx)(gm).graph_module.eval()
+    gm = run_freeze(ctx, gm).graph_module.eval()
     before = gm.code
     plain = strip_gates(gm)
     assert gm.code == before and is_gated(gm)                 # the given model is untouched
@@ -150,9 +156,9 @@ def test_strip_gates_returns_an_ungated_copy():
 
 def test_gating_twice_is_refused():
     gm, ctx = hand_built(Toy())
-    gm = freeze(ctx)(gm).graph_module
+    gm = run_freeze(ctx, gm).graph_module
     with pytest.raises(FreezeError, match="already has freezing gates"):
-        freeze(ctx)(gm)
+        run_freeze(ctx, gm)
 
 
 def test_non_plain_factor_is_left_ungated_with_a_note():
@@ -163,7 +169,7 @@ def test_non_plain_factor_is_left_ungated_with_a_note():
     model = Toy()
     model.head.last = MyLinear(4, 10)
     gm, ctx = hand_built(model)
-    gm = freeze(ctx)(gm).graph_module
+    gm = run_freeze(ctx, gm).graph_module
     assert "head.last" not in gm.lrd_freezer.factors
     assert "head.last" in _factor_calls(gm)
     assert sum("head.last" in n and "left ungated" in n for n in ctx.notes) == 1

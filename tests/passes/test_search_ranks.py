@@ -356,6 +356,26 @@ def test_fine_stage_is_rescaled_to_the_coarse_frame(tmp_path, monkeypatch):
     timer.close()
 
 
+def test_remeasure_stores_the_new_measurement_not_a_rescaled_one(tmp_path, monkeypatch):
+    """A re-check keeps the least disturbed timing in memory, which may be a fine-stage timing rescaled
+    into the coarse frame; the cache must still get only what was measured."""
+    from lrd_fx.cost.timer import Measurement
+    from lrd_fx.passes import search_ranks as sr
+
+    scripted = {"ref:4": 3.0, "ref:8": 3.3, "6": 4.5}
+    timer, g, _ = _fine_stage_timer(tmp_path, monkeypatch, scripted)
+    g.times = {4: Measurement(1.0, 0.0, 3), 8: Measurement(1.1, 0.0, 3)}
+    sr._time_with_refs(timer, g, refs=[4, 8], new=[6])          # memo: 1.5 (rescaled), cache: 4.5 raw
+    scripted["6"] = 2.0                                           # re-measured: faster than raw, slower than 1.5
+    out = timer.remeasure(g, {"6": lambda: None})
+    timer.close()
+    assert out["6"].median_s == pytest.approx(1.5)                # the least disturbed value is kept
+    with cache.TimingCache(tmp_path / "c.sqlite") as c:
+        k6 = timer._ckey(g, "6")
+        assert c.get(k6, raw=True).median_s == pytest.approx(2.0)  # the measurement as taken
+        assert c.is_rescaled(k6) is False
+
+
 def test_fine_stage_without_drift_is_not_rescaled(tmp_path, monkeypatch):
     from lrd_fx.cost.timer import Measurement
     from lrd_fx.passes import search_ranks as sr
