@@ -178,7 +178,8 @@ def fold_bn_weights(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.m
 
 
 def _foldable_bn(conv: nn.Module, bn: nn.Module) -> bool:
-    return (_plain_conv(conv) and type(bn) is _BN_FOR[type(conv)] and bn.track_running_stats
+    # any groups (depthwise too): BatchNorm scales whole output channels
+    return (type(conv) in _CONVS and not conv.transposed and type(bn) is _BN_FOR[type(conv)] and bn.track_running_stats
             and bn.running_mean is not None and bn.running_var is not None
             and bn.num_features == conv.out_channels)
 

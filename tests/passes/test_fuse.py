@@ -151,7 +151,7 @@ class SharedConvBN(nn.Module):
         self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(8)
         self.bn2 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)     # depthwise: folded too
         self.bn3 = nn.BatchNorm2d(8)
 
     def forward(self, x):
