@@ -180,7 +180,8 @@ def test_quick_command_runs_end_to_end(tmp_path):
     assert models == sorted(harness.QUICK["models"])
     for r in data["rows"]:
         assert r["status"] == "ok", (r["model"], r["variant"], r.get("error"))
-        assert r["infer_sps"] > 0 and r["train_sps"] > 0 and r["params"] > 0, (r["model"], r["variant"])
+        assert r["infer_sps"] > 0 and r["params"] > 0, (r["model"], r["variant"])
+        assert r["variant"] in harness.INFERENCE_ONLY or r["train_sps"] > 0, (r["model"], r["variant"])
     for m in models:
         assert [r["variant"] for r in data["rows"] if r["model"] == m] == list(harness.VARIANTS)
         table = [ln for ln in proc.stdout.splitlines() if ln.startswith(m + " ")]
@@ -195,7 +196,7 @@ def test_compiled_variants_do_not_recompile_while_timed(tmp_path):
     with use_cost_fn(_fake_cost):
         results = harness.run(harness.settings_from_args(harness.build_parser().parse_args(
             TINY + ["--compile", "--compile-backend", "eager", "--rounds", "2",
-                    "--variants", "original,lrd,lrd+search,lrd+search+seqfreeze,lrd+fuse,composer"])))
+                    "--variants", "original,lrd,lrd+search,lrd+search+seqfreeze,lrd+fuse,tltorch,composer"])))
     rows = {r["variant"]: r for r in results["rows"]}
     assert all(r["status"] == "ok" for r in rows.values()), {n: r.get("error") for n, r in rows.items()}
     assert harness.dynamo_graphs() > before                      # the variants were compiled
