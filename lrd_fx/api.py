@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Optional
 
 import torch
@@ -253,6 +254,9 @@ def fuse(model: nn.Module, *, debug: bool = False) -> nn.Module:
     info = getattr(work, "lrd", None)
     if isinstance(info, LRDInfo):
         info.notes = list(info.notes)      # the copy's own list: the given model's notes stay as they were
+        # the copy's config says what it is now: fused, without gates (save/load rebuild from it)
+        info.config = dataclasses.replace(info.config, fuse_inference=True, freeze=None)
+        info.freezer = None
     notes = info.notes if isinstance(info, LRDInfo) else None
     pm = PassManager([fuse_pass(None, notes=notes)], instruments=default_instruments(debug, None))
     return pm.run(work).graph_module

@@ -519,6 +519,8 @@ def test_fused_models_roundtrip(tmp_path, saved):
     torch.testing.assert_close(gm2(X), fused(X))
     # fused after compile (lrd_fx.fuse): the file says so, whatever the compile options were
     later = lrd_fx.fuse(gm)
+    assert later.lrd.config.fuse_inference is True and later.lrd.freezer is None   # the copy says what it is
+    assert gm.lrd.config.fuse_inference is False                                   # the given model is unchanged
     lrd_fx.save(later, tmp_path / "later.lrd")
     assert header_of(tmp_path / "later.lrd")["config"]["fuse_inference"] is True
     gm3 = lrd_fx.load(model, tmp_path / "later.lrd")
