@@ -79,6 +79,7 @@ with tempfile.TemporaryDirectory() as d:
     try:
         onnx_path = os.path.join(d, "resnet18_lrd.onnx")
         torch.onnx.export(infer, (x_te[:2],), onnx_path, dynamo=True)
-        print(f"ONNX: wrote {os.path.getsize(onnx_path) / 1e6:.1f} MB")
+        size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.startswith("resnet18_lrd.onnx"))
+        print(f"ONNX: wrote {size / 1e6:.1f} MB (graph + weights)")
     except ImportError as e:
         print(f"ONNX export skipped: {e} (pip install onnx onnxscript)")
