@@ -25,13 +25,13 @@ class LRDInfo:
         self.fallback_parts = dict(ctx.fallback_parts)
         self.pass_times = dict(ctx.pass_times)
         self.notes = list(ctx.notes)
-        self.freezer = ctx.extras.get("freezer")
-        self.flops_before = ctx.extras.get("flops_before", 0)
-        self.flops_after = ctx.extras.get("flops_after", 0)
-        self.params_before = ctx.extras.get("params_before", 0)
+        self.freezer = ctx.freezer
+        self.flops_before = ctx.flops_before
+        self.flops_after = ctx.flops_after
+        self.params_before = ctx.params_before
         self.params_after = sum(p.numel() for p in root.parameters())
-        self.whole_model = ctx.extras.get("whole_model")   # whole compiled model vs original, timed (check_speed)
-        self.setting = ctx.extras.get("setting")           # precision / layout / execution form timed in
+        self.whole_model = ctx.whole_model   # whole compiled model vs original, timed (check_speed)
+        self.setting = ctx.setting           # precision / layout / execution form timed in
         self._eager_records = {n: r for n, r in ctx.records.items()}
 
     def records(self) -> dict[str, LayerRecord]:
@@ -215,7 +215,7 @@ def build_passes(ctx: CompileContext) -> list:
     """The pass list for a config: shape_prop, decompose, [search_ranks], [freeze], [fuse]."""
     from .passes.decompose import decompose
     from .passes.shape_prop import shape_prop
-    calibrated = ctx.extras.get("calibration") is not None
+    calibrated = ctx.calibration is not None
     passes = [shape_prop(ctx)]
     if calibrated:   # data-aware factorization (compile(..., calibration=batches))
         from .passes.calibrate import calibrate, calibration_stats
@@ -289,29 +289,29 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
     ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
     if calibration is not None:
         from .passes.calibrate import calibration_batches
-        ctx.extras["calibration"] = calibration_batches(calibration)
+        ctx.calibration = calibration_batches(calibration)
     from .cost.timer import active_amp, no_autocast
-    ctx.extras["autocast"] = active_amp(device)   # the caller's precision: the rank search times in it
+    ctx.autocast = active_amp(device)   # the caller's precision: the rank search times in it
     with no_autocast(device):   # the passes' own math (factorization) stays in full precision
         return _run(work, ctx)
 
 
 def _run(work: nn.Module, ctx: CompileContext) -> nn.Module:
     cfg = ctx.config
-    ctx.extras["params_before"] = sum(p.numel() for p in work.parameters())
+    ctx.params_before = sum(p.numel() for p in work.parameters())
     if ctx.example_inputs is not None:
-        ctx.extras["flops_before"] = _flops_or_note(work, ctx, "before compiling")
+        ctx.flops_before = _flops_or_note(work, ctx, "before compiling")
     eager: set = set()
     leaves = tuple(cfg.leaf_modules)
     gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,
                eager_parts=eager)
-    ctx.extras["eager_parts"] = eager
+    ctx.eager_parts = eager
     timer = PassTimer()
     pm = PassManager(build_passes(ctx), instruments=default_instruments(cfg.debug, cfg.dump_dir) + [timer])
     gm = pm.run(gm).graph_module
     ctx.pass_times.update(timer.times)
-    if ctx.example_inputs is not None and ctx.extras.get("flops_before") is not None:
-        ctx.extras["flops_after"] = _flops_or_note(gm, ctx, "after compiling")
+    if ctx.example_inputs is not None and ctx.flops_before is not None:
+        ctx.flops_after = _flops_or_note(gm, ctx, "after compiling")
     gm.lrd = LRDInfo(gm, ctx)
     return gm
 

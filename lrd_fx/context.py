@@ -24,4 +24,19 @@ class CompileContext:
     fallback_parts: dict[str, str] = field(default_factory=dict)    # module path -> why it was traced apart
     notes: list[str] = field(default_factory=list)                  # free-form lines for the report
     pass_times: dict[str, float] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)            # per-pass scratch (e.g. freezer)
+
+    # State handed from pass to pass. Each field has one writer; its readers are named.
+    eager_parts: set = field(default_factory=set)       # modules left eager by tracing. W: api._run. R: decompose, calibrate
+    layer_io: dict = field(default_factory=dict)        # {layer: {in, out, calls}}. W: shape_prop. R: decompose, search_ranks
+    empty_init: bool = False                            # factors filled from a file, not factorized. W: serialize.load. R: decompose
+    factorize_deferred: bool = False                    # decompose built shape-only chains. W: decompose. R: search_ranks
+    freezer: Optional[nn.Module] = None                 # the FreezeController. W: freeze. R: LRDInfo
+    autocast: Optional[str] = None                      # the caller's active autocast. W: api.compile. R: cost.timer.setting_of
+    setting: Any = None                                 # precision/layout/exec form timed in. W: cost.timer.setting_of. R: search_ranks, check_speed, LRDInfo
+    calibration: Optional[list] = None                  # calibration batches. W: api.compile. R: calibrate passes, decompose
+    calibration_stats: Optional[dict] = None            # {layer: InputStats}. W: calibration_stats pass. R: calibrate, decompose, search_ranks
+    calibration_whitened: dict = field(default_factory=dict)   # memo of whitened weights. W/R: calibrate
+    whole_model: Optional[dict] = None                  # whole model vs original, timed. W: check_speed. R: LRDInfo
+    params_before: int = 0                              # W: api._run. R: LRDInfo
+    flops_before: Optional[int] = 0                     # None: the FLOP counter failed. W: api._run. R: LRDInfo
+    flops_after: Optional[int] = 0                      # W: api._run. R: LRDInfo

@@ -239,7 +239,7 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     if inputs is not None and cfg.check_inputs:
         api._check_inputs(work, inputs, device, dtype)
     ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
-    ctx.extras["init"] = "empty"     # the factors are filled from the file, not factorized
+    ctx.empty_init = True     # the factors are filled from the file, not factorized
     try:
         gm = api._run(work, ctx)
     except LRDError as e:

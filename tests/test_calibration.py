@@ -212,7 +212,7 @@ def test_error_source_is_whitened_weight():
     ctx = CompileContext(config=Config(), model=lin)
     ctx.originals["l"] = lin
     assert error_source(ctx, "l") is lin                               # no calibration: the weight itself
-    ctx.extras["calibration_stats"] = {"l": stats_of(torch.randn(100, 8) * 2)}
+    ctx.calibration_stats = {"l": stats_of(torch.randn(100, 8) * 2)}
     src = error_source(ctx, "l")
     assert isinstance(src, _Whitened) and src.weight.shape == (8, 8)
     assert not torch.allclose(src.weight, lin.weight.detach())

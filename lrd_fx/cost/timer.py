@@ -240,17 +240,17 @@ def autocast_context(device, amp: Optional[str], *, cache_enabled: bool = True):
 
 
 def setting_of(ctx) -> Setting:
-    """The Setting of one compile (a CompileContext), resolved once and kept in ctx.extras["setting"]:
-    Config.amp (else the autocast active when compile() was called, ctx.extras["autocast"]), the memory
+    """The Setting of one compile (a CompileContext), resolved once and kept in ctx.setting:
+    Config.amp (else the autocast active when compile() was called, ctx.autocast), the memory
     format of the model's weights / example inputs, Config.rank_search_exec and Config.align."""
-    got = ctx.extras.get("setting")
+    got = ctx.setting
     if got is not None:
         return got
     cfg = ctx.config
     # nothing is timed without a search or a whole-model check: then only the alignment is used, and
     # options that fit another device (a config saved on a GPU machine) are not errors
     timed = cfg.rank_search is not None or getattr(cfg, "whole_model_check", None) is True
-    amp = resolve_amp(getattr(cfg, "amp", None), ctx.extras.get("autocast"))
+    amp = resolve_amp(getattr(cfg, "amp", None), ctx.autocast)
     if timed and amp is not None and ctx.dtype in _HALF and AMP_DTYPES[amp] != ctx.dtype:
         raise ConfigError(f"amp={amp!r} but the model's weights are {ctx.dtype}: autocast would time a "
                           f"mixed precision that does not run; pass amp='off' or cast the model")
@@ -262,7 +262,7 @@ def setting_of(ctx) -> Setting:
         exec_option = "eager"
     got = Setting(amp=amp, memory_format=memory_format_of(ctx.model, ctx.example_inputs),
                   exec_form=resolve_exec(exec_option, ctx.device), align=int(align or 1))
-    ctx.extras["setting"] = got
+    ctx.setting = got
     return got
 
 

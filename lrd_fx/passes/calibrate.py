@@ -78,7 +78,7 @@ def _run_all(model: nn.Module, batches: list, what: str) -> None:
 
 def whitening_of(ctx: CompileContext, name: str) -> Optional[Whitening]:
     """The one-shot calibration statistics of a layer (calibration_stats pass), or None."""
-    st = ctx.extras.get("calibration_stats", {}).get(name)
+    st = (ctx.calibration_stats or {}).get(name)
     return None if st is None else Whitening(st, ctx.config.calibration_damping)
 
 
@@ -106,7 +106,7 @@ def error_source(ctx: CompileContext, name: str):
     wh = whitening_of(ctx, name)
     if wh is None:
         return orig
-    cache = ctx.extras.setdefault("calibration_whitened", {})
+    cache = ctx.calibration_whitened
     if name not in cache:
         cache[name] = _Whitened(whitened_matrix(orig.weight, wh, name=name))
     return cache[name]
@@ -114,15 +114,15 @@ def error_source(ctx: CompileContext, name: str):
 
 def calibration_stats(ctx: CompileContext):
     """Factory of the pass that runs the calibration batches once through the (not yet decomposed)
-    model and records each eligible layer's input second moment in ctx.extras["calibration_stats"]."""
+    model and records each eligible layer's input second moment in ctx.calibration_stats."""
     from .decompose import _skip_reason, collect_sites, layer_scheme
 
     def run(gm):
-        batches = ctx.extras["calibration"]
+        batches = ctx.calibration
         cfg = ctx.config
         stats: dict[str, InputStats] = {}
         handles = []
-        for name, site in collect_sites(gm, ctx.extras.get("eager_parts", ())).items():
+        for name, site in collect_sites(gm, ctx.eager_parts).items():
             m = site.module
             if not isinstance(m, _FACTORIZABLE) or _skip_reason(name, m, cfg) is not None:
                 continue
@@ -144,7 +144,7 @@ def calibration_stats(ctx: CompileContext):
             for h in handles:
                 h.remove()
             gm.train(was)
-        ctx.extras["calibration_stats"] = {n: s for n, s in stats.items() if s.n > 0}
+        ctx.calibration_stats = {n: s for n, s in stats.items() if s.n > 0}
         n = sum(1 for s in stats.values() if s.n)
         ctx.notes.append(f"calibration: {len(batches)} batch(es); input statistics of {n} layer(s)")
         return PassResult(gm, False)
@@ -247,7 +247,7 @@ def calibrate(ctx: CompileContext):
 
     def run(gm):
         cfg = ctx.config
-        batches = ctx.extras["calibration"]
+        batches = ctx.calibration
         names = _chains(gm, ctx)
         damping = cfg.calibration_damping
         used: dict[str, InputStats] = {}
@@ -268,13 +268,13 @@ def calibrate(ctx: CompileContext):
                                 _refit(gm, ctx, name, stats[name], damping)
                     del ref
                 # one-shot statistics (from calibration_stats) for layers the sequential pass could not pair
-                rest = [n for n in names if n not in used and n in ctx.extras.get("calibration_stats", {})]
+                rest = [n for n in names if n not in used and n in (ctx.calibration_stats or {})]
                 jobs = [(n, ctx.originals[n], tuple(ctx.records[n].ranks), ctx.records[n].scheme) for n in rest]
                 whiten = {n: whitening_of(ctx, n) for n in rest}
                 chains = fm.factorize_many(jobs, progress=cfg.progress, desc="calibrate", whiten=whiten)
                 for n in rest:
                     _install_weights(gm.get_submodule(n), chains[n])
-                    used[n] = ctx.extras["calibration_stats"][n]
+                    used[n] = ctx.calibration_stats[n]
                     _mark(ctx, n, "one-shot")
         finally:
             gm.train(was)

@@ -30,7 +30,7 @@ def check_speed(ctx: CompileContext):
     """Factory of the whole-model check: per-layer timings do not always add up, so the compiled model
     and the original are timed side by side on the example inputs, in the same precision, memory
     format and execution form as the rank search, in its mode ("infer" without a search, and always
-    with fuse_inference). The result goes to ctx.extras["whole_model"] (gm.lrd.whole_model) and the
+    with fuse_inference). The result goes to ctx.whole_model (gm.lrd.whole_model) and the
     report. The graph is not changed; timing runs on copies, so no BatchNorm statistic moves."""
 
     def run(gm):
@@ -49,7 +49,7 @@ def check_speed(ctx: CompileContext):
             except Exception as e:   # the check is advice: the compiled model stands without it
                 result = {"error": f"{type(e).__name__}: {e}"}
         result = dist.broadcast_object(result)
-        ctx.extras["whole_model"] = result
+        ctx.whole_model = result
         if "error" in result:
             ctx.notes.append(f"whole-model check failed, the speed of the whole model is not known: "
                              f"{result['error'][:300]}")

@@ -225,8 +225,8 @@ def account_layers(gm: nn.Module, ctx: CompileContext) -> None:
                 called[prefix + node.target] = ""
             elif node.op == "get_attr":
                 read[prefix + node.target] = prefix[:-1] or "<root>"
-    layer_io = ctx.extras.get("layer_io", {})
-    eager = set(ctx.extras.get("eager_parts", ()))
+    layer_io = ctx.layer_io
+    eager = set(ctx.eager_parts)
     for name, m in ctx.model.named_modules():
         if not fm.is_layer_like(m):
             continue
@@ -310,8 +310,8 @@ def decompose(ctx: CompileContext):
     def run(gm):
         from ..cost.timer import setting_of
         align = setting_of(ctx).align      # Config.align; "auto": 8 on CUDA half precision, else 1
-        layer_io = ctx.extras.get("layer_io", {})
-        sites = collect_sites(gm, ctx.extras.get("eager_parts", ()))
+        layer_io = ctx.layer_io
+        sites = collect_sites(gm, ctx.eager_parts)
         notes = site_notes(gm, sites, layer_io, ctx.example_inputs is not None)
         per_layer = cfg.rank if isinstance(cfg.rank, dict) else {}
         for pattern in per_layer:
@@ -320,7 +320,7 @@ def decompose(ctx: CompileContext):
                 raise RankError(f"rank[{pattern!r}] matches no Conv/Linear layer of the model; "
                                 f"layer names look like: {some}")
         global_int = isinstance(cfg.rank, int) and not isinstance(cfg.rank, bool)
-        empty_init = ctx.extras.get("init") == "empty"   # load(): weights come from the state_dict
+        empty_init = ctx.empty_init   # load(): weights come from the file
         modified = False
         exceeded = 0
         pending = []   # layers to factorize: (name, site, module, ranks, scheme, record, io, override)
@@ -374,15 +374,15 @@ def decompose(ctx: CompileContext):
             pending.append((name, site, m, ranks, scheme, rec, io, override))
         # Factorize every chosen layer at once (spread over CPU threads). With a rank search the chains
         # are placeholders of the right shapes: search_ranks factorizes each kept layer once, at its
-        # final ranks (ctx.extras["factorize_deferred"]), instead of here and again after the search.
+        # final ranks (ctx.factorize_deferred), instead of here and again after the search.
         # With calibration data the calibrate pass fits every chain to the data: no weight-only fit here.
-        deferred = (bool(cfg.rank_search) or "calibration" in ctx.extras) and not empty_init
+        deferred = (bool(cfg.rank_search) or ctx.calibration is not None) and not empty_init
         if empty_init or deferred:
             chains = {name: fm.chain_like(m, ranks, scheme) for name, _, m, ranks, scheme, *_ in pending}
         else:
             chains = fm.factorize_many([(name, m, ranks, scheme) for name, _, m, ranks, scheme, *_ in pending],
                                        progress=cfg.progress)
-        ctx.extras["factorize_deferred"] = deferred
+        ctx.factorize_deferred = deferred
         for name, site, m, ranks, scheme, rec, io, override in pending:
             chain = chains[name]
             ctx.originals[name] = m
@@ -428,7 +428,7 @@ def _weight_reads(gm: nn.Module, ctx: CompileContext) -> None:
 
 
 def _whitening(ctx: CompileContext, name: str):
-    if "calibration_stats" not in ctx.extras:
+    if ctx.calibration_stats is None:
         return None
     from .calibrate import whitening_of
     return whitening_of(ctx, name)

@@ -183,7 +183,7 @@ def freeze(ctx: CompileContext):
             gate_node(part, node, m, fnode, key)
         for m, key in eager_sites:
             gate_module_(m, controller, key)
-        ctx.extras["freezer"] = controller
+        ctx.freezer = controller
         ctx.notes.append(f"freeze: {schedule.describe()}; {len(factors)} factor layers gated")
         return PassResult(gm, True)
 

@@ -425,7 +425,7 @@ def _errors(module: nn.Module, scheme: str, line: _Line, ranks_s) -> dict:
 
 def _error_source(ctx: CompileContext, name: str):
     """The original layer, or with calibration data its whitened weight (error = output error)."""
-    if "calibration_stats" not in ctx.extras:
+    if ctx.calibration_stats is None:
         return ctx.originals[name]
     from .calibrate import error_source
     return error_source(ctx, name)
@@ -558,13 +558,13 @@ def _install(gm: fx.GraphModule, ctx: CompileContext, name: str, ranks: tuple, c
     _set_module(gm, name, chain)
     rec.ranks = list(ranks)
     rec.params_after = sum(p.numel() for p in chain.parameters())
-    rec.flops_after = chain_flops(chain, ctx.extras.get("layer_io", {}).get(name))
+    rec.flops_after = chain_flops(chain, ctx.layer_io.get(name))
 
 
 def _apply(gm: fx.GraphModule, ctx: CompileContext, plan: dict) -> bool:
-    # When decompose only built placeholder chains (ctx.extras["factorize_deferred"]: the shapes, no
+    # When decompose only built placeholder chains (ctx.factorize_deferred: the shapes, no
     # weights), every kept layer is factorized here, once, at its final ranks.
-    deferred = bool(ctx.extras.get("factorize_deferred"))
+    deferred = ctx.factorize_deferred
     modified = False
     todo = []          # (name, ranks) to factorize
     for name, e in plan.items():

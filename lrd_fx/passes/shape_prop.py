@@ -126,8 +126,7 @@ def shape_prop(ctx: CompileContext):
         if ctx.example_inputs is None:
             return PassResult(root, False)
         layers, failed = capture_shapes(root, ctx.example_inputs, ctx.example_kwargs)
-        ctx.extras["layer_io"] = layers
-        ctx.extras["shape_prop_failed"] = failed
+        ctx.layer_io = layers
         for part_name, why in failed.items():
             ctx.notes.append(f"shape_prop: shapes of traced part '{part_name}' not recorded ({why[:120]})")
         for prefix, part in graph_modules(root):

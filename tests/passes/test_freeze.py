@@ -92,7 +92,7 @@ def test_gates_replace_factor_calls_and_are_visible():
     assert any(n.target is F.pad and n.kwargs.get("mode") == "reflect" for n in gm.graph.nodes)
     # non-factor layers stay modules
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["bn", "plain"]
-    assert isinstance(gm.lrd_freezer, FreezeController) and ctx.extras["freezer"] is gm.lrd_freezer
+    assert isinstance(gm.lrd_freezer, FreezeController) and ctx.freezer is gm.lrd_freezer
     assert list(gm.lrd_freezer.factors["conv.core"]) == ["conv", "core", "tucker2"]
     assert "lrd_freezer.current_epoch" in gm.state_dict()
 
