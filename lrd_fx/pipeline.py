@@ -144,6 +144,10 @@ class PassManager:
         modified = False
         for p in self.passes:
             name = pass_name(p)
+            missing = [r for r in getattr(p, "requires", ()) if r not in done]
+            if missing:
+                raise PassError(f"pass '{name}' requires {missing} to run before it (passes run so far: "
+                                f"{done or 'none'}); build the pass list with lrd_fx.api.build_passes")
             for ins in self.instruments:
                 ins.before_pass(name, root)
             try:

@@ -90,6 +90,27 @@ def test_lint_failure_names_the_part():
         PassManager([break_graph]).run(root)
 
 
+def test_a_pass_run_without_what_it_requires_is_an_error():
+    """search_ranks, freeze and calibrate work on factor chains: run without decompose they would do
+    nothing silently; the PassManager names what is missing instead."""
+    from lrd_fx.api import build_passes
+    from lrd_fx.config import Config
+    from lrd_fx.context import CompileContext
+    from lrd_fx.passes.freeze import freeze
+    from lrd_fx.passes.search_ranks import search_ranks
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    ctx = CompileContext(config=Config(rank_search="infer", freeze="sequential"), model=model,
+                         example_inputs=(torch.randn(2, 16),))
+    for make in (search_ranks, freeze):
+        with pytest.raises(lrd_fx.PassError, match=r"requires \['decompose'\]"):
+            PassManager([make(ctx)]).run(trace(model))
+    names = [getattr(p, "name", "") for p in build_passes(ctx)]
+    for p in build_passes(ctx):         # the pass list compile builds satisfies every requirement
+        for r in getattr(p, "requires", ()):
+            assert names.index(r) < names.index(p.name)
+
+
 def test_eager_root_with_kwargs_compiles_exact_and_debug_shows_each_part(tmp_path):
     model = KwModel()
     x = torch.randn(4, 16)

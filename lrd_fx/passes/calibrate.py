@@ -286,6 +286,7 @@ def calibrate(ctx: CompileContext):
         return PassResult(gm, bool(used))
 
     run.name = "calibrate"
+    run.requires = ("decompose",)
     return run
 
 

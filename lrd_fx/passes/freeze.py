@@ -188,4 +188,5 @@ def freeze(ctx: CompileContext):
         return PassResult(gm, True)
 
     run.name = "freeze"
+    run.requires = ("decompose",)
     return run

@@ -644,6 +644,7 @@ def search_ranks(ctx: CompileContext, *, cost_fn: Optional[Callable] = None, cos
         return PassResult(gm, modified)
 
     run.name = "search_ranks"
+    run.requires = ("decompose",)
     return run
 
 
