@@ -17,6 +17,60 @@ MODELS = [
     ("resnet50.a1_in1k", {}, (1, 3, 64, 64)),     # timm's ResNet-50
 ]
 
+# one more model per family (the whole zoo runs in `python -m bench.zoo`): the smallest variant, tiny inputs.
+# Checked at rank="full": exact on the output and on every factorized layer's own output (random models can
+# have outputs that ignore the weights, e.g. zero-initialised heads). Compression at a ratio is checked on
+# MODELS above and on the whole zoo by bench.zoo; one compile per family keeps the sweep's time small.
+FAMILIES = [
+    ("densenet121", {}, (1, 3, 32, 32)),
+    ("efficientnet_b0", {}, (1, 3, 32, 32)),
+    ("regnet_x_400mf", {}, (1, 3, 32, 32)),
+    ("squeezenet1_1", {}, (1, 3, 64, 64)),
+    ("shufflenet_v2_x0_5", {}, (1, 3, 32, 32)),
+    ("mnasnet0_5", {}, (1, 3, 32, 32)),
+    ("googlenet", {}, (1, 3, 32, 32)),            # eager aux heads: compiles through the fallback
+    ("swin_t", {}, (1, 3, 32, 32)),
+    ("mobilevit_xxs", {}, (1, 3, 64, 64)),
+    ("levit_128s", {"img_size": 64}, (1, 3, 64, 64)),
+    ("efficientvit_m0", {"img_size": 64}, (1, 3, 64, 64)),
+    ("mixer_s32_224", {"img_size": 64}, (1, 3, 64, 64)),
+]
+
+
+def _factor_outputs(model, x, names):
+    """Each named layer's output on one forward; in a compiled model a factorized layer's output is its
+    last factor's (the graph calls the factors, not the chain)."""
+    outs, handles = {}, []
+    for n in names:
+        mod = model.get_submodule(n)
+        if isinstance(mod, FactorChain):
+            mod = list(mod.children())[-1]
+        handles.append(mod.register_forward_hook(
+            lambda _m, _i, o, n=n: outs.setdefault(n, o.detach().clone())))
+    with torch.no_grad():
+        y = model(x)
+    for h in handles:
+        h.remove()
+    return y, outs
+
+
+@pytest.mark.parametrize("name,kwargs,shape", FAMILIES, ids=[m[0] for m in FAMILIES])
+def test_family_exact_at_full_rank(name, kwargs, shape):
+    model = create_model(name, **kwargs).eval()
+    x = torch.randn(*shape)
+    full = lrd_fx.compile(model, (x,), rank="full", progress=False).eval()
+    fact = [n for n, r in full.lrd.records().items() if r.factorized]
+    assert len(fact) >= 5, "too few layers were factorized"
+    y_ref, ref = _factor_outputs(model, x, fact)
+    assert sum(p.numel() for p in full.parameters()) > sum(p.numel() for p in model.parameters())
+    y, got = _factor_outputs(full, x, fact)
+    # every factorized layer the original runs in eval mode (GoogLeNet's aux heads do not) is compared
+    assert set(got) == set(ref) and len(ref) >= 5
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    for n in ref:
+        scale = ref[n].abs().max().item() + 1e-6
+        torch.testing.assert_close(got[n] / scale, ref[n] / scale, rtol=1e-4, atol=1e-4, msg=n)
+
 
 @pytest.mark.parametrize("name,kwargs,shape", MODELS, ids=[m[0] for m in MODELS])
 def test_model_compiles_and_compresses(name, kwargs, shape):
