@@ -236,12 +236,25 @@ def _trace_both_modes(module: nn.Module, leaf_modules, leaf_names) -> tuple[fx.G
         for m, t in flags.items():
             m.training = t
     if gm.code == other.code:
-        return gm, None
+        return _copy_modes(gm, module), None
     train_gm, eval_gm = (gm, other) if module.training else (other, gm)
     if _merge_modes(train_gm, eval_gm):
-        return train_gm, None
-    return gm, ("forward depends on self.training (train and eval mode trace to different graphs, "
-                "e.g. an aux head): kept eager so both modes behave as the original")
+        return _copy_modes(train_gm, module), None
+    return _copy_modes(gm, module), ("forward depends on self.training (train and eval mode trace to "
+                                     "different graphs, e.g. an aux head): kept eager so both modes "
+                                     "behave as the original")
+
+
+def _copy_modes(gm: fx.GraphModule, module: nn.Module) -> fx.GraphModule:
+    """The GraphModule and the containers fx creates for it start in train mode: give every module the
+    mode of the module at the same path in the traced one (an eval model stays in eval mode)."""
+    for name, sub in gm.named_modules():
+        try:
+            src = module.get_submodule(name) if name else module
+        except AttributeError:
+            src = module      # a container fx made for a path the original does not have
+        sub.training = src.training
+    return gm
 
 
 def _join(prefix: str, name: str) -> str:

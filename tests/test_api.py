@@ -7,6 +7,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 import lrd_fx
@@ -147,3 +148,30 @@ def test_report_and_plan_are_complete():
     for word in ("layer", "ranks", "params", "MFLOPs", "decision", "GFLOPs per forward"):
         assert word in text
     assert gm.lrd.flops_after < gm.lrd.flops_before
+
+
+class _ModeNet(nn.Module):
+    """Its forward reads self.training (functional dropout): traced in both modes and merged."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = F.dropout(x.mean((2, 3)), 0.5, self.training)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_compiled_model_keeps_the_callers_mode(train):
+    """An eval model comes back in eval mode (every module): BatchNorm on batch 1 and dropout then behave
+    as in the original."""
+    model = _ModeNet().train(train)
+    x = torch.randn(1, 8, 8, 8)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, min_channels=1, progress=False)
+    assert [m.training for m in gm.modules()] == [train] * len(list(gm.modules()))
+    if not train:
+        torch.testing.assert_close(gm(x), gm(x))      # no dropout, no batch statistics
