@@ -10,7 +10,7 @@ from bench import harness, peers
 from lrd_fx.cost import use_cost_fn
 
 TINY = ["--models", "tiny_cnn", "--batch", "2", "--size", "16", "--rounds", "1", "--warmup", "0",
-        "--search-repeats", "1", "--search-budget", "5", "--threads", "1", "--no-progress"]
+        "--search-repeats", "1", "--threads", "1", "--no-progress"]   # cost function: no time budget needed
 
 
 def _fake_cost(module, input_shape, mode):

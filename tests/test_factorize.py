@@ -440,10 +440,10 @@ def test_factorize_many_names_the_failing_layer(monkeypatch):
     jobs = _many_jobs()
     real = modules.factorize
 
-    def broken(module, ranks, scheme, *, name=""):
+    def broken(module, ranks, scheme, *, name="", **kw):
         if name in ("b", "d"):
             raise ValueError(f"boom {name}")
-        return real(module, ranks, scheme, name=name)
+        return real(module, ranks, scheme, name=name, **kw)
     monkeypatch.setattr(modules, "factorize", broken)
     with pytest.raises(FactorizationError, match=r"layer 'b' \(Linear\) could not be factorized at ranks \[5\]: ValueError: boom b"):
         factorize_many(jobs, workers=2)

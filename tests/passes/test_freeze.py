@@ -64,8 +64,11 @@ def _gates(gm):
 
 
 def run_freeze(ctx, gm):
-    """The freeze pass as compile runs it: the PassManager lints and recompiles every part after it."""
-    return PassManager([freeze(ctx)]).run(gm)
+    """The freeze pass on a hand-built decomposed graph, then what the PassManager does after every pass
+    (lint and recompile each part). The manager itself would refuse freeze without its decompose pass."""
+    res = freeze(ctx)(gm)
+    PassManager([]).finish(res.graph_module)
+    return res
 
 
 def _factor_calls(gm):
