@@ -364,6 +364,17 @@ def divisor_ranks(model: nn.Module, plan: dict, multiple: int, target_params: Op
     return at(best[1])[0], best[1]
 
 
+def _lrd_reference(built: dict, model, x, s):
+    """The `lrd` variant, whose plan gives the ranks of lrd+round8 and tltorch: the row when it was built,
+    else built here (untimed, not compiled)."""
+    ref = built.get("lrd")
+    if ref is None:
+        ref = build_variant("lrd", model, x, dataclasses.replace(s, compile=False), {})
+    if not _usable(ref):
+        raise RuntimeError(f"needs the ranks of the lrd variant, which failed: {ref.error}")
+    return ref
+
+
 def build_variant(name: str, model: nn.Module, x: torch.Tensor, s: Settings, built: dict) -> Variant:
     """One variant of `model`; failures are returned in Variant.error, never raised."""
     v = Variant(name)
@@ -405,11 +416,7 @@ def build_variant(name: str, model: nn.Module, x: torch.Tensor, s: Settings, bui
             v.plan, v.layers, v.notes = _lrd_plan_summary(gm)
             v.notes += [n.replace("fuse (inference only): ", "") for n in gm.lrd.notes if n.startswith("fuse")]
         elif name == "lrd+round8":
-            ref = built.get("lrd")
-            if ref is None:
-                ref = build_variant("lrd", model, x, dataclasses.replace(s, compile=False), {})
-            if not _usable(ref):
-                raise RuntimeError(f"needs the estimated ranks of the lrd variant, which failed: {ref.error}")
+            ref = _lrd_reference(built, model, x, s)
             searched = built.get("lrd+search")
             target = sum(p.numel() for p in searched.module.parameters()) if _usable(searched) else None
             ranks, scale = divisor_ranks(model, ref.module.lrd.plan, s.round_multiple, target)
@@ -436,12 +443,7 @@ def build_variant(name: str, model: nn.Module, x: torch.Tensor, s: Settings, bui
             if freeze and v.freezer is None:
                 raise RuntimeError("lrd_fx.compile(..., freeze='sequential') returned a model without a freezer")
         elif name == "tltorch":
-            ref = built.get("lrd")
-            if ref is None:
-                # the lrd plan gives the ranks; build it (untimed) when `lrd` is not a row
-                ref = build_variant("lrd", model, x, dataclasses.replace(s, compile=False), {})
-            if not _usable(ref):
-                raise RuntimeError(f"needs the ranks of the lrd variant, which failed: {ref.error}")
+            ref = _lrd_reference(built, model, x, s)
             plan = ref.module.lrd.plan
             t0 = time.perf_counter()
             res = peers.tltorch_factorize(model, plan)
