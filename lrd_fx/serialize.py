@@ -1,7 +1,6 @@
 """save() and load(): a compiled model as one safetensors file whose header holds the plan and config as JSON."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -235,7 +234,7 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     cfg = _rebuild_config(header, plan, overrides, where)
     inputs = api._as_tuple(example_inputs)
     device, dtype = api._model_device_dtype(model)
-    work = getattr(api, "copy_model", copy.deepcopy)(model)
+    work = api.copy_model(model)
     if inputs is not None and cfg.check_inputs:
         api._check_inputs(work, inputs, device, dtype)
     ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
