@@ -1,7 +1,7 @@
 """DDP + sequential freezing: `torchrun --nproc_per_node=2 examples/ddp_sequential_freeze.py` (CPU, gloo).
 
 Each process compiles the same decomposed model with freeze="sequential", wraps it with
-lrd_fx.ddp.wrap_ddp (DistributedDataParallel with find_unused_parameters=True: frozen factors get no
+lrd_fx.wrap_ddp (DistributedDataParallel with find_unused_parameters=True: frozen factors get no
 gradient), and drives the gates with `for epoch in freezer.epochs(n)` on every process.
 """
 import argparse
@@ -13,7 +13,7 @@ import torch.nn as nn
 import torchvision
 
 import lrd_fx
-from lrd_fx.ddp import wrap_ddp
+from lrd_fx import wrap_ddp
 
 
 def main():

@@ -4,7 +4,7 @@ from .bn import recalibrate_bn
 from .config import Config
 from .errors import (CacheError, ConfigError, FactorizationError, FreezeError, InputError, LoadError,
                      LRDError, PassError, RankError, SaveError, TraceError)
-from .ddp import wrap_ddp
+from .dist import wrap_ddp
 from .freezing import FreezeController, Schedule, register_schedule, schedule_names, strip_gates
 from .trace import register_leaf_function, register_leaf_module
 

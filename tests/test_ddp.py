@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import lrd_fx
-from lrd_fx.ddp import wrap_ddp
+from lrd_fx import wrap_ddp
 from lrd_fx.errors import FreezeError
 
 EPOCHS = 4
