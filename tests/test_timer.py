@@ -1,10 +1,12 @@
 """The timer: medians over interleaved blocks, layer steps for inference and training."""
+import gc
+
 import pytest
 import torch
 import torch.nn as nn
 
-from lrd_fx.cost.timer import (Measurement, current_cost_fn, layer_step, measure, measure_interleaved, measure_rounds,
-                               summarize, use_cost_fn)
+from lrd_fx.cost.timer import (Measurement, Setting, StepInfo, current_cost_fn, layer_step, measure,
+                               measure_interleaved, measure_rounds, summarize, use_cost_fn, use_fake_clock)
 from lrd_fx.errors import ConfigError
 
 
@@ -16,10 +18,12 @@ def test_summarize_median_and_iqr():
 
 def test_measure_counts_calls_and_blocks():
     calls = []
-    m = measure(lambda: calls.append(1), device="cpu", repeats=3, warmup=2, min_time_s=0.0)
+    m = measure(lambda: calls.append(gc.isenabled()), device="cpu", repeats=3, warmup=2, min_time_s=0.0)
     assert m.n == 3 and m.median_s > 0
-    # warmup + calibration + 3 blocks of >= 1 call
-    assert len(calls) >= 2 + 1 + 3
+    # warmup + calibration + 3 blocks of 1 call: each block is timed alone (no warm-up calls of its own)
+    assert len(calls) == 2 + 1 + 3
+    # the timed blocks run with garbage collection off (a collection inside would be timed), the rest not
+    assert calls == [True] * 3 + [False] * 3
 
 
 def test_interleaved_runs_round_robin():
@@ -36,46 +40,37 @@ def test_interleaved_runs_round_robin():
 
 
 class _DriftingClock:
-    """Fake time: each step advances it by its cost times the machine's slowdown, which grows by
-    `drift` every round of `per_round` steps (a machine that gets busier while it is measured)."""
+    """A fake clock for lrd_fx.cost.use_fake_clock: a block of a step lasts the step's cost times the
+    machine's slowdown, which grows by `drift` every round of `per_round` blocks (a machine that gets
+    busier while it is measured)."""
 
-    def __init__(self, per_round, drift=0.5):
-        self.now, self.steps, self.per_round, self.drift = 0.0, 0, per_round, drift
+    def __init__(self, costs, per_round, drift=0.5):
+        self.costs, self.per_round, self.drift, self.blocks = costs, per_round, drift, 0
 
-    def step(self, cost):
-        def run():
-            self.now += cost * (1 + self.drift * (self.steps // self.per_round))
-            self.steps += 1
-        return run
+    def __call__(self, info):
+        t = self.costs[info.label] * (1 + self.drift * (self.blocks // self.per_round))
+        self.blocks += 1
+        return t
 
-
-@pytest.fixture
-def fake_blocks(monkeypatch):
-    """Timed blocks read the fake clock of the steps they run instead of a real one (no machine timing
-    in a verdict); calibration asks for one call per block."""
-    from lrd_fx.cost import timer as timer_mod
-    clocks = []
-
-    def call(self, number):
-        clock = clocks[0]
-        t0 = clock.now
-        for _ in range(number):
-            self.fn()
-        return (clock.now - t0) / number
-    monkeypatch.setattr(timer_mod._Block, "__call__", call)
-    monkeypatch.setattr(timer_mod._Block, "calibrate", lambda self, min_time_s: 1)
-    return clocks
+    def steps(self):
+        """One step per cost, labelled so that the clock knows which block it times."""
+        def make(label):
+            def step():
+                pass
+            step.info = StepInfo(label, None, (), "infer", Setting())
+            return step
+        return {label: make(label) for label in self.costs}
 
 
-def test_interleaved_tells_slow_from_fast(fake_blocks):
-    clock = _DriftingClock(per_round=2)
-    fake_blocks.append(clock)
-    fns = {"small": clock.step(1e-3), "big": clock.step(5e-3)}
-    res = measure_interleaved(fns, device="cpu", rounds=5, warmup=0, min_time_s=0.0)
+def test_interleaved_tells_slow_from_fast():
+    clock = _DriftingClock({"small": 1e-3, "big": 5e-3}, per_round=2)
+    with use_fake_clock(clock):
+        res = measure_interleaved(clock.steps(), device="cpu", rounds=5, warmup=0, min_time_s=0.0)
     # the machine slows down 3x over the rounds; interleaving hits both alike: medians keep the ratio
     assert res["small"].median_s == pytest.approx(2e-3) and res["big"].median_s == pytest.approx(1e-2)
     assert res["small"].min_s == pytest.approx(1e-3) and res["big"].n == 5
     assert res["big"].iqr_s == pytest.approx(5e-3)           # the drift shows as spread: 7.5 to 12.5 ms
+    assert clock.blocks == 10                                 # one block per candidate and round
 
 
 def test_layer_step_infer_makes_no_grads_and_copies():
@@ -98,9 +93,13 @@ def test_layer_step_train_runs_backward_on_a_copy():
 
 
 def test_layer_step_channels_last():
-    step = layer_step(nn.Conv2d(4, 8, 1), (2, 4, 5, 5), torch.float32, "cpu", "train",
+    step = layer_step(nn.Conv2d(4, 8, 3), (2, 4, 7, 7), torch.float32, "cpu", "train",
                       memory_format=torch.channels_last)
     step()
+    w = step.info.module.weight          # the copy the step runs
+    assert not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+    assert step.info.setting.memory_format == "channels_last" and step.info.input_shape == (2, 4, 7, 7)
+    assert w.grad is not None and w.grad.shape == w.shape     # the backward ran on the NHWC copy
 
 
 def test_layer_step_rejects_unknown_mode():
@@ -120,17 +119,26 @@ def test_use_cost_fn_nests():
         use_cost_fn(3)
 
 
-def test_measure_rounds_gives_paired_samples(fake_blocks):
-    clock = _DriftingClock(per_round=2, drift=1.0)
-    fake_blocks.append(clock)
-    fns = {"small": clock.step(1e-3), "big": clock.step(4e-3)}
-    got = measure_rounds(fns, device="cpu", rounds=4, warmup=0, min_time_s=0.0)
+def test_measure_rounds_gives_paired_samples():
+    clock = _DriftingClock({"small": 1e-3, "big": 4e-3}, per_round=2, drift=1.0)
+    with use_fake_clock(clock):
+        got = measure_rounds(clock.steps(), device="cpu", rounds=4, warmup=0, min_time_s=0.0)
     assert list(got) == ["small", "big"] and all(len(v) == 4 for v in got.values())
     assert got["small"] == pytest.approx([1e-3, 2e-3, 3e-3, 4e-3])      # drift: each round slower
     # sample i of both comes from round i: every paired ratio is exact despite the drift
     assert [b / s for b, s in zip(got["big"], got["small"])] == pytest.approx([4.0] * 4)
     with pytest.raises(ConfigError, match="rounds"):
-        measure_rounds(fns, rounds=0)
+        measure_rounds(clock.steps(), rounds=0)
+
+
+def test_fake_clock_still_runs_the_warm_up():
+    """Under a fake clock the warm-up calls run the step (autocast, layout, graphs are exercised) and
+    the timed blocks do not."""
+    calls = []
+    step = (lambda: calls.append(1))
+    with use_fake_clock(lambda info: 2e-3):
+        m = measure(step, device="cpu", repeats=4, warmup=3, min_time_s=1.0)
+    assert len(calls) == 3 and m == Measurement(2e-3, 0.0, 4, 2e-3)
 
 
 def test_real_clock_smoke():

@@ -7,6 +7,7 @@ import math
 import os
 import statistics
 import time
+import timeit
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
@@ -62,10 +63,6 @@ class _Block:
         self.cuda = device.type == "cuda"
         self.context = getattr(fn, "context", None) or contextlib.nullcontext
         self.clock = current_fake_clock()
-        if not self.cuda and self.clock is None:
-            # torch.utils.benchmark pins the thread count for the block and uses the best clock.
-            from torch.utils.benchmark import Timer
-            self._timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
 
     def sync(self) -> None:
         if self.cuda:
@@ -93,12 +90,10 @@ class _Block:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3 / number
-        # Timer.timeit() runs its own warm-up calls before every block; warm-up is done once up front
-        # here, so the block itself is timed alone (Timer._timeit; num_threads is the process's own).
-        timeit = getattr(self._timer, "_timeit", None)
-        if timeit is not None:
-            return timeit(number) / number
-        return self._timer.timeit(number).median
+        # The stdlib timer: perf_counter around the block, garbage collection off while it runs (as
+        # torch.utils.benchmark does underneath). The warm-up ran once up front, so the block is timed
+        # alone, where torch's Timer.timeit would add warm-up calls before every block.
+        return max(timeit.Timer(self.fn).timeit(number), 1e-9) / number
 
     def calibrate(self, min_time_s: float) -> int:
         """Calls per block so that one block lasts at least min_time_s (timer resolution, launch jitter)."""
