@@ -103,22 +103,41 @@ def test_time_plus_error_trades_rank_for_accuracy():
     c = curve(f, range(200, 330))
     # error falls with rank; a heavy weight pushes the choice to the window's top
     err = {r: 1.0 - r / 512 for r in c}
-    light = cm.staircase(c, estimate=260, full=512, original=10.0, objective="time+error",
-                         errors=err, error_weight=0.0)
-    heavy = cm.staircase(c, estimate=260, full=512, original=10.0, objective="time+error",
-                         errors=err, error_weight=100.0)
+    light = cm.time_plus_error(c, estimate=260, full=512, original=10.0, errors=err, error_weight=0.0)
+    heavy = cm.choose(c, model="time+error", estimate=260, full=512, original=10.0, errors=err,
+                      error_weight=100.0)
     assert light.rank < heavy.rank == 325
+    # weight 0 is time alone: the fastest rank of the window (the bottom of the cheapest step)
+    assert light.rank == min((r for r in c if 195 <= r <= 325), key=lambda r: (f(r), -r))
+    assert "error" in heavy.reason and "x vs original" in heavy.reason
     with pytest.raises(ValueError, match="needs errors"):
-        cm.staircase(c, estimate=260, full=512, objective="time+error")
+        cm.time_plus_error(c, estimate=260, full=512)
+
+
+def test_time_plus_error_reverts_like_staircase():
+    c = {r: 5.0 for r in range(8, 13)}
+    ch = cm.time_plus_error(c, estimate=10, full=16, original=5.0, errors={r: 0.0 for r in c})
+    assert ch.reverted and ch.rank is None and ch.time_s == 5.0 and "reverted" in ch.reason
+
+
+def test_objective_selects_the_cost_model():
+    assert cm.model_for("time") == "staircase" and cm.model_for("time+error") == "time+error"
+    assert cm.get_cost_model(cm.model_for("time+error")) is cm.time_plus_error
+    mine = (lambda curve, **_: cm.Choice(1, False, "mine"))
+    assert cm.model_for("time+error", mine) is mine            # a named model wins over the objective
+    with pytest.raises(ConfigError, match="objective"):
+        cm.model_for("error")
 
 
 def test_bad_options_raise_config_errors():
     c = {10: 1.0}
     with pytest.raises(ConfigError, match="prefer"):
         cm.staircase(c, estimate=10, full=16, prefer="fast")
-    with pytest.raises(ConfigError, match="objective"):
-        cm.staircase(c, estimate=10, full=16, objective="error")
-    with pytest.raises(ConfigError, match="not registered"):
+    with pytest.raises(ConfigError, match="prefer"):
+        cm.time_plus_error(c, estimate=10, full=16, errors={10: 0.0}, prefer="fast")
+    with pytest.raises(TypeError, match="objective"):
+        cm.staircase(c, estimate=10, full=16, objective="time+error")   # time+error is its own model
+    with pytest.raises(ConfigError, match="not"):
         cm.get_cost_model("nope")
 
 

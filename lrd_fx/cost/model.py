@@ -155,21 +155,80 @@ def refine_ranks(curve: Mapping[int, Time], estimate: int, full: int, window: fl
     return sorted(r for r in want if r not in times and 1 <= r <= full)
 
 
-# --- the default rule ---------------------------------------------------------------------------
+# --- shared by the per-layer rules ----------------------------------------------------------------
+
+@dataclass
+class Frame:
+    """One layer's measured curve as the per-layer rules read it."""
+    times: dict                # rank -> median seconds, every measured rank in [1, full]
+    lo: int                    # the window [lo, hi] around the estimate
+    hi: int
+    win: list                  # measured ranks in the window, ascending
+    estimate: int              # the estimate, or the measured window rank nearest to it
+    tol: float                 # relative difference under which two medians tie
+    edge_at: dict              # a -> (b, jump): step edges between neighbouring measured ranks a < b
+    original: Optional[float]  # median time of the original layer (None: not measured)
+
+
+def frame(curve: Mapping[int, Time], estimate: int, full: int, original: Optional[Time] = None, *,
+          window: float = 0.25, noise: Optional[float] = None,
+          edge_threshold: float = EDGE_THRESHOLD) -> Frame:
+    """Medians in the window, the tie tolerance tol = 2 * noise (estimated from the IQRs unless given;
+    at least 1%, capped at TIE_CAP) and the step edges above max(edge_threshold, tol)."""
+    times = {int(r): median_of(t) for r, t in curve.items() if 1 <= int(r) <= full}
+    lo, hi = window_bounds(estimate, full, window)
+    win = sorted(r for r in times if lo <= r <= hi)
+    if not win:
+        raise ValueError(f"no measured rank in the window [{lo}, {hi}] around estimate {estimate}")
+    if estimate not in times:   # measured nearest rank stands in for the estimate
+        estimate = min(win, key=lambda r: (abs(r - estimate), r))
+    tol = min(TIE_CAP, 2 * (noise if noise is not None else estimate_noise(curve)))
+    edges = {a: (b, j) for a, b, j in find_edges(times, max(edge_threshold, tol))}
+    return Frame(times, lo, hi, win, estimate, tol, edges,
+                 median_of(original) if original is not None else None)
+
+
+def _ms(t: float) -> str:
+    return f"{t * 1e3:.3g} ms"
+
+
+def _check_prefer(prefer: str) -> None:
+    if prefer not in ("speed", "accuracy"):
+        raise ConfigError(f"prefer={prefer!r} must be 'speed' or 'accuracy'")
+
+
+def beat_original(f: Frame, chosen: int, reason: str, margin: float) -> Choice:
+    """The Choice for `chosen`, unless it is not faster than the original by `margin`: then the largest
+    window rank that is, and when none is, the original layer (reverted)."""
+    t, edges = f.times, sorted(f.edge_at)
+    if f.original is None:
+        return Choice(chosen, False, reason, t[chosen], edges)
+    limit = f.original * (1 - margin)
+    if t[chosen] > limit:
+        faster = [r for r in f.win if t[r] <= limit]
+        if not faster:
+            best = min(f.win, key=lambda r: t[r])
+            return Choice(None, True, f"original layer ({_ms(f.original)}) is not beaten by {margin:.0%} by any "
+                          f"rank in [{f.lo}, {f.hi}] (fastest: rank {best}, {_ms(t[best])}): reverted",
+                          f.original, edges)
+        was, chosen = chosen, max(faster)
+        reason = (f"rank {was} ({_ms(t[was])}) is not {margin:.0%} faster than the original "
+                  f"({_ms(f.original)}); largest rank that is: {chosen}")
+    return Choice(chosen, False, f"{reason}; {f.original / t[chosen]:.2f}x vs original", t[chosen], edges)
+
+
+# --- the default rule: time only ----------------------------------------------------------------
 
 @register_cost_model("staircase")
 def staircase(curve: Mapping[int, Time], *, estimate: int, full: int, original: Optional[Time] = None,
-              window: float = 0.25, margin: float = 0.03, prefer: str = "speed", objective: str = "time",
-              errors: Optional[Mapping[int, float]] = None, error_weight: float = 1.0,
-              noise: Optional[float] = None, edge_threshold: float = EDGE_THRESHOLD,
-              align_loss: float = ALIGN_LOSS) -> Choice:
-    """Choose a rank from a measured step-time curve.
+              window: float = 0.25, margin: float = 0.03, prefer: str = "speed", noise: Optional[float] = None,
+              edge_threshold: float = EDGE_THRESHOLD, align_loss: float = ALIGN_LOSS) -> Choice:
+    """Choose a rank from a measured step-time curve (the paper's rule).
 
     Candidates are the measured ranks in [estimate*(1-window), estimate*(1+window)], never above `full`.
     Two medians are "tied" when they differ by less than tol = 2 * noise (noise: the relative
     uncertainty of one median, estimated from the IQRs unless given; at least 1%), capped at 25%.
 
-    objective="time" (the paper's rule):
       1. Find step edges: neighbouring measured ranks a < b whose time jumps by more than
          max(edge_threshold, tol) beyond the curve's ordinary slope.
       2. Base rank: a, for the nearest edge with a <= estimate inside the window whose time is below
@@ -180,89 +239,96 @@ def staircase(curve: Mapping[int, Time], *, estimate: int, full: int, original: 
          tie with it, take the one with the largest alignment (64, then 32, 16, 8), else base.
          prefer="accuracy": take the highest rank of base's step (inside the window) whose time ties
          with base's: rank that costs no measurable time (this may be above the estimate).
-    objective="time+error": minimise t(r) / t_ref + error_weight * errors[r] over the window, where
-      t_ref is the original layer's time (the estimate's if not given) and errors[r] the relative
-      reconstruction error at rank r (from singular values); ties go to lower time ("speed") or higher
-      rank ("accuracy").
     Revert: when `original` is given and the choice is not faster than it by `margin`, take the largest
     window rank that is; when none is, revert to the original layer.
     """
-    if prefer not in ("speed", "accuracy"):
-        raise ConfigError(f"prefer={prefer!r} must be 'speed' or 'accuracy'")
-    if objective not in ("time", "time+error"):
-        raise ConfigError(f"objective={objective!r} must be 'time' or 'time+error'")
-    times = {int(r): median_of(t) for r, t in curve.items() if 1 <= int(r) <= full}
-    lo, hi = window_bounds(estimate, full, window)
-    win = sorted(r for r in times if lo <= r <= hi)
-    if not win:
-        raise ValueError(f"no measured rank in the window [{lo}, {hi}] around estimate {estimate}")
-    if estimate not in times:   # measured nearest rank stands in for the estimate
-        estimate = min(win, key=lambda r: (abs(r - estimate), r))
-    tol = min(TIE_CAP, 2 * (noise if noise is not None else estimate_noise(curve)))
-    edges = find_edges(times, max(edge_threshold, tol))
-    edge_at = {a: (b, j) for a, b, j in edges}
-    t_orig = median_of(original) if original is not None else None
-
-    def ms(t):
-        return f"{t * 1e3:.3g} ms"
-
-    if objective == "time+error":
-        missing = [r for r in win if errors is None or r not in errors]
-        if missing:
-            raise ValueError(f"objective='time+error' needs errors for ranks {missing[:8]}")
-        t_ref = t_orig if t_orig else times[estimate]
-        score = {r: times[r] / t_ref + error_weight * errors[r] for r in win}
-        best = min(score.values())
-        ties = [r for r in win if score[r] <= best + tol * times[r] / t_ref]
-        chosen = max(ties) if prefer == "accuracy" else min(ties, key=lambda r: (times[r], -r))
-        reason = (f"min time/t_ref + {error_weight:g}*error in [{lo}, {hi}]: rank {chosen} "
-                  f"({ms(times[chosen])}, error {errors[chosen]:.3g})")
+    _check_prefer(prefer)
+    f = frame(curve, estimate, full, original, window=window, noise=noise, edge_threshold=edge_threshold)
+    base, reason = _base_rank(f)
+    step = _step_of(f, base)
+    if prefer == "accuracy":
+        chosen = max(step)
+        if chosen != base:
+            reason += f"; rank {chosen} costs the same (top of the step, prefer='accuracy')"
     else:
-        # an edge is worth going down to only if its rank is faster than the estimate (on a clean
-        # staircase it always is; noise or a comb can break that)
-        below = [a for a in edge_at if lo <= a <= estimate and (a == estimate or times[a] < times[estimate])]
-        if below:
-            base = max(below)
-            nxt, jump = edge_at[base]
-            reason = f"rank {base} is just below the step {base}->{nxt} (+{jump:.0%})"
-        else:
-            base = estimate
-            reason = f"no step edge in [{lo}, {estimate}]: estimate {estimate} is on the cheapest step"
-        # base's step: the measured window ranks between the neighbouring edges
-        step_lo = max([a for a in edge_at if a < base] + [lo - 1]) + 1
-        step_hi = min([a for a in edge_at if a >= base] + [hi])
-        step = [r for r in win if step_lo <= r <= step_hi and times[r] <= times[base] * (1 + tol)]
-        chosen = base
-        if prefer == "accuracy":
-            chosen = max(step)
-            if chosen != base:
-                reason += f"; rank {chosen} costs the same (top of the step, prefer='accuracy')"
-        else:
-            near = [r for r in step if r <= base and base - r <= align_loss * base]
-            for a in ALIGNMENTS:
-                aligned = [r for r in near if r % a == 0]
-                if aligned and alignment(base) < a:
-                    chosen = max(aligned)
-                    reason += f"; aligned to {chosen} (multiple of {a}, same time)"
-                    break
-    edge_list = sorted(edge_at)
-    if t_orig is not None:
-        limit = t_orig * (1 - margin)
-        if times[chosen] > limit:
-            faster = [r for r in win if times[r] <= limit]
-            if not faster:
-                best = min(win, key=lambda r: times[r])
-                return Choice(None, True,
-                              f"original layer ({ms(t_orig)}) is not beaten by {margin:.0%} by any rank in "
-                              f"[{lo}, {hi}] (fastest: rank {best}, {ms(times[best])}): reverted",
-                              t_orig, edge_list)
-            was = chosen
-            chosen = max(faster)
-            reason = (f"rank {was} ({ms(times[was])}) is not {margin:.0%} faster than the original "
-                      f"({ms(t_orig)}); largest rank that is: {chosen}")
-    if t_orig is not None:
-        reason += f"; {t_orig / times[chosen]:.2f}x vs original"
-    return Choice(chosen, False, reason, times[chosen], edge_list)
+        chosen, why = _aligned(step, base, align_loss)
+        reason += why
+    return beat_original(f, chosen, reason, margin)
+
+
+def _base_rank(f: Frame) -> tuple[int, str]:
+    """Step 2: the rank just below the nearest edge at or under the estimate, if faster than the estimate
+    (on a clean staircase it always is; noise or a comb can break that), else the estimate."""
+    t, est = f.times, f.estimate
+    below = [a for a in f.edge_at if f.lo <= a <= est and (a == est or t[a] < t[est])]
+    if not below:
+        return est, f"no step edge in [{f.lo}, {est}]: estimate {est} is on the cheapest step"
+    base = max(below)
+    nxt, jump = f.edge_at[base]
+    return base, f"rank {base} is just below the step {base}->{nxt} (+{jump:.0%})"
+
+
+def _step_of(f: Frame, base: int) -> list[int]:
+    """The measured window ranks between the edges around `base` whose time ties with base's."""
+    step_lo = max([a for a in f.edge_at if a < base] + [f.lo - 1]) + 1
+    step_hi = min([a for a in f.edge_at if a >= base] + [f.hi])
+    return [r for r in f.win if step_lo <= r <= step_hi and f.times[r] <= f.times[base] * (1 + f.tol)]
+
+
+def _aligned(step: list[int], base: int, align_loss: float) -> tuple[int, str]:
+    """Step 3, prefer="speed": the most aligned rank of the step within align_loss below base."""
+    near = [r for r in step if r <= base and base - r <= align_loss * base]
+    for a in ALIGNMENTS:
+        aligned = [r for r in near if r % a == 0]
+        if aligned and alignment(base) < a:
+            chosen = max(aligned)
+            return chosen, f"; aligned to {chosen} (multiple of {a}, same time)"
+    return base, ""
+
+
+# --- time and reconstruction error ---------------------------------------------------------------
+
+@register_cost_model("time+error")
+def time_plus_error(curve: Mapping[int, Time], *, estimate: int, full: int, original: Optional[Time] = None,
+                    errors: Optional[Mapping[int, float]] = None, error_weight: float = 1.0,
+                    window: float = 0.25, margin: float = 0.03, prefer: str = "speed",
+                    noise: Optional[float] = None, edge_threshold: float = EDGE_THRESHOLD) -> Choice:
+    """Minimise t(r) / t_ref + error_weight * errors[r] over the window (Config objective "time+error").
+
+    t_ref is the original layer's time (the estimate's if not given), errors[r] the relative
+    reconstruction error at rank r (from singular values). Scores within tol (as in `staircase`, in
+    units of t_ref) tie; ties go to lower time ("speed") or higher rank ("accuracy"). The margin and
+    revert are those of `staircase`.
+    """
+    _check_prefer(prefer)
+    f = frame(curve, estimate, full, original, window=window, noise=noise, edge_threshold=edge_threshold)
+    missing = [r for r in f.win if errors is None or r not in errors]
+    if missing:
+        raise ValueError(f"the 'time+error' cost model needs errors for ranks {missing[:8]}")
+    t = f.times
+    t_ref = f.original if f.original else t[f.estimate]
+    score = {r: t[r] / t_ref + error_weight * errors[r] for r in f.win}
+    best = min(score.values())
+    ties = [r for r in f.win if score[r] <= best + f.tol * t[r] / t_ref]
+    chosen = max(ties) if prefer == "accuracy" else min(ties, key=lambda r: (t[r], -r))
+    reason = (f"min time/t_ref + {error_weight:g}*error in [{f.lo}, {f.hi}]: rank {chosen} "
+              f"({_ms(t[chosen])}, error {errors[chosen]:.3g})")
+    return beat_original(f, chosen, reason, margin)
+
+
+# Config.rank_search_objective -> the cost model it selects when no cost model is named.
+OBJECTIVES = {"time": "staircase", "time+error": "time+error"}
+
+
+def model_for(objective: str = "time", cost_model=None):
+    """The cost model a rank search applies: `cost_model` (a registered name or a callable) when given,
+    else the one `objective` names ("time": "staircase", "time+error": "time+error")."""
+    if cost_model is not None:
+        return cost_model
+    try:
+        return OBJECTIVES[objective]
+    except KeyError:
+        raise ConfigError(f"objective={objective!r} must be one of {sorted(OBJECTIVES)}") from None
 
 
 def choose(curve: Mapping[int, Time], *, model="staircase", **options) -> Choice:

@@ -445,13 +445,13 @@ def _choose(g: _Group, name: str, ctx: CompileContext, model) -> dict:
     """Plan entry for one layer of a measured group."""
     cfg = ctx.config
     line = g.line
-    errors = None
+    errors, options = None, {}
     if cfg.rank_search_objective == "time+error":
         errors = _errors(_error_source(ctx, name), g.scheme, line, list(g.times))
+        options = {"errors": errors, "error_weight": cfg.rank_search_error_weight}
     ch = cm.choose(g.times, model=model, estimate=line.s_est, full=line.s_full, original=g.original,
                    window=cfg.rank_search_window, margin=cfg.rank_search_margin,
-                   prefer=cfg.rank_search_prefer, objective=cfg.rank_search_objective,
-                   errors=errors, error_weight=cfg.rank_search_error_weight)
+                   prefer=cfg.rank_search_prefer, **options)
     return _entry(g, ch.rank, ch.reason, errors)
 
 
@@ -611,10 +611,12 @@ def search_ranks(ctx: CompileContext, *, cost_fn: Optional[Callable] = None, cos
 
     cost_fn(module, input_shape, mode) -> seconds replaces timing on the device (tests); default: the
     one installed by lrd_fx.cost.use_cost_fn, else real measurement. cost_model: a name registered
-    with lrd_fx.cost.register_cost_model or a callable (default "staircase").
+    with lrd_fx.cost.register_cost_model or a callable (default: the one Config.rank_search_objective
+    names, cost.model.OBJECTIVES: "staircase" or "time+error").
     """
     cfg = ctx.config
-    model = cost_model or getattr(cfg, "rank_search_model", None) or "staircase"
+    # the one place where the objective picks the cost model ("time+error" is a model of its own)
+    model = cm.model_for(cfg.rank_search_objective, cost_model or getattr(cfg, "rank_search_model", None))
     cm.get_cost_model(model)   # fail early on an unknown name
 
     def run(gm):
