@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .errors import FreezeError
 from .layers import ROLE_CORE, ROLE_LAST
+from .registry import Registry
 from .trace import register_leaf_function
 
 FREEZER_NAME = "lrd_freezer"     # attribute of the controller (root) and of its links (nested graphs)
@@ -172,15 +173,15 @@ class CallableSchedule(Schedule):
         return f"callable {self.name}(epoch, layer, role)"
 
 
-_SCHEDULES: dict[str, Callable[[Any], Schedule]] = {}
+_SCHEDULES: Registry[Callable[[Any], Schedule]] = Registry(
+    "schedule", error=FreezeError,
+    hint="register one with @lrd_fx.register_schedule('name') on a factory (config) -> Schedule, "
+         "or pass a callable (epoch, layer_name, role) -> trainable")
 
 
-def register_schedule(name: str):
-    """Register a schedule factory `(config) -> Schedule` under `name` (decorator)."""
-    def deco(factory):
-        _SCHEDULES[name] = factory
-        return factory
-    return deco
+def register_schedule(name: Optional[str] = None, factory=None):
+    """Register a schedule factory `(config) -> Schedule` under `name` (decorator, or a call with factory)."""
+    return _SCHEDULES.register(name) if factory is None else _SCHEDULES.register(name, factory)
 
 
 @register_schedule("sequential")
@@ -194,7 +195,7 @@ def _static(config) -> Schedule:
 
 
 def schedule_names() -> list[str]:
-    return sorted(_SCHEDULES)
+    return _SCHEDULES.names()
 
 
 def make_schedule(spec, config=None) -> Schedule:
@@ -202,10 +203,7 @@ def make_schedule(spec, config=None) -> Schedule:
     if isinstance(spec, Schedule):
         return spec
     if isinstance(spec, str):
-        if spec not in _SCHEDULES:
-            raise FreezeError(f"freeze={spec!r} is not a known schedule; known: {schedule_names()} "
-                              f"(or pass a callable (epoch, layer_name, role) -> trainable)")
-        return _SCHEDULES[spec](config)
+        return _SCHEDULES.get(spec)(config)   # FreezeError naming the known schedules
     if callable(spec):
         return CallableSchedule(spec)
     raise FreezeError(f"freeze={spec!r} must be a schedule name {schedule_names()}, a Schedule, or a "

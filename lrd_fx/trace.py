@@ -11,14 +11,25 @@ import torch.nn as nn
 
 from .errors import TraceError
 from .factorize.modules import HFConv1D
+from .registry import Registry
 
 _FX_DIR = os.path.dirname(fx.__file__)
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
+
+def _qualified(obj) -> str:
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__name__
+    name = f"{getattr(obj, '__module__', None) or ''}.{name}"
+    # lambdas and classes made inside functions share a qualname: each object is its own entry
+    return f"{name}@{id(obj):x}" if "<" in name or "." not in name.lstrip(".") else name
+
+
 # Module classes always kept as leaves (besides torch.nn's own); register_leaf_module adds to it.
-_LEAF_MODULES: set[type] = set()
+LEAF_MODULES: Registry[type] = Registry("leaf module", key=_qualified,
+                                        hint="register one with @lrd_fx.register_leaf_module")
 # Functions never traced into (kept as one call_function node).
-_LEAF_FUNCTIONS: set[Callable] = set()
+LEAF_FUNCTIONS: Registry[Callable] = Registry("leaf function", key=_qualified,
+                                              hint="register one with @lrd_fx.register_leaf_function")
 
 # Layers the decompose pass rewrites must stay call_module nodes, even subclasses outside torch.nn.
 _FACTORIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, HFConv1D)   # HFConv1D: transformers' GPT-2 Conv1D
@@ -26,14 +37,12 @@ _FACTORIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, HFConv1D)   # HFCon
 
 def register_leaf_module(cls: type) -> type:
     """Keep every instance of `cls` as a single call_module node (usable as a decorator)."""
-    _LEAF_MODULES.add(cls)
-    return cls
+    return LEAF_MODULES.register(cls)
 
 
 def register_leaf_function(fn: Callable) -> Callable:
     """Keep calls of `fn` as a single call_function node (usable as a decorator)."""
-    _LEAF_FUNCTIONS.add(fn)
-    return fn
+    return LEAF_FUNCTIONS.register(fn)
 
 
 def _timm_leaves() -> tuple[set, set]:
@@ -52,8 +61,8 @@ class LRDTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable = (), leaf_names: Iterable[str] = ()):
         timm_mods, timm_fns = _timm_leaves()
-        super().__init__(autowrap_functions=tuple(_LEAF_FUNCTIONS | timm_fns))
-        self.leaf_classes = tuple(set(leaf_modules) | _LEAF_MODULES | timm_mods)
+        super().__init__(autowrap_functions=tuple(set(LEAF_FUNCTIONS.values()) | timm_fns))
+        self.leaf_classes = tuple(set(leaf_modules) | set(LEAF_MODULES.values()) | timm_mods)
         self.leaf_names = set(leaf_names)
         self._stack: list[str] = []
 
@@ -350,7 +359,5 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
             continue
         new = trace(sub, leaf_modules=leaf_modules, fallback=True, fallback_parts=parts,
                     eager_parts=eager, _path=full)
-        parent_name, _, attr = rel.rpartition(".")
-        parent = gm.get_submodule(parent_name) if parent_name else gm
-        setattr(parent, attr, new)
+        gm.set_submodule(rel, new)
     return gm

@@ -9,6 +9,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import ConfigError
+from ..registry import Registry
 from .timer import Measurement
 
 Time = Union[float, Measurement]
@@ -39,25 +40,20 @@ class Choice:
 
 # --- registry -----------------------------------------------------------------------------------
 
-COST_MODELS: dict[str, Callable[..., Choice]] = {}
+COST_MODELS: Registry[Callable[..., Choice]] = Registry(
+    "cost model", hint="add one with @lrd_fx.cost.register_cost_model('name') and select it with "
+                       "compile(..., rank_search_cost_model='name')")
 
 
-def register_cost_model(name: str):
-    """Decorator: make `fn(curve, *, estimate, full, original, **options) -> Choice` selectable by name."""
-    def deco(fn):
-        COST_MODELS[name] = fn
-        return fn
-    return deco
+def register_cost_model(name: Optional[str] = None, fn=None):
+    """Make `fn(curve, *, estimate, full, original, **options) -> Choice` selectable by name (decorator,
+    or a call with fn)."""
+    return COST_MODELS.register(name) if fn is None else COST_MODELS.register(name, fn)
 
 
 def get_cost_model(name_or_fn) -> Callable[..., Choice]:
-    if callable(name_or_fn):
-        return name_or_fn
-    try:
-        return COST_MODELS[name_or_fn]
-    except KeyError:
-        raise ConfigError(f"cost model {name_or_fn!r} is not registered; known: {sorted(COST_MODELS)} "
-                          f"(add one with @lrd_fx.cost.register_cost_model(name))") from None
+    """A registered cost model by name (ConfigError listing the known ones), or a callable as is."""
+    return COST_MODELS.get(name_or_fn)
 
 
 # --- helpers ------------------------------------------------------------------------------------
