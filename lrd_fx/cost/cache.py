@@ -376,8 +376,8 @@ class TimingCache:
             return None
         if row is None:
             return None
-        f = 1.0 if raw else row[4]
-        return Measurement(row[0] * f, row[1] * f, row[2], row[3] * f)
+        m = Measurement(row[0], row[1], row[2], row[3])
+        return m if raw else m.scaled(row[4])
 
     def is_rescaled(self, key: dict) -> Optional[bool]:
         """Whether the timing stored for `key` was rescaled by the search (None: not stored)."""

@@ -31,6 +31,10 @@ class Measurement:
         """IQR relative to the median (0 when a single block was timed)."""
         return self.iqr_s / self.median_s if self.median_s > 0 else 0.0
 
+    def scaled(self, factor: float) -> "Measurement":
+        """The same timing in another frame: every time multiplied by `factor` (n unchanged)."""
+        return Measurement(self.median_s * factor, self.iqr_s * factor, self.n, self.min_s * factor)
+
 
 def summarize(samples: Sequence[float]) -> Measurement:
     """Median and IQR of per-call times."""

@@ -155,35 +155,61 @@ class _Timer:
                                   objective=self.objective, amp=self.setting.amp,
                                   exec_form=self.setting.exec_form)
 
-    def time(self, g: _Group, wanted: dict) -> dict:
-        """{rank key: Measurement} for wanted {rank key: zero-arg module factory}."""
-        out, todo = {}, {}
-        for k, make in wanted.items():
-            memo_key = (g.signature, g.shape, g.memory_format, k)
-            if memo_key in self.memo:
-                out[k] = self.memo[memo_key]
-                continue
-            hit = self.cache.get(self._ckey(g, k)) if self.cache is not None else None
-            if hit is not None:
-                self.cached += 1
-                out[k] = self.memo[memo_key] = hit
-            else:
-                todo[k] = make
-        if todo:
-            got = self._measure(g, todo)
-            self.measured += len(got)
-            for k, m in got.items():
-                out[k] = self.memo[(g.signature, g.shape, g.memory_format, k)] = m
-            if self.cache is not None:
-                self.cache.put_many((self._ckey(g, k), m) for k, m in got.items())
+    def time(self, g: _Group, wanted: dict, refs: Optional[dict] = None) -> dict:
+        """{rank key: Measurement} for wanted {rank key: zero-arg module factory}: this compile's memo,
+        then the cache, then the device. refs {key: (factory, Measurement)}: already-measured neighbours
+        timed in the same batch as what is measured; the new timings are scaled by the median ratio of
+        the refs' timings to their new ones, into the frame the refs were measured in (a cost function
+        does not drift: refs are then not needed)."""
+        out = self.lookup(g, wanted)
+        todo = {k: make for k, make in wanted.items() if k not in out}
+        if not todo:
+            return out
+        if not refs or self.cost_fn is not None:
+            out.update(self.store(g, self._measure(g, todo)))
+            return out
+        got = self._measure(g, {**todo, **{k: make for k, (make, _) in refs.items()}})
+        ratios = [old.median_s / got[k].median_s for k, (_, old) in refs.items() if got[k].median_s > 0]
+        scale = statistics.median(ratios) if ratios else 1.0
+        out.update(self.store(g, {k: got[k] for k in todo}, scale))
         return out
+
+    def lookup(self, g: _Group, keys) -> dict:
+        """{rank key: Measurement} for those of `keys` already timed: in this compile (the memo), else in
+        the cache (counted in `cached`)."""
+        out = {}
+        for k in keys:
+            hit = self.memo.get(self._memo_key(g, k))
+            if hit is None and self.cache is not None:
+                hit = self.cache.get(self._ckey(g, k))
+                if hit is not None:
+                    self.cached += 1
+                    self.memo[self._memo_key(g, k)] = hit
+            if hit is not None:
+                out[k] = hit
+        return out
+
+    def store(self, g: _Group, got: dict, scale: float = 1.0) -> dict:
+        """Keep fresh measurements {rank key: Measurement} (counted in `measured`): the memo holds them
+        times `scale` (the frame the search compares them in), the cache as measured, with the scale.
+        Returns the scaled ones."""
+        out = {k: m.scaled(scale) if scale != 1.0 else m for k, m in got.items()}
+        self.memo.update((self._memo_key(g, k), m) for k, m in out.items())
+        self.measured += len(got)
+        if self.cache is not None:
+            self.cache.put_many((self._ckey(g, k), m, scale) for k, m in got.items())
+        return out
+
+    @staticmethod
+    def _memo_key(g: _Group, rank_key: str) -> tuple:
+        return (g.signature, g.shape, g.memory_format, rank_key)
 
     def remeasure(self, g: _Group, wanted: dict) -> dict:
         """Measure already-timed keys again; each keeps the less disturbed of its old and new timing."""
         got = self._measure(g, wanted)
         out, rows = {}, []
         for k, m in got.items():
-            mk = (g.signature, g.shape, g.memory_format, k)
+            mk = self._memo_key(g, k)
             old = self.memo.get(mk)
             best = m if old is None else _least_disturbed(old, m)
             self.memo[mk] = out[k] = best
@@ -367,45 +393,14 @@ def _recheck(g: _Group, timer: _Timer, ctx: CompileContext, model, deadline: Opt
 
 
 def _time_with_refs(timer: _Timer, g: _Group, refs: list, new: list) -> dict:
-    """{s: Measurement} for the fine-stage ranks `new`: memo/cache first; the rest measured interleaved
-    with the already-measured neighbours `refs` and scaled by the median ratio of the refs' times."""
+    """{s: Measurement} for the fine-stage ranks `new`, measured interleaved with the already-measured
+    neighbours `refs` and rescaled into their frame (_Timer.time)."""
     line, m = g.line, g.module
-    keys_new = {_key(line.ranks(s)): s for s in new}
-    wanted = {k: _factory(m, line.ranks(s), g.scheme) for k, s in keys_new.items()}
-    if timer.cost_fn is not None:      # a cost function does not drift: no references needed
-        got = timer.time(g, wanted)
-        return {s: got[k] for k, s in keys_new.items()}
-    ref_keys = {f"ref:{_key(line.ranks(s))}": s for s in refs}
-    todo = dict(wanted)
-    todo.update({k: _factory(m, line.ranks(s), g.scheme) for k, s in ref_keys.items()})
-    # look up memo/cache for the new ranks first; measure the rest together with the references
-    out = {}
-    for k in list(wanted):
-        mk = (g.signature, g.shape, g.memory_format, k)
-        hit = timer.memo.get(mk)
-        if hit is None and timer.cache is not None:
-            hit = timer.cache.get(timer._ckey(g, k))
-            if hit is not None:
-                timer.cached += 1
-        if hit is not None:
-            timer.memo[mk] = out[keys_new[k]] = hit
-            del todo[k]
-    if any(not k.startswith("ref:") for k in todo):
-        got = timer._measure(g, todo)
-        ratios = [g.times[s].median_s / got[k].median_s for k, s in ref_keys.items()
-                  if got[k].median_s > 0 and s in g.times]
-        scale = statistics.median(ratios) if ratios else 1.0
-        fresh = []
-        for k, s in keys_new.items():
-            if k in got:
-                meas = Measurement(got[k].median_s * scale, got[k].iqr_s * scale, got[k].n, got[k].min_s * scale)
-                timer.memo[(g.signature, g.shape, g.memory_format, k)] = out[s] = meas
-                # the cache keeps what was measured, with the scale that put it into this frame
-                fresh.append((timer._ckey(g, k), got[k], scale))
-        timer.measured += len(fresh)
-        if timer.cache is not None:
-            timer.cache.put_many(fresh)
-    return out
+    keys = {_key(line.ranks(s)): s for s in new}
+    wanted = {k: _factory(m, line.ranks(s), g.scheme) for k, s in keys.items()}
+    neighbours = {f"ref:{_key(line.ranks(s))}": (_factory(m, line.ranks(s), g.scheme), g.times[s]) for s in refs}
+    got = timer.time(g, wanted, refs=neighbours)
+    return {s: got[k] for k, s in keys.items()}
 
 
 def _errors(module: nn.Module, scheme: str, line: _Line, ranks_s) -> dict:
