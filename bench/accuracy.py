@@ -27,8 +27,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import lrd_fx  # noqa: E402
+from lrd_fx.api import copy_model  # noqa: E402
 from lrd_fx.bn import recalibrate_bn  # noqa: E402
-from lrd_fx.freezing import StaticSchedule, clone_model, find_freezer, strip_gates  # noqa: E402
+from lrd_fx.freezing import StaticSchedule, find_freezer  # noqa: E402
+from lrd_fx.passes.gates import strip_gates  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 VARIANTS = ("all trainable", "sequential", "static")
@@ -108,8 +110,8 @@ def run_seed(seed: int, args) -> dict:
     recalibrate_bn(gated, [xb for xb, _ in batches(x, y, 64, gen)], max_batches=8)
     out["recalibrated"] = accuracy(gated, x_te, y_te)
     out["params"] = [sum(p.numel() for p in model.parameters()), sum(p.numel() for p in gated.parameters())]
-    models = {"all trainable": strip_gates(gated), "sequential": clone_model(gated),
-              "static": clone_model(gated)}
+    models = {"all trainable": strip_gates(gated), "sequential": copy_model(gated),
+              "static": copy_model(gated)}
     find_freezer(models["static"]).set_schedule(StaticSchedule("core"))
     for name in VARIANTS:
         m = models[name]

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import lrd_fx  # noqa: E402
-from lrd_fx.freezing import StaticSchedule, clone_model, find_freezer, strip_gates  # noqa: E402
+from lrd_fx.api import copy_model  # noqa: E402
+from lrd_fx.freezing import StaticSchedule, find_freezer  # noqa: E402
+from lrd_fx.passes.gates import strip_gates  # noqa: E402
 
 from lrd_fx.cost.timer import measure_interleaved  # noqa: E402
 
@@ -75,7 +77,7 @@ def bench_model(name: str, args) -> list[list]:
     gated = lrd_fx.compile(model, (x[:1],), ratio=args.ratio, freeze="sequential", progress=False)
     t_compile = time.perf_counter() - t0
     decomposed = strip_gates(gated)
-    static = clone_model(gated)
+    static = copy_model(gated)
     find_freezer(static).set_schedule(StaticSchedule("core"))
     fr = gated.lrd.freezer
     states = fr.state_epochs()                       # [0, period]: one epoch per schedule state

@@ -5,7 +5,8 @@ from .config import Config
 from .errors import (CacheError, ConfigError, FactorizationError, FreezeError, InputError, LoadError,
                      LRDError, PassError, RankError, SaveError, TraceError)
 from .dist import wrap_ddp
-from .freezing import FreezeController, Schedule, register_schedule, schedule_names, strip_gates
+from .freezing import FreezeController, Schedule, register_schedule, schedule_names
+from .passes.gates import strip_gates
 from .trace import register_leaf_function, register_leaf_module
 
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Optional
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from .config import Config
@@ -189,26 +190,44 @@ def _check_model(model: nn.Module, cfg: Config, inputs: Optional[tuple]) -> None
 
 
 def copy_model(model: nn.Module) -> nn.Module:
-    """copy.deepcopy(model), also for models whose layers hold non-leaf tensors computed by hooks
-    (old-style torch.nn.utils.weight_norm, torch.nn.utils.prune): those are copied detached, and the
-    hooks recompute them on the next forward."""
+    """A deep copy of `model`, original or compiled: how lrd_fx keeps the caller's model unchanged.
+
+    Like copy.deepcopy(model), with two repairs:
+    - layers holding non-leaf tensors computed by hooks (old-style torch.nn.utils.weight_norm,
+      torch.nn.utils.prune) are copied with those tensors detached; the hooks recompute them on the
+      next forward;
+    - GraphModule.__deepcopy__ rebuilds a GraphModule from the attributes its graph references, which
+      turns containers such as FactorChain into plain nn.Modules and drops attributes like `.lrd`;
+      the memo of the same deepcopy holds the faithful copies, so they are put back.
+    """
+    memo: dict = {}
     try:
-        return copy.deepcopy(model)
+        new = copy.deepcopy(model, memo)
     except RuntimeError as e:
         if "deepcopy protocol" not in str(e):
             raise InputError(f"copy.deepcopy(model) failed ({e}); lrd_fx works on a copy so that your model is "
                              f"never changed: make the model deep-copyable") from e
-    memo: dict = {}
-    for m in model.modules():
-        for v in vars(m).values():
-            if isinstance(v, torch.Tensor) and not v.is_leaf:
-                memo[id(v)] = v.detach().clone()
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception as e:
-        raise InputError(f"copy.deepcopy(model) failed ({type(e).__name__}: {e}); lrd_fx works on a copy so "
-                         f"that your model is never changed: remove what cannot be copied (e.g. "
-                         f"torch.nn.utils.remove_weight_norm) first") from e
+        memo = {}
+        for m in model.modules():
+            for v in vars(m).values():
+                if isinstance(v, torch.Tensor) and not v.is_leaf:
+                    memo[id(v)] = v.detach().clone()
+        try:
+            new = copy.deepcopy(model, memo)
+        except Exception as e:
+            raise InputError(f"copy.deepcopy(model) failed ({type(e).__name__}: {e}); lrd_fx works on a copy "
+                             f"so that your model is never changed: remove what cannot be copied (e.g. "
+                             f"torch.nn.utils.remove_weight_norm) first") from e
+    for _, old in model.named_modules():
+        part = memo.get(id(old)) if isinstance(old, fx.GraphModule) else None
+        if part is None:
+            continue
+        for cname, child in old._modules.items():
+            part._modules[cname] = copy.deepcopy(child, memo)
+        for k, v in old.__dict__.items():
+            if k not in part.__dict__:
+                part.__dict__[k] = copy.deepcopy(v, memo)
+    return new
 
 
 def build_passes(ctx: CompileContext) -> list:
@@ -244,11 +263,12 @@ def fuse(model: nn.Module, *, debug: bool = False) -> nn.Module:
     them merged where the merged layer is cheaper. Exact up to float rounding in eval mode; running the
     copy in train mode raises ConfigError. Takes a model from lrd_fx.compile (or any model: it is traced
     first). The given model is not changed."""
-    from .freezing import clone_model, is_gated, strip_gates
+    from .freezing import is_gated
     from .passes.fuse import fuse as fuse_pass
+    from .passes.gates import strip_gates
     if not isinstance(model, nn.Module):
         raise ConfigError(f"fuse() takes a torch.nn.Module, got {type(model).__name__}")
-    work = strip_gates(model) if is_gated(model) else clone_model(model)
+    work = strip_gates(model) if is_gated(model) else copy_model(model)
     if not graph_modules(work):
         work = trace(work, fallback=True)
     info = getattr(work, "lrd", None)

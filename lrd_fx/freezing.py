@@ -1,12 +1,10 @@
 """Sequential freezing: the grad_gate op, freezing schedules (registry) and the FreezeController."""
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -400,30 +398,7 @@ def ungate_module_(module: nn.Module) -> None:
         module.__dict__.pop("_lrd_key", None)
 
 
-# --- strip_gates --------------------------------------------------------------------------------------
-
-def clone_model(root: nn.Module) -> nn.Module:
-    """Deep copy that keeps every GraphModule's full submodule tree and extra attributes.
-
-    GraphModule.__deepcopy__ rebuilds the module from the attributes its graph references, which
-    turns containers such as FactorChain into plain nn.Modules and drops attributes like `.lrd`;
-    the memo of the same deepcopy holds the faithful copies, so they are put back.
-    """
-    memo: dict = {}
-    new = copy.deepcopy(root, memo)
-    for _, old in root.named_modules():
-        if not isinstance(old, fx.GraphModule):
-            continue
-        part = memo.get(id(old))
-        if part is None:
-            continue
-        for cname, child in old._modules.items():
-            part._modules[cname] = copy.deepcopy(child, memo)
-        for k, v in old.__dict__.items():
-            if k not in part.__dict__:
-                part.__dict__[k] = copy.deepcopy(v, memo)
-    return new
-
+# --- lookups ----------------------------------------------------------------------------------------
 
 def is_gated(model: nn.Module) -> bool:
     """True when the model carries freezing gates (a FreezeController)."""
@@ -431,29 +406,8 @@ def is_gated(model: nn.Module) -> bool:
 
 
 def find_freezer(model: nn.Module) -> Optional[FreezeController]:
+    """The model's FreezeController, or None when it has no gates."""
     for m in model.modules():
         if isinstance(m, FreezeController):
             return m
     return None
-
-
-def strip_gates(model: nn.Module) -> nn.Module:
-    """A copy of a gated model without gates or controller: factor calls are call_module nodes again.
-
-    For inference and export (same outputs, same parameter names). The given model is not changed.
-    """
-    from .passes.freeze import ungate_graph
-    new = clone_model(model)
-    for _, part in list(new.named_modules()):
-        if isinstance(part, fx.GraphModule):
-            ungate_graph(part)
-    for name, m in list(new.named_modules()):
-        ungate_module_(m)
-    for name, m in list(new.named_modules()):
-        for cname, child in list(m._modules.items()):
-            if isinstance(child, (FreezeController, FreezerLink)):
-                del m._modules[cname]
-    info = getattr(new, "lrd", None)
-    if info is not None and hasattr(info, "freezer"):
-        info.freezer = None
-    return new

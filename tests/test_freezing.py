@@ -1,4 +1,7 @@
 """Freezing schedules and controller: groups per phase, optimizers, resume, torch.compile recompiles."""
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -6,8 +9,8 @@ import torch.nn as nn
 import lrd_fx
 from lrd_fx.errors import FreezeError
 from lrd_fx.freezing import (CallableSchedule, FreezeController, Schedule, SequentialSchedule,
-                             StaticSchedule, make_schedule, register_schedule, schedule_names,
-                             strip_gates)
+                             StaticSchedule, make_schedule, register_schedule, schedule_names)
+from lrd_fx.passes.gates import strip_gates
 
 
 def small_model():
@@ -335,3 +338,26 @@ def test_compiled_gates_keep_frozen_weights_with_zero_grad_set_to_none_false():
     # the reset costs a recompilation the first time a state meets zero grads, never one per epoch
     assert frames[-1] == frames[-4] <= 4, frames
     dynamo.reset()
+
+
+def _lrd_imports(path: Path) -> set[str]:
+    """Every lrd_fx module a source file imports, at module level or inside functions, as absolute names."""
+    package = ".".join(("lrd_fx",) + path.relative_to(Path(lrd_fx.__file__).parent).parts[:-1])
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            mod = (base + "." + node.module if node.module else base) if node.level else node.module
+            out |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+    return {m for m in out if m == "lrd_fx" or m.startswith("lrd_fx.")}
+
+
+def test_freezing_does_not_import_the_passes():
+    # issue 11: strip_gates lived in freezing.py and imported passes/freeze.py, which imports freezing.py
+    import lrd_fx.freezing
+    imports = _lrd_imports(Path(lrd_fx.freezing.__file__))
+    assert "lrd_fx.errors" in imports                      # the walk sees the module's own imports
+    assert not [m for m in imports if m.startswith("lrd_fx.passes")], imports
+    assert "lrd_fx.freezing" in _lrd_imports(Path(lrd_fx.__file__).parent / "passes" / "gates.py")

@@ -136,7 +136,7 @@ def _plain_conv(m: nn.Module) -> bool:
 
 def _drop_noops(part: fx.GraphModule, sharing: _Sharing) -> int:
     from ..freezing import grad_gate
-    from .freeze import ungate_graph
+    from .gates import ungate_graph
 
     dropped = 0
     if any(n.op == "call_function" and n.target is grad_gate for n in part.graph.nodes):

@@ -1,0 +1,95 @@
+"""lrd_fx.flops: the per-layer formulas agree with torch.utils.flop_counter on the layers themselves."""
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import lrd_fx
+from lrd_fx.factorize import modules as fm
+from lrd_fx.flops import chain_flops, count_flops, layer_flops
+
+
+def _counted(module: nn.Module, x: torch.Tensor, calls: int = 1) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        for _ in range(calls):
+            module(x)
+    return int(fc.get_total_flops())
+
+
+def _io(x: torch.Tensor, y: torch.Tensor, calls: int = 1) -> dict:
+    # the record shape_prop keeps for a layer
+    return {"in": list(x.shape), "out": list(y.shape), "calls": calls}
+
+
+LAYERS = [
+    ("conv2d_stride", lambda: nn.Conv2d(16, 24, 3, stride=2, padding=1), (2, 16, 11, 9)),
+    ("conv2d_grouped", lambda: nn.Conv2d(16, 32, 3, groups=4, padding=1), (1, 16, 7, 7)),
+    ("conv1d", lambda: nn.Conv1d(8, 12, 5), (3, 8, 20)),
+    ("conv3d", lambda: nn.Conv3d(4, 6, 3, padding=1, bias=False), (1, 4, 5, 6, 4)),
+    ("linear_3d_input", lambda: nn.Linear(40, 24), (3, 5, 40)),
+    ("linear", lambda: nn.Linear(24, 40, bias=False), (4, 24)),
+]
+
+
+@pytest.mark.parametrize("name,make,shape", LAYERS, ids=[c[0] for c in LAYERS])
+def test_layer_flops_match_torch_counter(name, make, shape):
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(*shape)
+    y = layer(x)
+    assert layer_flops(layer, _io(x, y)) == _counted(layer, x) > 0
+    assert layer_flops(layer, _io(x, y, calls=3)) == _counted(layer, x, calls=3)
+
+
+def test_layer_flops_of_hf_conv1d():
+    from transformers.pytorch_utils import Conv1D
+    layer = Conv1D(48, 24)                   # out 48, in 24, weight stored [in, out]
+    x = torch.randn(2, 7, 24)
+    assert layer_flops(layer, _io(x, layer(x))) == _counted(layer, x) == 2 * 2 * 7 * 24 * 48
+
+
+@pytest.mark.parametrize("scheme,ranks", [("tucker2", (6, 10)), ("conv_svd", (7,))])
+def test_chain_flops_match_torch_counter(scheme, ranks):
+    # stride 2: Tucker-2's first 1x1 runs at the input positions, every other factor at the output ones
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, stride=2, padding=1)
+    chain = fm.factorize_conv(conv, ranks, scheme)
+    x = torch.randn(2, 16, 12, 10)
+    y = conv(x)
+    assert chain(x).shape == y.shape
+    assert chain_flops(chain, _io(x, y)) == _counted(chain, x)
+    assert chain_flops(chain, _io(x, y, calls=2)) == _counted(chain, x, calls=2)
+    if scheme == "tucker2":   # by hand: 1x1 at 12x10, core and last 1x1 at 6x5
+        r_in, r_out = ranks
+        assert chain_flops(chain, _io(x, y)) == 2 * 2 * (12 * 10 * 16 * r_in + 6 * 5 * (r_in * r_out * 9 + r_out * 24))
+
+
+def test_chain_flops_of_a_linear_chain():
+    lin = nn.Linear(40, 24)
+    chain = fm.factorize_linear(lin, 5)
+    x = torch.randn(3, 5, 40)
+    assert chain_flops(chain, _io(x, lin(x))) == _counted(chain, x) == 2 * 15 * (40 * 5 + 5 * 24)
+
+
+def test_no_io_means_no_flops():
+    conv = nn.Conv2d(8, 8, 3)
+    assert layer_flops(conv, None) == 0 and layer_flops(conv, {"in": None, "out": None, "calls": 1}) == 0
+    chain = fm.chain_like(conv, (4, 4), "tucker2")
+    assert chain_flops(chain, None) == 0 and chain_flops(chain, {"in": None, "out": [1, 8, 4, 4], "calls": 1}) == 0
+
+
+def test_count_flops_keeps_the_mode_and_matches_the_records():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 6 * 6, 10)).train()
+    x = torch.randn(2, 16, 6, 6)
+    running = model[1].running_mean.clone()
+    total = count_flops(model, (x,))
+    assert model.training and torch.equal(model[1].running_mean, running)   # eval inside, mode restored
+    assert total == 2 * 2 * (36 * 32 * 16 * 9 + 32 * 36 * 10)
+    # the compiled model's per-layer records use the same formulas as the whole-model count
+    gm = lrd_fx.compile(model, (x,), ratio=0.25, progress=False)
+    recs = gm.lrd.records()
+    assert sum(r.flops_before for r in recs.values()) == total
+    assert sum(r.flops_after for r in recs.values()) == count_flops(gm, (x,))
+    assert gm.lrd.flops_before == total and gm.lrd.flops_after == count_flops(gm, (x,))
