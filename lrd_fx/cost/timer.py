@@ -438,13 +438,36 @@ def others_load(load: Optional[float], cores: int) -> Optional[float]:
     return max(0.0, load - own) / max(1, cores)
 
 
-# --- test hook: replace real measurement by a cost function ---------------------------------------
+# --- test hooks: a cost function or a fake clock instead of the device -----------------------------
 
-# Stack of cost functions installed by use_cost_fn(); the rank search uses the innermost one.
-_COST_FN_STACK: list = []
+class _StackedHook:
+    """Base of the test hooks below: `with Hook(fn):` installs fn for the block; the innermost one
+    installed is `Hook.current()`. Each subclass keeps its own stack."""
+
+    wants = "a callable"    # what fn must be, for the error message
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._stack: list = []
+
+    def __init__(self, fn: Callable):
+        if not callable(fn):
+            raise ConfigError(f"{type(self).__name__} needs {self.wants}, got {fn!r}")
+        self.fn = fn
+
+    def __enter__(self):
+        self._stack.append(self.fn)
+        return self.fn
+
+    def __exit__(self, *exc):
+        self._stack.remove(self.fn)
+
+    @classmethod
+    def current(cls) -> Optional[Callable]:
+        return cls._stack[-1] if cls._stack else None
 
 
-class use_cost_fn:
+class use_cost_fn(_StackedHook):
     """Context manager: the rank search calls `fn(module, input_shape, mode) -> seconds` instead of
     timing on the device (for tests: a synthetic staircase). Timings from such a function reach the
     timing cache only when fn has a `cache_tag` attribute (a string kept apart from real timings).
@@ -453,29 +476,14 @@ class use_cost_fn:
             gm = lrd_fx.compile(model, (x,), rank_search="infer")
     """
 
-    def __init__(self, fn: Callable[[nn.Module, tuple, str], float]):
-        if not callable(fn):
-            raise ConfigError(f"use_cost_fn needs a callable (module, input_shape, mode) -> seconds, got {fn!r}")
-        self.fn = fn
-
-    def __enter__(self):
-        _COST_FN_STACK.append(self.fn)
-        return self.fn
-
-    def __exit__(self, *exc):
-        _COST_FN_STACK.remove(self.fn)
+    wants = "a callable (module, input_shape, mode) -> seconds"
 
 
 def current_cost_fn() -> Optional[Callable]:
-    return _COST_FN_STACK[-1] if _COST_FN_STACK else None
+    return use_cost_fn.current()
 
 
-# --- test hook: a fake clock under the real measuring code -------------------------------------------
-
-_CLOCK_STACK: list = []
-
-
-class use_fake_clock:
+class use_fake_clock(_StackedHook):
     """Context manager: every timed block (measure, measure_interleaved, the rank search, the whole-model
     check) takes its seconds per call from `clock(info)` instead of a real clock (warm-up calls still run
     the step);
@@ -484,18 +492,8 @@ class use_fake_clock:
     interleaving, re-measurement. For tests of decisions that must not depend on the machine.
     """
 
-    def __init__(self, clock: Callable[[Any], float]):
-        if not callable(clock):
-            raise ConfigError(f"use_fake_clock needs a callable info -> seconds, got {clock!r}")
-        self.clock = clock
-
-    def __enter__(self):
-        _CLOCK_STACK.append(self.clock)
-        return self.clock
-
-    def __exit__(self, *exc):
-        _CLOCK_STACK.remove(self.clock)
+    wants = "a callable info -> seconds"
 
 
 def current_fake_clock() -> Optional[Callable]:
-    return _CLOCK_STACK[-1] if _CLOCK_STACK else None
+    return use_fake_clock.current()
