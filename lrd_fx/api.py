@@ -12,6 +12,7 @@ import torch.nn as nn
 from .config import Config
 from .context import CompileContext
 from .errors import ConfigError, InputError
+from .flops import count_flops
 from .pipeline import PassManager, PassTimer, default_instruments, graph_modules
 from .plan import LayerRecord
 from .trace import trace
@@ -131,19 +132,6 @@ def _check_not_empty(inputs: tuple) -> None:
                 walk(v, f"{where}[{k!r}]")
     for i, x in enumerate(inputs):
         walk(x, f"example_inputs[{i}]")
-
-
-def count_flops(model: nn.Module, inputs: tuple) -> int:
-    """Total FLOPs of one forward (torch.utils.flop_counter), in eval mode so no statistics change."""
-    from torch.utils.flop_counter import FlopCounterMode
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(*inputs)
-        return int(fc.get_total_flops())
-    finally:
-        model.train(was)
 
 
 def _flops_or_note(model: nn.Module, ctx: CompileContext, when: str) -> Optional[int]:

@@ -21,7 +21,7 @@ class Config:
     ratio: Optional[float] = None          # fraction of a layer's weights kept; None: 0.25 (one rule: see validate)
     rank: RankSpec = None                  # int, "full", "vbmf", or {name-or-glob: int} per layer
     energy: Optional[float] = None         # keep this fraction of singular-value energy (0, 1]
-    conv_scheme: str = "tucker2"           # "tucker2" (1x1 -> kxk -> 1x1) or "svd" (kxk -> 1x1)
+    conv_scheme: str = "tucker2"           # kxk convs: "tucker2" (1x1->kxk->1x1) or "conv_svd" (kxk->1x1; alias "svd")
     min_channels: int = 8                  # layers with fewer in or out channels/features are skipped
     skip: tuple = ()                       # glob patterns of qualified names never factorized
     filter_fn: Optional[Callable[[str, Any], bool]] = None   # (name, module) -> factorize?
@@ -74,6 +74,8 @@ class Config:
                 setattr(self, f.name, int(v))      # numpy ints: downstream code tests isinstance(v, int)
         if self.ratio is None:
             self.ratio = DEFAULT_RATIO
+        if isinstance(self.conv_scheme, str) and self.conv_scheme == "svd":
+            self.conv_scheme = "conv_svd"          # the documented alias (1x1 convs and Linear use "svd" anyway)
         if isinstance(self.skip, str):
             self.skip = (self.skip,)
         elif isinstance(self.skip, (list, set, frozenset)):
@@ -105,7 +107,7 @@ class Config:
     def validate(self) -> None:
         """Check every option's type and range; ConfigError says what to pass instead. Never mutates."""
         self._validate_rank_rule()
-        _choice("conv_scheme", self.conv_scheme, ("tucker2", "svd"))
+        _choice("conv_scheme", self.conv_scheme, ("tucker2", "conv_svd"))
         _int("min_channels", self.min_channels, 1, "e.g. min_channels=8 (1 factorizes every layer)")
         _names("skip", self.skip, (str,), "glob patterns of qualified layer names, e.g. skip=('fc', 'layer4.*')")
         if self.filter_fn is not None and not callable(self.filter_fn):

@@ -214,15 +214,16 @@ def test_ratio_rules_respect_budget(out, inp, k, ratio):
     assert svd_params(m, n, r) <= budget or r == 1
     assert r == min(m, n) or svd_params(m, n, r + 1) > budget      # the largest such rank
 
-    r_out, r_in = tucker2_ranks_for_ratio(out, inp, k, ratio)
+    r_in, r_out = tucker2_ranks_for_ratio(out, inp, k, ratio)      # data-flow order
     assert 1 <= r_out <= out and 1 <= r_in <= inp
-    p = tucker2_params(out, inp, k, r_out, r_in)
-    assert p <= budget or (r_out, r_in) == (1, 1)
+    p = tucker2_params(out, inp, k, (r_in, r_out))
+    assert p == inp * r_in + r_in * r_out * k + r_out * out
+    assert p <= budget or (r_in, r_out) == (1, 1)
     # Balanced: the two fractions differ by at most one rank step of the smaller mode.
     assert abs(r_out / out - r_in / inp) <= 1.0 / min(out, inp) + 1e-9 or min(r_out, r_in) == 1
     # Near the bound: one more rank on both modes would exceed it (±1 rounding).
     if r_out < out and r_in < inp:
-        assert tucker2_params(out, inp, k, r_out + 1, r_in + 1) > budget
+        assert tucker2_params(out, inp, k, (r_in + 1, r_out + 1)) > budget
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5])
@@ -276,16 +277,16 @@ def test_tucker2_rank_rules():
     core = torch.randn(6, 4, 3, 3, generator=g)
     u_out, u_in = torch.randn(64, 6, generator=g), torch.randn(48, 4, generator=g)
     w = tucker2_reconstruct(core, u_out, u_in)
-    assert tucker2_ranks_energy(w, 0.999999) == (6, 4)
-    r_out, r_in = tucker2_ranks_energy(w, 0.5)
+    assert tucker2_ranks_energy(w, 0.999999) == (4, 6)            # data-flow order (r_in, r_out)
+    r_in, r_out = tucker2_ranks_energy(w, 0.5)
     assert 1 <= r_out <= 6 and 1 <= r_in <= 4
     noisy = w + 0.05 * torch.randn(w.shape, generator=g)
-    assert tucker2_ranks_vbmf(noisy) == (6, 4)
+    assert tucker2_ranks_vbmf(noisy) == (4, 6)
     conv = nn.Conv2d(48, 64, 3)
     with torch.no_grad():
         conv.weight.copy_(noisy)
-    assert ranks_for_vbmf(conv, "tucker2") == (4, 6)            # data-flow order (r_in, r_out)
-    assert ranks_for_energy(conv, "tucker2", 0.999) == tuple(reversed(tucker2_ranks_energy(noisy, 0.999)))
+    assert ranks_for_vbmf(conv, "tucker2") == (4, 6)
+    assert ranks_for_energy(conv, "tucker2", 0.999) == tucker2_ranks_energy(noisy, 0.999)
     assert ranks_for_energy(conv, "svd", 1.0) == (64,)
     assert ranks_for_vbmf(nn.Linear(80, 100), "svd") == (1,)
 

@@ -150,7 +150,7 @@ def test_ratio_keeps_at_most_one_rank_above_the_ratio(case, ratio, scheme):
         assert rec["scheme"] == "tucker2"
         out, inp, *kernel = layer.weight.shape
         r_in, r_out = rec["ranks"]
-        kept = fr.tucker2_params(out, inp, math.prod(kernel), r_out, r_in)
+        kept = fr.tucker2_params(out, inp, math.prod(kernel), (r_in, r_out))
         assert kept == after - bias
         assert kept <= ratio * weights * (1 + 1e-9) or (r_in, r_out) == (1, 1), (kept, ratio * weights)
 

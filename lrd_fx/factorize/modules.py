@@ -57,6 +57,17 @@ def layer_shape(module: nn.Module) -> tuple:
     return (shape[1], shape[0]) if isinstance(module, HFConv1D) else shape
 
 
+def layer_dims(module: nn.Module) -> tuple[int, int, int]:
+    """(out, in, kernel numel) of a Linear, HF Conv1D or Conv*d from its declared sizes (readable before
+    the weight exists, e.g. a lazy layer); `in` counts every input channel (groups not divided out)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features, 1
+    if is_linear_like(module):
+        out, inp = layer_shape(module)
+        return out, inp, 1
+    return module.out_channels, module.in_channels, math.prod(module.kernel_size)
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as the [out, in*k] matrix both SVD schemes split (detached)."""
     w = module.weight.detach()
@@ -140,11 +151,14 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
         return f"transposed conv ({type(module).__name__}): lrd_fx does not factorize transposed convs"
     if not (is_linear_like(module) or isinstance(module, tuple(_CONVS.values()))):
         return f"{type(module).__name__} is not an nn.Linear, HF Conv1D or nn.Conv1d/2d/3d"
-    why = weight_reason(module) or forward_reason(module)
+    why = weight_reason(module)
     if why is not None:
         return why
+    why = forward_reason(module)
+    if why is not None:
+        return f"{why}: factors would not reproduce it"
     if getattr(module, "groups", 1) != 1:
-        return f"grouped conv (groups={module.groups})"
+        return f"grouped/depthwise conv (groups={module.groups})"
     if getattr(module, "transposed", False):
         return "transposed conv"
     return None
@@ -167,15 +181,24 @@ def is_pointwise(module: nn.Module) -> bool:
     return not is_linear_like(module) and all(k == 1 for k in module.weight.shape[2:])
 
 
-def effective_scheme(module: nn.Module, scheme: str) -> str:
-    """The FactorChain.scheme a layer gets: "svd" (Linear, HF Conv1D, 1x1 conv), "tucker2" or "conv_svd"."""
+CONV_SCHEMES = ("tucker2", "conv_svd")   # what Config.conv_scheme selects for kxk convs
+CONV_SCHEME_ALIASES = {"svd": "conv_svd"}   # "svd" for a kxk conv: the kernel matrix [out, in*k] split by SVD
+
+
+def effective_scheme(module: nn.Module, conv_scheme: str) -> str:
+    """The scheme a layer is factorized with (FactorChain.scheme, LayerRecord.scheme), given the
+    conv scheme chosen for kxk convs.
+
+    Linear, HF Conv1D and 1x1 convs: "svd" (two factors) whatever `conv_scheme` says. kxk convs:
+    "tucker2" (1x1 in->r_in, kxk core r_in->r_out, 1x1 r_out->out) or "conv_svd" (kxk in->r,
+    1x1 r->out); "svd" is accepted as an alias of "conv_svd" (the SVD of the [out, in*k] kernel matrix).
+    """
     if is_linear_like(module) or is_pointwise(module):
         return "svd"
-    if scheme == "tucker2":
-        return "tucker2"
-    if scheme in ("svd", "conv_svd"):
-        return "conv_svd"
-    raise ConfigError(f"conv scheme {scheme!r} must be 'tucker2' or 'svd'")
+    scheme = CONV_SCHEME_ALIASES.get(conv_scheme, conv_scheme)
+    if scheme in CONV_SCHEMES:
+        return scheme
+    raise ConfigError(f"conv scheme {conv_scheme!r} must be 'tucker2' or 'conv_svd' ('svd' means 'conv_svd')")
 
 
 def full_ranks(module: nn.Module, scheme: str) -> tuple:
@@ -346,7 +369,7 @@ def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = ""
 
     1x1 kernels: SVD into two 1x1 convs, ranks=(r,), whatever `scheme` says.
     scheme="tucker2", ranks=(r_in, r_out): 1x1 in->r_in, kxk r_in->r_out (stride/padding/dilation),
-    1x1 r_out->out (bias). scheme="svd" (chain scheme "conv_svd"), ranks=(r,): kxk in->r, 1x1 r->out.
+    1x1 r_out->out (bias). scheme="conv_svd" (or its alias "svd"), ranks=(r,): kxk in->r, 1x1 r->out.
     whiten: calibration statistics (factorize.whiten.Whitening; im2col view for SVD schemes, channel
     view for Tucker-2): fit the output error on that data instead of the weight error.
     """
@@ -369,9 +392,9 @@ def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = ""
         if whiten.view != CHANNEL:
             raise FactorizationError(f"{_label(name)}: Tucker-2 needs per-channel calibration statistics, "
                                      f"got {whiten.view!r} ones")
-        core, u_out, first, _ = whitened_tucker2(w, r_out, r_in, whiten, name=name)
+        core, u_out, first, _ = whitened_tucker2(w, rank_out=r_out, rank_in=r_in, wh=whiten, name=name)
         return _build(conv, ranks, eff, {ROLE_FIRST: first, ROLE_CORE: core, ROLE_LAST: u_out})
-    core, u_out, u_in = tucker2(w, r_out, r_in, name=name, dtype=factor_dtype(w))
+    core, u_out, u_in = tucker2(w, rank_out=r_out, rank_in=r_in, name=name, dtype=factor_dtype(w))
     return _build(conv, ranks, eff, {ROLE_FIRST: u_in.t(), ROLE_CORE: core, ROLE_LAST: u_out})
 
 
@@ -460,11 +483,8 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
         bar.close()
 
 
-# --- rank rules applied to a module (data-flow order, clamped to the full ranks) -----------------
-
-def _matrix(module: nn.Module) -> torch.Tensor:
-    return weight_matrix(module)   # [out, in*k]: the matrix both SVD schemes split
-
+# --- rank rules applied to a module (data-flow order: SVD (r,), Tucker-2 (r_in, r_out)) ------------
+# The one implementation of each rule: the decompose pass calls these.
 
 def ranks_for_ratio(module: nn.Module, scheme: str, ratio: float) -> tuple:
     """Largest ranks whose factor weights (bias excluded) are <= ratio of the layer's weights."""
@@ -472,24 +492,19 @@ def ranks_for_ratio(module: nn.Module, scheme: str, ratio: float) -> tuple:
     out, inp, *kernel = layer_shape(module)
     k = math.prod(kernel)
     if eff == "tucker2":
-        r_out, r_in = tucker2_ranks_for_ratio(out, inp, k, ratio)
-        return (r_in, r_out)
+        return tucker2_ranks_for_ratio(out, inp, k, ratio)
     return (svd_rank_for_ratio(out, inp * k, ratio),)
 
 
 def ranks_for_energy(module: nn.Module, scheme: str, energy: float, *, name: str = "") -> tuple:
     """Smallest ranks keeping `energy` of the singular-value energy (per unfolding for Tucker-2)."""
-    eff = effective_scheme(module, scheme)
-    if eff == "tucker2":
-        r_out, r_in = tucker2_ranks_energy(module.weight, energy, name=name)
-        return (r_in, r_out)
-    return (energy_rank(singular_values(_matrix(module), name=name), energy),)
+    if effective_scheme(module, scheme) == "tucker2":
+        return tucker2_ranks_energy(module.weight, energy, name=name)
+    return (energy_rank(singular_values(weight_matrix(module), name=name), energy),)
 
 
 def ranks_for_vbmf(module: nn.Module, scheme: str, *, name: str = "") -> tuple:
     """EVBMF rank estimate (per unfolding for Tucker-2)."""
-    eff = effective_scheme(module, scheme)
-    if eff == "tucker2":
-        r_out, r_in = tucker2_ranks_vbmf(module.weight, name=name)
-        return (r_in, r_out)
-    return (evbmf_rank(_matrix(module), name=name),)
+    if effective_scheme(module, scheme) == "tucker2":
+        return tucker2_ranks_vbmf(module.weight, name=name)
+    return (evbmf_rank(weight_matrix(module), name=name),)

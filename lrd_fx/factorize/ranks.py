@@ -1,4 +1,9 @@
-"""Rank rules: parameter counts, ratio/energy budgets and the EVBMF rank estimate."""
+"""Rank rules: parameter counts, ratio/energy budgets and the EVBMF rank estimate.
+
+Rank tuples are in data-flow order everywhere in lrd_fx: SVD (r,), Tucker-2 (r_in, r_out) (the
+first 1x1 maps in -> r_in, the core r_in -> r_out, the last 1x1 r_out -> out), as in LayerRecord.ranks,
+saved plans and the rank= option.
+"""
 from __future__ import annotations
 
 import math
@@ -44,13 +49,15 @@ def svd_rank_for_ratio(m: int, n: int, ratio: float) -> int:
     return max(1, min(r, m, n))
 
 
-def tucker2_params(out: int, inp: int, kernel_numel: int, r_out: int, r_in: int) -> int:
-    """Weights of a Tucker-2 chain: 1x1 in->r_in, k r_in->r_out, 1x1 r_out->out (bias not included)."""
+def tucker2_params(out: int, inp: int, kernel_numel: int, ranks: tuple[int, int]) -> int:
+    """Weights of a Tucker-2 chain at ranks (r_in, r_out): 1x1 in->r_in, k r_in->r_out, 1x1 r_out->out
+    (bias not included)."""
+    r_in, r_out = ranks
     return inp * r_in + r_in * r_out * kernel_numel + r_out * out
 
 
 def tucker2_ranks_for_ratio(out: int, inp: int, kernel_numel: int, ratio: float) -> tuple[int, int]:
-    """(r_out, r_in) with r_out/out ≈ r_in/inp, the largest whose params <= ratio*out*inp*k.
+    """(r_in, r_out) with r_in/inp ≈ r_out/out, the largest whose params <= ratio*out*inp*k.
 
     With r_out = a*out, r_in = a*inp the budget is the quadratic
     (out*inp*k) a^2 + (inp^2 + out^2) a - ratio*out*inp*k = 0; its root is floored per mode,
@@ -66,25 +73,25 @@ def tucker2_ranks_for_ratio(out: int, inp: int, kernel_numel: int, ratio: float)
     r_out = max(1, min(out, int(math.floor(a * out))))
     r_in = max(1, min(inp, int(math.floor(a * inp))))
 
-    def fits(ro, ri):
-        return tucker2_params(out, inp, k, ro, ri) <= budget
+    def fits(ri, ro):
+        return tucker2_params(out, inp, k, (ri, ro)) <= budget
 
     # Undo the flooring where the bound allows (never past ceil(a*dim), which keeps the balance),
     # the mode that lags the common fraction first.
     cap_out = max(1, min(out, int(math.ceil(a * out))))
     cap_in = max(1, min(inp, int(math.ceil(a * inp))))
     for _, mode in sorted(((r_out / out, "out"), (r_in / inp, "in"))):
-        if mode == "out" and r_out < cap_out and fits(r_out + 1, r_in):
+        if mode == "out" and r_out < cap_out and fits(r_in, r_out + 1):
             r_out += 1
-        elif mode == "in" and r_in < cap_in and fits(r_out, r_in + 1):
+        elif mode == "in" and r_in < cap_in and fits(r_in + 1, r_out):
             r_in += 1
     # Shrink the relatively larger mode while over budget (only reachable through the >= 1 clamp).
-    while not fits(r_out, r_in) and (r_out > 1 or r_in > 1):
+    while not fits(r_in, r_out) and (r_out > 1 or r_in > 1):
         if r_in == 1 or (r_out > 1 and r_out / out >= r_in / inp):
             r_out -= 1
         else:
             r_in -= 1
-    return r_out, r_in
+    return r_in, r_out
 
 
 # --- energy rule --------------------------------------------------------------------------------
@@ -183,19 +190,19 @@ def evbmf_rank(matrix: Tensor, *, name: str = "") -> int:
     return evbmf_rank_from_singular_values(singular_values(matrix, name=name), m, n)
 
 
-# --- Tucker-2 versions: the matrix rule on the mode-0 (out) and mode-1 (in) unfoldings ----------
+# --- Tucker-2 versions: the matrix rule on the mode-1 (in) and mode-0 (out) unfoldings ----------
 
 def tucker2_ranks_energy(weight: Tensor, energy: float, *, name: str = "") -> tuple[int, int]:
-    """(r_out, r_in): energy_rank of the mode-0 and mode-1 unfoldings of a [out, in, *k] kernel."""
+    """(r_in, r_out): energy_rank of the mode-1 (in) and mode-0 (out) unfoldings of a [out, in, *k] kernel."""
     w = weight.detach()
-    return (energy_rank(singular_values(unfold(w, 0), name=name), energy),
-            energy_rank(singular_values(unfold(w, 1), name=name), energy))
+    return (energy_rank(singular_values(unfold(w, 1), name=name), energy),
+            energy_rank(singular_values(unfold(w, 0), name=name), energy))
 
 
 def tucker2_ranks_vbmf(weight: Tensor, *, name: str = "") -> tuple[int, int]:
-    """(r_out, r_in): evbmf_rank of the mode-0 and mode-1 unfoldings of a [out, in, *k] kernel."""
+    """(r_in, r_out): evbmf_rank of the mode-1 (in) and mode-0 (out) unfoldings of a [out, in, *k] kernel."""
     w = weight.detach()
-    return evbmf_rank(unfold(w, 0), name=name), evbmf_rank(unfold(w, 1), name=name)
+    return evbmf_rank(unfold(w, 1), name=name), evbmf_rank(unfold(w, 0), name=name)
 
 
 # --- hardware alignment -------------------------------------------------------------------------

@@ -126,6 +126,8 @@ def tucker2(weight: Tensor, rank_out: int, rank_in: int, *, name: str = "",
     """Tucker-2 of a kernel [out, in, *k]: (core [r_out, r_in, *k], u_out [out, r_out], u_in [in, r_in]).
 
     weight ≈ core ×0 u_out ×1 u_in, i.e. W[o, i] = sum_ab u_out[o, a] core[a, b] u_in[i, b].
+    rank_out / rank_in are the ranks kept on the kernel's mode 0 (out) and mode 1 (in); pass them by
+    keyword: rank tuples elsewhere in lrd_fx are in data-flow order (r_in, r_out) (factorize/ranks.py).
     In `dtype` (float32 unless asked) on the weight's device; exact (to that precision) at
     rank_out=out, rank_in=in.
     method="hooi" (default) runs HOOI in float64 here; method="tensorly" calls

@@ -87,8 +87,7 @@ def energy_ranks(module: nn.Module, scheme: str, wh: Whitening, energy: float, *
     the singular values of W C^1/2 (Tucker-2: of its channel unfoldings) instead of W's."""
     w = whitened_matrix(module.weight, wh, name=name)
     if scheme == "tucker2":
-        r_out, r_in = fr.tucker2_ranks_energy(w, energy, name=name)
-        return (r_in, r_out)
+        return fr.tucker2_ranks_energy(w, energy, name=name)
     return (fr.energy_rank(singular_values(w.reshape(w.shape[0], -1), name=name), energy),)
 
 
@@ -115,7 +114,7 @@ def error_source(ctx: CompileContext, name: str):
 def calibration_stats(ctx: CompileContext):
     """Factory of the pass that runs the calibration batches once through the (not yet decomposed)
     model and records each eligible layer's input second moment in ctx.calibration_stats."""
-    from .decompose import _skip_reason, collect_sites, layer_scheme
+    from .decompose import _skip_reason, collect_sites
 
     def run(gm):
         batches = ctx.calibration
@@ -126,7 +125,7 @@ def calibration_stats(ctx: CompileContext):
             m = site.module
             if not isinstance(m, _FACTORIZABLE) or _skip_reason(name, m, cfg) is not None:
                 continue
-            view = view_of(m, layer_scheme(m, cfg.conv_scheme))
+            view = view_of(m, fm.effective_scheme(m, cfg.conv_scheme))
             if view is None:
                 continue
             stats[name] = InputStats(_dim(m, view), view, device=m.weight.device)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import fnmatch
-import math
 from typing import Optional
 
 import torch
@@ -13,34 +12,14 @@ from ..context import CompileContext
 from ..errors import FactorizationError, RankError
 from ..factorize import modules as fm
 from ..factorize import ranks as fr
-from ..factorize.svd import singular_values
+from ..flops import chain_flops, layer_flops
 from ..layers import FactorChain
 from ..pipeline import PassResult, graph_modules
 from ..plan import DECOMPOSED, LayerRecord
 from ..trace import _FACTORIZABLE
 
-def _plain_forward(m: nn.Module) -> bool:
-    """True when m computes exactly its base layer (no overridden forward such as weight standardization;
-    timm's Linear and HF Conv1D count as plain). The factorizer applies the same rule."""
-    return fm.forward_reason(m) is None
-
-
-def layer_scheme(m: nn.Module, conv_scheme: str) -> str:
-    if fm.is_linear_like(m):
-        return "svd"
-    if all(k == 1 for k in m.kernel_size):
-        return "svd"
-    return "tucker2" if conv_scheme == "tucker2" else "conv_svd"
-
-
-def _dims(m: nn.Module) -> tuple[int, int, int]:
-    """(out, in, kernel numel) of a Conv/Linear (HF Conv1D included)."""
-    if isinstance(m, nn.Linear):
-        return m.out_features, m.in_features, 1
-    if fm.is_linear_like(m):
-        out, inp = fm.layer_shape(m)
-        return out, inp, 1
-    return m.out_channels, m.in_channels, math.prod(m.kernel_size)
+# Which layers can be factorized, their scheme and the rank rules are factorize/modules.py's
+# (unsupported_reason, effective_scheme, full_ranks, ranks_for_*); FLOPs are flops.py's.
 
 
 def weight_params(m: nn.Module) -> int:
@@ -50,45 +29,13 @@ def weight_params(m: nn.Module) -> int:
                                if isinstance(p, torch.Tensor))
 
 
-def _matrix(m: nn.Module) -> torch.Tensor:
-    return fm.weight_matrix(m).float()
-
-
-def layer_flops(m: nn.Module, io: Optional[dict]) -> int:
-    """FLOPs (2 x MACs, as torch.utils.flop_counter counts) of the original layer over all its calls."""
-    if not io or io.get("out") is None:
-        return 0
-    out, inp, k = _dims(m)
-    groups = getattr(m, "groups", 1)
-    positions = math.prod(io["out"]) // out      # batch x spatial (or leading dims for Linear)
-    return 2 * positions * out * (inp // groups) * k * io["calls"]
-
-
-def chain_flops(chain: FactorChain, io: Optional[dict]) -> int:
-    """FLOPs of a factor chain: every factor runs at the original layer's output positions, except
-    Tucker-2's first 1x1, which runs at the input positions (the core does the striding)."""
-    if not io or io.get("out") is None or io.get("in") is None:
-        return 0
-    total = 0
-    first = chain[0]
-    out_ch = chain[-1].out_features if isinstance(chain[-1], nn.Linear) else chain[-1].out_channels
-    out_pos = math.prod(io["out"]) // out_ch
-    in_ch = first.in_features if isinstance(first, nn.Linear) else first.in_channels
-    in_pos = math.prod(io["in"]) // in_ch
-    for role, layer in chain.named_children():
-        o, i, k = _dims(layer)
-        pos = in_pos if (chain.scheme == "tucker2" and role == "first") else out_pos
-        total += 2 * pos * o * i * k
-    return total * io["calls"]
-
-
 def _match(name: str, pattern: str) -> bool:
     return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
 def _ranks_for(name: str, m: nn.Module, scheme: str, cfg, per_layer: Optional[object], whitening=None) -> tuple:
-    """Ranks in data-flow order (SVD: (r,), Tucker-2: (r_in, r_out)) from the configured rule."""
-    out, inp, k = _dims(m)
+    """Ranks in data-flow order (SVD: (r,), Tucker-2: (r_in, r_out)) from the configured rule; the
+    rules themselves are factorize/modules.py's ranks_for_* (calibrate.energy_ranks with calibration data)."""
     full = fm.full_ranks(m, scheme)
     rule = per_layer if per_layer is not None else cfg.rank
     if rule == "full":
@@ -98,27 +45,14 @@ def _ranks_for(name: str, m: nn.Module, scheme: str, cfg, per_layer: Optional[ob
     elif isinstance(rule, tuple):
         ranks = rule
     elif rule == "vbmf":
-        if scheme == "tucker2":
-            r_out, r_in = fr.tucker2_ranks_vbmf(m.weight.detach().float())
-            ranks = (r_in, r_out)
-        else:
-            ranks = (fr.evbmf_rank(_matrix(m)),)
+        ranks = fm.ranks_for_vbmf(m, scheme, name=name)
     elif cfg.energy is not None and whitening is not None:   # calibration data: energy of the outputs
         from .calibrate import energy_ranks
         ranks = energy_ranks(m, scheme, whitening, cfg.energy, name=name)
     elif cfg.energy is not None:
-        if scheme == "tucker2":
-            r_out, r_in = fr.tucker2_ranks_energy(m.weight.detach().float(), cfg.energy)
-            ranks = (r_in, r_out)
-        else:
-            ranks = (fr.energy_rank(singular_values(_matrix(m)), cfg.energy),)
+        ranks = fm.ranks_for_energy(m, scheme, cfg.energy, name=name)
     else:
-        if scheme == "tucker2":
-            r_out, r_in = fr.tucker2_ranks_for_ratio(out, inp, k, cfg.ratio)
-            ranks = (r_in, r_out)
-        else:
-            mm, nn_ = _matrix(m).shape
-            ranks = (fr.svd_rank_for_ratio(mm, nn_, cfg.ratio),)
+        ranks = fm.ranks_for_ratio(m, scheme, cfg.ratio)
     if len(ranks) != len(full):
         raise RankError(f"layer '{name}' ({scheme}) takes {len(full)} rank(s) "
                         f"{'(r_in, r_out)' if scheme == 'tucker2' else '(r,)'}, got {ranks}")
@@ -169,13 +103,10 @@ def _skip_reason(name: str, m: nn.Module, cfg, note: Optional[str] = None) -> Op
         return why
     if note is not None:
         return note
-    if not _plain_forward(m):
-        return f"{type(m).__name__} overrides forward: factors would not reproduce it"
-    if getattr(m, "groups", 1) != 1:
-        return f"grouped/depthwise conv (groups={m.groups})"
-    if getattr(m, "transposed", False):
-        return "transposed conv"
-    out, inp, _ = _dims(m)
+    why = fm.unsupported_reason(m)   # overridden forward, groups: the factorizer's own rule
+    if why is not None:
+        return why
+    out, inp, _ = fm.layer_dims(m)
     if min(out, inp) < cfg.min_channels:
         return f"min(in, out)={min(out, inp)} < min_channels={cfg.min_channels}"
     return None
@@ -342,7 +273,7 @@ def decompose(ctx: CompileContext):
                 rec.reason = reason
                 replace_call_sites(site, name, m, rec)
                 continue
-            scheme = layer_scheme(m, cfg.conv_scheme)
+            scheme = fm.effective_scheme(m, cfg.conv_scheme)
             full = tuple(fm.full_ranks(m, scheme))
             rec.scheme, rec.full_ranks = scheme, list(full)
             if not empty_init and not torch.isfinite(m.weight.detach()).all():

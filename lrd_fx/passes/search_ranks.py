@@ -543,7 +543,7 @@ def _revert_nodes(gm: fx.GraphModule, rec: LayerRecord) -> None:
 
 def _install(gm: fx.GraphModule, ctx: CompileContext, name: str, ranks: tuple, chain: FactorChain) -> None:
     """Put the real factorization `chain` of layer `name` (at `ranks`) in place of its current chain."""
-    from .decompose import chain_flops
+    from ..flops import chain_flops
     rec = ctx.records[name]
     current = gm.get_submodule(name)
     chain.train(current.training)

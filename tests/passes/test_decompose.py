@@ -137,3 +137,66 @@ def test_energy_and_vbmf_rules_run():
     gm_v = lrd_fx.compile(model, (x,), rank="vbmf")
     assert 1 <= gm_v.lrd.plan["0"]["ranks"][0] <= 8
     torch.testing.assert_close(gm_e(x), model(x), rtol=1e-3, atol=1e-3)
+
+
+# --- one rule, one implementation: decompose asks factorize/modules.py ----------------------------
+
+class _Mixed(nn.Module):
+    """A 1x1 conv, a kxk conv (in != out, so (r_in, r_out) differ), an HF Conv1D and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        self.pw = nn.Conv2d(24, 40, 1)
+        self.kxk = nn.Conv2d(40, 24, 3, padding=1)
+        self.hf = Conv1D(48, 24)                  # nf=out=48, nx=in=24: weight stored [in, out]
+        self.lin = nn.Linear(48, 32)
+
+    def forward(self, x):
+        return self.lin(self.hf(self.kxk(self.pw(x)).mean((2, 3))))
+
+
+@pytest.mark.parametrize("rule", [dict(ratio=0.3), dict(energy=0.8), dict(rank="vbmf")], ids=lambda r: next(iter(r)))
+@pytest.mark.parametrize("conv_scheme", ["tucker2", "conv_svd"])
+def test_ranks_are_the_factorizer_rules(rule, conv_scheme):
+    from lrd_fx.factorize import modules as fm
+    torch.manual_seed(0)
+    model = _Mixed()
+    x = torch.randn(2, 24, 6, 6)
+    gm = lrd_fx.compile(model, (x,), conv_scheme=conv_scheme, progress=False, **rule)
+    recs = gm.lrd.records()
+    for name in ("pw", "kxk", "hf", "lin"):
+        m = model.get_submodule(name)
+        if "ratio" in rule:
+            want = fm.ranks_for_ratio(m, conv_scheme, rule["ratio"])
+        elif "energy" in rule:
+            want = fm.ranks_for_energy(m, conv_scheme, rule["energy"])
+        else:
+            want = fm.ranks_for_vbmf(m, conv_scheme)
+        assert recs[name].estimate == list(want), name
+        assert recs[name].scheme == fm.effective_scheme(m, conv_scheme)
+    assert [recs[n].scheme for n in ("pw", "kxk", "hf", "lin")] == \
+        ["svd", conv_scheme, "svd", "svd"]
+    if "ratio" in rule:   # every layer saves parameters at ratio 0.3: the chains are built at those ranks
+        assert all(recs[n].decision == "decomposed" for n in ("pw", "kxk", "hf", "lin"))
+        if conv_scheme == "tucker2":   # data-flow order: first 1x1 40 -> r_in, core r_in -> r_out
+            r_in, r_out = recs["kxk"].ranks
+            assert r_in > r_out     # 40 in, 24 out: the balanced ranks keep r_in/40 ~ r_out/24
+            assert gm.get_submodule("kxk.first").out_channels == r_in
+            assert gm.get_submodule("kxk.core").out_channels == r_out
+        else:
+            assert gm.get_submodule("kxk.first").kernel_size == (3, 3)
+
+
+def test_svd_conv_scheme_is_an_alias_of_conv_svd():
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 16, 1))
+    x = torch.randn(1, 16, 6, 6)
+    gm = lrd_fx.compile(model, (x,), ratio=0.25, conv_scheme="svd", progress=False)
+    assert gm.lrd.config.conv_scheme == "conv_svd"
+    recs = gm.lrd.records()
+    assert recs["0"].scheme == "conv_svd" and recs["1"].scheme == "svd"   # what each layer got
+    assert "Conv2d/conv_svd" in gm.lrd.report()
+    ref = lrd_fx.compile(model, (x,), ratio=0.25, conv_scheme="conv_svd", progress=False)
+    assert ref.lrd.plan == gm.lrd.plan
+    with pytest.raises(lrd_fx.ConfigError, match="conv_svd"):
+        lrd_fx.compile(model, (x,), conv_scheme="cp")
