@@ -23,12 +23,6 @@ class PeerResult:
     kept: dict = field(default_factory=dict)       # {qualified name: reason it stayed as it was}
 
 
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, attr, module)
-
-
 def _is_linear(m: nn.Module) -> bool:
     return type(m) is nn.Linear or (_TimmLinear is not None and type(m) is _TimmLinear)
 
@@ -172,7 +166,7 @@ def tltorch_factorize(model: nn.Module, plan: dict) -> PeerResult:
         except (ValueError, AttributeError) as e:
             out.kept[name] = str(e)
             continue
-        set_submodule(new, name, layer)
+        new.set_submodule(name, layer)
         out.replaced[name] = {"kind": rec.get("kind"), "ranks": list(rec["ranks"]), "structure": structure}
     return out
 
@@ -268,6 +262,6 @@ def composer_factorize(model: nn.Module, fraction: float = 0.25, min_channels: i
         if layer is None:
             out.kept[name] = note
             continue
-        set_submodule(new, name, layer)
+        new.set_submodule(name, layer)
         out.replaced[name] = {"kind": type(m).__name__, "ranks": [layer.latent], "structure": note}
     return out

@@ -211,8 +211,7 @@ def replace_call_sites(site: _Site, name: str, chain: nn.Module, rec: LayerRecor
     """Install `chain` at the layer's path and rewire every call of the layer through it."""
     for part, node, prefix in site.nodes:
         target = node.target
-        parent_path, _, attr = target.rpartition(".")
-        setattr(part.get_submodule(parent_path) if parent_path else part, attr, chain)
+        part.set_submodule(target, chain)
         if isinstance(chain, FactorChain):
             cur = None
             with part.graph.inserting_before(node):

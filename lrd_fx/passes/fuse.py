@@ -115,8 +115,7 @@ def _only_input(node: fx.Node) -> Optional[fx.Node]:
 
 
 def _install(part: fx.GraphModule, target: str, new: nn.Module, sharing: _Sharing) -> None:
-    parent, attr = _parent(part, target)
-    setattr(parent, attr, new)
+    part.set_submodule(target, new)
     sharing.add(new)
 
 

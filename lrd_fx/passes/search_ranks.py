@@ -512,11 +512,6 @@ def _s_of(line: _Line, ranks) -> int:
 
 # --- graph rewrite ------------------------------------------------------------------------------
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, attr = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
 def _revert_nodes(gm: fx.GraphModule, rec: LayerRecord) -> None:
     """Replace every first->[core]->last node run of `rec` by one call of the original layer."""
     for _, part in graph_modules(gm):
@@ -550,7 +545,7 @@ def _install(gm: fx.GraphModule, ctx: CompileContext, name: str, ranks: tuple, c
     if isinstance(current, FactorChain) and current.roles() != chain.roles():
         raise PassError(f"search_ranks: layer '{name}' changed factors {current.roles()} -> "
                         f"{chain.roles()}; this is a bug, please report it")
-    _set_module(gm, name, chain)
+    gm.set_submodule(name, chain)
     rec.ranks = list(ranks)
     rec.params_after = sum(p.numel() for p in chain.parameters())
     rec.flops_after = chain_flops(chain, ctx.layer_io.get(name))
@@ -580,7 +575,7 @@ def _apply(gm: fx.GraphModule, ctx: CompileContext, plan: dict) -> bool:
             layer = copy.deepcopy(orig)
             layer.train(current.training)
             _revert_nodes(gm, rec)
-            _set_module(gm, name, layer)
+            gm.set_submodule(name, layer)
             rec.decision = REVERTED
             rec.ranks = None
             rec.params_after = rec.params_before
