@@ -24,6 +24,10 @@ Variants (rows per model):
   composer              Composer's Factorize in plain torch: every Conv2d/Linear split at latent size
                         int(F * min(in, out)) (--composer-fraction F), no search
 
+Each variant is one builder function in the VARIANT_BUILDERS table (@register_variant(name)); --models
+takes torchvision/timm names and the models registered with @register_model(name). Results are Row objects
+(one per model and variant), written as JSON and CSV and printed as a table.
+
 Every model's variants are timed round-robin (lrd_fx.cost.timer.measure_interleaved): after warm-up, one
 block of each variant per round, the variant order rotating each round; the table shows the median over
 the rounds and the spread (interquartile range / median). Speed-ups are ratios of medians measured side
@@ -46,7 +50,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn as nn
@@ -59,12 +63,13 @@ import lrd_fx  # noqa: E402
 from lrd_fx.api import count_flops  # noqa: E402
 from lrd_fx.cost.timer import measure_interleaved  # noqa: E402
 from lrd_fx.errors import ConfigError, LRDError  # noqa: E402
+from lrd_fx.registry import Registry  # noqa: E402
 
 from bench import peers  # noqa: E402
 
 FORMAT = "lrd_fx-bench/1"
+# the default rows, in the order they are built and printed (a variant may reuse one built before it)
 VARIANTS = ("original", "lrd", "lrd+search", "lrd+round8", "lrd+search+seqfreeze", "lrd+fuse", "tltorch", "composer")
-INFERENCE_ONLY = ("lrd+fuse",)
 DEFAULT_MODELS = ("resnet18", "resnet50", "vit_small_patch16_224", "convnext_tiny")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -78,15 +83,14 @@ DEFAULTS = dict(models=DEFAULT_MODELS, batch=16, size=224, rounds=5, warmup=1, s
 
 # --- models ---------------------------------------------------------------------------------------------
 
-EXTRA_MODELS: dict[str, Callable[[], nn.Module]] = {}
+# Models of the benchmark's own besides torchvision's and timm's (those are found by name in make_model).
+MODELS: Registry[Callable[[], nn.Module]] = Registry(
+    "bench model", hint="add one with @bench.harness.register_model('name'), or use a torchvision/timm name")
 
 
 def register_model(name: str):
     """Make a model factory `() -> nn.Module` (3-channel image input) available to --models by name."""
-    def deco(fn):
-        EXTRA_MODELS[name] = fn
-        return fn
-    return deco
+    return MODELS.register(name)
 
 
 @register_model("tiny_cnn")
@@ -103,8 +107,8 @@ def tiny_cnn() -> nn.Module:
 def make_model(name: str, size: int) -> nn.Module:
     """A random-init model by name (registered, torchvision or timm); timm models that fix their input
     resolution (ViT) are created for `size`."""
-    if name in EXTRA_MODELS:
-        return EXTRA_MODELS[name]()
+    if name in MODELS:
+        return MODELS[name]()
     from lrd_fx.models import create_model
     model = create_model(name)
     cfg = getattr(model, "pretrained_cfg", None)
@@ -203,9 +207,10 @@ def settings_from_args(args) -> Settings:
     base = QUICK if args.quick else DEFAULTS
     models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else tuple(base["models"])
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else VARIANTS
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANT_BUILDERS]
     if unknown:
-        raise ConfigError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        known = VARIANTS + tuple(n for n in VARIANT_BUILDERS.names() if n not in VARIANTS)
+        raise ConfigError(f"--variants: unknown {unknown}; choose from {', '.join(known)}")
     if not models:
         raise ConfigError("--models: give at least one model name")
     if not 0 < args.ratio <= 1:
@@ -268,6 +273,80 @@ def machine_line(m: dict) -> str:
     return line
 
 
+# --- result rows ------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One line of the results: a variant of a model, its size and its measured speed. JSON (`to_dict`), CSV
+    (`write_results`) and the printed table (`cells`) are all made from it; a saved file's rows are read
+    back with `from_dict`."""
+    model: str
+    variant: str
+    status: str = "failed"                  # ok | partial (inference timed, training failed) | failed
+    error: Optional[str] = None
+    notes: list = field(default_factory=list)
+    compile_s: Optional[float] = None       # lrd_fx.compile / peer conversion wall time
+    layers_factorized: int = 0
+    layers_total: int = 0                   # candidate Conv/Linear layers
+    params: Optional[int] = None
+    gflops: Optional[float] = None          # forward GFLOPs per sample
+    infer_s: Optional[float] = None         # median seconds per batch
+    infer_spread: Optional[float] = None    # IQR / median
+    infer_sps: Optional[float] = None       # samples per second
+    first_call_infer_s: Optional[float] = None          # --compile: the first call (it compiles)
+    train_s: Optional[float] = None
+    train_spread: Optional[float] = None
+    train_sps: Optional[float] = None
+    train_sps_by_epoch: Optional[dict] = None           # freezing schedules: {epoch: samples/s} per state
+    first_call_train_s: Optional[float] = None
+    graphs_compiled_while_timing: Optional[dict] = None  # --compile: {phase: graphs} (should be 0)
+    flop_reduction: Optional[float] = None  # original GFLOPs / this row's
+    speedup_infer: Optional[float] = None   # samples/s over the original's, same rounds
+    speedup_train: Optional[float] = None
+    eff_infer: Optional[float] = None       # speed-up / FLOP reduction
+    eff_train: Optional[float] = None
+
+    # written even when empty (None); the measurements only once measured, as the saved files have them
+    ALWAYS: ClassVar[tuple] = ("model", "variant", "status", "error", "notes", "compile_s", "layers_factorized",
+                               "layers_total", "flop_reduction", "speedup_infer", "speedup_train",
+                               "eff_infer", "eff_train")
+    HEADERS: ClassVar[tuple] = ("model", "variant", "params M", "GFLOPs", "FLOP red.", "infer/s", "train/s",
+                                "speed-up inf", "speed-up train", "eff. inf", "eff. train", "compile s",
+                                "layers", "note")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name in self.ALWAYS or getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Row":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def note(self, width: int = 60) -> str:
+        note = self.error or "; ".join(self.notes or [])
+        if self.error:
+            note = ("FAILED: " if self.status == "failed" else "") + note
+        return note[:width - 1] + "…" if len(note) > width else note
+
+    def _sps(self, mode: str) -> str:
+        v = getattr(self, f"{mode}_sps")
+        return "-" if v is None else f"{v:.1f} ±{100 * (getattr(self, f'{mode}_spread') or 0):.0f}%"
+
+    def cells(self, note_width: int = 60) -> list:
+        """The printed table's cells, in HEADERS order."""
+        layers = "-" if self.variant == "original" or not self.layers_total else \
+            f"{self.layers_factorized or 0}/{self.layers_total}"
+        return [self.model, self.variant, _f(self.params and self.params / 1e6, ".2f"), _f(self.gflops, ".3f"),
+                _f(self.flop_reduction, ".2f"), self._sps("infer"), self._sps("train"),
+                _f(self.speedup_infer, ".2f"), _f(self.speedup_train, ".2f"), _f(self.eff_infer, ".2f"),
+                _f(self.eff_train, ".2f"), _f(self.compile_s, ".1f"), layers, self.note(note_width)]
+
+
+def _f(v, fmt: str, none: str = "-") -> str:
+    return none if v is None else format(v, fmt)
+
+
 # --- variants -------------------------------------------------------------------------------------------
 
 @dataclass
@@ -284,6 +363,31 @@ class Variant:
     inference_only: bool = False             # fused for eval: no training rows
 
 
+# A builder makes one variant of the model: (model, x, settings, built) -> Variant with module, compile_s,
+# plan, layers and notes filled in. `built` holds the variants of this model built before it (in VARIANTS
+# order), so a row can reuse another's plan; a builder never changes `model`.
+Builder = Callable[[nn.Module, torch.Tensor, Settings, dict], Variant]
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    build: Builder
+    inference_only: bool = False     # eval-only model (fused): timed for inference, no training row
+
+
+VARIANT_BUILDERS: Registry[VariantSpec] = Registry(
+    "bench variant", hint="add one with @bench.harness.register_variant('name') (see VARIANTS)")
+
+
+def register_variant(name: str, *, inference_only: bool = False):
+    """Make `builder(model, x, settings, built) -> Variant` the variant `name` (--variants picks it)."""
+    def deco(fn: Builder) -> Builder:
+        VARIANT_BUILDERS.register(name, VariantSpec(name, fn, inference_only))
+        return fn
+    return deco
+
+
 def _err(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".strip()
     return " ".join(text.split())
@@ -293,7 +397,7 @@ def _usable(v: Optional["Variant"]) -> bool:
     return v is not None and v.error is None and v.module is not None
 
 
-def _lrd_kwargs(s: Settings, search: bool, freeze: bool) -> dict:
+def _lrd_kwargs(s: Settings, search: bool = False, freeze: bool = False) -> dict:
     kw: dict = dict(ratio=s.ratio, progress=False)
     if search:
         kw["rank_search"] = s.search_mode
@@ -375,98 +479,144 @@ def _lrd_reference(built: dict, model, x, s):
     return ref
 
 
-def build_variant(name: str, model: nn.Module, x: torch.Tensor, s: Settings, built: dict) -> Variant:
-    """One variant of `model`; failures are returned in Variant.error, never raised."""
-    v = Variant(name)
+def _timed(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), wall seconds)."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def _lrd_variant(gm, compile_s: float, freeze: bool = False) -> Variant:
+    """A Variant around an lrd_fx-compiled model (its plan, layer counts and search notes)."""
+    v = Variant("", module=gm, compile_s=compile_s, freezer=gm.lrd.freezer)
+    v.plan, v.layers, v.notes = _lrd_plan_summary(gm)
+    if freeze and v.freezer is None:
+        raise RuntimeError("lrd_fx.compile(..., freeze='sequential') returned a model without a freezer")
+    return v
+
+
+def _compile_searched(model, x, s: Settings, freeze: bool) -> Variant:
+    """lrd_fx.compile with the rank search (and the freezing gates), noting how many timings it added to
+    the cache."""
+    before = _cache_entries()
+    gm, t = _timed(lrd_fx.compile, model, (x,), **_lrd_kwargs(s, search=True, freeze=freeze))
+    v = _lrd_variant(gm, t, freeze)
+    after = _cache_entries()
+    if before is not None and after is not None:
+        v.notes.append(f"{after - before} new timing-cache entries")
+    return v
+
+
+def _peer_variant(res, compile_s: float, candidates: int) -> Variant:
+    """A Variant around a peer library's converted copy (bench/peers.py PeerResult)."""
+    return Variant("", module=res.model, compile_s=compile_s, layers=(len(res.replaced), candidates),
+                   plan={n: [r["structure"], r["ranks"], "replaced"] for n, r in res.replaced.items()})
+
+
+@register_variant("original")
+def _build_original(model, x, s, built) -> Variant:
+    return Variant("original", module=model, compile_s=0.0)
+
+
+@register_variant("lrd")
+def _build_lrd(model, x, s, built) -> Variant:
+    gm, t = _timed(lrd_fx.compile, model, (x,), **_lrd_kwargs(s))
+    return _lrd_variant(gm, t)
+
+
+@register_variant("lrd+search")
+def _build_lrd_search(model, x, s, built) -> Variant:
+    return _compile_searched(model, x, s, freeze=False)
+
+
+@register_variant("lrd+round8")
+def _build_lrd_round8(model, x, s, built) -> Variant:
+    ref = _lrd_reference(built, model, x, s)
+    searched = built.get("lrd+search")
+    target = sum(p.numel() for p in searched.module.parameters()) if _usable(searched) else None
+    ranks, scale = divisor_ranks(model, ref.module.lrd.plan, s.round_multiple, target)
+    skip = tuple(n for n in ref.module.lrd.plan if n not in ranks)
+    gm, t = _timed(lrd_fx.compile, model, (x,), ratio=s.ratio, rank=ranks or None, skip=skip, progress=False)
+    v = _lrd_variant(gm, t)
+    v.notes.append(f"estimates x{scale:.2f}, rounded down to a multiple of {s.round_multiple}"
+                   + (" (scaled to lrd+search's params)" if target else " (lrd+search not built: unscaled)"))
+    return v
+
+
+@register_variant("lrd+search+seqfreeze")
+def _build_lrd_search_seqfreeze(model, x, s, built) -> Variant:
+    src = built.get("lrd+search")
+    if not _usable(src):
+        return _compile_searched(model, x, s, freeze=True)     # no searched row to reuse: search here
+    # The searched plan and weights, rebuilt with freezing gates: lrd_fx.save + lrd_fx.load(...,
+    # freeze="sequential") searches nothing, so this row differs from lrd+search by the gates alone (a
+    # second search under a time budget could stop at other layers).
+    t0 = time.perf_counter()
     try:
-        t0 = time.perf_counter()
-        if name == "original":
-            v.module = model
-            v.compile_s = 0.0
-        elif name == "lrd+search+seqfreeze" and _usable(built.get("lrd+search")):
-            # The searched plan and weights, rebuilt with freezing gates: lrd_fx.save + lrd_fx.load(...,
-            # freeze="sequential") searches nothing, so this row differs from lrd+search by the gates
-            # alone (a second search under a time budget could stop at other layers).
-            src = built["lrd+search"]
-            try:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = os.path.join(tmp, "plan.pt")
-                    lrd_fx.save(src.module, path)
-                    gm = lrd_fx.load(model, path, example_inputs=(x,), freeze="sequential")
-                how = "save/load"
-            except LRDError as e:
-                # same plan through compile: the searched ranks per layer, everything else skipped
-                ranks = {n: tuple(p[1]) for n, p in src.plan.items() if p[2] in ("decomposed", "searched")}
-                skip = tuple(n for n in src.plan if n not in ranks)
-                gm = lrd_fx.compile(model, (x,), ratio=s.ratio, rank=ranks or None, skip=skip,
-                                    freeze="sequential", progress=False)
-                how = f"compile(rank=<searched ranks>, skip=<the rest>) because load failed: {_err(e)}"
-            v.compile_s = (src.compile_s or 0.0) + time.perf_counter() - t0
-            v.module = gm
-            v.freezer = gm.lrd.freezer
-            v.plan, v.layers, _ = _lrd_plan_summary(gm)
-            v.notes = [f"lrd+search plan + freeze='sequential' via {how}"]
-            if v.freezer is None:
-                raise RuntimeError("lrd_fx.load(..., freeze='sequential') returned a model without a freezer")
-        elif name == "lrd+fuse":
-            gm = lrd_fx.compile(model, (x,), **_lrd_kwargs(s, False, False), fuse_inference=True)
-            v.compile_s = time.perf_counter() - t0
-            v.module = gm
-            v.inference_only = True
-            v.plan, v.layers, v.notes = _lrd_plan_summary(gm)
-            v.notes += [n.replace("fuse (inference only): ", "") for n in gm.lrd.notes if n.startswith("fuse")]
-        elif name == "lrd+round8":
-            ref = _lrd_reference(built, model, x, s)
-            searched = built.get("lrd+search")
-            target = sum(p.numel() for p in searched.module.parameters()) if _usable(searched) else None
-            ranks, scale = divisor_ranks(model, ref.module.lrd.plan, s.round_multiple, target)
-            t0 = time.perf_counter()
-            skip = tuple(n for n in ref.module.lrd.plan if n not in ranks)
-            gm = lrd_fx.compile(model, (x,), ratio=s.ratio, rank=ranks or None, skip=skip, progress=False)
-            v.compile_s = time.perf_counter() - t0
-            v.module = gm
-            v.plan, v.layers, v.notes = _lrd_plan_summary(gm)
-            v.notes.append(f"estimates x{scale:.2f}, rounded down to a multiple of {s.round_multiple}"
-                           + (" (scaled to lrd+search's params)" if target else " (lrd+search not built: unscaled)"))
-        elif name.startswith("lrd"):
-            search = "search" in name
-            freeze = name.endswith("seqfreeze")
-            before = _cache_entries() if search else None
-            gm = lrd_fx.compile(model, (x,), **_lrd_kwargs(s, search, freeze))
-            v.compile_s = time.perf_counter() - t0
-            v.module = gm
-            v.freezer = gm.lrd.freezer
-            v.plan, v.layers, v.notes = _lrd_plan_summary(gm)
-            after = _cache_entries() if search else None
-            if before is not None and after is not None:
-                v.notes.append(f"{after - before} new timing-cache entries")
-            if freeze and v.freezer is None:
-                raise RuntimeError("lrd_fx.compile(..., freeze='sequential') returned a model without a freezer")
-        elif name == "tltorch":
-            ref = _lrd_reference(built, model, x, s)
-            plan = ref.module.lrd.plan
-            t0 = time.perf_counter()
-            res = peers.tltorch_factorize(model, plan)
-            v.compile_s = time.perf_counter() - t0
-            v.module = res.model
-            v.plan = {n: [r["structure"], r["ranks"], "replaced"] for n, r in res.replaced.items()}
-            v.layers = (len(res.replaced), len(plan))
-            if res.kept:
-                v.notes.append(f"{len(res.kept)} lrd-factorized layers kept (no tltorch equivalent)")
-        elif name == "composer":
-            res = peers.composer_factorize(model, s.composer_fraction, s.composer_min_channels)
-            v.compile_s = time.perf_counter() - t0
-            v.module = res.model
-            v.plan = {n: [r["structure"], r["ranks"], "replaced"] for n, r in res.replaced.items()}
-            v.layers = (len(res.replaced), len(res.replaced) + len(res.kept))
-        else:  # pragma: no cover - names are validated in settings_from_args
-            raise ConfigError(f"unknown variant {name!r}")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "plan.pt")
+            lrd_fx.save(src.module, path)
+            gm = lrd_fx.load(model, path, example_inputs=(x,), freeze="sequential")
+        how = "save/load"
+    except LRDError as e:
+        # same plan through compile: the searched ranks per layer, everything else skipped
+        ranks = {n: tuple(p[1]) for n, p in src.plan.items() if p[2] in ("decomposed", "searched")}
+        skip = tuple(n for n in src.plan if n not in ranks)
+        gm = lrd_fx.compile(model, (x,), ratio=s.ratio, rank=ranks or None, skip=skip,
+                            freeze="sequential", progress=False)
+        how = f"compile(rank=<searched ranks>, skip=<the rest>) because load failed: {_err(e)}"
+    if gm.lrd.freezer is None:
+        raise RuntimeError("lrd_fx.load(..., freeze='sequential') returned a model without a freezer")
+    v = _lrd_variant(gm, (src.compile_s or 0.0) + time.perf_counter() - t0)
+    v.notes = [f"lrd+search plan + freeze='sequential' via {how}"]
+    return v
+
+
+@register_variant("lrd+fuse", inference_only=True)
+def _build_lrd_fuse(model, x, s, built) -> Variant:
+    gm, t = _timed(lrd_fx.compile, model, (x,), **_lrd_kwargs(s), fuse_inference=True)
+    v = _lrd_variant(gm, t)
+    v.notes += [n.replace("fuse (inference only): ", "") for n in gm.lrd.notes if n.startswith("fuse")]
+    return v
+
+
+@register_variant("tltorch")
+def _build_tltorch(model, x, s, built) -> Variant:
+    plan = _lrd_reference(built, model, x, s).module.lrd.plan
+    res, t = _timed(peers.tltorch_factorize, model, plan)
+    v = _peer_variant(res, t, len(plan))
+    if res.kept:
+        v.notes.append(f"{len(res.kept)} lrd-factorized layers kept (no tltorch equivalent)")
+    return v
+
+
+@register_variant("composer")
+def _build_composer(model, x, s, built) -> Variant:
+    res, t = _timed(peers.composer_factorize, model, s.composer_fraction, s.composer_min_channels)
+    return _peer_variant(res, t, len(res.replaced) + len(res.kept))
+
+
+INFERENCE_ONLY = tuple(n for n in VARIANTS if VARIANT_BUILDERS[n].inference_only)
+
+
+def variant_spec(name: str) -> VariantSpec:
+    """The registered variant `name`; an unknown name raises ConfigError listing the known ones."""
+    return VARIANT_BUILDERS.get(name)
+
+
+def build_variant(name: str, model: nn.Module, x: torch.Tensor, s: Settings, built: dict) -> Variant:
+    """One variant of `model` by its registered builder (placed in channels_last / torch.compile as `s`
+    says). An unknown name raises ConfigError; failures while building are returned in Variant.error,
+    never raised, so that the other rows of the table survive."""
+    spec = variant_spec(name)
+    try:
+        v = spec.build(model, x, s, built)
+        v.name, v.inference_only = name, spec.inference_only
         if s.channels_last:
             v.module = v.module.to(memory_format=torch.channels_last)
         v.run = torch.compile(v.module, backend=s.compile_backend) if s.compile else v.module
     except Exception as e:
-        v.error = _err(e)
-        v.module = v.run = None
+        v = Variant(name, error=_err(e), inference_only=spec.inference_only)
         if os.environ.get("LRD_FX_BENCH_TRACEBACK"):
             traceback.print_exc()
     return v
@@ -607,16 +757,15 @@ def _measure_ok(ok: dict, s: Settings, errors: dict) -> tuple[dict, dict]:
 
 
 def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callable[[], nn.Module]] = None) -> tuple[list, dict]:
-    """Rows (one per variant) and plans {variant: plan} for one model."""
+    """Rows (one Row per variant) and plans {variant: plan} for one model."""
     dev = torch.device(s.device)
     torch.manual_seed(s.seed)
-    rows = {name: {"model": model_name, "variant": name, "status": "failed", "error": None, "notes": []}
-            for name in s.variants}
+    rows = {name: Row(model_name, name) for name in s.variants}
     plans: dict = {}
 
     def fail_all(msg):
         for r in rows.values():
-            r["error"] = msg
+            r.error = msg
         if bar is not None:
             bar.update(len(s.variants))
         return list(rows.values()), plans
@@ -651,19 +800,18 @@ def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callab
         v = build_variant(name, model, x, s, variants)
         variants[name] = v
         row = rows[name]
-        row["compile_s"] = v.compile_s
-        row["notes"] = list(v.notes)
-        row["layers_factorized"], row["layers_total"] = v.layers
+        row.compile_s = v.compile_s
+        row.notes = list(v.notes)
+        row.layers_factorized, row.layers_total = v.layers
         if v.error:
-            row["error"] = v.error
+            row.error = v.error
         else:
             plans[name] = v.plan
-            row["params"] = sum(p.numel() for p in v.module.parameters())
+            row.params = sum(p.numel() for p in v.module.parameters())
             try:
-                row["gflops"] = count_flops(v.module, (x[:1],)) / 1e9
+                row.gflops = count_flops(v.module, (x[:1],)) / 1e9
             except Exception as e:
-                row["gflops"] = None
-                row["notes"].append(f"FLOP count failed: {_err(e)}")
+                row.notes.append(f"FLOP count failed: {_err(e)}")
         if bar is not None:
             bar.update(1)
     live = {n: v for n, v in variants.items() if v.error is None}
@@ -679,14 +827,14 @@ def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callab
     for n in live:
         row = rows[n]
         if n in errs:
-            row["error"] = f"inference failed: {errs[n]}"
+            row.error = f"inference failed: {errs[n]}"
             continue
         m = res[n]
-        row["infer_s"], row["infer_spread"] = m.median_s, m.rel_noise
-        row["infer_sps"] = s.batch / m.median_s
-        row["status"] = "ok"
+        row.infer_s, row.infer_spread = m.median_s, m.rel_noise
+        row.infer_sps = s.batch / m.median_s
+        row.status = "ok"
         if s.compile:
-            row["first_call_infer_s"] = first.get(n)
+            row.first_call_infer_s = first.get(n)
 
     # training: train mode, one SGD step per call
     if s.train:
@@ -695,10 +843,10 @@ def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callab
         fns: dict = {}
         owner: dict = {}
         for n, v in live.items():
-            if rows[n]["status"] != "ok":
+            if rows[n].status != "ok":
                 continue
             if v.inference_only:
-                rows[n]["notes"].append("inference only (fused for eval: no training row)")
+                rows[n].notes.append("inference only (fused for eval: no training row)")
                 continue
             v.module.train()
             try:
@@ -706,37 +854,36 @@ def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callab
                     fns[k] = fn
                     owner[k] = n
             except Exception as e:
-                rows[n]["error"] = f"training setup failed: {_err(e)}"
+                rows[n].error = f"training setup failed: {_err(e)}"
         res, errs, first = measure(fns, s, compiles, "train")
         by_variant: dict = {}
         for k, n in owner.items():
             if k in errs:
-                rows[n]["error"] = f"training failed: {errs[k]}"
-                rows[n]["status"] = "partial"
+                rows[n].error = f"training failed: {errs[k]}"
+                rows[n].status = "partial"
             elif k in res:
                 by_variant.setdefault(n, []).append((k, res[k]))
         for n, ms in by_variant.items():
-            if rows[n]["status"] != "ok":
+            row = rows[n]
+            if row.status != "ok":
                 continue
             # frozen epochs are as long as the others: the schedule's mean step time is the mean of
             # the per-state medians
             t = sum(m.median_s for _, m in ms) / len(ms)
-            row = rows[n]
-            row["train_s"], row["train_spread"] = t, max(m.rel_noise for _, m in ms)
-            row["train_sps"] = s.batch / t
+            row.train_s, row.train_spread = t, max(m.rel_noise for _, m in ms)
+            row.train_sps = s.batch / t
             if len(ms) > 1:
-                row["train_sps_by_epoch"] = {str(k[1]): s.batch / m.median_s for k, m in ms}
-                row["notes"].append("train/s averaged over schedule epochs "
-                                    + ", ".join(str(k[1]) for k, _ in ms))
+                row.train_sps_by_epoch = {str(k[1]): s.batch / m.median_s for k, m in ms}
+                row.notes.append("train/s averaged over schedule epochs " + ", ".join(str(k[1]) for k, _ in ms))
             if s.compile:
-                row["first_call_train_s"] = max(first.get(k) or 0.0 for k, _ in ms)
+                row.first_call_train_s = max(first.get(k) or 0.0 for k, _ in ms)
 
     if s.compile:
         for row in rows.values():
-            row["graphs_compiled_while_timing"] = dict(compiles)
+            row.graphs_compiled_while_timing = dict(compiles)
         if any(compiles.values()):
             for row in rows.values():
-                row["notes"].append(f"torch.compile recompiled while timing ({compiles}): numbers include compiling")
+                row.notes.append(f"torch.compile recompiled while timing ({compiles}): numbers include compiling")
     _ratios(list(rows.values()))
     del variants, live, model
     gc.collect()
@@ -746,20 +893,21 @@ def bench_model(model_name: str, s: Settings, bar=None, factory: Optional[Callab
 
 
 def _ratios(rows: list) -> None:
-    """Speed-ups and efficiencies of every row against the model's `original` row."""
-    base = next((r for r in rows if r["variant"] == "original" and r["status"] != "failed"), None)
+    """Speed-ups and efficiencies of every Row against the model's `original` row."""
+    base = next((r for r in rows if r.variant == "original" and r.status != "failed"), None)
+    if base is None:
+        return
     for r in rows:
-        for key in ("flop_reduction", "speedup_infer", "speedup_train", "eff_infer", "eff_train"):
-            r.setdefault(key, None)
-        if base is None or r["status"] == "failed":
+        if r.status == "failed":
             continue
-        if base.get("gflops") and r.get("gflops"):
-            r["flop_reduction"] = base["gflops"] / r["gflops"]
+        if base.gflops and r.gflops:
+            r.flop_reduction = base.gflops / r.gflops
         for mode in ("infer", "train"):
-            if base.get(f"{mode}_sps") and r.get(f"{mode}_sps"):
-                r[f"speedup_{mode}"] = r[f"{mode}_sps"] / base[f"{mode}_sps"]
-                if r["flop_reduction"]:
-                    r[f"eff_{mode}"] = r[f"speedup_{mode}"] / r["flop_reduction"]
+            mine, theirs = getattr(r, f"{mode}_sps"), getattr(base, f"{mode}_sps")
+            if mine and theirs:
+                setattr(r, f"speedup_{mode}", mine / theirs)
+                if r.flop_reduction:
+                    setattr(r, f"eff_{mode}", mine / theirs / r.flop_reduction)
 
 
 # --- the run ----------------------------------------------------------------------------------------------
@@ -811,7 +959,7 @@ def _run(s: Settings, models: Optional[dict], argv: Optional[list]) -> dict:
               file=sys.stderr) as bar:
         for name in names:
             rows, plans = bench_model(name, s, bar, factory=(models or {}).get(name))
-            results["rows"].extend(rows)
+            results["rows"].extend(r.to_dict() for r in rows)
             results["plans"][name] = plans
     results["wall_s"] = time.perf_counter() - t_start
     try:
@@ -852,37 +1000,12 @@ def legend(s: Settings) -> list:
 
 # --- output -----------------------------------------------------------------------------------------------
 
-def _f(v, fmt: str, none: str = "-") -> str:
-    return none if v is None else format(v, fmt)
-
-
-def _sps(r: dict, mode: str) -> str:
-    v = r.get(f"{mode}_sps")
-    if v is None:
-        return "-"
-    return f"{v:.1f} ±{100 * (r.get(f'{mode}_spread') or 0):.0f}%"
-
-
 def format_table(results: dict, *, note_width: int = 60, markdown: bool = False) -> str:
     """The printed table (tabulate) with the machine line and the legend; rebuilt from a results dict.
     markdown=True: a GitHub-markdown table (for the README) without the note column or the legend."""
     from tabulate import tabulate
-    headers = ["model", "variant", "params M", "GFLOPs", "FLOP red.", "infer/s", "train/s", "speed-up inf",
-               "speed-up train", "eff. inf", "eff. train", "compile s", "layers", "note"]
-    body = []
-    for r in results["rows"]:
-        note = r.get("error") or "; ".join(r.get("notes") or [])
-        if r.get("error"):
-            note = ("FAILED: " if r["status"] == "failed" else "") + note
-        if len(note) > note_width:
-            note = note[:note_width - 1] + "…"
-        layers = "-" if r["variant"] == "original" or not r.get("layers_total") else \
-            f"{r.get('layers_factorized', 0)}/{r['layers_total']}"
-        body.append([r["model"], r["variant"], _f(r.get("params") and r["params"] / 1e6, ".2f"),
-                     _f(r.get("gflops"), ".3f"), _f(r.get("flop_reduction"), ".2f"), _sps(r, "infer"),
-                     _sps(r, "train"), _f(r.get("speedup_infer"), ".2f"), _f(r.get("speedup_train"), ".2f"),
-                     _f(r.get("eff_infer"), ".2f"), _f(r.get("eff_train"), ".2f"), _f(r.get("compile_s"), ".1f"),
-                     layers, note])
+    headers = list(Row.HEADERS)
+    body = [Row.from_dict(r).cells(note_width) for r in results["rows"]]
     if markdown:
         body = [[c.replace("±", "± ") for c in row[:-1]] for row in body]
         return "\n".join([machine_line(results["machine"]), "",

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from bench import harness, peers
 from lrd_fx.cost import use_cost_fn
+from lrd_fx.errors import ConfigError
 
 TINY = ["--models", "tiny_cnn", "--batch", "2", "--size", "16", "--rounds", "1", "--warmup", "0",
         "--search-repeats", "1", "--threads", "1", "--no-progress"]   # cost function: no time budget needed
@@ -101,6 +102,106 @@ def test_usage_errors_return_2(capsys):
     assert harness.main(["--variants", "original,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
     assert harness.main(["--ratio", "1.5"]) == 2
+
+
+def _tiny_settings(**kw) -> "harness.Settings":
+    return harness.Settings(models=("tiny_cnn",), batch=2, size=16, rounds=1, warmup=0, search_repeats=1,
+                            threads=1, progress=False, **kw)
+
+
+@pytest.mark.parametrize("name", harness.VARIANTS)
+def test_every_variant_in_the_table_builds_on_its_own(name):
+    """Each builder alone (no other row built first: the rows it reuses are built for it) gives a model
+    that runs, without touching the caller's model."""
+    torch.manual_seed(0)
+    model = harness.make_model("tiny_cnn", 16).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 16, 16)
+    s = _tiny_settings()
+    with use_cost_fn(_fake_cost):
+        v = harness.build_variant(name, model, x, s, {})
+    assert v.error is None, v.error
+    assert v.name == name and v.run is v.module and v.compile_s >= 0
+    assert v.inference_only == (name in harness.INFERENCE_ONLY) == harness.variant_spec(name).inference_only
+    with torch.no_grad():
+        assert v.module.eval()(x).shape == (2, 10)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())
+    if name == "original":
+        assert v.module is model and v.layers == (0, 0)
+    else:
+        assert v.module is not model and 0 < v.layers[0] <= v.layers[1]
+        assert sum(p.numel() for p in v.module.parameters()) < sum(p.numel() for p in model.parameters())
+    assert (v.freezer is not None) == (name == "lrd+search+seqfreeze")
+
+
+def test_variants_built_in_order_reuse_earlier_rows():
+    """In VARIANTS order, lrd+round8 is scaled to lrd+search's parameters and lrd+search+seqfreeze reloads the
+    searched plan instead of searching again; tltorch takes the lrd row's ranks."""
+    model, x, s = harness.tiny_cnn().eval(), torch.randn(2, 3, 16, 16), _tiny_settings()
+    built = {}
+    with use_cost_fn(_fake_cost):
+        for name in harness.VARIANTS:
+            built[name] = harness.build_variant(name, model, x, s, built)
+    assert all(v.error is None for v in built.values()), {n: v.error for n, v in built.items()}
+    assert "scaled to lrd+search's params" in " ".join(built["lrd+round8"].notes)
+    assert built["lrd+search+seqfreeze"].notes == ["lrd+search plan + freeze='sequential' via save/load"]
+    searched = {n: p[1] for n, p in built["lrd+search"].plan.items() if p[1]}
+    assert {n: p[1] for n, p in built["lrd+search+seqfreeze"].plan.items() if p[1]} == searched
+    assert {n: p[1] for n, p in built["tltorch"].plan.items()} == \
+        {n: p[1] for n, p in built["lrd"].plan.items() if p[2] == "decomposed"}
+
+
+def test_unknown_variant_is_an_error_listing_the_known_ones():
+    with pytest.raises(ConfigError, match="'lrd\\+bogus' is not a known bench variant") as info:
+        harness.build_variant("lrd+bogus", harness.tiny_cnn(), torch.randn(2, 3, 16, 16), _tiny_settings(), {})
+    assert all(repr(n) in str(info.value) for n in harness.VARIANTS)
+    assert set(harness.VARIANT_BUILDERS) == set(harness.VARIANTS)
+
+
+def test_registered_variant_is_selectable(monkeypatch):
+    """A builder registered under a new name is accepted by --variants and built by the table."""
+    def wrapped(model, x, s, built):
+        return harness.Variant("", module=nn.Sequential(model, nn.Identity()), compile_s=0.0, notes=["mine"])
+    monkeypatch.setitem(harness.VARIANT_BUILDERS, "mine", harness.VariantSpec("mine", wrapped))
+    s = harness.settings_from_args(harness.build_parser().parse_args(TINY + ["--variants", "original,mine"]))
+    assert s.variants == ("original", "mine")
+    v = harness.build_variant("mine", harness.tiny_cnn(), torch.randn(2, 3, 16, 16), s, {})
+    assert v.error is None and v.name == "mine" and v.notes == ["mine"] and not v.inference_only
+
+
+def test_failing_builder_is_reported_in_the_variant(monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("builder exploded")
+    monkeypatch.setitem(harness.VARIANT_BUILDERS, "lrd+fuse", harness.VariantSpec("lrd+fuse", broken, True))
+    v = harness.build_variant("lrd+fuse", harness.tiny_cnn(), torch.randn(2, 3, 16, 16), _tiny_settings(), {})
+    assert v.error == "RuntimeError: builder exploded" and v.module is None and v.run is None
+    assert v.inference_only
+
+
+def test_row_dict_keeps_the_saved_columns():
+    """Row.to_dict writes what was measured (plus the always-present columns) in a fixed order, and
+    from_dict reads it back unchanged; the table's cells follow HEADERS."""
+    row = harness.Row("m", "lrd", status="ok", params=2_000_000, gflops=0.5, infer_s=0.1, infer_spread=0.05,
+                      infer_sps=20.0, flop_reduction=2.0, speedup_infer=1.5, eff_infer=0.75, layers_factorized=3,
+                      layers_total=4, compile_s=1.25)
+    d = row.to_dict()
+    assert list(d) == ["model", "variant", "status", "error", "notes", "compile_s", "layers_factorized",
+                       "layers_total", "params", "gflops", "infer_s", "infer_spread", "infer_sps",
+                       "flop_reduction", "speedup_infer", "speedup_train", "eff_infer", "eff_train"]
+    assert d["speedup_train"] is None and "train_sps" not in d
+    assert harness.Row.from_dict(json.loads(json.dumps(d))) == row
+    cells = row.cells()
+    assert len(cells) == len(harness.Row.HEADERS)
+    assert cells[2:6] == ["2.00", "0.500", "2.00", "20.0 ±5%"] and cells[6] == "-" and cells[12] == "3/4"
+    failed = harness.Row("m", "composer", error="RuntimeError: x")
+    assert failed.cells()[-1] == "FAILED: RuntimeError: x"
+
+
+def test_bench_models_registry():
+    assert "tiny_cnn" in harness.MODELS and harness.MODELS.get("tiny_cnn") is harness.tiny_cnn
+    with pytest.raises(ConfigError, match="not a known bench model.*tiny_cnn"):
+        harness.MODELS.get("no_such_model")
 
 
 def test_tltorch_layers_at_full_rank_reproduce_the_layer():
