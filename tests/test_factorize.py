@@ -448,3 +448,18 @@ def test_factorize_many_names_the_failing_layer(monkeypatch):
     monkeypatch.setattr(modules, "factorize", broken)
     with pytest.raises(FactorizationError, match=r"layer 'b' \(Linear\) could not be factorized at ranks \[5\]: ValueError: boom b"):
         factorize_many(jobs, workers=2)
+
+
+def test_effective_scheme_names_what_each_layer_gets():
+    k3, k1 = nn.Conv2d(8, 12, 3), nn.Conv2d(8, 12, 1)
+    assert effective_scheme(k3, "tucker2") == "tucker2"
+    assert effective_scheme(k3, "conv_svd") == effective_scheme(k3, "svd") == "conv_svd"   # "svd": an alias
+    assert {effective_scheme(m, s) for m in (k1, nn.Linear(8, 12)) for s in ("tucker2", "conv_svd")} == {"svd"}
+    with pytest.raises(ConfigError, match="conv_svd"):
+        effective_scheme(k3, "cp")
+
+
+def test_layer_dims_read_the_declared_sizes():
+    assert modules.layer_dims(nn.Linear(20, 30)) == (30, 20, 1)
+    assert modules.layer_dims(nn.Conv2d(8, 12, (3, 5), groups=4)) == (12, 8, 15)   # every input channel
+    assert modules.layer_dims(nn.LazyConv2d(12, 3)) == (12, 0, 9)                 # no weight yet
