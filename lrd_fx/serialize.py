@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
+import typing
 from typing import Any, Optional
 
 import torch
@@ -27,9 +29,10 @@ _MAX_HEADER = 100 * 1024 * 1024      # safetensors' own limit on the header size
 _REBUILD_FIELDS = ("conv_scheme", "min_channels", "decompose_linear", "decompose_conv", "fallback",
                    "fuse_inference")
 
-# Options the caller may give to load(): none of them changes the saved ranks or decisions.
-LOAD_OPTIONS = ("debug", "progress", "dump_dir", "check_inputs", "freeze", "freeze_period", "freeze_group",
-                "leaf_modules")
+# Options the caller may give to load(): none of them changes the saved ranks or decisions. The first
+# four are never read from a file (paths and printing); the freezing and leaf options are, unless given.
+_CALLER_OPTIONS = ("debug", "progress", "dump_dir", "check_inputs")
+LOAD_OPTIONS = _CALLER_OPTIONS + ("freeze", "freeze_period", "freeze_group", "leaf_modules")
 
 # LayerRecord fields recomputed by the rebuild; the others (decision, reason, timings...) come from the file.
 _REBUILT_RECORD_FIELDS = {"name", "kind", "scheme", "full_ranks", "ranks", "params_before", "params_after",
@@ -55,10 +58,8 @@ def save(gm: nn.Module, path) -> None:
         "plan": info.plan,
         "freeze": _freeze_spec(gm, info.config),
     }
+    # lrd_fx.fuse(gm) after compile leaves fuse_inference=True in the fused copy's config
     header["config"], header["config_not_saved"] = _config_dict(info.config)
-    if getattr(gm, "_lrd_fused", False):
-        # lrd_fx.fuse(gm) after compile: the model, not the compile options, says how to rebuild it
-        header["config"]["fuse_inference"] = True
     tensors, aliases = _distinct_tensors(gm.state_dict())
     header["aliases"] = aliases
     header["freezer_keys"] = _freezer_keys(gm)
@@ -101,28 +102,39 @@ def _lrd_fx_version() -> str:
     return __version__
 
 
-def _config_dict(cfg: Config) -> tuple[dict, list]:
-    """The config's JSON-able fields ({name: value}) and the names of those left out (functions, tensors).
-
-    The freezing schedule is saved apart (_freeze_spec); leaf module classes are saved by qualified name
-    only (as "leaf_classes"), so that load() can check the caller passes the same ones again."""
-    out: dict[str, Any] = {}
+def _config_dict(cfg) -> tuple[dict, list]:
+    """The config as JSON, generically: a dataclass becomes {field: value}, a sub-config (RankSearch,
+    Freeze, ...) a nested dict, recursively. Values JSON cannot hold (functions, classes, tensors: their
+    effect is in the plan) are left out and their dotted names listed. Leaf module classes are written by
+    qualified name ("leaf_classes"), so that load() can check the caller passes the same ones again; the
+    freezing schedule the model runs is saved apart (_freeze_spec)."""
     left: list[str] = []
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if f.name == "freeze":
-            continue
-        if f.name == "leaf_modules":
-            out[f.name] = [x for x in v if isinstance(x, str)]              # qualified module names
-            out["leaf_classes"] = [_leaf_name(x) for x in v if not isinstance(x, str)]
-            continue
-        try:
-            json.dumps(v)
-        except (TypeError, ValueError):
-            left.append(f.name)   # e.g. filter_fn, calibration batches: their effect is in the plan
-            continue
-        out[f.name] = v
-    return out, left
+    out = _as_json(cfg, "", left)
+    leaves = tuple(cfg.leaf_modules)
+    out["leaf_modules"] = [x for x in leaves if isinstance(x, str)]              # qualified module names
+    out["leaf_classes"] = [_leaf_name(x) for x in leaves if not isinstance(x, str)]
+    return out, [n for n in left if n != "leaf_modules"]
+
+
+_LEFT_OUT = object()
+
+
+def _as_json(v, path: str, left: list):
+    """`v` as JSON data (a dataclass as {field: value}, recursively), or _LEFT_OUT with `path` noted in
+    `left` when JSON cannot hold it."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        out = {}
+        for f in dataclasses.fields(v):
+            got = _as_json(getattr(v, f.name), f"{path}.{f.name}" if path else f.name, left)
+            if got is not _LEFT_OUT:
+                out[f.name] = got
+        return out
+    try:
+        json.dumps(v)
+    except (TypeError, ValueError):
+        left.append(path)
+        return _LEFT_OUT
+    return v
 
 
 def _leaf_name(x) -> str:
@@ -418,18 +430,35 @@ def _parse_plan(header: dict, where: str) -> dict[str, LayerRecord]:
             raise LoadError(f"{bad} ({e}); the file is damaged") from e
         if rec.decision not in _DECISIONS:
             raise LoadError(f"{bad}: decision {rec.decision!r} is not one of {list(_DECISIONS)}")
-        for f, ok in (("reason", isinstance(rec.reason, str)), ("candidates", isinstance(rec.candidates, dict)),
-                      ("estimate", rec.estimate is None or _int_list(rec.estimate)),
-                      ("scheme", rec.scheme is None or isinstance(rec.scheme, str)),
-                      *((t, getattr(rec, t) is None or _number(getattr(rec, t)))
-                        for t in ("time_original_s", "time_estimate_s", "time_chosen_s"))):
-            if not ok:
+        for f, ok in _record_checks().items():
+            if not ok(getattr(rec, f)):
                 raise LoadError(f"{bad}: {f}={getattr(rec, f)!r} has the wrong type; the file is damaged")
         if rec.factorized:
             if not _int_list(rec.ranks):
                 raise LoadError(f"{bad}: a factorized layer needs ranks (a list of ints >= 1), got {rec.ranks!r}")
         plan[name] = rec
     return plan
+
+
+_KIND_CHECKS = {str: lambda v: isinstance(v, str), int: lambda v: _number(v), float: lambda v: _number(v),
+                list: lambda v: isinstance(v, (list, tuple)), dict: lambda v: isinstance(v, dict)}
+
+
+@functools.lru_cache(maxsize=None)
+def _record_checks() -> dict:
+    """{LayerRecord field: check of a value read from a file}, from the field's type (None allowed where
+    it is Optional); the estimate must be a list of ints >= 1. name and decision are checked apart."""
+    checks = {}
+    for name, hint in typing.get_type_hints(LayerRecord).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        base = args[0] if optional and len(args) == 1 else hint
+        check = _KIND_CHECKS.get(typing.get_origin(base) or base, lambda v: True)
+        checks[name] = (lambda v, c=check: v is None or c(v)) if optional else check
+    checks["estimate"] = lambda v: v is None or _int_list(v)
+    for name in ("name", "decision"):
+        del checks[name]
+    return checks
 
 
 def _int_list(v) -> bool:
@@ -447,9 +476,7 @@ def _rebuild_config(header: dict, plan: dict[str, LayerRecord], overrides: dict,
     kw: dict[str, Any] = {k: saved[k] for k in _REBUILD_FIELDS if k in saved and k in known}
     kw.update(_leaf_modules(saved, overrides, where))
     kw.update(_freeze_options(header.get("freeze"), bool(header.get("freezer_keys")), overrides, where))
-    for k in ("debug", "progress", "dump_dir", "check_inputs"):
-        if k in overrides:
-            kw[k] = overrides[k]
+    kw.update({k: overrides[k] for k in _CALLER_OPTIONS if k in overrides})
     ranks = {n: tuple(r.ranks) for n, r in plan.items() if r.factorized}
     keep = frozenset(ranks)
     kw.update(rank=ranks or None, rank_search=None, skip=(),

@@ -48,6 +48,21 @@ def saved(tmp_path_factory):
     return model, gm, path
 
 
+def legacy_config(**changes) -> dict:
+    """The config as files written before Config was grouped hold it (lrd_fx/1, and lrd_fx/2 until then):
+    the flat fields of that time, callables dropped."""
+    cfg = dict(ratio=0.5, rank=None, energy=None, conv_scheme="tucker2", min_channels=8, skip=[],
+               decompose_linear=True, decompose_conv=True, leaf_modules=[], fallback=True, rank_search=None,
+               rank_search_window=0.25, rank_search_margin=0.03, rank_search_prefer="speed",
+               rank_search_objective="time", rank_search_error_weight=1.0, rank_search_budget_s=None,
+               rank_budget=None, rank_search_repeats=7, amp=None, align="auto", rank_search_exec="auto",
+               whole_model_check=None, cache=True, progress=False, freeze=None, freeze_period=1,
+               freeze_group="core", fuse_inference=False, calibration_mode="sequential",
+               calibration_damping=0.01, recalibrate_bn=True, debug=False, dump_dir=None, check_inputs=True)
+    cfg.update(changes)
+    return cfg
+
+
 def header_of(path) -> dict:
     with safe_open(str(path), "pt") as f:
         return json.loads(f.metadata()["lrd_fx"])
@@ -113,8 +128,8 @@ def test_old_format_converts_with_trust_file(tmp_path):
     model, gm = compiled(freeze="sequential")
     gm.lrd.freezer.set_epoch(3)
     old = tmp_path / "old.pt"
-    # what lrd_fx.save wrote before format lrd_fx/2 (callables dropped from the config)
-    cfg = {k: v for k, v in vars(gm.lrd.config).items() if not callable(v) or isinstance(v, str)}
+    # what lrd_fx.save wrote before format lrd_fx/2
+    cfg = legacy_config(freeze="sequential")
     torch.save({"format": "lrd_fx/1", "config": cfg, "plan": gm.lrd.plan, "state_dict": gm.state_dict()}, old)
     with pytest.raises(lrd_fx.LoadError):
         lrd_fx.load(model, old)
@@ -438,6 +453,11 @@ def test_foreign_truncated_and_damaged_files(tmp_path, saved):
     cases["badalias"] = "lacks"
     rewrite_header(good, tmp_path / "badreason", lambda h: h["plan"]["0"].update(reason={"x": 1}))
     cases["badreason"] = "reason=.*wrong type"
+    # every record field is checked against its type (LayerRecord's annotations)
+    for field, value in (("kind", 3), ("params_after", "many"), ("in_shape", "2x3"), ("candidates", [1]),
+                         ("fallback", 1.5), ("time_chosen_s", "fast"), ("estimate", [0])):
+        rewrite_header(good, tmp_path / f"bad_{field}", lambda h, f=field, v=value: h["plan"]["0"].update({f: v}))
+        cases[f"bad_{field}"] = f"{field}=.*wrong type"
     deep = tmp_path / "deep"
     save_file({"w": torch.zeros(1)}, str(deep), metadata={"lrd_fx": "[" * 200_000})
     cases["deep"] = "not valid JSON"
@@ -492,6 +512,32 @@ def test_config_in_the_header_holds_data_only(tmp_path):
     h = header_of(tmp_path / "m.lrd")
     assert "filter_fn" in h["config_not_saved"] and "filter_fn" not in h["config"]
     json.dumps(h)   # plain JSON throughout
+    # every option is written (sub-configs as nested objects) or named as left out, recursively
+    import dataclasses
+
+    def check(obj, saved, path):
+        for f in dataclasses.fields(obj):
+            name = f"{path}{f.name}"
+            v = getattr(obj, f.name)
+            if name in h["config_not_saved"]:
+                assert f.name not in saved
+            elif dataclasses.is_dataclass(v):
+                check(v, saved[f.name], name + ".")
+            elif f.name != "leaf_modules":
+                assert json.loads(json.dumps(saved[f.name])) == json.loads(json.dumps(v)), name
+    check(gm.lrd.config, h["config"], "")
+
+
+def test_files_with_the_flat_config_of_earlier_versions_load(tmp_path, saved):
+    """Files written before Config was grouped hold flat options (rank_search_window, freeze_period, ...);
+    load reads what it needs from them the same way."""
+    model, gm, good = saved
+    flat = tmp_path / "flat.lrd"
+    rewrite_header(good, flat, lambda h: h.update(config=legacy_config(rank_search="infer", rank_search_window=0.5)))
+    gm2 = lrd_fx.load(model, flat)
+    assert gm2.lrd.config.rank_search is None                 # the plan fixes the ranks: nothing is searched
+    assert {n: r["ranks"] for n, r in gm2.lrd.plan.items()} == {n: r["ranks"] for n, r in gm.lrd.plan.items()}
+    torch.testing.assert_close(gm2.eval()(X), gm(X))
 
 
 def test_hugging_face_gpt2_with_tied_head_roundtrip(tmp_path):
