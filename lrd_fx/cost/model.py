@@ -1,4 +1,5 @@
-"""Choice rule of the rank search: from a measured {rank: time} staircase pick a rank, or revert."""
+"""Cost models of the rank search ("staircase": time only, "time+error"): from a measured {rank: time}
+curve pick a rank, or revert; plus the whole-model plan under a parameter budget."""
 from __future__ import annotations
 
 import math
