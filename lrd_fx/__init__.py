@@ -1,7 +1,7 @@
 """lrd_fx: a torch.fx compiler that makes low-rank-decomposed networks fast."""
 from .api import LRDInfo, compile, fuse, load, save
 from .bn import recalibrate_bn
-from .config import Config
+from .config import Calibration, Config, Freeze, RankSearch, Timing
 from .errors import (CacheError, ConfigError, FactorizationError, FreezeError, InputError, LoadError,
                      LRDError, PassError, RankError, SaveError, TraceError)
 from .dist import wrap_ddp
@@ -12,7 +12,7 @@ from .trace import register_leaf_function, register_leaf_module
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "fuse", "save", "load", "Config", "LRDInfo",
+    "compile", "fuse", "save", "load", "Config", "RankSearch", "Timing", "Freeze", "Calibration", "LRDInfo",
     "LRDError", "ConfigError", "RankError", "InputError", "TraceError", "FactorizationError",
     "PassError", "CacheError", "FreezeError", "LoadError", "SaveError",
     "register_leaf_module", "register_leaf_function",

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .config import Config
+from .config import Calibration, Config
 from .context import CompileContext
 from .errors import ConfigError, InputError
 from .flops import count_flops
@@ -275,7 +275,8 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
     """Trace `model`, factorize its Conv/Linear layers and return a GraphModule with `.lrd`.
 
     The caller's model is never mutated: a deep copy is traced and rewritten. Every Config field can be
-    given as a keyword (e.g. ratio=0.25, rank_search="infer", freeze="sequential", debug=True).
+    given as a keyword, and so can the flat shorthand of the sub-configs (e.g. ratio=0.25,
+    rank_search="infer", rank_search_window=0.3, freeze="sequential", freeze_period=2, debug=True).
     calibration: a few input batches (tensors, (x, y) tuples or dicts of keyword inputs): factors are
     then fitted to each layer's output error on them, and BatchNorm statistics re-estimated.
     """
@@ -284,6 +285,9 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
     if config is not None and not isinstance(config, Config):
         raise ConfigError(f"config must be an lrd_fx.Config, got {type(config).__name__}")
     cfg = (config or Config()).replace(**overrides)
+    if isinstance(calibration, Calibration):
+        raise ConfigError("calibration= takes the calibration batches; give the options as calibrate="
+                          "lrd_fx.Calibration(...) (or calibration_mode=, calibration_damping=, recalibrate_bn=)")
     inputs = _as_tuple(example_inputs)
     if cfg.rank_search is not None and inputs is None:
         raise ConfigError("rank_search needs example_inputs: the layers are timed at their real input shapes")

@@ -1,11 +1,22 @@
-"""Config: every compile option in one dataclass; overrides are validated by name."""
+"""Config: every compile option, grouped as the workflow is (rank rule, RankSearch, Timing, Freeze, Calibration).
+
+Sub-configs are small frozen dataclasses validated when built (torchao's quantize_(model, config) style):
+
+    lrd_fx.compile(model, x, config=Config(ratio=0.25, rank_search=RankSearch(mode="train", window=0.3),
+                                          freeze=Freeze("sequential", period=2)))
+
+The flat keywords stay as shorthand wherever options are given (Config(...), Config.replace, compile, the
+CLI): rank_search="infer" builds RankSearch(mode="infer"), freeze="sequential" builds Freeze(schedule=...),
+and rank_search_window=0.3, freeze_period=2, amp="bf16", calibration_mode="oneshot", ... set that field of
+their sub-config (SHORTHAND lists them). The Config itself only holds the grouped fields.
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch.nn as nn
@@ -15,7 +26,144 @@ from .errors import ConfigError
 RankSpec = Union[None, int, str, dict]
 
 
-@dataclass
+@dataclass(frozen=True)
+class RankSearch:
+    """The on-device rank search (search_ranks pass). Shorthand: rank_search="infer", rank_search_<field>=."""
+    mode: str = "infer"                    # "infer" (time forward) or "train" (forward + backward)
+    window: float = 0.25                   # candidates within +-window of the estimate
+    margin: float = 0.03                   # revert unless the chain beats the original by this much
+    prefer: str = "speed"                  # "speed" or "accuracy" (choice among ties)
+    objective: str = "time"                # "time" or "time+error" (picks the cost model when none is named)
+    error_weight: float = 1.0              # weight of the reconstruction error in "time+error"
+    budget_s: Optional[float] = None       # stop measuring after this many seconds
+    param_budget: Optional[float] = None   # whole-model plan: total factor params <= this fraction (rank_budget=)
+    cost_model: Any = None                 # a name registered with lrd_fx.cost.register_cost_model, or a callable
+
+    def __post_init__(self) -> None:
+        _plain_ints(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; ConfigError names the field (and its shorthand). Never mutates."""
+        with _context("RankSearch"):
+            _choice("rank_search", self.mode, ("infer", "train"))
+            _real("rank_search_window", self.window, 0, 1, "e.g. rank_search_window=0.25 (+-25%)")
+            _real("rank_search_margin", self.margin, 0, 1, "e.g. rank_search_margin=0.03 (3% faster)", hi_open=True)
+            _choice("rank_search_prefer", self.prefer, ("speed", "accuracy"))
+            _choice("rank_search_objective", self.objective, ("time", "time+error"))
+            _real("rank_search_error_weight", self.error_weight, 0, math.inf, "e.g. rank_search_error_weight=1.0")
+            if self.budget_s is not None:
+                _real("rank_search_budget_s", self.budget_s, 0, math.inf,
+                      "seconds, e.g. rank_search_budget_s=60 (None: no limit)", lo_open=True)
+            if self.param_budget is not None:
+                _real("rank_budget", self.param_budget, 0, 1, "a fraction of the factorized layers' params, e.g. "
+                      "rank_budget=0.25 (None: per-layer ranks)", lo_open=True)
+            cm = self.cost_model
+            if isinstance(cm, str):
+                from .cost.model import COST_MODELS   # ConfigError listing the registered cost models
+                COST_MODELS.get(cm)
+            elif not (cm is None or callable(cm)):
+                raise ConfigError(f"rank_search_cost_model={cm!r} must be None (the objective's model), a name "
+                                  f"registered with lrd_fx.cost.register_cost_model, or a callable")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How layers and models are timed on the device, by the rank search and the whole-model check."""
+    amp: Optional[str] = None              # "bf16"/"fp16": time under autocast; "off": never; None: the autocast active at compile()
+    exec: str = "auto"                     # "eager", "cuda_graph", "compile"; "auto": cuda_graph on CUDA, eager elsewhere (rank_search_exec=)
+    repeats: int = 7                       # timed repeats per candidate, median taken (rank_search_repeats=)
+    cache: Union[bool, str, None] = True   # timing cache: True (default path), False/None (off), or a path
+
+    def __post_init__(self) -> None:
+        _plain_ints(self)
+        self.validate()
+
+    def validate(self) -> None:
+        with _context("Timing"):
+            _choice("amp", self.amp, (None, "bf16", "fp16", "off"))
+            _choice("rank_search_exec", self.exec, ("auto", "eager", "cuda_graph", "compile"))
+            _int("rank_search_repeats", self.repeats, 1, "e.g. rank_search_repeats=7")
+            c = self.cache
+            if not (c is None or isinstance(c, bool) or _is_path(c)):
+                raise ConfigError(f"cache={c!r} must be True (default file), False (no cache) or a file path, "
+                                  f"e.g. cache='~/.cache/lrd_fx/timings.sqlite'")
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """Sequential-freezing gates (freeze pass). Shorthand: freeze="sequential", freeze_period=, freeze_group=."""
+    schedule: Any = "sequential"           # a registered name ("sequential", "static", ...), a Schedule, or callable(epoch, layer, role)
+    period: int = 1                        # epochs per schedule phase ("sequential")
+    group: str = "core"                    # group always frozen by "static": "core"/"outer"/"first"/"last"
+
+    def __post_init__(self) -> None:
+        _plain_ints(self)
+        self.validate()
+
+    def validate(self) -> None:
+        with _context("Freeze"):
+            if not callable(self.schedule):
+                from .freezing import Schedule, schedule_names   # registered names (register_schedule)
+                if not isinstance(self.schedule, Schedule) and not (
+                        isinstance(self.schedule, str) and self.schedule in schedule_names()):
+                    raise ConfigError(
+                        f"freeze={self.schedule!r} must be None, a registered schedule name {schedule_names()}, "
+                        f"a Schedule or a callable (epoch, layer_name, role) -> trainable")
+            _int("freeze_period", self.period, 1, "epochs per phase, e.g. freeze_period=1")
+            _choice("freeze_group", self.group, ("core", "outer", "first", "last"))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Data-aware factorization, used when compile(..., calibration=batches) is given (calibrate pass)."""
+    mode: str = "sequential"               # "sequential" (layer by layer, compressed inputs) or "oneshot"
+    damping: float = 0.01                  # ridge towards the weights, x mean input energy per feature
+    recalibrate_bn: bool = True            # re-estimate BatchNorm statistics on the calibration batches
+
+    def __post_init__(self) -> None:
+        _plain_ints(self)
+        self.validate()
+
+    def validate(self) -> None:
+        with _context("Calibration"):
+            _choice("calibration_mode", self.mode, ("sequential", "oneshot"))
+            _real("calibration_damping", self.damping, 0, math.inf,
+                  "e.g. calibration_damping=0.01 (larger: closer to plain SVD, for few calibration samples)",
+                  lo_open=True)
+            _bool("recalibrate_bn", self.recalibrate_bn)
+
+
+# Flat keyword -> (Config field of its sub-config, field of the sub-config). Accepted by Config(...),
+# Config.replace and compile(); the two toggles rank_search="infer" / freeze="sequential" are the fields
+# themselves, given a mode or schedule instead of a sub-config.
+SHORTHAND: dict[str, tuple[str, str]] = {
+    "rank_search_window": ("rank_search", "window"),
+    "rank_search_margin": ("rank_search", "margin"),
+    "rank_search_prefer": ("rank_search", "prefer"),
+    "rank_search_objective": ("rank_search", "objective"),
+    "rank_search_error_weight": ("rank_search", "error_weight"),
+    "rank_search_budget_s": ("rank_search", "budget_s"),
+    "rank_budget": ("rank_search", "param_budget"),
+    "rank_search_cost_model": ("rank_search", "cost_model"),
+    "amp": ("timing", "amp"),
+    "rank_search_exec": ("timing", "exec"),
+    "rank_search_repeats": ("timing", "repeats"),
+    "cache": ("timing", "cache"),
+    "freeze_period": ("freeze", "period"),
+    "freeze_group": ("freeze", "group"),
+    "calibration_mode": ("calibrate", "mode"),
+    "calibration_damping": ("calibrate", "damping"),
+    "recalibrate_bn": ("calibrate", "recalibrate_bn"),
+}
+# Sub-config fields, their class and, for the two optional stages, the field a plain value sets.
+_GROUPS: dict[str, tuple[type, Optional[str]]] = {
+    "rank_search": (RankSearch, "mode"), "freeze": (Freeze, "schedule"),
+    "timing": (Timing, None), "calibrate": (Calibration, None),
+}
+
+
+@dataclass(init=False)
 class Config:
     # --- rank rule (decompose) -------------------------------------------------------------
     ratio: Optional[float] = None          # fraction of a layer's weights kept; None: 0.25 (one rule: see validate)
@@ -27,43 +175,32 @@ class Config:
     filter_fn: Optional[Callable[[str, Any], bool]] = None   # (name, module) -> factorize?
     decompose_linear: bool = True          # factorize nn.Linear layers
     decompose_conv: bool = True            # factorize nn.Conv1d/2d/3d layers
+    align: Union[int, str, None] = "auto"  # rank alignment of estimate + candidates; "auto": 8 on CUDA half precision, else 1
 
     # --- tracing ----------------------------------------------------------------------------
     leaf_modules: tuple = ()               # extra module classes (or qualified names) kept as leaves
     fallback: bool = True                  # trace children separately when the whole model fails
 
-    # --- rank search (cost model) -----------------------------------------------------------
-    rank_search: Optional[str] = None      # None, "infer" (time forward) or "train" (fwd+bwd)
-    rank_search_window: float = 0.25       # candidates within +-window of the estimate
-    rank_search_margin: float = 0.03       # revert unless the chain beats the original by this much
-    rank_search_prefer: str = "speed"      # "speed" or "accuracy" (choice among ties)
-    rank_search_objective: str = "time"    # "time" or "time+error"
-    rank_search_error_weight: float = 1.0  # weight of the reconstruction error in "time+error"
-    rank_search_budget_s: Optional[float] = None   # stop measuring after this many seconds
-    rank_budget: Optional[float] = None    # whole-model mode: total factor params <= this fraction
-    rank_search_repeats: int = 7           # timed repeats per candidate (median taken)
-    amp: Optional[str] = None              # "bf16"/"fp16": time under autocast; "off": never; None: the autocast active at compile()
-    align: Union[int, str, None] = "auto"  # rank alignment of estimate + candidates; "auto": 8 on CUDA half precision, else 1
-    rank_search_exec: str = "auto"         # "eager", "cuda_graph", "compile"; "auto": cuda_graph on CUDA, eager elsewhere
+    # --- stages after decompose (None: the stage is off) --------------------------------------
+    rank_search: Optional[RankSearch] = None   # on-device rank search; shorthand rank_search="infer"/"train"
+    timing: Timing = field(default_factory=Timing)   # how the search and the whole-model check time things
     whole_model_check: Optional[bool] = None   # time the whole compiled model vs the original; None: when rank_search is on
-    cache: Union[bool, str] = True         # timing cache: True (default path), False, or a path
-    progress: bool = True                  # tqdm progress bar during the search
-
-    # --- freezing ---------------------------------------------------------------------------
-    freeze: Optional[Any] = None           # None, "sequential", "static", or callable(epoch, layer, role)
-    freeze_period: int = 1                 # epochs per schedule phase ("sequential")
-    freeze_group: str = "core"             # group always frozen by "static": "core"/"outer"/"first"/"last"
+    freeze: Optional[Freeze] = None        # freezing gates; shorthand freeze="sequential"/"static"/Schedule/callable
     fuse_inference: bool = False           # eval-only model: fold BatchNorm, merge adjacent linear maps, drop no-ops
-
-    # --- calibration (compile(..., calibration=batches)) ------------------------------------
-    calibration_mode: str = "sequential"   # "sequential" (layer by layer, compressed inputs) or "oneshot"
-    calibration_damping: float = 0.01      # ridge towards the weights, x mean input energy per feature
-    recalibrate_bn: bool = True            # re-estimate BatchNorm statistics on the calibration batches
+    calibrate: Calibration = field(default_factory=Calibration)   # options of compile(..., calibration=batches)
 
     # --- debugging ---------------------------------------------------------------------------
+    progress: bool = True                  # tqdm progress bars (factorization, calibration, search)
     debug: bool = False                    # print the graph after every pass
     dump_dir: Optional[str] = None         # write each stage's code into this directory
     check_inputs: bool = True              # run example_inputs through the model before compiling
+
+    def __init__(self, **options) -> None:
+        """Config(field=..., shorthand=...): every field of the dataclass plus the SHORTHAND keywords."""
+        kw = _fold(None, options)
+        for f in dataclasses.fields(Config):
+            setattr(self, f.name, kw[f.name] if f.name in kw else _default(f.name))
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         # Normalise the shorthand forms first (validate() itself never changes a field), then check
@@ -90,19 +227,21 @@ class Config:
             self.rank = {k: _plain_rank(v) for k, v in self.rank.items()}
         self.validate()
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """Every keyword Config(...), Config.replace and compile() accept: the fields and the shorthand."""
+        return sorted({f.name for f in dataclasses.fields(cls)} | set(SHORTHAND))
+
     @property
     def ratio_given(self) -> bool:
         """True when ratio was set explicitly (not the default 0.25)."""
         return type(self.ratio) is not _DefaultRatio
 
     def replace(self, **overrides) -> "Config":
-        """A copy with overrides applied; unknown names raise ConfigError."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) {unknown}; valid options are: {', '.join(sorted(names))}")
-        return dataclasses.replace(self, **overrides)   # __post_init__ normalises and validates
+        """A copy with overrides applied (fields or shorthand, applied on top of this config's sub-configs:
+        replace(rank_search_window=0.3) keeps the other RankSearch fields); unknown names raise ConfigError."""
+        kw = _fold(self, overrides)
+        return Config(**{**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **kw})
 
     def validate(self) -> None:
         """Check every option's type and range; ConfigError says what to pass instead. Never mutates."""
@@ -116,53 +255,28 @@ class Config:
         for name in ("decompose_linear", "decompose_conv", "fallback", "progress", "debug", "check_inputs",
                      "fuse_inference"):
             _bool(name, getattr(self, name))
-        if self.fuse_inference and self.freeze is not None:
-            raise ConfigError("fuse_inference=True gives an inference-only model, freeze= is for training: pass "
-                              "one of them (train with freeze=..., then lrd_fx.fuse(model) for inference)")
         _names("leaf_modules", self.leaf_modules, (str, type),
                "module classes or qualified names, e.g. leaf_modules=(MyBlock, 'encoder.attn')")
         bad = [x for x in self.leaf_modules if isinstance(x, type) and not issubclass(x, nn.Module)]
         if bad:
             raise ConfigError(f"leaf_modules: {bad[0]!r} is not an nn.Module subclass; list module classes "
                               f"(e.g. leaf_modules=(MyBlock,)) or qualified names")
-        _choice("rank_search", self.rank_search, (None, "infer", "train"))
-        _real("rank_search_window", self.rank_search_window, 0, 1, "e.g. rank_search_window=0.25 (+-25%)")
-        _real("rank_search_margin", self.rank_search_margin, 0, 1, "e.g. rank_search_margin=0.03 (3% faster)",
-              hi_open=True)
-        _choice("rank_search_prefer", self.rank_search_prefer, ("speed", "accuracy"))
-        _choice("rank_search_objective", self.rank_search_objective, ("time", "time+error"))
-        _real("rank_search_error_weight", self.rank_search_error_weight, 0, math.inf,
-              "e.g. rank_search_error_weight=1.0")
-        if self.rank_search_budget_s is not None:
-            _real("rank_search_budget_s", self.rank_search_budget_s, 0, math.inf,
-                  "seconds, e.g. rank_search_budget_s=60 (None: no limit)", lo_open=True)
-        if self.rank_budget is not None:
-            _real("rank_budget", self.rank_budget, 0, 1, "a fraction of the factorized layers' params, e.g. "
-                  "rank_budget=0.25 (None: per-layer ranks)", lo_open=True)
-        _int("rank_search_repeats", self.rank_search_repeats, 1, "e.g. rank_search_repeats=7")
-        _choice("amp", self.amp, (None, "bf16", "fp16", "off"))
         if not (self.align in (None, "auto") or (isinstance(self.align, numbers.Integral)
                                                   and not isinstance(self.align, bool) and self.align >= 1)):
             raise ConfigError(f"align={self.align!r} must be 'auto', None (no alignment) or an int >= 1, e.g. align=8")
-        _choice("rank_search_exec", self.rank_search_exec, ("auto", "eager", "cuda_graph", "compile"))
+        for name, (cls, toggle) in _GROUPS.items():
+            v = getattr(self, name)
+            if v is None and toggle is not None:
+                continue
+            if not isinstance(v, cls):
+                off = " None (off)," if toggle else ""
+                short = f" (or the shorthand {name}=<{toggle}>)" if toggle else ""
+                raise ConfigError(f"{name}={v!r} must be{off} an lrd_fx.{cls.__name__}{short}")
+            v.validate()
         _choice("whole_model_check", self.whole_model_check, (None, True, False))
-        c = self.cache
-        if not (c is None or isinstance(c, bool) or _is_path(c)):
-            raise ConfigError(f"cache={c!r} must be True (default file), False (no cache) or a file path, "
-                              f"e.g. cache='~/.cache/lrd_fx/timings.sqlite'")
-        if self.freeze is not None and not callable(self.freeze):
-            from .freezing import Schedule, schedule_names   # registered names (register_schedule)
-            if not isinstance(self.freeze, Schedule) and self.freeze not in schedule_names():
-                raise ConfigError(
-                    f"freeze={self.freeze!r} must be None, a registered schedule name {schedule_names()}, a "
-                    f"Schedule or a callable (epoch, layer_name, role) -> trainable")
-        _int("freeze_period", self.freeze_period, 1, "epochs per phase, e.g. freeze_period=1")
-        _choice("freeze_group", self.freeze_group, ("core", "outer", "first", "last"))
-        _choice("calibration_mode", self.calibration_mode, ("sequential", "oneshot"))
-        _real("calibration_damping", self.calibration_damping, 0, math.inf,
-              "e.g. calibration_damping=0.01 (larger: closer to plain SVD, for few calibration samples)",
-              lo_open=True)
-        _bool("recalibrate_bn", self.recalibrate_bn)
+        if self.fuse_inference and self.freeze is not None:
+            raise ConfigError("fuse_inference=True gives an inference-only model, freeze= is for training: pass "
+                              "one of them (train with freeze=..., then lrd_fx.fuse(model) for inference)")
         if not (self.dump_dir is None or _is_path(self.dump_dir)):
             raise ConfigError(f"dump_dir={self.dump_dir!r} must be None or a directory path, e.g. dump_dir='stages/'")
 
@@ -201,6 +315,70 @@ class Config:
             raise ConfigError(f"{' and '.join(rules)} are rank rules that exclude each other: give one "
                               f"(set the others to None; ratio=None means the default 0.25). A rank dict "
                               f"{{name: rank}} may be combined with energy= or ratio= for the other layers")
+
+
+def _fold(base: Optional[Config], options: dict) -> dict:
+    """Keywords (fields and SHORTHAND) -> field values: a plain mode/schedule given for rank_search/freeze
+    becomes its sub-config, a shorthand keyword sets its field of the sub-config, on top of the one given
+    in the same call, else `base`'s, else the default. Unknown names raise ConfigError."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(k for k in options if k not in fields and k not in SHORTHAND)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; valid options are: {', '.join(Config.option_names())}")
+    kw = {k: v for k, v in options.items() if k in fields}
+    for name, (cls, toggle) in _GROUPS.items():
+        subs = {attr: options[flat] for flat, (group, attr) in SHORTHAND.items() if group == name and flat in options}
+        if name in kw:
+            current = kw[name]
+            if toggle is not None and current is not None and not isinstance(current, cls):
+                # rank_search="train" / freeze="static": the mode or schedule of the sub-config in force
+                prev = getattr(base, name, None) if base is not None else None
+                subs = {toggle: current, **subs}
+                current = prev if isinstance(prev, cls) else None
+        else:
+            current = getattr(base, name) if base is not None else _default(name)
+        if not subs:
+            continue
+        if toggle is not None and current is None and toggle not in subs:
+            flat = ", ".join(f"{k}=" for k, (g, _) in SHORTHAND.items() if g == name and k in options)
+            example = "rank_search='infer'" if name == "rank_search" else "freeze='sequential'"
+            raise ConfigError(f"{flat} set(s) an option of {name}, which is off: turn it on in the same call "
+                              f"(e.g. {example}) or pass {name}=lrd_fx.{cls.__name__}(...)")
+        if current is None:
+            kw[name] = cls(**subs)
+        elif isinstance(current, cls):
+            kw[name] = dataclasses.replace(current, **subs)
+        else:
+            raise ConfigError(f"{name}={current!r} must be an lrd_fx.{cls.__name__} to take "
+                              f"{', '.join(sorted(subs))} on top")
+    return kw
+
+
+def _default(name: str):
+    f = next(f for f in dataclasses.fields(Config) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+class _context:
+    """Prefix ConfigErrors raised inside with the sub-config's class name ("RankSearch: ...")."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if isinstance(exc, ConfigError) and not str(exc).startswith(self.where):
+            raise type(exc)(f"{self.where}: {exc}") from None
+        return False
+
+
+def _plain_ints(obj) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if _np_int(v):
+            object.__setattr__(obj, f.name, int(v))   # frozen: numpy ints become ints once, at construction
 
 
 class _DefaultRatio(float):

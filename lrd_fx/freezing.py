@@ -1,13 +1,13 @@
 """Sequential freezing: the grad_gate op, freezing schedules (registry) and the FreezeController."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import Config, Freeze
 from .errors import FreezeError
 from .layers import ROLE_CORE, ROLE_LAST
 from .registry import Registry
@@ -173,35 +173,44 @@ class CallableSchedule(Schedule):
 
 _SCHEDULES: Registry[Callable[[Any], Schedule]] = Registry(
     "schedule", error=FreezeError,
-    hint="register one with @lrd_fx.register_schedule('name') on a factory (config) -> Schedule, "
+    hint="register one with @lrd_fx.register_schedule('name') on a factory (options: lrd_fx.Freeze) -> Schedule, "
          "or pass a callable (epoch, layer_name, role) -> trainable")
 
 
 def register_schedule(name: Optional[str] = None, factory=None):
-    """Register a schedule factory `(config) -> Schedule` under `name` (decorator, or a call with factory)."""
+    """Register a schedule factory `(options: lrd_fx.Freeze) -> Schedule` under `name` (decorator, or a call
+    with factory); the factory reads options.period / options.group as it needs."""
     return _SCHEDULES.register(name) if factory is None else _SCHEDULES.register(name, factory)
 
 
 @register_schedule("sequential")
-def _sequential(config) -> Schedule:
-    return SequentialSchedule(getattr(config, "freeze_period", 1))
+def _sequential(options) -> Schedule:
+    return SequentialSchedule(options.period)
 
 
 @register_schedule("static")
-def _static(config) -> Schedule:
-    return StaticSchedule(getattr(config, "freeze_group", "core"))
+def _static(options) -> Schedule:
+    return StaticSchedule(options.group)
 
 
 def schedule_names() -> list[str]:
     return _SCHEDULES.names()
 
 
+def _options(options) -> Freeze:
+    """The period/group a named schedule is built with: a Freeze, a Config's freeze (or the defaults)."""
+    if isinstance(options, Config):
+        options = options.freeze
+    return options if options is not None else Freeze()
+
+
 def make_schedule(spec, config=None) -> Schedule:
-    """A Schedule from a registered name, a Schedule instance or a callable (epoch, layer, role)."""
+    """A Schedule from a registered name (built with `config`: an lrd_fx.Freeze or a Config), a Schedule
+    instance or a callable (epoch, layer, role)."""
     if isinstance(spec, Schedule):
         return spec
     if isinstance(spec, str):
-        return _SCHEDULES.get(spec)(config)   # FreezeError naming the known schedules
+        return _SCHEDULES.get(spec)(_options(config))   # FreezeError naming the known schedules
     if callable(spec):
         return CallableSchedule(spec)
     raise FreezeError(f"freeze={spec!r} must be a schedule name {schedule_names()}, a Schedule, or a "
@@ -264,10 +273,10 @@ class FreezeController(nn.Module):
         the last "static" one (set_schedule("sequential") after period 3 keeps period 3)."""
         # The controller does not keep the Config, so the options are read off the schedules it ran.
         opts = dict(getattr(self, "_schedule_options", {}))
-        for attr, option in (("period", "freeze_period"), ("group", "freeze_group")):
+        for attr in ("period", "group"):     # Freeze's fields, as the built-in schedules name them
             if hasattr(self.schedule, attr):
-                opts[option] = getattr(self.schedule, attr)
-        new = make_schedule(schedule, SimpleNamespace(**opts))
+                opts[attr] = getattr(self.schedule, attr)
+        new = make_schedule(schedule, Freeze(**opts))
         old, old_states = self.schedule, self._states
         self.schedule, self._states = new, {}
         try:

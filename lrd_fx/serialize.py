@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import api
-from .config import Config
+from .config import Config, Freeze
 from .context import CompileContext
 from .errors import LoadError, LRDError, SaveError
 from .plan import DECOMPOSED, REVERTED, SEARCHED, SKIPPED, LayerRecord
@@ -151,18 +151,19 @@ def _freeze_spec(gm: nn.Module, cfg: Config) -> Optional[dict]:
     if freezer is None:
         return None
     sched = freezer.schedule
+    opts = cfg.freeze or Freeze()   # the header keeps the flat keys of format 2 (freeze_period, freeze_group)
     if type(sched) is SequentialSchedule:
-        return {"schedule": "sequential", "freeze_period": sched.period, "freeze_group": cfg.freeze_group}
+        return {"schedule": "sequential", "freeze_period": sched.period, "freeze_group": opts.group}
     if type(sched) is StaticSchedule:
-        return {"schedule": "static", "freeze_period": cfg.freeze_period, "freeze_group": sched.group}
-    name = cfg.freeze if isinstance(cfg.freeze, str) else getattr(sched, "name", None)
+        return {"schedule": "static", "freeze_period": opts.period, "freeze_group": sched.group}
+    name = opts.schedule if isinstance(opts.schedule, str) else getattr(sched, "name", None)
     if isinstance(name, str) and name in schedule_names() and not isinstance(sched, CallableSchedule):
         try:
-            same = type(make_schedule(name, cfg)) is type(sched)
+            same = type(make_schedule(name, opts)) is type(sched)
         except Exception:
             same = False
         if same:
-            return {"schedule": name, "freeze_period": cfg.freeze_period, "freeze_group": cfg.freeze_group}
+            return {"schedule": name, "freeze_period": opts.period, "freeze_group": opts.group}
     raise SaveError(
         f"cannot save the freezing schedule {sched.describe()!r}: a {type(sched).__name__} is code, and an "
         f"lrd_fx file holds none. Register it by name (@lrd_fx.register_schedule('my_schedule') on a "
@@ -265,7 +266,7 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
 
 
 def _check_overrides(overrides: dict) -> None:
-    fields = {f.name for f in dataclasses.fields(Config)}
+    fields = set(Config.option_names())
     for name in overrides:
         if name in LOAD_OPTIONS:
             continue
@@ -540,7 +541,7 @@ def _freeze_options(spec, gated: bool, overrides: dict, where: str) -> dict:
                 raise LoadError(f"{k}= applies to a freezing schedule, but this load has none ('{where}' has no "
                                 f"gates and no freeze= was given); pass freeze='sequential' (or 'static') too")
             out[k] = overrides[k]
-        elif k in saved:
+        elif k in saved and out["freeze"] is not None:
             out[k] = saved[k]
     return out
 

@@ -37,19 +37,25 @@ BAD = [
     dict(debug=1), dict(check_inputs=None),
     dict(leaf_modules=5), dict(leaf_modules=(int,)), dict(leaf_modules=("a", 3)),
     dict(rank_search="fast"), dict(rank_search=True),
-    dict(rank_search_window=NAN), dict(rank_search_window=-0.1), dict(rank_search_window=1.5),
-    dict(rank_search_window="0.2"),
-    dict(rank_search_margin=-5), dict(rank_search_margin=NAN), dict(rank_search_margin=1.0),
-    dict(rank_search_prefer="size"), dict(rank_search_objective="error"),
-    dict(rank_search_error_weight=-1.0), dict(rank_search_error_weight=NAN), dict(rank_search_error_weight=math.inf),
-    dict(rank_search_budget_s=0), dict(rank_search_budget_s=-1.0), dict(rank_search_budget_s=NAN),
-    dict(rank_search_budget_s="60"),
-    dict(rank_budget=0.0), dict(rank_budget=2.0), dict(rank_budget=NAN),
+    *[dict(kw, rank_search="infer") for kw in [   # options of the search: given with the search on
+        dict(rank_search_window=NAN), dict(rank_search_window=-0.1), dict(rank_search_window=1.5),
+        dict(rank_search_window="0.2"),
+        dict(rank_search_margin=-5), dict(rank_search_margin=NAN), dict(rank_search_margin=1.0),
+        dict(rank_search_prefer="size"), dict(rank_search_objective="error"),
+        dict(rank_search_error_weight=-1.0), dict(rank_search_error_weight=NAN),
+        dict(rank_search_error_weight=math.inf),
+        dict(rank_search_budget_s=0), dict(rank_search_budget_s=-1.0), dict(rank_search_budget_s=NAN),
+        dict(rank_search_budget_s="60"),
+        dict(rank_budget=0.0), dict(rank_budget=2.0), dict(rank_budget=NAN),
+        dict(rank_search_cost_model="no_such_model"), dict(rank_search_cost_model=5)]],
+    dict(amp="fp8"), dict(rank_search_exec="jit"),
+    dict(calibration_mode="greedy"), dict(calibration_damping=0), dict(recalibrate_bn="yes"),
+    dict(whole_model_check=1), dict(align=0), dict(align=True),
     dict(rank_search_repeats=0), dict(rank_search_repeats=3.0), dict(rank_search_repeats=True),
     dict(cache=123), dict(cache=""), dict(cache=1.0),
     dict(freeze="sometimes"), dict(freeze=3),
-    dict(freeze_period=0), dict(freeze_period=1.5), dict(freeze_period=True),
-    dict(freeze_group="middle"),
+    dict(freeze_period=0, freeze="sequential"), dict(freeze_period=1.5, freeze="sequential"),
+    dict(freeze_period=True, freeze="sequential"), dict(freeze_group="middle", freeze="static"),
     dict(dump_dir=5), dict(dump_dir=""), dict(dump_dir=True),
 ]
 
@@ -64,7 +70,8 @@ def test_bad_option_is_a_config_error_naming_it(kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [dict(energy="0.9"), dict(leaf_modules=5), dict(dump_dir=5), dict(skip=5),
-                                    dict(filter_fn="abc"), dict(cache=123), dict(rank_search_margin=-5),
+                                    dict(filter_fn="abc"), dict(cache=123),
+                                    dict(rank_search_margin=-5, rank_search="infer"),
                                     dict(rank_search_repeats=0), dict(debug=1)])
 def test_compile_rejects_bad_options_before_touching_the_model(kwargs):
     model = small_model()
@@ -75,7 +82,7 @@ def test_compile_rejects_bad_options_before_touching_the_model(kwargs):
 
 
 def test_messages_say_what_to_pass():
-    for kwargs, fix in [(dict(rank_search_margin=-5), "rank_search_margin=0.03"),
+    for kwargs, fix in [(dict(rank_search_margin=-5, rank_search="infer"), "rank_search_margin=0.03"),
                         (dict(energy="0.9"), "energy=0.9"), (dict(skip=5), "skip=('fc'"),
                         (dict(cache=123), "False (no cache)"), (dict(debug=1), "True or False"),
                         (dict(rank_search_repeats=0), "rank_search_repeats=7")]:
@@ -98,8 +105,11 @@ def test_every_option_is_type_checked(field):
     dict(ratio=np.float64(0.5)), dict(ratio=1), dict(energy=1), dict(rank=np.int64(4)),
     dict(cache=False), dict(cache=None), dict(cache="t.sqlite"), dict(cache=Path("t.sqlite")),
     dict(dump_dir=Path("stages")), dict(leaf_modules=[nn.ReLU, "body.inner"]), dict(skip=["a", "b.*"]),
-    dict(rank_search_window=0), dict(rank_search_margin=0), dict(rank_search_error_weight=0),
-    dict(rank_search_budget_s=0.5), dict(rank_search_repeats=1), dict(filter_fn=lambda n, m: True),
+    dict(rank_search="train", rank_search_window=0, rank_search_margin=0, rank_search_error_weight=0,
+         rank_search_budget_s=0.5, rank_budget=1, rank_search_cost_model="staircase"),
+    dict(rank_search_repeats=1, amp="bf16", rank_search_exec="eager"), dict(filter_fn=lambda n, m: True),
+    dict(rank_search=lrd_fx.RankSearch(cost_model=lambda curve, **kw: None)),
+    dict(calibration_mode="oneshot", calibration_damping=1e-6, recalibrate_bn=False),
     dict(freeze="sequential", freeze_period=3), dict(freeze=lambda epoch, layer, role: True),
     dict(rank={"a": 4, "b.*": (2, 3), "c": [2, 3]}),
 ])
@@ -225,3 +235,139 @@ def test_empty_batch_without_a_search_still_compiles():
     gm = lrd_fx.compile(model, (torch.randn(0, 16, 4, 4),), rank="full", min_channels=1, progress=False)
     x = torch.randn(3, 16, 4, 4)
     torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+# --- grouped options: RankSearch, Timing, Freeze, Calibration; the flat keywords as shorthand ----------
+
+from lrd_fx import Calibration, Freeze, RankSearch, Timing  # noqa: E402
+from lrd_fx.config import SHORTHAND  # noqa: E402
+
+
+def test_shorthand_builds_the_same_config_as_the_sub_configs():
+    flat = Config(rank_search="train", rank_search_window=0.3, rank_search_margin=0.05, rank_budget=0.5,
+                  amp="off", rank_search_repeats=3, cache=False, freeze="static", freeze_group="outer",
+                  freeze_period=2, calibration_mode="oneshot", calibration_damping=0.1, recalibrate_bn=False)
+    grouped = Config(rank_search=RankSearch(mode="train", window=0.3, margin=0.05, param_budget=0.5),
+                     timing=Timing(amp="off", repeats=3, cache=False),
+                     freeze=Freeze("static", period=2, group="outer"),
+                     calibrate=Calibration(mode="oneshot", damping=0.1, recalibrate_bn=False))
+    assert flat == grouped
+    assert flat.rank_search.window == 0.3 and flat.freeze.group == "outer" and flat.timing.repeats == 3
+    # the Config holds the grouped fields only: no flat field is left
+    names = {f.name for f in dataclasses.fields(Config)}
+    assert not names & set(SHORTHAND) and {"rank_search", "timing", "freeze", "calibrate"} <= names
+    assert set(SHORTHAND) <= set(Config.option_names())
+
+
+def test_defaults_and_toggles():
+    cfg = Config()
+    assert cfg.rank_search is None and cfg.freeze is None           # stages off
+    assert cfg.timing == Timing() and cfg.calibrate == Calibration()
+    assert Config(rank_search="infer").rank_search == RankSearch()  # mode "infer", default options
+    assert Config(freeze="sequential").freeze == Freeze()
+    fn = lambda epoch, layer, role: True  # noqa: E731
+    assert Config(freeze=fn).freeze.schedule is fn
+
+
+def test_replace_applies_shorthand_on_top_of_the_sub_config_in_force():
+    cfg = Config(rank_search=RankSearch(window=0.3, prefer="accuracy"), freeze=Freeze(period=3))
+    a = cfg.replace(rank_search_margin=0.1)
+    assert (a.rank_search.window, a.rank_search.margin, a.rank_search.prefer) == (0.3, 0.1, "accuracy")
+    b = cfg.replace(rank_search="train", freeze="static")       # a new mode / schedule keeps the options
+    assert b.rank_search == RankSearch(mode="train", window=0.3, prefer="accuracy")
+    assert b.freeze == Freeze("static", period=3)
+    assert cfg.replace(rank_search=None).rank_search is None       # None turns the stage off
+    assert cfg.rank_search.margin == 0.03 and cfg.freeze.schedule == "sequential"   # cfg itself unchanged
+    c = cfg.replace(rank_search=RankSearch(mode="train"), rank_search_window=0.1)    # shorthand on the given one
+    assert c.rank_search == RankSearch(mode="train", window=0.1)
+
+
+@pytest.mark.parametrize("kwargs", [dict(rank_search_window=0.3), dict(rank_budget=0.5),
+                                    dict(freeze_period=2), dict(freeze_group="outer")])
+def test_options_of_a_stage_that_is_off_are_an_error(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ConfigError, match=f"{name}=.*off"):
+        Config(**kwargs)
+    with pytest.raises(ConfigError, match=f"{name}=.*off"):
+        Config(rank_search="infer", freeze="sequential").replace(rank_search=None, freeze=None, **kwargs)
+
+
+@pytest.mark.parametrize("flat", sorted(SHORTHAND))
+def test_every_shorthand_is_type_checked_and_named(flat):
+    on = {"rank_search": dict(rank_search="infer"), "freeze": dict(freeze="sequential")}.get(SHORTHAND[flat][0], {})
+    with pytest.raises(ConfigError, match=flat):
+        Config(**{flat: _Foreign()}, **on)
+
+
+def test_sub_configs_are_frozen_and_validated_when_built():
+    rs = RankSearch(window=0.3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rs.window = 0.5
+    for bad, name in [(lambda: RankSearch(window=2), "RankSearch: rank_search_window"),
+                      (lambda: RankSearch(mode="fast"), "RankSearch: rank_search="),
+                      (lambda: Timing(repeats=0), "Timing: rank_search_repeats"),
+                      (lambda: Freeze("zigzag"), "Freeze: freeze='zigzag'.*sequential"),
+                      (lambda: Freeze(period=0), "Freeze: freeze_period"),
+                      (lambda: Calibration(damping=-1), "Calibration: calibration_damping")]:
+        with pytest.raises(ConfigError, match=name):
+            bad()
+    assert type(RankSearch(budget_s=np.int64(5)).budget_s) is int     # numpy ints become ints
+    assert type(Freeze(period=np.int64(2)).period) is int
+
+
+def test_unknown_names_and_wrong_sub_config_types():
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['rank_search_windw'\].*rank_search_window"):
+        Config(rank_search_windw=0.3)
+    with pytest.raises(ConfigError, match="unknown option"):
+        Config().replace(freeze_periods=2)
+    with pytest.raises(ConfigError, match="timing=.*lrd_fx.Timing"):
+        Config(timing=Freeze())
+    with pytest.raises(ConfigError, match="calibration= takes the calibration batches.*calibrate="):
+        lrd_fx.compile(small_model(), (X,), calibration=Calibration())
+
+
+def test_validate_reports_a_sub_config_assigned_later_without_changing_it():
+    cfg = Config(rank_search="infer")
+    before = dataclasses.astuple(cfg)
+    cfg.validate()
+    assert dataclasses.astuple(cfg) == before
+    cfg.rank_search = "train"                     # a plain mode assigned after construction is not converted
+    with pytest.raises(ConfigError, match="rank_search='train' must be None.*RankSearch"):
+        cfg.validate()
+    assert cfg.rank_search == "train"
+
+
+def test_compile_takes_the_shorthand_and_config_objects():
+    model = small_model()
+    with use_cost_fn(lambda module, shape, mode: 1.0):
+        gm = lrd_fx.compile(model, (X,), rank=4, rank_search="infer", rank_search_window=0.1, freeze="sequential",
+                            freeze_period=2, progress=False, whole_model_check=False)
+        gm2 = lrd_fx.compile(model, (X,), config=Config(rank=4, rank_search=RankSearch(window=0.1),
+                                                        freeze=Freeze(period=2)),
+                             progress=False, whole_model_check=False)
+    for g in (gm, gm2):
+        assert g.lrd.config.rank_search == RankSearch(window=0.1) and g.lrd.config.freeze == Freeze(period=2)
+        assert g.lrd.freezer.schedule.period == 2
+    assert gm.lrd.plan == gm2.lrd.plan
+
+
+def test_saved_header_holds_the_sub_configs_as_json(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    model = small_model()
+    with use_cost_fn(lambda module, shape, mode: 1.0):
+        gm = lrd_fx.compile(model, (X,), rank=4, rank_search="infer", rank_search_window=0.1, progress=False,
+                            rank_search_cost_model=lambda curve, **kw: __import__("lrd_fx").cost.model.choose(
+                                curve, **kw), whole_model_check=False, freeze="static", freeze_group="outer")
+    lrd_fx.save(gm, tmp_path / "m.lrd")
+    with safe_open(str(tmp_path / "m.lrd"), "pt") as f:
+        header = json.loads(f.metadata()["lrd_fx"])
+    cfg = header["config"]
+    assert cfg["rank_search"]["window"] == 0.1 and cfg["rank_search"]["mode"] == "infer"
+    assert cfg["timing"]["repeats"] == 7 and cfg["calibrate"]["mode"] == "sequential"
+    assert "rank_search.cost_model" in header["config_not_saved"]     # a function is not written
+    assert header["freeze"] == {"schedule": "static", "freeze_period": 1, "freeze_group": "outer"}
+    gm2 = lrd_fx.load(model, tmp_path / "m.lrd")
+    assert gm2.lrd.config.freeze == Freeze("static", group="outer")
+    torch.testing.assert_close(gm2.eval()(X), gm.eval()(X))

@@ -106,7 +106,7 @@ def test_registry_and_schedule_objects():
     assert "odd_cores" in schedule_names() and {"sequential", "static"} <= set(schedule_names())
     s = make_schedule("odd_cores")
     assert not s.trainable(1, "x", "core", "tucker2") and s.trainable(2, "x", "core", "tucker2")
-    assert isinstance(make_schedule("sequential", lrd_fx.Config(freeze_period=3)), SequentialSchedule)
+    assert isinstance(make_schedule("sequential", lrd_fx.Freeze(period=3)), SequentialSchedule)
     assert isinstance(make_schedule(StaticSchedule("last")), StaticSchedule)
     with pytest.raises(FreezeError, match="not a known schedule.*sequential"):
         make_schedule("zigzag")

@@ -136,3 +136,33 @@ def test_local_classes_do_not_replace_each_other():
     finally:
         for k in [k for k, v in trace.LEAF_MODULES.items() if v in (a, b)]:
             del trace.LEAF_MODULES[k]
+
+
+def test_a_registered_cost_model_is_selected_by_name_from_compile():
+    seen = []
+
+    @lrd_fx.cost.register_cost_model("always_lowest")
+    def lowest(curve, *, estimate, full, original=None, **_):
+        seen.append((estimate, full))
+        return cm.Choice(min(curve), False, "always the lowest candidate")
+
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
+    x = torch.randn(2, 32, 5, 5)
+    fake = lambda module, shape, mode: 1.0 if isinstance(module, nn.Conv2d) else 0.5   # noqa: E731
+    try:
+        with lrd_fx.cost.use_cost_fn(fake):
+            default = lrd_fx.compile(model, (x,), rank=20, rank_search="infer", progress=False)
+            assert not seen                                       # the default model is "staircase"
+            gm = lrd_fx.compile(model, (x,), rank=20, rank_search="infer", rank_search_cost_model="always_lowest",
+                                progress=False)
+            gm2 = lrd_fx.compile(model, (x,), config=lrd_fx.Config(
+                rank=20, rank_search=lrd_fx.RankSearch(cost_model="always_lowest")), progress=False)
+        assert seen and seen[0][0] == 20
+        rec = gm.lrd.plan["0"]
+        assert rec["reason"].startswith("always the lowest") and rec["ranks"][0] == 15   # the +-25% window's low end
+        assert gm2.lrd.plan["0"]["ranks"] == rec["ranks"] != default.lrd.plan["0"]["ranks"]
+        assert gm.lrd.config.rank_search.cost_model == "always_lowest"
+    finally:
+        del cm.COST_MODELS["always_lowest"]
+    with pytest.raises(ConfigError, match=r"'always_lowest' is not a known cost model.*known: \[.*'staircase'"):
+        lrd_fx.compile(model, (x,), rank=20, rank_search="infer", rank_search_cost_model="always_lowest")

@@ -195,7 +195,7 @@ def active_amp(device) -> Optional[str]:
 
 
 def resolve_amp(option: Optional[str], active: Optional[str]) -> Optional[str]:
-    """Config.amp -> the autocast precision to time in: 'bf16'/'fp16' as given, 'off' never, None: the
+    """Config.timing.amp -> the autocast precision to time in: 'bf16'/'fp16' as given, 'off' never, None: the
     autocast that was active when compile() was called."""
     if option == "off":
         return None
@@ -209,7 +209,7 @@ def default_align(device, dtype: torch.dtype, amp: Optional[str]) -> int:
 
 
 def resolve_exec(option: str, device) -> str:
-    """Config.rank_search_exec -> the execution form: 'auto' is a replayed CUDA graph on CUDA (launch
+    """Config.timing.exec -> the execution form: 'auto' is a replayed CUDA graph on CUDA (launch
     overhead, which compiled or graphed models do not pay, must not decide a rank), eager elsewhere."""
     kind = _device(device).type
     if option == "auto":
@@ -240,8 +240,8 @@ def autocast_context(device, amp: Optional[str], *, cache_enabled: bool = True):
 
 def setting_of(ctx) -> Setting:
     """The Setting of one compile (a CompileContext), resolved once and kept in ctx.setting:
-    Config.amp (else the autocast active when compile() was called, ctx.autocast), the memory
-    format of the model's weights / example inputs, Config.rank_search_exec and Config.align."""
+    Config.timing.amp (else the autocast active when compile() was called, ctx.autocast), the memory
+    format of the model's weights / example inputs, Config.timing.exec and Config.align."""
     got = ctx.setting
     if got is not None:
         return got
@@ -249,14 +249,14 @@ def setting_of(ctx) -> Setting:
     # nothing is timed without a search or a whole-model check: then only the alignment is used, and
     # options that fit another device (a config saved on a GPU machine) are not errors
     timed = cfg.rank_search is not None or getattr(cfg, "whole_model_check", None) is True
-    amp = resolve_amp(getattr(cfg, "amp", None), ctx.autocast)
+    amp = resolve_amp(cfg.timing.amp, ctx.autocast)
     if timed and amp is not None and ctx.dtype in _HALF and AMP_DTYPES[amp] != ctx.dtype:
         raise ConfigError(f"amp={amp!r} but the model's weights are {ctx.dtype}: autocast would time a "
                           f"mixed precision that does not run; pass amp='off' or cast the model")
     align = getattr(cfg, "align", "auto")
     if align == "auto":
         align = default_align(ctx.device, ctx.dtype, amp)
-    exec_option = getattr(cfg, "rank_search_exec", "auto")
+    exec_option = cfg.timing.exec
     if not timed and exec_option == "cuda_graph" and _device(ctx.device).type != "cuda":
         exec_option = "eager"
     got = Setting(amp=amp, memory_format=memory_format_of(ctx.model, ctx.example_inputs),

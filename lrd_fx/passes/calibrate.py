@@ -79,7 +79,7 @@ def _run_all(model: nn.Module, batches: list, what: str) -> None:
 def whitening_of(ctx: CompileContext, name: str) -> Optional[Whitening]:
     """The one-shot calibration statistics of a layer (calibration_stats pass), or None."""
     st = (ctx.calibration_stats or {}).get(name)
-    return None if st is None else Whitening(st, ctx.config.calibration_damping)
+    return None if st is None else Whitening(st, ctx.config.calibrate.damping)
 
 
 def energy_ranks(module: nn.Module, scheme: str, wh: Whitening, energy: float, *, name: str = "") -> tuple:
@@ -248,13 +248,13 @@ def calibrate(ctx: CompileContext):
         cfg = ctx.config
         batches = ctx.calibration
         names = _chains(gm, ctx)
-        damping = cfg.calibration_damping
+        damping = cfg.calibrate.damping
         used: dict[str, InputStats] = {}
         was = gm.training
         gm.eval()
         try:
             with torch.no_grad():
-                if cfg.calibration_mode == "sequential" and names:
+                if cfg.calibrate.mode == "sequential" and names:
                     from ..api import copy_model   # deepcopy that also copes with weight-norm/pruned layers
                     ref = copy_model(ctx.model).eval()
                     pairable = [n for n in names if _can_pair(ref, n, ctx.originals[n])]
@@ -278,7 +278,7 @@ def calibrate(ctx: CompileContext):
         finally:
             gm.train(was)
         _report(ctx, names, used, damping)
-        if cfg.recalibrate_bn:
+        if cfg.calibrate.recalibrate_bn:
             recalibrate_bn(gm, batches)
             if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules()):
                 ctx.notes.append(f"calibration: BatchNorm statistics re-estimated on {len(batches)} batch(es)")

@@ -62,7 +62,7 @@ def check_speed(ctx: CompileContext):
 def _mode(cfg) -> str:
     if getattr(cfg, "fuse_inference", False):
         return "infer"          # a fused model runs in eval mode only
-    return cfg.rank_search or "infer"
+    return cfg.rank_search.mode if cfg.rank_search is not None else "infer"
 
 
 def _measure(gm: nn.Module, ctx: CompileContext, cost_fn) -> dict:
@@ -98,7 +98,7 @@ def _measure(gm: nn.Module, ctx: CompileContext, cost_fn) -> dict:
             models = {"original": copy.deepcopy(ctx.model), "lrd": copy.deepcopy(gm)}
             steps = {k: module_step(m, inputs, device=dev, mode=mode, setting=setting, label=k, copy_module=False)
                      for k, m in models.items()}
-        rounds = max(MIN_ROUNDS, int(cfg.rank_search_repeats))
+        rounds = max(MIN_ROUNDS, int(cfg.timing.repeats))
         samples = measure_rounds(steps, device=dev, rounds=rounds, warmup=1,
                                  min_time_s=MIN_BLOCK_S["cuda" if dev.type == "cuda" else "cpu"])
         source = "fake clock" if current_fake_clock() is not None else "device"

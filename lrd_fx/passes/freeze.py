@@ -36,7 +36,7 @@ def _already_gated(gm: nn.Module) -> bool:
 
 
 def freeze(ctx: CompileContext):
-    """Factory of the freeze pass (config.freeze: a schedule name, Schedule or callable)."""
+    """Factory of the freeze pass (config.freeze: an lrd_fx.Freeze)."""
     cfg = ctx.config
 
     def run(gm):
@@ -45,7 +45,7 @@ def freeze(ctx: CompileContext):
                               "lrd_fx.strip_gates(model) first or compile the original model again")
         if hasattr(gm, FREEZER_NAME):
             raise FreezeError(f"freeze: the model already has an attribute '{FREEZER_NAME}'; rename it")
-        schedule = make_schedule(cfg.freeze, cfg)
+        schedule = make_schedule(cfg.freeze.schedule, cfg.freeze)
         # graph factors: (part, node, module, key); eager factors: (module, key); factors: key -> (layer, role, scheme)
         graph_sites = []
         factors: dict[str, tuple] = {}

@@ -6,7 +6,7 @@ ResNet) move both ranks together, which is the paper's 512->r->r->512 staircase;
 the square of the measurements for the same edges.
 
 Candidates are timed as the compiled model will run (cost.timer.Setting): under the caller's autocast
-(or Config.amp), in the model's memory format, in the execution form of Config.rank_search_exec. A
+(or Config.amp), in the model's memory format, in the execution form of Config.timing.exec. A
 reference kernel timed between the candidates, the spread of the repeats and the load average tell a
 busy machine; disturbed timings are measured again and each keeps its least disturbed value (another
 process only ever adds time), and a revert, or any decision made while the machine was busy, is
@@ -125,13 +125,13 @@ class _Timer:
     def __init__(self, ctx: CompileContext, cost_fn: Optional[Callable]):
         cfg = ctx.config
         self.ctx = ctx
-        self.mode = cfg.rank_search
+        self.mode = cfg.rank_search.mode
         self.cost_fn = cost_fn
         self.setting = setting_of(ctx)
-        self.repeats = max(1, int(cfg.rank_search_repeats))
+        self.repeats = max(1, int(cfg.timing.repeats))
         tag = getattr(cost_fn, "cache_tag", None) if cost_fn is not None else None
         self.objective = self.mode if cost_fn is None else f"{self.mode}:{tag}"
-        path = cache_mod.resolve(cfg.cache) if (cost_fn is None or tag) else None
+        path = cache_mod.resolve(cfg.timing.cache) if (cost_fn is None or tag) else None
         self.cache = cache_mod.TimingCache(path) if path is not None else None
         self.memo: dict = {}
         self.measured = 0
@@ -337,9 +337,9 @@ def _factory(module: nn.Module, ranks: tuple, scheme: str):
 def _measure_group(g: _Group, timer: _Timer, cfg, deadline: Optional[float]) -> None:
     """Coarse stage (original + grid), then fine stages around suspected edges (deadline permitting)."""
     line, m = g.line, g.module
-    coarse = cm.candidate_ranks(line.s_est, line.s_full, cfg.rank_search_window)
+    coarse = cm.candidate_ranks(line.s_est, line.s_full, cfg.rank_search.window)
     if line.align > 1:     # every aligned rank in the window is a candidate
-        lo, hi = cm.window_bounds(line.s_est, line.s_full, cfg.rank_search_window)
+        lo, hi = cm.window_bounds(line.s_est, line.s_full, cfg.rank_search.window)
         coarse = sorted(set(coarse) | set(aligned_in(lo, hi, line.align)))
     wanted = {ORIGINAL: lambda: m}
     wanted.update({_key(line.ranks(s)): _factory(m, line.ranks(s), g.scheme) for s in coarse})
@@ -350,7 +350,7 @@ def _measure_group(g: _Group, timer: _Timer, cfg, deadline: Optional[float]) -> 
     for _ in range(REFINE_ROUNDS):
         if deadline is not None and time.perf_counter() > deadline:
             return
-        new = cm.refine_ranks(g.times, line.s_est, line.s_full, cfg.rank_search_window)
+        new = cm.refine_ranks(g.times, line.s_est, line.s_full, cfg.rank_search.window)
         if not new:
             break
         # Re-time the neighbours with the new ranks and rescale the new ones into the coarse stage's
@@ -441,12 +441,12 @@ def _choose(g: _Group, name: str, ctx: CompileContext, model) -> dict:
     cfg = ctx.config
     line = g.line
     errors, options = None, {}
-    if cfg.rank_search_objective == "time+error":
+    if cfg.rank_search.objective == "time+error":
         errors = _errors(_error_source(ctx, name), g.scheme, line, list(g.times))
-        options = {"errors": errors, "error_weight": cfg.rank_search_error_weight}
+        options = {"errors": errors, "error_weight": cfg.rank_search.error_weight}
     ch = cm.choose(g.times, model=model, estimate=line.s_est, full=line.s_full, original=g.original,
-                   window=cfg.rank_search_window, margin=cfg.rank_search_margin,
-                   prefer=cfg.rank_search_prefer, **options)
+                   window=cfg.rank_search.window, margin=cfg.rank_search.margin,
+                   prefer=cfg.rank_search.prefer, **options)
     return _entry(g, ch.rank, ch.reason, errors)
 
 
@@ -465,7 +465,7 @@ def _entry(g: _Group, s: Optional[int], reason: str, errors=None) -> dict:
 
 
 def _budget_plan(groups: dict, by_name: dict, ctx: CompileContext, model) -> dict:
-    """Whole-model mode (Config.rank_budget): per-layer options -> cost.model.plan_budget."""
+    """Whole-model mode (RankSearch.param_budget, rank_budget=): per-layer options -> cost.model.plan_budget."""
     cfg = ctx.config
     recs = ctx.records
     tables, entries = {}, {}
@@ -481,8 +481,8 @@ def _budget_plan(groups: dict, by_name: dict, ctx: CompileContext, model) -> dic
         line = g.line
         rule = _choose(g, name, ctx, model)
         errors = (_errors(_error_source(ctx, name), g.scheme, line, list(g.times))
-                  if cfg.rank_search_objective == "time+error" else {})
-        lo, hi = cm.window_bounds(line.s_est, line.s_full, cfg.rank_search_window)
+                  if cfg.rank_search.objective == "time+error" else {})
+        lo, hi = cm.window_bounds(line.s_est, line.s_full, cfg.rank_search.window)
         times = {s: m.median_s for s, m in g.times.items()}
         in_win = [t for t in times if lo <= t <= hi]
         keys = {line.s_est, min(in_win), max(in_win)}   # the window's ends bound what the plan can trade
@@ -494,13 +494,13 @@ def _budget_plan(groups: dict, by_name: dict, ctx: CompileContext, model) -> dic
         opts.append(cm.Option(None, recs[name].params_before, g.original.median_s, 0.0))
         tables[name] = opts
         entries[name] = g
-    budget = cfg.rank_budget * total_before - fixed
-    picked = cm.plan_budget(tables, budget, error_weight=cfg.rank_search_error_weight
-                            if cfg.rank_search_objective == "time+error" else 0.0)
+    budget = cfg.rank_search.param_budget * total_before - fixed
+    picked = cm.plan_budget(tables, budget, error_weight=cfg.rank_search.error_weight
+                            if cfg.rank_search.objective == "time+error" else 0.0)
     plan = {}
     for name, s in picked.items():
         g = entries[name]
-        why = (f"whole-model plan (rank_budget={cfg.rank_budget}): "
+        why = (f"whole-model plan (rank_budget={cfg.rank_search.param_budget}): "
                + ("original layer kept" if s is None else f"rank {_key(g.line.ranks(s))}"))
         plan[name] = _entry(g, s, why)
     return plan
@@ -606,7 +606,7 @@ def search_ranks(ctx: CompileContext, *, cost_fn: Optional[Callable] = None, cos
     """
     cfg = ctx.config
     # the one place where the objective picks the cost model ("time+error" is a model of its own)
-    model = cm.model_for(cfg.rank_search_objective, cost_model or getattr(cfg, "rank_search_model", None))
+    model = cm.model_for(cfg.rank_search.objective, cost_model or cfg.rank_search.cost_model)
     cm.get_cost_model(model)   # fail early on an unknown name
 
     def run(gm):
@@ -668,14 +668,14 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
 
     timer = _Timer(ctx, cost_fn)
     t0 = time.perf_counter()
-    deadline = t0 + cfg.rank_search_budget_s if cfg.rank_search_budget_s is not None else None
+    deadline = t0 + cfg.rank_search.budget_s if cfg.rank_search.budget_s is not None else None
     stopped = None
     from tqdm.auto import tqdm
     bar = tqdm(total=len(groups), desc="rank search", unit="layer", disable=not cfg.progress, leave=False)
     try:
         for g in groups.values():
             if deadline is not None and time.perf_counter() > deadline:
-                stopped = f"rank_search_budget_s={cfg.rank_search_budget_s:g} s was spent before this layer"
+                stopped = f"rank_search_budget_s={cfg.rank_search.budget_s:g} s was spent before this layer"
                 break
             bar.set_postfix_str(g.names[0] + (f" (+{len(g.names) - 1} alike)" if len(g.names) > 1 else ""))
             _measure_group(g, timer, cfg, deadline)
@@ -689,7 +689,7 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
         timer.close()
     elapsed = time.perf_counter() - t0
 
-    if cfg.rank_budget is not None:
+    if cfg.rank_search.param_budget is not None:
         plan = _budget_plan(groups, by_name, ctx, model)
     else:
         plan = {}
@@ -704,7 +704,7 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
             plan[name] = {"keep": True,
                           "reason": f"{ctx.records[name].reason}; rank search skipped: {why}; kept the estimate"}
     done = sum(g.status != "pending" for g in groups.values())
-    note = (f"rank search ({cfg.rank_search}; timed with {setting.describe()}"
+    note = (f"rank search ({cfg.rank_search.mode}; timed with {setting.describe()}"
             + (f", ranks aligned to {setting.align}" if setting.align > 1 else "")
             + f"): {done} of {len(groups)} distinct layer shapes, "
             f"{timer.measured} timings measured, {timer.cached} from the cache, {elapsed:.1f} s"
