@@ -156,7 +156,7 @@ def _check_model(model: nn.Module, cfg: Config, inputs: Optional[tuple]) -> None
         # deep copy of one holds non-leaf tensors no optimizer accepts: neither trains
         raise InputError(f"submodule '{scripted[0]}' is a TorchScript module; lrd_fx needs eager nn.Modules "
                          f"throughout: compile the eager model, then torch.jit.script/trace the result")
-    from .layers import FactorChain
+    from .factorize.chain import FactorChain
     compiled = isinstance(getattr(model, "lrd", None), LRDInfo) or any(
         isinstance(m, FactorChain) for m in model.modules())
     if compiled and cfg.rank != "full":
@@ -219,7 +219,8 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 
 def build_passes(ctx: CompileContext) -> list:
-    """The pass list for a config: shape_prop, decompose, [search_ranks], [freeze], [fuse]."""
+    """The pass list for a config: shape_prop, [calibration_stats], decompose, [search_ranks], [calibrate],
+    [materialize], [freeze], [fuse], [check_speed]."""
     from .passes.decompose import decompose
     from .passes.shape_prop import shape_prop
     calibrated = ctx.calibration is not None
@@ -233,6 +234,9 @@ def build_passes(ctx: CompileContext) -> list:
         passes.append(search_ranks(ctx))
     if calibrated:
         passes.append(calibrate(ctx))
+    from .passes.materialize import defers, materialize
+    if defers(ctx):   # decompose left chains pending: factorize what the passes above did not fill
+        passes.append(materialize(ctx))
     if ctx.config.freeze is not None:
         from .passes.freeze import freeze
         passes.append(freeze(ctx))

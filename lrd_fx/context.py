@@ -28,12 +28,11 @@ class CompileContext:
     # State handed from pass to pass. Each field has one writer; its readers are named.
     eager_parts: set = field(default_factory=set)       # modules left eager by tracing. W: api._run. R: decompose, calibrate
     layer_io: dict = field(default_factory=dict)        # {layer: {in, out, calls}}. W: shape_prop. R: decompose, search_ranks
-    empty_init: bool = False                            # factors filled from a file, not factorized. W: serialize.load. R: decompose
-    factorize_deferred: bool = False                    # decompose built shape-only chains. W: decompose. R: search_ranks
+    empty_init: bool = False                            # factors filled from a file, not factorized. W: serialize.load. R: decompose, materialize.defers
     freezer: Optional[nn.Module] = None                 # the FreezeController. W: freeze. R: LRDInfo
     autocast: Optional[str] = None                      # the caller's active autocast. W: api.compile. R: cost.timer.setting_of
     setting: Any = None                                 # precision/layout/exec form timed in. W: cost.timer.setting_of. R: search_ranks, check_speed, LRDInfo
-    calibration: Optional[list] = None                  # calibration batches. W: api.compile. R: calibrate passes, decompose
+    calibration: Optional[list] = None                  # calibration batches. W: api.compile. R: calibrate passes, api.build_passes, materialize.defers
     calibration_stats: Optional[dict] = None            # {layer: InputStats}. W: calibration_stats pass. R: calibrate, decompose, search_ranks
     calibration_whitened: dict = field(default_factory=dict)   # memo of whitened weights. W/R: calibrate
     whole_model: Optional[dict] = None                  # whole model vs original, timed. W: check_speed. R: LRDInfo

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .config import Config, Freeze
 from .errors import FreezeError
-from .layers import ROLE_CORE, ROLE_LAST
+from .factorize.chain import ROLE_CORE, ROLE_LAST
 from .registry import Registry
 from .trace import register_leaf_function
 

@@ -1,8 +1,9 @@
 """Public API: compile options, errors, no mutation, debug instruments, tracing fallback (save/load: test_save_load.py)."""
+import contextlib
 import inspect
 import io
 import os
-import contextlib
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 import lrd_fx
-from lrd_fx.layers import FactorChain
+from lrd_fx.factorize import FactorChain
 
 from conftest import Branchy, Wrapper, state_hash
 
@@ -103,7 +104,8 @@ def test_leaf_modules_option_keeps_module_whole():
     assert gm.lrd.fallback_parts == {}
     head = gm.lrd.plan["body.head"]           # inside a leaf: not rewritten, but reported with the reason
     assert head["decision"] == "skipped" and "inside body (Branchy), which is kept as a leaf" in head["reason"]
-    assert gm.lrd.plan["stem"]["decision"] == "skipped" or gm.lrd.plan["stem"]["decision"] == "decomposed"
+    assert gm.lrd.plan["stem"]["decision"] == "decomposed"      # outside the leaf: rewritten as usual
+    assert isinstance(gm.stem, FactorChain) and type(gm.body.head) is nn.Linear
 
 
 def test_debug_prints_graph_after_each_pass(tmp_path):
@@ -111,10 +113,16 @@ def test_debug_prints_graph_after_each_pass(tmp_path):
     with contextlib.redirect_stdout(buf):
         lrd_fx.compile(small_cnn(), (torch.randn(1, 3, 8, 8),), debug=True, dump_dir=str(tmp_path))
     out = buf.getvalue()
-    assert "graph after pass 'shape_prop'" in out and "graph after pass 'decompose'" in out
-    assert "getattr(self, \"3\").core" in out or "3.core" in out or "getattr(self, \"3\")" in out
+    stages = dict(re.findall(r"=== lrd_fx: graph after pass '(\w+)'.*?===\n(.*?)(?=\n===|\Z)", out, re.S))
+    assert list(stages) == ["shape_prop", "decompose"]
+    # before decompose layer 3 (a conv) is one call; after it, its Tucker-2 chain's three factor calls
+    assert 'getattr(self, "3")(' in stages["shape_prop"] and ".core(" not in stages["shape_prop"]
+    for role in ("first", "core", "last"):
+        assert f'getattr(self, "3").{role}(' in stages["decompose"], role
+    assert 'getattr(self, "3")(' not in stages["decompose"]
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["01_shape_prop.py", "02_decompose.py"]
+    assert 'getattr(self, "3").core(' in (tmp_path / "02_decompose.py").read_text()
 
 
 def test_env_debug(monkeypatch, capsys):

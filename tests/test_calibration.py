@@ -10,7 +10,7 @@ from lrd_fx.cost.timer import use_cost_fn
 from lrd_fx.factorize import modules as fm
 from lrd_fx.factorize.whiten import (CHANNEL, IM2COL, LINEAR, InputStats, Whitening, damped, features,
                                      output_error, whitened_svd_split)
-from lrd_fx.layers import FactorChain
+from lrd_fx.factorize import FactorChain
 from conftest import state_hash
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import lrd_fx
-from lrd_fx.layers import FactorChain
+from lrd_fx.factorize import FactorChain
 
 
 def resnet18():

@@ -13,7 +13,7 @@ from lrd_fx.factorize import (chain_like, chain_params, effective_scheme, energy
                               tucker2_ranks_energy, tucker2_ranks_for_ratio, tucker2_ranks_vbmf,
                               tucker2_reconstruct, unsupported_reason)
 from lrd_fx.factorize import modules
-from lrd_fx.layers import FactorChain
+from lrd_fx.factorize import FactorChain
 
 
 def _close(actual, expected, tol=1e-4):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import lrd_fx
-from lrd_fx.layers import FactorChain
+from lrd_fx.factorize import FactorChain
 from lrd_fx.models import create_model
 
 # (name, create kwargs, input shape): small inputs keep the sweep fast on 2 CPU cores

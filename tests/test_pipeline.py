@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 import lrd_fx
-from lrd_fx.layers import FactorChain
+from lrd_fx.factorize import FactorChain
 from lrd_fx.factorize.modules import factorize
 from lrd_fx.pipeline import PassManager, PassResult, graph_modules
 from lrd_fx.trace import trace

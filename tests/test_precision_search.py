@@ -11,7 +11,7 @@ import lrd_fx
 from lrd_fx.cost import cache, timer
 from lrd_fx.cost.timer import use_cost_fn, use_fake_clock
 from lrd_fx.factorize.ranks import align_rank, aligned_in
-from lrd_fx.layers import FactorChain
+from lrd_fx.factorize import FactorChain
 from lrd_fx.passes import search_ranks as sr
 from tests.conftest import state_hash
 

@@ -1,6 +1,8 @@
-"""Property tests (hypothesis) over random Conv1d/2d/3d and Linear layers: exact at rank="full" or skipped
-with a reason; the ratio rule never keeps more than one rank's worth of parameters above the ratio."""
+"""Property tests (hypothesis) over random Conv1d/2d/3d and Linear layers: exact at rank="full" (grouped
+convs skipped with the reason); the ratio rule never keeps more than one rank's worth of parameters above
+the ratio."""
 import math
+import re
 
 import pytest
 import torch
@@ -76,13 +78,14 @@ def _compile_full(layer, shape, channels_last, dtype, scheme):
 def _check_exact_or_skipped(layer, shape, channels_last, dtype, scheme):
     model, gm, x, ref = _compile_full(layer, shape, channels_last, dtype, scheme)
     rec = gm.lrd.plan["0"]
-    if rec["decision"] == "decomposed":
+    if getattr(layer, "groups", 1) == 1:   # every plain layer is factorized at rank="full"
+        assert rec["decision"] == "decomposed", rec
         with torch.no_grad():
             torch.testing.assert_close(gm(x), ref, **TOL[dtype])
             x2 = torch.randn_like(x)                       # not only the example input
             torch.testing.assert_close(gm(x2), model(x2), **TOL[dtype])
-    else:
-        assert rec["reason"], rec                          # kept: the report says why
+    else:                                  # grouped convs are kept, and the report says why
+        assert rec["decision"] == "skipped" and f"groups={layer.groups}" in rec["reason"], rec
         with torch.no_grad():
             torch.testing.assert_close(gm(x), ref, rtol=0, atol=0)
 
@@ -132,7 +135,7 @@ def test_ratio_keeps_at_most_one_rank_above_the_ratio(case, ratio, scheme):
     before = sum(p.numel() for p in layer.parameters())
     assert rec["params_before"] == before
     if rec["decision"] != "decomposed":
-        assert "no parameter saving" in rec["reason"], rec
+        _assert_no_saving(rec, before)
         return
     after = rec["params_after"]
     assert after == sum(p.numel() for p in gm.parameters()) and after < before
@@ -169,8 +172,18 @@ def test_an_int_rank_is_applied_or_the_layer_is_kept_with_a_reason(case, rank, s
     rec = gm.lrd.plan["0"]
     if rec["decision"] == "decomposed":
         assert set(rec["ranks"]) == {rank}
+        assert rec["params_after"] == sum(p.numel() for p in gm.parameters()) < rec["params_before"]
     else:
-        assert "no parameter saving" in rec["reason"], rec
+        _assert_no_saving(rec, sum(p.numel() for p in layer.parameters()))
+
+
+def _assert_no_saving(rec, before):
+    """A layer kept for want of a saving: the report gives the chain's size, and it is no smaller."""
+    assert rec["decision"] == "skipped" and rec["ranks"] is None, rec
+    m = re.search(r"no parameter saving at rank \[[\d, ]+\] \((\d+) >= (\d+)\)", rec["reason"])
+    assert m, rec
+    chain, layer = int(m.group(1)), int(m.group(2))
+    assert layer == before == rec["params_before"] == rec["params_after"] and chain >= layer, rec
 
 
 def _fits_somewhere(layer, rank, scheme):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import lrd_fx
 from lrd_fx import freezing
 from lrd_fx.cost.timer import use_cost_fn
-from lrd_fx.layers import FactorChain
+from lrd_fx.factorize import FactorChain
 
 from conftest import Wrapper, state_hash
 

@@ -1,4 +1,5 @@
 """Pure tensor math of low-rank decomposition: SVD, Tucker-2, rank rules, factor-chain builders."""
+from .chain import FactorChain, materialize_, paused, pending_chain, pending_chains
 from .modules import (chain_like, chain_params, effective_scheme, factorize, factorize_conv,
                       factorize_linear, factorize_many, factorize_workers, full_ranks, is_pointwise,
                       ranks_for_energy, ranks_for_ratio, ranks_for_vbmf, unsupported_reason)
@@ -9,6 +10,7 @@ from .svd import singular_values, svd_error, svd_split
 from .tucker import tucker2, tucker2_error, tucker2_reconstruct, unfold
 
 __all__ = [
+    "FactorChain", "materialize_", "paused", "pending_chain", "pending_chains",
     "chain_like", "chain_params", "effective_scheme", "factorize", "factorize_conv", "factorize_linear",
     "factorize_many", "factorize_workers",
     "full_ranks", "is_pointwise", "ranks_for_energy", "ranks_for_ratio", "ranks_for_vbmf",

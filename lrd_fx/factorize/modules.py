@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.nn.utils import skip_init
 
 from ..errors import ConfigError, FactorizationError, LRDError, RankError
-from ..layers import ROLE_CORE, ROLE_FIRST, ROLE_LAST, FactorChain
+from .chain import ROLE_CORE, ROLE_FIRST, ROLE_LAST, FactorChain
 from .ranks import (energy_rank, evbmf_rank, svd_rank_for_ratio, tucker2_ranks_energy,
                     tucker2_ranks_for_ratio, tucker2_ranks_vbmf)
 from .svd import _label, check_rank, singular_values, svd_split

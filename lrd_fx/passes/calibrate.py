@@ -14,7 +14,7 @@ from ..factorize import modules as fm
 from ..factorize import ranks as fr
 from ..factorize.svd import singular_values
 from ..factorize.whiten import CHANNEL, IM2COL, LINEAR, InputStats, Whitening, features, whitened_matrix
-from ..layers import FactorChain
+from ..factorize.chain import FactorChain, materialize_, paused
 from ..pipeline import PassResult
 from ..trace import _FACTORIZABLE
 
@@ -166,9 +166,8 @@ def _chains(gm: nn.Module, ctx: CompileContext) -> list[str]:
 
 
 def _install_weights(chain: FactorChain, new: FactorChain) -> None:
-    with torch.no_grad():
-        for (k, p), (k2, q) in zip(chain.named_parameters(), new.named_parameters()):
-            p.copy_(q.to(dtype=p.dtype, device=p.device))
+    """The fitted factors into the installed chain, in place; a pending chain owes nothing afterwards."""
+    chain.fill_(new)
 
 
 def _probe(gm: nn.Module, names: list, batch) -> tuple[list, dict]:
@@ -257,28 +256,37 @@ def calibrate(ctx: CompileContext):
                 if cfg.calibrate.mode == "sequential" and names:
                     from ..api import copy_model   # deepcopy that also copes with weight-norm/pruned layers
                     ref = copy_model(ctx.model).eval()
-                    pairable = [n for n in names if _can_pair(ref, n, ctx.originals[n])]
-                    groups, calls = _probe(gm, pairable, batches[0])
-                    for group in groups:
-                        stats = _round(ref, gm, group, calls, ctx, batches)
-                        for name in group:
-                            if stats[name].n:
-                                used[name] = stats[name]
-                                _refit(gm, ctx, name, stats[name], damping)
+                    # layers without a feature view (e.g. string padding under an SVD scheme) get no
+                    # paired statistics
+                    pairable = [n for n in names if _can_pair(ref, n, ctx.originals[n])
+                                and view_of(ctx.originals[n], ctx.records[n].scheme) is not None]
+                    # what the rounds will not fit is fitted first (one-shot statistics, else the plain
+                    # factorization), so the rounds run it as it will be
+                    _fit_one_shot(gm, ctx, [n for n in names if n not in pairable], used)
+                    # The chains still pending stay so while the rounds run the model (each is fitted,
+                    # hence factorized, once), computing their original layer meanwhile. A round stops
+                    # at its layers' last call, so their inputs come from layers fitted in earlier
+                    # rounds, except behind a layer fitted later that runs first (one called again
+                    # later): its original output is the best stand-in for its fit.
+                    with paused(gm):
+                        groups, calls = _probe(gm, pairable, batches[0])
+                        for group in groups:
+                            stats = _round(ref, gm, group, calls, ctx, batches)
+                            for name in group:
+                                if stats[name].n:
+                                    used[name] = stats[name]
+                                    _refit(gm, ctx, name, stats[name], damping)
                     del ref
-                # one-shot statistics (from calibration_stats) for layers the sequential pass could not pair
-                rest = [n for n in names if n not in used and n in (ctx.calibration_stats or {})]
-                jobs = [(n, ctx.originals[n], tuple(ctx.records[n].ranks), ctx.records[n].scheme) for n in rest]
-                whiten = {n: whitening_of(ctx, n) for n in rest}
-                chains = fm.factorize_many(jobs, progress=cfg.progress, desc="calibrate", whiten=whiten)
-                for n in rest:
-                    _install_weights(gm.get_submodule(n), chains[n])
-                    used[n] = ctx.calibration_stats[n]
-                    _mark(ctx, n, "one-shot")
+                # one-shot statistics (from calibration_stats) for the layers not fitted yet
+                _fit_one_shot(gm, ctx, [n for n in names if n not in used and n in (ctx.calibration_stats or {})],
+                              used)
         finally:
             gm.train(was)
         _report(ctx, names, used, damping)
         if cfg.calibrate.recalibrate_bn:
+            # BatchNorm statistics of the final model: chains without calibration data get their plain
+            # factorization now (in one call; otherwise one by one on first use)
+            materialize_(gm, progress=cfg.progress)
             recalibrate_bn(gm, batches)
             if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules()):
                 ctx.notes.append(f"calibration: BatchNorm statistics re-estimated on {len(batches)} batch(es)")
@@ -287,6 +295,22 @@ def calibrate(ctx: CompileContext):
     run.name = "calibrate"
     run.requires = ("decompose",)
     return run
+
+
+def _fit_one_shot(gm, ctx: CompileContext, names: list, used: dict) -> None:
+    """Fit the chains of `names` to the one-shot statistics of the calibration_stats pass, in one
+    parallel call; a layer without statistics gets its plain (weight-only) factorization."""
+    if not names:
+        return
+    stats = ctx.calibration_stats or {}
+    jobs = [(n, ctx.originals[n], tuple(ctx.records[n].ranks), ctx.records[n].scheme) for n in names]
+    whiten = {n: whitening_of(ctx, n) for n in names if n in stats}
+    chains = fm.factorize_many(jobs, progress=ctx.config.progress, desc="calibrate", whiten=whiten)
+    for n in names:
+        _install_weights(gm.get_submodule(n), chains[n])
+        if n in stats:
+            used[n] = stats[n]
+            _mark(ctx, n, "one-shot")
 
 
 def _refit(gm, ctx: CompileContext, name: str, stats: InputStats, damping: float) -> None:

@@ -12,11 +12,12 @@ from ..context import CompileContext
 from ..errors import FactorizationError, RankError
 from ..factorize import modules as fm
 from ..factorize import ranks as fr
+from ..factorize.chain import FactorChain, pending_chain
 from ..flops import chain_flops, layer_flops
-from ..layers import FactorChain
 from ..pipeline import PassResult, graph_modules
 from ..plan import DECOMPOSED, LayerRecord
 from ..trace import _FACTORIZABLE
+from .materialize import defers
 
 # Which layers can be factorized, their scheme and the rank rules are factorize/modules.py's
 # (unsupported_reason, effective_scheme, full_ranks, ranks_for_*); FLOPs are flops.py's.
@@ -302,17 +303,18 @@ def decompose(ctx: CompileContext):
                 replace_call_sites(site, name, m, rec)
                 continue
             pending.append((name, site, m, ranks, scheme, rec, io, override))
-        # Factorize every chosen layer at once (spread over CPU threads). With a rank search the chains
-        # are placeholders of the right shapes: search_ranks factorizes each kept layer once, at its
-        # final ranks (ctx.factorize_deferred), instead of here and again after the search.
-        # With calibration data the calibrate pass fits every chain to the data: no weight-only fit here.
-        deferred = (bool(cfg.rank_search) or ctx.calibration is not None) and not empty_init
-        if empty_init or deferred:
+        # Factorize every chosen layer at once (spread over CPU threads). When a rank search or
+        # calibration follows, the chains are pending instead (exact, factorized on first use): the
+        # search may change a layer's ranks and calibrate fits the factors to data, so each layer is
+        # factorized once, at its final ranks, by those passes or by the materialize pass after them.
+        if empty_init:   # load(): the weights come from the file
             chains = {name: fm.chain_like(m, ranks, scheme) for name, _, m, ranks, scheme, *_ in pending}
+        elif defers(ctx):
+            chains = {name: pending_chain(m, ranks, scheme, name=name)
+                      for name, _, m, ranks, scheme, *_ in pending}
         else:
             chains = fm.factorize_many([(name, m, ranks, scheme) for name, _, m, ranks, scheme, *_ in pending],
                                        progress=cfg.progress)
-        ctx.factorize_deferred = deferred
         for name, site, m, ranks, scheme, rec, io, override in pending:
             chain = chains[name]
             ctx.originals[name] = m

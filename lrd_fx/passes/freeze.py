@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from ..context import CompileContext
 from ..errors import FreezeError
+from ..factorize.chain import FactorChain
 from ..freezing import FREEZER_NAME, FreezeController, FreezerLink, gate_module_, make_schedule
-from ..layers import FactorChain
 from ..pipeline import PassResult, graph_modules
 from ..plan import LayerRecord
 from .gates import CONV_FN, gate_node

@@ -33,10 +33,10 @@ from ..cost.timer import (Measurement, autocast_context, current_cost_fn, curren
                           machine_load, measure_interleaved, others_load, reference_step, setting_of, summarize)
 from ..errors import LRDError, PassError
 from ..factorize import modules as fm
+from ..factorize.chain import FactorChain, pending_chain
 from ..factorize.ranks import aligned_in
 from ..factorize.svd import singular_values, svd_error
 from ..factorize.tucker import unfold
-from ..layers import FactorChain
 from ..pipeline import PassResult, graph_modules
 from ..plan import DECOMPOSED, REVERTED, SEARCHED, LayerRecord
 
@@ -537,7 +537,7 @@ def _revert_nodes(gm: fx.GraphModule, rec: LayerRecord) -> None:
 
 
 def _install(gm: fx.GraphModule, ctx: CompileContext, name: str, ranks: tuple, chain: FactorChain) -> None:
-    """Put the real factorization `chain` of layer `name` (at `ranks`) in place of its current chain."""
+    """Put `chain` (layer `name` at `ranks`, pending: factorized later, once) in place of its current chain."""
     from ..flops import chain_flops
     rec = ctx.records[name]
     current = gm.get_submodule(name)
@@ -552,17 +552,14 @@ def _install(gm: fx.GraphModule, ctx: CompileContext, name: str, ranks: tuple, c
 
 
 def _apply(gm: fx.GraphModule, ctx: CompileContext, plan: dict) -> bool:
-    # When decompose only built placeholder chains (ctx.factorize_deferred: the shapes, no
-    # weights), every kept layer is factorized here, once, at its final ranks.
-    deferred = ctx.factorize_deferred
+    # Nothing is factorized here: decompose left the chains pending (exact, factorized on first use);
+    # a layer whose ranks change gets a new pending chain at its final ranks, and the materialize pass
+    # (or calibrate) factorizes each kept layer once.
     modified = False
-    todo = []          # (name, ranks) to factorize
     for name, e in plan.items():
         rec = ctx.records[name]
         if e.get("keep"):        # not measured: the estimate stays, the reason says why
             rec.reason = e["reason"]
-            if deferred:
-                todo.append((name, tuple(rec.ranks)))
             continue
         orig = ctx.originals[name]
         current = gm.get_submodule(name)
@@ -583,14 +580,10 @@ def _apply(gm: fx.GraphModule, ctx: CompileContext, plan: dict) -> bool:
             modified = True
             continue
         ranks = tuple(e["ranks"])
-        if deferred or list(ranks) != list(rec.ranks):
-            todo.append((name, ranks))
+        if list(ranks) != list(rec.ranks):
+            _install(gm, ctx, name, ranks, pending_chain(orig, ranks, rec.scheme, name=name))
+            modified = True
         rec.decision = SEARCHED
-    chains = fm.factorize_many([(name, ctx.originals[name], ranks, ctx.records[name].scheme)
-                                for name, ranks in todo], progress=ctx.config.progress)
-    for name, ranks in todo:
-        _install(gm, ctx, name, ranks, chains[name])
-        modified = True
     return modified   # the PassManager lints and recompiles every part
 
 

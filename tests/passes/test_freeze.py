@@ -12,7 +12,7 @@ from lrd_fx.context import CompileContext
 from lrd_fx.errors import FreezeError
 from lrd_fx.factorize.modules import factorize_conv, factorize_linear
 from lrd_fx.freezing import FreezeController, FreezerLink, GatedLinear, grad_gate, is_gated
-from lrd_fx.layers import FactorChain
+from lrd_fx.factorize import FactorChain
 from lrd_fx.passes.freeze import freeze
 from lrd_fx.passes.gates import strip_gates
 from lrd_fx.pipeline import PassManager

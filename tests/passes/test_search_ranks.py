@@ -10,7 +10,7 @@ import torch.nn as nn
 import lrd_fx
 from lrd_fx.cost import cache
 from lrd_fx.cost.timer import use_cost_fn
-from lrd_fx.layers import FactorChain
+from lrd_fx.factorize import FactorChain
 
 
 def chain_rank(m):
