@@ -144,6 +144,7 @@ def test_nothing_pending_after_compile_with_rank_search(monkeypatch):
     plan = gm.lrd.plan
     kept = [n for n, r in plan.items() if r["decision"] == "searched"]
     assert kept == ["0", "2", "5"] and pending_chains(gm) == []
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in gm.modules())   # plain modules again
     assert sorted(n for n, _ in count.calls) == kept              # each kept layer factorized exactly once
     assert "materialize" in gm.lrd.pass_times
     ref = lrd_fx.compile(model, (x,), rank=8, progress=False)

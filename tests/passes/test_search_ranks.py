@@ -275,8 +275,9 @@ def test_broadcast_is_identity_outside_distributed():
 
 
 def test_deferred_factorization_factorizes_every_kept_layer_once(monkeypatch):
-    """With a search, decompose only builds placeholder chains; the pass factorizes each kept layer
-    once, at its final ranks: the result equals a plain compile at those ranks."""
+    """With a search, decompose installs pending chains and a changed layer gets a new one: each kept
+    layer is factorized once, at its final ranks (the materialize pass): the result equals a plain
+    compile at those ranks."""
     from lrd_fx.factorize import modules as fm
 
     model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
