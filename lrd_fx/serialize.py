@@ -473,7 +473,7 @@ def _number(v) -> bool:
 
 def _rebuild_config(header: dict, plan: dict[str, LayerRecord], overrides: dict, where: str) -> Config:
     saved = header["config"] if isinstance(header["config"], dict) else {}
-    known = {f.name for f in dataclasses.fields(Config)}
+    known = set(Config.option_names())
     kw: dict[str, Any] = {k: saved[k] for k in _REBUILD_FIELDS if k in saved and k in known}
     kw.update(_leaf_modules(saved, overrides, where))
     kw.update(_freeze_options(header.get("freeze"), bool(header.get("freezer_keys")), overrides, where))

@@ -313,7 +313,7 @@ def time_plus_error(curve: Mapping[int, Time], *, estimate: int, full: int, orig
     return beat_original(f, chosen, reason, margin)
 
 
-# Config.rank_search_objective -> the cost model it selects when no cost model is named.
+# RankSearch.objective -> the cost model it selects when no cost model is named.
 OBJECTIVES = {"time": "staircase", "time+error": "time+error"}
 
 

@@ -594,7 +594,7 @@ def search_ranks(ctx: CompileContext, *, cost_fn: Optional[Callable] = None, cos
 
     cost_fn(module, input_shape, mode) -> seconds replaces timing on the device (tests); default: the
     one installed by lrd_fx.cost.use_cost_fn, else real measurement. cost_model: a name registered
-    with lrd_fx.cost.register_cost_model or a callable (default: the one Config.rank_search_objective
+    with lrd_fx.cost.register_cost_model or a callable (default: the one Config.rank_search.objective
     names, cost.model.OBJECTIVES: "staircase" or "time+error").
     """
     cfg = ctx.config
