@@ -59,12 +59,31 @@ class RankSearch:
                 _real("rank_budget", self.param_budget, 0, 1, "a fraction of the factorized layers' params, e.g. "
                       "rank_budget=0.25 (None: per-layer ranks)", lo_open=True)
             cm = self.cost_model
+            fn = cm
             if isinstance(cm, str):
                 from .cost.model import COST_MODELS   # ConfigError listing the registered cost models
-                COST_MODELS.get(cm)
+                fn = COST_MODELS.get(cm)
             elif not (cm is None or callable(cm)):
                 raise ConfigError(f"rank_search_cost_model={cm!r} must be None (the objective's model), a name "
                                   f"registered with lrd_fx.cost.register_cost_model, or a callable")
+            if self.objective == "time+error" and cm is not None and not _takes(fn, "errors", "error_weight"):
+                raise ConfigError(f"rank_search_objective='time+error' passes errors= and error_weight= to the "
+                                  f"cost model, and rank_search_cost_model={cm!r} does not take them: leave "
+                                  f"rank_search_cost_model unset (the objective selects 'time+error') or name a "
+                                  f"cost model whose signature has errors= and error_weight=")
+
+
+def _takes(fn, *names: str) -> bool:
+    """True when callable `fn` accepts every keyword in `names` (or **kwargs); unknown signatures pass."""
+    import inspect
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return True
+    have = {p.name for p in params}
+    return all(n in have for n in names)
 
 
 @dataclass(frozen=True)

@@ -377,3 +377,19 @@ def test_saved_header_holds_the_sub_configs_as_json(tmp_path):
     gm2 = lrd_fx.load(model, tmp_path / "m.lrd")
     assert gm2.lrd.config.freeze == Freeze("static", group="outer")
     torch.testing.assert_close(gm2.eval()(X), gm.eval()(X))
+
+
+def test_time_error_objective_rejects_a_cost_model_without_errors():
+    # "staircase" is time-only: with objective="time+error" the search would pass it errors= and fail
+    with pytest.raises(lrd_fx.ConfigError, match="does not take them"):
+        lrd_fx.Config(rank_search="infer", rank_search_objective="time+error", rank_search_cost_model="staircase")
+
+    def with_errors(curve, *, errors, error_weight, **kw):
+        return None
+
+    cfg = lrd_fx.Config(rank_search="infer", rank_search_objective="time+error",
+                        rank_search_cost_model=with_errors)
+    assert cfg.rank_search.cost_model is with_errors
+    cfg = lrd_fx.Config(rank_search="infer", rank_search_objective="time+error",
+                        rank_search_cost_model="time+error")
+    assert cfg.rank_search.cost_model == "time+error"
