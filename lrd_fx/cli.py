@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ratio", type=float, default=None, help="fraction of each layer's params kept (default 0.25)")
     c.add_argument("--rank", type=_rank, default=None, help="fixed rank: int, 'full' or 'vbmf'")
     c.add_argument("--energy", type=float, default=None, help="singular-value energy kept, in (0, 1]")
-    c.add_argument("--conv-scheme", default="tucker2", choices=["tucker2", "svd"])
+    c.add_argument("--conv-scheme", default="tucker2", choices=["tucker2", "conv_svd", "svd"],
+                   help="k x k convs: tucker2 (1x1 -> kxk -> 1x1) or conv_svd (kxk -> 1x1); svd is an alias of conv_svd")
     c.add_argument("--input", type=_shape, default=None, help="example input shape NxCxHxW (default: model's)")
     c.add_argument("--rank-search", default=None, choices=["infer", "train"], help="time candidate ranks")
     c.add_argument("--freeze", default=None, choices=["sequential", "static"], help="insert freezing gates")

@@ -15,6 +15,14 @@ def test_compile_debug_prints_graphs(capsys):
     assert "graph after pass 'decompose'" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("scheme", ["conv_svd", "svd"])
+def test_conv_scheme_conv_svd(capsys, scheme):
+    # 3x3 convs become kxk -> 1x1 chains: the report names the scheme each layer got
+    assert main(["compile", "resnet18", "--input", "1x3x32x32", "--conv-scheme", scheme]) == 0
+    out = capsys.readouterr().out
+    assert "conv_svd" in out and "tucker2" not in out
+
+
 def test_unknown_model_is_a_clear_error(capsys):
     assert main(["compile", "no_such_model_xyz"]) == 2
     assert "unknown model 'no_such_model_xyz'" in capsys.readouterr().err
