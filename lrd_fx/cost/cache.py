@@ -44,7 +44,7 @@ _KEY = ("device", "torch_version", "dtype", "memory_format", "signature", "input
 _VALUES = ("median_s", "iqr_s", "n", "min_s", "created", "scale")
 # median_s, iqr_s and min_s are always what the timer measured. scale != 1 marks a fine-stage timing that
 # the search multiplied by `scale` to put it into the frame of the coarse stage it was compared with
-# (search_ranks._time_with_refs); get() returns it in that frame, get(raw=True) as measured.
+# (search_ranks.time_with_refs); get() returns it in that frame, get(raw=True) as measured.
 
 
 def default_path() -> Path:

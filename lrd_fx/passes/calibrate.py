@@ -91,7 +91,7 @@ def energy_ranks(module: nn.Module, scheme: str, wh: Whitening, energy: float, *
     return (fr.energy_rank(singular_values(w.reshape(w.shape[0], -1), name=name), energy),)
 
 
-class _Whitened:
+class WhitenedWeight:
     """Stand-in layer whose weight is W C^1/2: its reconstruction error is the relative output error."""
 
     def __init__(self, weight: torch.Tensor):
@@ -107,7 +107,7 @@ def error_source(ctx: CompileContext, name: str):
         return orig
     cache = ctx.calibration_whitened
     if name not in cache:
-        cache[name] = _Whitened(whitened_matrix(orig.weight, wh, name=name))
+        cache[name] = WhitenedWeight(whitened_matrix(orig.weight, wh, name=name))
     return cache[name]
 
 

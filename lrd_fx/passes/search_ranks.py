@@ -6,11 +6,15 @@ ResNet) move both ranks together, which is the paper's 512->r->r->512 staircase;
 the square of the measurements for the same edges.
 
 Candidates are timed as the compiled model will run (cost.timer.Setting): under the caller's autocast
-(or Config.amp), in the model's memory format, in the execution form of Config.timing.exec. A
+(or Config.timing.amp), in the model's memory format, in the execution form of Config.timing.exec. A
 reference kernel timed between the candidates, the spread of the repeats and the load average tell a
 busy machine; disturbed timings are measured again and each keeps its least disturbed value (another
 process only ever adds time), and a revert, or any decision made while the machine was busy, is
 re-checked by re-measuring the ranks it rests on.
+
+Pass-level pieces (tests drive them directly): RankLine (scalar search coordinate -> rank tuple),
+LayerGroup (layers measured once together), CandidateTimer (memo -> SQLite cache -> device, with
+contention handling) and time_with_refs (new ranks measured beside already-measured neighbours).
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ _REF = "__reference__"      # key of the reference kernel among the interleaved 
 
 
 @dataclass
-class _Line:
+class RankLine:
     """Maps the scalar search coordinate s to the layer's rank tuple (data-flow order)."""
     estimate: tuple
     full: tuple
@@ -104,14 +108,14 @@ def _signature(m: nn.Module, scheme: str) -> str:
 
 
 @dataclass
-class _Group:
+class LayerGroup:
     """Layers with identical signature, input shape and rank line: measured once."""
     names: list
     module: nn.Module          # the first layer's original (timing uses copies)
     scheme: str
     signature: str
     shape: tuple
-    line: _Line
+    line: RankLine
     memory_format: str
     times: dict = field(default_factory=dict)      # s -> Measurement
     original: Optional[Measurement] = None
@@ -119,7 +123,7 @@ class _Group:
     busy: bool = False         # a batch of this group was disturbed (a burst, or spread repeats)
 
 
-class _Timer:
+class CandidateTimer:
     """Times modules at one shape: in-memory memo, then the SQLite cache, then the device (or cost_fn)."""
 
     def __init__(self, ctx: CompileContext, cost_fn: Optional[Callable]):
@@ -149,13 +153,13 @@ class _Timer:
         self.last_busy = False
         self._ref = None
 
-    def _ckey(self, g: _Group, rank_key: str) -> dict:
+    def cache_key(self, g: LayerGroup, rank_key: str) -> dict:
         return cache_mod.make_key(device=self.ctx.device, dtype=self.ctx.dtype, memory_format=g.memory_format,
                                   signature=g.signature, input_shape=g.shape, rank=rank_key,
                                   objective=self.objective, amp=self.setting.amp,
                                   exec_form=self.setting.exec_form)
 
-    def time(self, g: _Group, wanted: dict, refs: Optional[dict] = None) -> dict:
+    def time(self, g: LayerGroup, wanted: dict, refs: Optional[dict] = None) -> dict:
         """{rank key: Measurement} for wanted {rank key: zero-arg module factory}: this compile's memo,
         then the cache, then the device. refs {key: (factory, Measurement)}: already-measured neighbours
         timed in the same batch as what is measured; the new timings are scaled by the median ratio of
@@ -174,14 +178,14 @@ class _Timer:
         out.update(self.store(g, {k: got[k] for k in todo}, scale))
         return out
 
-    def lookup(self, g: _Group, keys) -> dict:
+    def lookup(self, g: LayerGroup, keys) -> dict:
         """{rank key: Measurement} for those of `keys` already timed: in this compile (the memo), else in
         the cache (counted in `cached`)."""
         out = {}
         for k in keys:
             hit = self.memo.get(self._memo_key(g, k))
             if hit is None and self.cache is not None:
-                hit = self.cache.get(self._ckey(g, k))
+                hit = self.cache.get(self.cache_key(g, k))
                 if hit is not None:
                     self.cached += 1
                     self.memo[self._memo_key(g, k)] = hit
@@ -189,7 +193,7 @@ class _Timer:
                 out[k] = hit
         return out
 
-    def store(self, g: _Group, got: dict, scale: float = 1.0) -> dict:
+    def store(self, g: LayerGroup, got: dict, scale: float = 1.0) -> dict:
         """Keep fresh measurements {rank key: Measurement} (counted in `measured`): the memo holds them
         times `scale` (the frame the search compares them in), the cache as measured, with the scale.
         Returns the scaled ones."""
@@ -197,14 +201,14 @@ class _Timer:
         self.memo.update((self._memo_key(g, k), m) for k, m in out.items())
         self.measured += len(got)
         if self.cache is not None:
-            self.cache.put_many((self._ckey(g, k), m, scale) for k, m in got.items())
+            self.cache.put_many((self.cache_key(g, k), m, scale) for k, m in got.items())
         return out
 
     @staticmethod
-    def _memo_key(g: _Group, rank_key: str) -> tuple:
+    def _memo_key(g: LayerGroup, rank_key: str) -> tuple:
         return (g.signature, g.shape, g.memory_format, rank_key)
 
-    def remeasure(self, g: _Group, wanted: dict) -> dict:
+    def remeasure(self, g: LayerGroup, wanted: dict) -> dict:
         """Measure already-timed keys again; each keeps the less disturbed of its old and new timing."""
         got = self._measure(g, wanted)
         out, rows = {}, []
@@ -215,12 +219,12 @@ class _Timer:
             self.memo[mk] = out[k] = best
             # the cache holds what was measured: `best` may be an older timing rescaled into the
             # coarse stage's frame, which must not be stored as a raw measurement
-            rows.append((self._ckey(g, k), m))
+            rows.append((self.cache_key(g, k), m))
         if self.cache is not None:
             self.cache.put_many(rows)
         return out
 
-    def _measure(self, g: _Group, todo: dict) -> dict:
+    def _measure(self, g: LayerGroup, todo: dict) -> dict:
         """One interleaved batch; timings whose repeats spread beyond SPREAD_BOUND (all of them when the
         reference kernel saw the machine busy) are measured again, up to MAX_REMEASURE times, and
         each keeps its least disturbed value."""
@@ -237,7 +241,7 @@ class _Timer:
                 got[k] = _least_disturbed(got[k], fresh[k])
         return got
 
-    def _measure_once(self, g: _Group, todo: dict) -> dict:
+    def _measure_once(self, g: LayerGroup, todo: dict) -> dict:
         mods = {k: make() for k, make in todo.items()}
         dev = self.ctx.device
         self.batches += 1
@@ -271,7 +275,7 @@ class _Timer:
             self.ref_quiet = quiet.median_s
         return self._ref
 
-    def _observe(self, g: _Group, ref: Measurement) -> None:
+    def _observe(self, g: LayerGroup, ref: Measurement) -> None:
         """Was the machine busy during this batch? The reference kernel slower than its quietest (the
         report says so), or than its usual time, or spread (then the batch is measured again: under a
         load that lasts, its usual time is the frame every candidate shares, and measuring again would
@@ -334,7 +338,7 @@ def _factory(module: nn.Module, ranks: tuple, scheme: str):
     return lambda: fm.chain_like(module, ranks, scheme)
 
 
-def _measure_group(g: _Group, timer: _Timer, cfg, deadline: Optional[float]) -> None:
+def _measure_group(g: LayerGroup, timer: CandidateTimer, cfg, deadline: Optional[float]) -> None:
     """Coarse stage (original + grid), then fine stages around suspected edges (deadline permitting)."""
     line, m = g.line, g.module
     coarse = cm.candidate_ranks(line.s_est, line.s_full, cfg.rank_search.window)
@@ -357,12 +361,12 @@ def _measure_group(g: _Group, timer: _Timer, cfg, deadline: Optional[float]) -> 
         # frame, so that drift between the stages does not show up as a step.
         refs = sorted({max([t for t in g.times if t < s] or [min(g.times)]) for s in new} |
                       {min([t for t in g.times if t > s] or [max(g.times)]) for s in new})
-        fresh = _time_with_refs(timer, g, refs, new)
+        fresh = time_with_refs(timer, g, refs, new)
         g.times.update(fresh)
     g.status = "done"
 
 
-def _recheck(g: _Group, timer: _Timer, ctx: CompileContext, model, deadline: Optional[float] = None) -> None:
+def _recheck(g: LayerGroup, timer: CandidateTimer, ctx: CompileContext, model, deadline: Optional[float] = None) -> None:
     """A revert, or any decision made after a disturbed batch, must survive a re-measurement: the
     original and every measured rank are timed again in one interleaved batch (one frame: re-timing a
     few points only would compare them with disturbed neighbours), each keeps its least disturbed
@@ -392,9 +396,9 @@ def _recheck(g: _Group, timer: _Timer, ctx: CompileContext, model, deadline: Opt
         first = again
 
 
-def _time_with_refs(timer: _Timer, g: _Group, refs: list, new: list) -> dict:
+def time_with_refs(timer: CandidateTimer, g: LayerGroup, refs: list, new: list) -> dict:
     """{s: Measurement} for the fine-stage ranks `new`, measured interleaved with the already-measured
-    neighbours `refs` and rescaled into their frame (_Timer.time)."""
+    neighbours `refs` and rescaled into their frame (CandidateTimer.time)."""
     line, m = g.line, g.module
     keys = {_key(line.ranks(s)): s for s in new}
     wanted = {k: _factory(m, line.ranks(s), g.scheme) for k, s in keys.items()}
@@ -403,7 +407,7 @@ def _time_with_refs(timer: _Timer, g: _Group, refs: list, new: list) -> dict:
     return {s: got[k] for k, s in keys.items()}
 
 
-def _errors(module: nn.Module, scheme: str, line: _Line, ranks_s) -> dict:
+def _errors(module: nn.Module, scheme: str, line: RankLine, ranks_s) -> dict:
     """Relative reconstruction error per scalar rank: exact for SVD; for Tucker-2 the HOSVD bound
     sqrt(e_out^2 + e_in^2) from the singular values of the two channel unfoldings."""
     w = module.weight.detach().float()
@@ -436,7 +440,7 @@ def _first_input_shape(gm: fx.GraphModule, rec: LayerRecord) -> Optional[tuple]:
     return None
 
 
-def _choose(g: _Group, name: str, ctx: CompileContext, model) -> dict:
+def _choose(g: LayerGroup, name: str, ctx: CompileContext, model) -> dict:
     """Plan entry for one layer of a measured group."""
     cfg = ctx.config
     line = g.line
@@ -450,7 +454,7 @@ def _choose(g: _Group, name: str, ctx: CompileContext, model) -> dict:
     return _entry(g, ch.rank, ch.reason, errors)
 
 
-def _entry(g: _Group, s: Optional[int], reason: str, errors=None) -> dict:
+def _entry(g: LayerGroup, s: Optional[int], reason: str, errors=None) -> dict:
     line = g.line
     status = "" if g.status == "done" else " (from the coarse grid: the fine search was cut short)"
     return {
@@ -506,7 +510,7 @@ def _budget_plan(groups: dict, by_name: dict, ctx: CompileContext, model) -> dic
     return plan
 
 
-def _s_of(line: _Line, ranks) -> int:
+def _s_of(line: RankLine, ranks) -> int:
     return int(ranks[line.lead])
 
 
@@ -648,18 +652,18 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
             by_name[name] = None
             continue
         # the decomposed ranks: the rule's estimate, aligned (Config.align) where the rule made it
-        line = _Line(tuple(rec.ranks or rec.estimate), tuple(rec.full_ranks), setting.align)
+        line = RankLine(tuple(rec.ranks or rec.estimate), tuple(rec.full_ranks), setting.align)
         sig = _signature(orig, rec.scheme)
         # NHWC when the model's weights or inputs are (activations stay NHWC through the convs)
         mf = "channels_last" if setting.memory_format == "channels_last" and orig.weight.dim() == 4 \
             else _memory_format(orig)
         gid = (sig, shape, mf, line.estimate, line.full)
         if gid not in groups:
-            groups[gid] = _Group([], orig, rec.scheme, sig, shape, line, mf)
+            groups[gid] = LayerGroup([], orig, rec.scheme, sig, shape, line, mf)
         groups[gid].names.append(name)
         by_name[name] = gid
 
-    timer = _Timer(ctx, cost_fn)
+    timer = CandidateTimer(ctx, cost_fn)
     t0 = time.perf_counter()
     deadline = t0 + cfg.rank_search.budget_s if cfg.rank_search.budget_s is not None else None
     stopped = None

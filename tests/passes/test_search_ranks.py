@@ -306,7 +306,7 @@ def test_deferred_factorization_factorizes_every_kept_layer_once(monkeypatch):
 
 
 def _fine_stage_timer(tmp_path, monkeypatch, scripted):
-    """A _Timer whose device measurement is replaced by scripted times: {rank key: seconds}."""
+    """A CandidateTimer whose device measurement is replaced by scripted times: {rank key: seconds}."""
     from lrd_fx.config import Config
     from lrd_fx.context import CompileContext
     from lrd_fx.cost.timer import Measurement
@@ -314,14 +314,14 @@ def _fine_stage_timer(tmp_path, monkeypatch, scripted):
 
     layer = nn.Linear(32, 32)
     cfg = Config().replace(rank_search="infer", rank_search_repeats=3, cache=str(tmp_path / "c.sqlite"))
-    timer = sr._Timer(CompileContext(config=cfg, model=layer), cost_fn=None)
+    timer = sr.CandidateTimer(CompileContext(config=cfg, model=layer), cost_fn=None)
     asked = []
 
     def measure(g, todo):
         asked.append(sorted(todo))
         return {k: Measurement(scripted[k], 0.1 * scripted[k], 3, 0.9 * scripted[k]) for k in todo}
     monkeypatch.setattr(timer, "_measure", measure)
-    g = sr._Group(["lin"], layer, "svd", "Linear|32x32", (4, 32), sr._Line((8,), (32,)), "contiguous")
+    g = sr.LayerGroup(["lin"], layer, "svd", "Linear|32x32", (4, 32), sr.RankLine((8,), (32,)), "contiguous")
     return timer, g, asked
 
 
@@ -335,7 +335,7 @@ def test_fine_stage_is_rescaled_to_the_coarse_frame(tmp_path, monkeypatch):
     scripted = {"ref:4": 3.0, "ref:8": 3.3, "5": 3.0, "6": 4.5}
     timer, g, asked = _fine_stage_timer(tmp_path, monkeypatch, scripted)
     g.times = {4: Measurement(1.0, 0.0, 3), 8: Measurement(1.1, 0.0, 3)}     # the coarse stage's frame
-    out = sr._time_with_refs(timer, g, refs=[4, 8], new=[5, 6])
+    out = sr.time_with_refs(timer, g, refs=[4, 8], new=[5, 6])
     assert asked == [["5", "6", "ref:4", "ref:8"]]          # new ranks interleaved with both references
     # both references ran 3x slower: the new ranks are divided by 3 (median of the refs' ratios)
     assert out[5].median_s == pytest.approx(1.0) and out[6].median_s == pytest.approx(1.5)
@@ -343,15 +343,15 @@ def test_fine_stage_is_rescaled_to_the_coarse_frame(tmp_path, monkeypatch):
     assert timer.measured == 2
     # the cache holds the measurements as taken, marked with the scale that was applied
     with cache.TimingCache(tmp_path / "c.sqlite") as c:
-        k6 = timer._ckey(g, "6")
+        k6 = timer.cache_key(g, "6")
         assert c.get(k6, raw=True).median_s == pytest.approx(4.5)
         assert c.is_rescaled(k6) and c.get(k6).median_s == pytest.approx(1.5)
-        assert c.get(timer._ckey(g, "ref:4")) is None                         # references are not stored
+        assert c.get(timer.cache_key(g, "ref:4")) is None                         # references are not stored
     info = cache.cache_info(tmp_path / "c.sqlite")
     assert info["entries"] == 2 and info["rescaled"] == 2
     # a second fine stage finds rank 6 in the memo and measures only rank 7 with the references
     scripted["7"] = 6.0
-    out = sr._time_with_refs(timer, g, refs=[4, 8], new=[6, 7])
+    out = sr.time_with_refs(timer, g, refs=[4, 8], new=[6, 7])
     assert asked[-1] == ["7", "ref:4", "ref:8"] and out[6].median_s == pytest.approx(1.5)
     assert out[7].median_s == pytest.approx(2.0)
     timer.close()
@@ -366,13 +366,13 @@ def test_remeasure_stores_the_new_measurement_not_a_rescaled_one(tmp_path, monke
     scripted = {"ref:4": 3.0, "ref:8": 3.3, "6": 4.5}
     timer, g, _ = _fine_stage_timer(tmp_path, monkeypatch, scripted)
     g.times = {4: Measurement(1.0, 0.0, 3), 8: Measurement(1.1, 0.0, 3)}
-    sr._time_with_refs(timer, g, refs=[4, 8], new=[6])          # memo: 1.5 (rescaled), cache: 4.5 raw
+    sr.time_with_refs(timer, g, refs=[4, 8], new=[6])          # memo: 1.5 (rescaled), cache: 4.5 raw
     scripted["6"] = 2.0                                           # re-measured: faster than raw, slower than 1.5
     out = timer.remeasure(g, {"6": lambda: None})
     timer.close()
     assert out["6"].median_s == pytest.approx(1.5)                # the least disturbed value is kept
     with cache.TimingCache(tmp_path / "c.sqlite") as c:
-        k6 = timer._ckey(g, "6")
+        k6 = timer.cache_key(g, "6")
         assert c.get(k6, raw=True).median_s == pytest.approx(2.0)  # the measurement as taken
         assert c.is_rescaled(k6) is False
 
@@ -383,11 +383,11 @@ def test_fine_stage_without_drift_is_not_rescaled(tmp_path, monkeypatch):
 
     timer, g, _ = _fine_stage_timer(tmp_path, monkeypatch, {"ref:4": 1.0, "ref:8": 1.1, "5": 1.05})
     g.times = {4: Measurement(1.0, 0.0, 3), 8: Measurement(1.1, 0.0, 3)}
-    out = sr._time_with_refs(timer, g, refs=[4, 8], new=[5])
+    out = sr.time_with_refs(timer, g, refs=[4, 8], new=[5])
     timer.close()
     assert out[5].median_s == pytest.approx(1.05)
     with cache.TimingCache(tmp_path / "c.sqlite") as c:
-        assert c.is_rescaled(timer._ckey(g, "5")) is False
+        assert c.is_rescaled(timer.cache_key(g, "5")) is False
     assert cache.cache_info(tmp_path / "c.sqlite")["rescaled"] == 0
 
 
