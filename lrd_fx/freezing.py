@@ -171,7 +171,7 @@ class CallableSchedule(Schedule):
         return f"callable {self.name}(epoch, layer, role)"
 
 
-_SCHEDULES: Registry[Callable[[Any], Schedule]] = Registry(
+SCHEDULES: Registry[Callable[[Any], Schedule]] = Registry(
     "schedule", error=FreezeError,
     hint="register one with @lrd_fx.register_schedule('name') on a factory (options: lrd_fx.Freeze) -> Schedule, "
          "or pass a callable (epoch, layer_name, role) -> trainable")
@@ -180,7 +180,7 @@ _SCHEDULES: Registry[Callable[[Any], Schedule]] = Registry(
 def register_schedule(name: Optional[str] = None, factory=None):
     """Register a schedule factory `(options: lrd_fx.Freeze) -> Schedule` under `name` (decorator, or a call
     with factory); the factory reads options.period / options.group as it needs."""
-    return _SCHEDULES.register(name) if factory is None else _SCHEDULES.register(name, factory)
+    return SCHEDULES.register(name) if factory is None else SCHEDULES.register(name, factory)
 
 
 @register_schedule("sequential")
@@ -194,7 +194,7 @@ def _static(options) -> Schedule:
 
 
 def schedule_names() -> list[str]:
-    return _SCHEDULES.names()
+    return SCHEDULES.names()
 
 
 def _options(options) -> Freeze:
@@ -210,7 +210,7 @@ def make_schedule(spec, config=None) -> Schedule:
     if isinstance(spec, Schedule):
         return spec
     if isinstance(spec, str):
-        return _SCHEDULES.get(spec)(_options(config))   # FreezeError naming the known schedules
+        return SCHEDULES.get(spec)(_options(config))   # FreezeError naming the known schedules
     if callable(spec):
         return CallableSchedule(spec)
     raise FreezeError(f"freeze={spec!r} must be a schedule name {schedule_names()}, a Schedule, or a "

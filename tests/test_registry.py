@@ -54,7 +54,7 @@ def test_get_passes_callables_and_names_the_known_entries():
 
 
 def test_schedules_use_the_registry():
-    assert isinstance(freezing._SCHEDULES, Registry)
+    assert isinstance(freezing.SCHEDULES, Registry)
 
     @lrd_fx.register_schedule("every_third")
     def every_third(config):
@@ -64,7 +64,7 @@ def test_schedules_use_the_registry():
         assert freezing.make_schedule("every_third").period == 3
         assert lrd_fx.Config(freeze="every_third").freeze is not None   # a registered name is valid
     finally:
-        del freezing._SCHEDULES["every_third"]
+        del freezing.SCHEDULES["every_third"]
     with pytest.raises(FreezeError, match="not a known schedule.*sequential.*static"):
         freezing.make_schedule("every_third")
     with pytest.raises(ConfigError, match="sequential"):

@@ -364,7 +364,7 @@ def test_unregistered_schedules_are_refused_at_save(tmp_path):
 
 
 def test_registered_schedule_saves_by_name(tmp_path, monkeypatch):
-    monkeypatch.setitem(freezing._SCHEDULES, "every_other", lambda config: EveryOther())
+    monkeypatch.setitem(freezing.SCHEDULES, "every_other", lambda config: EveryOther())
     model, gm = compiled(freeze="every_other")
     gm.lrd.freezer.set_epoch(1)
     lrd_fx.save(gm, tmp_path / "r.lrd")
@@ -372,7 +372,7 @@ def test_registered_schedule_saves_by_name(tmp_path, monkeypatch):
     gm2 = lrd_fx.load(model, tmp_path / "r.lrd")
     assert type(gm2.lrd.freezer.schedule) is EveryOther and gm2.lrd.freezer.epoch == 1
     assert gm2.lrd.freezer.frozen_now() == gm.lrd.freezer.frozen_now()
-    monkeypatch.delitem(freezing._SCHEDULES, "every_other")
+    monkeypatch.delitem(freezing.SCHEDULES, "every_other")
     with pytest.raises(lrd_fx.LoadError, match="every_other.*register"):
         lrd_fx.load(model, tmp_path / "r.lrd")
     assert lrd_fx.load(model, tmp_path / "r.lrd", freeze="sequential").lrd.freezer.epoch == 1
