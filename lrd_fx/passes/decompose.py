@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -234,6 +235,110 @@ def replace_call_sites(site: _Site, name: str, chain: nn.Module, rec: LayerRecor
         setattr(parent, attr, chain)
 
 
+@dataclass
+class _Job:
+    """One layer to factorize: where it is called, its ranks (data-flow order) and its record."""
+    name: str
+    site: _Site
+    ranks: tuple
+    scheme: str
+    rec: LayerRecord
+    override: object = None      # the per-layer rank (rank={pattern: r}) that applied, if any
+
+
+@dataclass
+class _Kept:
+    """A layer left as it is; `exceeded`: because a global rank=int is above its full rank."""
+    reason: str
+    exceeded: bool = False
+
+
+def _override_of(name: str, per_layer: dict):
+    override = None
+    for pattern, r in per_layer.items():
+        if _match(name, pattern):
+            override = r   # the last matching pattern wins, like later dict entries
+    return override
+
+
+def _check_patterns(per_layer: dict, sites: dict) -> None:
+    for pattern in per_layer:
+        if not any(_match(n, pattern) for n in sites):
+            some = ", ".join(list(sites)[:8]) + (" ..." if len(sites) > 8 else "")
+            raise RankError(f"rank[{pattern!r}] matches no Conv/Linear layer of the model; "
+                            f"layer names look like: {some}")
+
+
+def _new_record(name: str, m: nn.Module, ctx: CompileContext) -> LayerRecord:
+    io = ctx.layer_io.get(name)
+    return LayerRecord(name=name, kind=type(m).__name__,
+                       in_shape=io["in"] if io else None, out_shape=io["out"] if io else None,
+                       params_before=weight_params(m), params_after=weight_params(m),
+                       flops_before=layer_flops(m, io), flops_after=layer_flops(m, io),
+                       fallback=_fallback_of(name, ctx.fallback_parts))
+
+
+def _plan_layer(name: str, site: _Site, rec: LayerRecord, ctx: CompileContext, note: Optional[str],
+                per_layer: dict, align: int):
+    """A _Job factorizing layer `name` at the configured rule's ranks, or _Kept with the reason it stays."""
+    cfg = ctx.config
+    m = site.module
+    reason = _skip_reason(name, m, cfg, note)
+    if reason is not None:
+        return _Kept(reason)
+    override = _override_of(name, per_layer)
+    scheme = fm.effective_scheme(m, cfg.conv_scheme)
+    full = tuple(fm.full_ranks(m, scheme))
+    rec.scheme, rec.full_ranks = scheme, list(full)
+    if not ctx.empty_init and not torch.isfinite(m.weight.detach()).all():
+        raise FactorizationError(
+            f"layer '{name}' ({type(m).__name__}) has NaN/Inf in its weight; fix or re-initialise "
+            f"the weights, or exclude the layer with skip=['{name}']")
+    ranks = _ranks_for(name, m, scheme, cfg, override, _whitening(ctx, name))
+    rec.estimate = list(ranks)
+    if align > 1 and override is None and (cfg.rank is None or cfg.rank == "vbmf" or isinstance(cfg.rank, dict)):
+        # a rule's estimate (ratio/energy/vbmf) goes to the hardware's rank unit; ranks the user
+        # gave (rank=int, per-layer ranks, "full") stay as given
+        ranks = tuple(fr.align_rank(r, align, f) for r, f in zip(ranks, full))
+    if any(r < 1 for r in ranks):
+        raise RankError(f"layer '{name}': rank {ranks} must be >= 1")
+    if any(r > f for r, f in zip(ranks, full)):
+        if isinstance(cfg.rank, int) and not isinstance(cfg.rank, bool) and override is None:
+            return _Kept(f"rank {cfg.rank} exceeds full rank {list(full)}", exceeded=True)
+        raise RankError(f"layer '{name}': rank {list(ranks)} exceeds its full rank {list(full)}; "
+                        f"use at most {list(full)} (or rank='full')")
+    after = fm.chain_params(m, ranks, scheme)
+    if after >= rec.params_before and cfg.rank != "full" and override != "full" and not ctx.empty_init:
+        return _Kept(f"no parameter saving at rank {list(ranks)} ({after} >= {rec.params_before})")
+    return _Job(name, site, ranks, scheme, rec, override)
+
+
+def _build_chains(jobs: list, ctx: CompileContext) -> dict:
+    """{name: FactorChain} for every job. Factorized at once (spread over CPU threads), except: load()
+    fills the weights from the file, and when a rank search or calibration follows the chains are
+    pending (exact, factorized on first use): the search may change a layer's ranks and calibrate fits
+    the factors to data, so each layer is factorized once, at its final ranks, by those passes or by
+    the materialize pass after them."""
+    if ctx.empty_init:
+        return {j.name: fm.chain_like(j.site.module, j.ranks, j.scheme) for j in jobs}
+    if defers(ctx):
+        return {j.name: pending_chain(j.site.module, j.ranks, j.scheme, name=j.name) for j in jobs}
+    return fm.factorize_many([(j.name, j.site.module, j.ranks, j.scheme) for j in jobs],
+                             progress=ctx.config.progress)
+
+
+def _install_job(job: _Job, chain: FactorChain, ctx: CompileContext, align: int) -> None:
+    rec = job.rec
+    ctx.originals[job.name] = job.site.module
+    rec.ranks = list(job.ranks)
+    rec.decision = DECOMPOSED
+    rec.reason = _rule_text(ctx.config, job.override) + (
+        f"; aligned to a multiple of {align} (align={ctx.config.align!r})" if rec.estimate != rec.ranks else "")
+    rec.params_after = sum(p.numel() for p in chain.parameters())
+    rec.flops_after = chain_flops(chain, ctx.layer_io.get(job.name))
+    replace_call_sites(job.site, job.name, chain, rec)
+
+
 def decompose(ctx: CompileContext):
     """Factory of the decompose pass: ranks from the configured rule, factorization, graph rewrite."""
     cfg = ctx.config
@@ -241,96 +346,28 @@ def decompose(ctx: CompileContext):
     def run(gm):
         from ..cost.timer import setting_of
         align = setting_of(ctx).align      # Config.align; "auto": 8 on CUDA half precision, else 1
-        layer_io = ctx.layer_io
         sites = collect_sites(gm, ctx.eager_parts)
-        notes = site_notes(gm, sites, layer_io, ctx.example_inputs is not None)
+        notes = site_notes(gm, sites, ctx.layer_io, ctx.example_inputs is not None)
         per_layer = cfg.rank if isinstance(cfg.rank, dict) else {}
-        for pattern in per_layer:
-            if not any(_match(n, pattern) for n in sites):
-                some = ", ".join(list(sites)[:8]) + (" ..." if len(sites) > 8 else "")
-                raise RankError(f"rank[{pattern!r}] matches no Conv/Linear layer of the model; "
-                                f"layer names look like: {some}")
-        global_int = isinstance(cfg.rank, int) and not isinstance(cfg.rank, bool)
-        empty_init = ctx.empty_init   # load(): weights come from the file
-        modified = False
-        exceeded = 0
-        pending = []   # layers to factorize: (name, site, module, ranks, scheme, record, io, override)
+        _check_patterns(per_layer, sites)
+        jobs, exceeded = [], 0
         for name, site in sites.items():
-            m = site.module
-            io = layer_io.get(name)
-            rec = LayerRecord(name=name, kind=type(m).__name__,
-                              in_shape=io["in"] if io else None, out_shape=io["out"] if io else None,
-                              params_before=weight_params(m), params_after=weight_params(m),
-                              flops_before=layer_flops(m, io), flops_after=layer_flops(m, io),
-                              fallback=_fallback_of(name, ctx.fallback_parts))
-            ctx.records[name] = rec
-            reason = _skip_reason(name, m, cfg, notes.get(name))
-            override = None
-            for pattern, r in per_layer.items():
-                if _match(name, pattern):
-                    override = r   # the last matching pattern wins, like later dict entries
-            if reason is not None:
-                rec.reason = reason
-                replace_call_sites(site, name, m, rec)
-                continue
-            scheme = fm.effective_scheme(m, cfg.conv_scheme)
-            full = tuple(fm.full_ranks(m, scheme))
-            rec.scheme, rec.full_ranks = scheme, list(full)
-            if not empty_init and not torch.isfinite(m.weight.detach()).all():
-                raise FactorizationError(
-                    f"layer '{name}' ({type(m).__name__}) has NaN/Inf in its weight; fix or re-initialise "
-                    f"the weights, or exclude the layer with skip=['{name}']")
-            ranks = _ranks_for(name, m, scheme, cfg, override, _whitening(ctx, name))
-            rec.estimate = list(ranks)
-            if align > 1 and override is None and (cfg.rank is None or cfg.rank == "vbmf"
-                                                   or isinstance(cfg.rank, dict)):
-                # a rule's estimate (ratio/energy/vbmf) goes to the hardware's rank unit; ranks the user
-                # gave (rank=int, per-layer ranks, "full") stay as given
-                ranks = tuple(fr.align_rank(r, align, f) for r, f in zip(ranks, full))
-            if any(r < 1 for r in ranks):
-                raise RankError(f"layer '{name}': rank {ranks} must be >= 1")
-            if any(r > f for r, f in zip(ranks, full)):
-                if global_int and override is None:
-                    rec.reason = f"rank {cfg.rank} exceeds full rank {list(full)}"
-                    exceeded += 1
-                    replace_call_sites(site, name, m, rec)
-                    continue
-                raise RankError(f"layer '{name}': rank {list(ranks)} exceeds its full rank {list(full)}; "
-                                f"use at most {list(full)} (or rank='full')")
-            after = fm.chain_params(m, ranks, scheme)
-            if after >= rec.params_before and cfg.rank != "full" and override != "full" and not empty_init:
-                rec.reason = f"no parameter saving at rank {list(ranks)} ({after} >= {rec.params_before})"
-                replace_call_sites(site, name, m, rec)
-                continue
-            pending.append((name, site, m, ranks, scheme, rec, io, override))
-        # Factorize every chosen layer at once (spread over CPU threads). When a rank search or
-        # calibration follows, the chains are pending instead (exact, factorized on first use): the
-        # search may change a layer's ranks and calibrate fits the factors to data, so each layer is
-        # factorized once, at its final ranks, by those passes or by the materialize pass after them.
-        if empty_init:   # load(): the weights come from the file
-            chains = {name: fm.chain_like(m, ranks, scheme) for name, _, m, ranks, scheme, *_ in pending}
-        elif defers(ctx):
-            chains = {name: pending_chain(m, ranks, scheme, name=name)
-                      for name, _, m, ranks, scheme, *_ in pending}
-        else:
-            chains = fm.factorize_many([(name, m, ranks, scheme) for name, _, m, ranks, scheme, *_ in pending],
-                                       progress=cfg.progress)
-        for name, site, m, ranks, scheme, rec, io, override in pending:
-            chain = chains[name]
-            ctx.originals[name] = m
-            rec.ranks = list(ranks)
-            rec.decision = DECOMPOSED
-            rec.reason = _rule_text(cfg, override) + (
-                f"; aligned to a multiple of {align} (align={cfg.align!r})" if rec.estimate != list(ranks) else "")
-            rec.params_after = sum(p.numel() for p in chain.parameters())
-            rec.flops_after = chain_flops(chain, io)
-            replace_call_sites(site, name, chain, rec)
-            modified = True
-        if exceeded and not any(r.decision == DECOMPOSED for r in ctx.records.values()):
+            rec = ctx.records[name] = _new_record(name, site.module, ctx)
+            job = _plan_layer(name, site, rec, ctx, notes.get(name), per_layer, align)
+            if isinstance(job, _Kept):
+                rec.reason = job.reason
+                exceeded += job.exceeded
+                replace_call_sites(site, name, site.module, rec)
+            else:
+                jobs.append(job)
+        chains = _build_chains(jobs, ctx)
+        for job in jobs:
+            _install_job(job, chains[job.name], ctx, align)
+        if exceeded and not jobs:
             raise RankError(f"rank={cfg.rank} exceeds the full rank of every eligible layer; choose a smaller rank")
         _weight_reads(gm, ctx)
         account_layers(gm, ctx)
-        return PassResult(gm, modified)   # the PassManager lints and recompiles every part
+        return PassResult(gm, bool(jobs))   # the PassManager lints and recompiles every part
 
     run.name = "decompose"
     return run
