@@ -600,7 +600,7 @@ def run_minilm(args) -> dict:
         row = {}
         for label, kw in modes.items():
             t0 = time.perf_counter()
-            cal = {"calibration": calib} if kw else {}
+            cal = {"calibration": calib, "calibration_damping": args.damping} if kw else {}
             gm = lrd_fx.compile(model, example, ratio=ratio, progress=False, **cal, **kw)
             secs = time.perf_counter() - t0
             e = embed(gm, evals)
@@ -820,6 +820,7 @@ def main(argv=None):
     ap.add_argument("--calib-sentences", type=int, default=len(CALIBRATION), help="MiniLM calibration sentences")
     ap.add_argument("--calib-batch", type=int, default=16, help="MiniLM calibration sentences per batch")
     ap.add_argument("--mlp-ratios", type=lambda s: [float(v) for v in s.split(",")], default=[0.05, 0.1, 0.2, 0.3, 0.5])
+    ap.add_argument("--damping", type=float, default=0.01, help="MiniLM calibration_damping")
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. one ratio per process)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--minilm-modes", default="plain,one-shot,sequential",
