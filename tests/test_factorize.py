@@ -450,6 +450,41 @@ def test_factorize_many_names_the_failing_layer(monkeypatch):
         factorize_many(jobs, workers=2)
 
 
+def test_factorize_many_runs_big_layers_first_with_every_thread(monkeypatch):
+    # layers over SERIAL_MAX_NUMEL weights ("a", "d" here) run one at a time with all torch threads
+    # before the others run in parallel on one thread each; results equal the one-by-one ones
+    jobs = _many_jobs()
+    monkeypatch.setattr(modules, "SERIAL_MAX_NUMEL", 2000)
+    real = modules.factorize
+    seen = []
+
+    def spy(module, ranks, scheme, *, name="", **kw):
+        seen.append((name, torch.get_num_threads()))
+        return real(module, ranks, scheme, name=name, **kw)
+    monkeypatch.setattr(modules, "factorize", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = factorize_many(jobs, workers=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen[:2] == [("a", 2), ("d", 2)] and sorted(seen[2:]) == [("b", 1), ("c", 1)]
+    assert list(got) == ["a", "b", "c", "d"]
+    for name, module, ranks, scheme in jobs:
+        ref = real(module, ranks, scheme, name=name)
+        for (k, p), (_, q) in zip(got[name].state_dict().items(), ref.state_dict().items()):
+            assert torch.equal(p, q), (name, k)
+
+    def broken(module, ranks, scheme, *, name="", **kw):   # a big layer fails after an earlier small one
+        if name in ("b", "d"):
+            raise ValueError(f"boom {name}")
+        return real(module, ranks, scheme, name=name, **kw)
+    monkeypatch.setattr(modules, "factorize", broken)
+    with pytest.raises(FactorizationError, match="layer 'b'"):
+        factorize_many(jobs, workers=2)
+
+
 def test_effective_scheme_names_what_each_layer_gets():
     k3, k1 = nn.Conv2d(8, 12, 3), nn.Conv2d(8, 12, 1)
     assert effective_scheme(k3, "tucker2") == "tucker2"

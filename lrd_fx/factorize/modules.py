@@ -15,7 +15,7 @@ from ..errors import ConfigError, FactorizationError, LRDError, RankError
 from .chain import ROLE_CORE, ROLE_FIRST, ROLE_LAST, FactorChain
 from .ranks import (energy_rank, evbmf_rank, svd_rank_for_ratio, tucker2_ranks_energy,
                     tucker2_ranks_for_ratio, tucker2_ranks_vbmf)
-from .svd import _label, check_rank, singular_values, svd_split
+from .svd import SERIAL_MAX_NUMEL, _label, check_rank, singular_values, svd_split
 from .tucker import tucker2
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -425,7 +425,9 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
 
     On CPU the layers are spread over `workers` Python threads (default factorize_workers), each
     running its math on one torch thread: the small float64 GEMMs and eigensolvers of one layer do
-    not scale across cores, whole layers do (about 2x on 2 cores). The torch thread count is
+    not scale across cores, whole layers do (about 2x on 2 cores). Big layers (weights over
+    svd.SERIAL_MAX_NUMEL elements, e.g. AlexNet's 4096x9216 classifier) go first, one at a time with
+    every torch thread, where their large GEMMs and eigensolver do scale. The torch thread count is
     restored afterwards. Results do not depend on the number of workers. `progress` shows a tqdm bar
     when there are at least PROGRESS_MIN_LAYERS layers. A failure names its layer:
     an LRDError is re-raised as is, anything else as FactorizationError; with several failures the
@@ -459,12 +461,23 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
                 out[job[0]] = one(job)
                 bar.update(1)
             return out
+        errors: dict = {}
+        big = [i for i, job in enumerate(jobs) if _numel(job[1]) > SERIAL_MAX_NUMEL]
+        for i in big:
+            try:
+                out[jobs[i][0]] = one(jobs[i])
+            except BaseException as e:   # noqa: BLE001 - re-raised below, first in job order
+                errors[i] = e
+                break
+            bar.update(1)
+        # the other layers, in parallel; after a failure only those before it (the first in job order is raised)
+        stop = min(errors) if errors else len(jobs)
+        rest = [i for i in range(stop) if i not in set(big)]
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        errors: dict = {}
         try:
             with ThreadPoolExecutor(max_workers=n, thread_name_prefix="lrd_fx-factorize") as pool:
-                futures = {pool.submit(one, job): i for i, job in enumerate(jobs)}
+                futures = {pool.submit(one, jobs[i]): i for i in rest}
                 for fut in as_completed(futures):
                     i = futures[fut]
                     try:
@@ -481,6 +494,11 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
         return {job[0]: out[job[0]] for job in jobs}
     finally:
         bar.close()
+
+
+def _numel(module: nn.Module) -> int:
+    w = getattr(module, "weight", None)
+    return w.numel() if isinstance(w, torch.Tensor) else 0
 
 
 # --- rank rules applied to a module (data-flow order: SVD (r,), Tucker-2 (r_in, r_out)) ------------
