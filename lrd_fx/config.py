@@ -26,8 +26,16 @@ from .errors import ConfigError
 RankSpec = Union[None, int, str, dict]
 
 
+class _SubConfig:
+    """Base of the frozen sub-configs: numpy ints become ints, then every field is checked, when built."""
+
+    def __post_init__(self) -> None:
+        _plain_ints(self)
+        self.validate()
+
+
 @dataclass(frozen=True)
-class RankSearch:
+class RankSearch(_SubConfig):
     """The on-device rank search (search_ranks pass). Shorthand: rank_search="infer", rank_search_<field>=."""
     mode: str = "infer"                    # "infer" (time forward) or "train" (forward + backward)
     window: float = 0.25                   # candidates within +-window of the estimate
@@ -38,10 +46,6 @@ class RankSearch:
     budget_s: Optional[float] = None       # stop measuring after this many seconds
     param_budget: Optional[float] = None   # whole-model plan: total factor params <= this fraction (rank_budget=)
     cost_model: Any = None                 # a name registered with lrd_fx.cost.register_cost_model, or a callable
-
-    def __post_init__(self) -> None:
-        _plain_ints(self)
-        self.validate()
 
     def validate(self) -> None:
         """Check every field; ConfigError names the field (and its shorthand). Never mutates."""
@@ -87,16 +91,12 @@ def _takes(fn, *names: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Timing:
+class Timing(_SubConfig):
     """How layers and models are timed on the device, by the rank search and the whole-model check."""
     amp: Optional[str] = None              # "bf16"/"fp16": time under autocast; "off": never; None: the autocast active at compile()
     exec: str = "auto"                     # "eager", "cuda_graph", "compile"; "auto": cuda_graph on CUDA, eager elsewhere (rank_search_exec=)
     repeats: int = 7                       # timed repeats per candidate, median taken (rank_search_repeats=)
     cache: Union[bool, str, None] = True   # timing cache: True (default path), False/None (off), or a path
-
-    def __post_init__(self) -> None:
-        _plain_ints(self)
-        self.validate()
 
     def validate(self) -> None:
         with _context("Timing"):
@@ -110,15 +110,11 @@ class Timing:
 
 
 @dataclass(frozen=True)
-class Freeze:
+class Freeze(_SubConfig):
     """Sequential-freezing gates (freeze pass). Shorthand: freeze="sequential", freeze_period=, freeze_group=."""
     schedule: Any = "sequential"           # a registered name ("sequential", "static", ...), a Schedule, or callable(epoch, layer, role)
     period: int = 1                        # epochs per schedule phase ("sequential")
     group: str = "core"                    # group always frozen by "static": "core"/"outer"/"first"/"last"
-
-    def __post_init__(self) -> None:
-        _plain_ints(self)
-        self.validate()
 
     def validate(self) -> None:
         with _context("Freeze"):
@@ -134,15 +130,11 @@ class Freeze:
 
 
 @dataclass(frozen=True)
-class Calibration:
+class Calibration(_SubConfig):
     """Data-aware factorization, used when compile(..., calibration=batches) is given (calibrate pass)."""
     mode: str = "sequential"               # "sequential" (layer by layer, compressed inputs) or "oneshot"
     damping: float = 0.01                  # ridge towards the weights, x mean input energy per feature
     recalibrate_bn: bool = True            # re-estimate BatchNorm statistics on the calibration batches
-
-    def __post_init__(self) -> None:
-        _plain_ints(self)
-        self.validate()
 
     def validate(self) -> None:
         with _context("Calibration"):
@@ -224,10 +216,7 @@ class Config:
     def __post_init__(self) -> None:
         # Normalise the shorthand forms first (validate() itself never changes a field), then check
         # everything, so a Config that exists is a valid one however it was built.
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if _np_int(v):
-                setattr(self, f.name, int(v))      # numpy ints: downstream code tests isinstance(v, int)
+        _plain_ints(self)                          # numpy ints: downstream code tests isinstance(v, int)
         if self.ratio is None:
             self.ratio = DEFAULT_RATIO
         if isinstance(self.conv_scheme, str) and self.conv_scheme == "svd":

@@ -248,12 +248,12 @@ def setting_of(ctx) -> Setting:
     cfg = ctx.config
     # nothing is timed without a search or a whole-model check: then only the alignment is used, and
     # options that fit another device (a config saved on a GPU machine) are not errors
-    timed = cfg.rank_search is not None or getattr(cfg, "whole_model_check", None) is True
+    timed = cfg.rank_search is not None or cfg.whole_model_check is True
     amp = resolve_amp(cfg.timing.amp, ctx.autocast)
     if timed and amp is not None and ctx.dtype in _HALF and AMP_DTYPES[amp] != ctx.dtype:
         raise ConfigError(f"amp={amp!r} but the model's weights are {ctx.dtype}: autocast would time a "
                           f"mixed precision that does not run; pass amp='off' or cast the model")
-    align = getattr(cfg, "align", "auto")
+    align = cfg.align
     if align == "auto":
         align = default_align(ctx.device, ctx.dtype, amp)
     exec_option = cfg.timing.exec

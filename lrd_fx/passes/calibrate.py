@@ -165,11 +165,6 @@ def _chains(gm: nn.Module, ctx: CompileContext) -> list[str]:
     return out
 
 
-def _install_weights(chain: FactorChain, new: FactorChain) -> None:
-    """The fitted factors into the installed chain, in place; a pending chain owes nothing afterwards."""
-    chain.fill_(new)
-
-
 def _probe(gm: nn.Module, names: list, batch) -> tuple[list, dict]:
     """Run one batch; return the layers grouped by shared input tensor in call order, and calls per batch."""
     order, inputs, calls = [], {}, collections.Counter()
@@ -307,7 +302,7 @@ def _fit_one_shot(gm, ctx: CompileContext, names: list, used: dict) -> None:
     whiten = {n: whitening_of(ctx, n) for n in names if n in stats}
     chains = fm.factorize_many(jobs, progress=ctx.config.progress, desc="calibrate", whiten=whiten)
     for n in names:
-        _install_weights(gm.get_submodule(n), chains[n])
+        gm.get_submodule(n).fill_(chains[n])   # in place; no longer pending
         if n in stats:
             used[n] = stats[n]
             _mark(ctx, n, "one-shot")
@@ -317,7 +312,7 @@ def _refit(gm, ctx: CompileContext, name: str, stats: InputStats, damping: float
     rec = ctx.records[name]
     chain = fm.factorize(ctx.originals[name], tuple(rec.ranks), rec.scheme, name=name,
                          whiten=Whitening(stats, damping))
-    _install_weights(gm.get_submodule(name), chain)
+    gm.get_submodule(name).fill_(chain)
     _mark(ctx, name, "sequential")
 
 

@@ -22,7 +22,7 @@ BUSY_LOAD = 0.5                              # other processes' load per core th
 
 def wants_check(cfg) -> bool:
     """Config.whole_model_check; None (default): on whenever the rank search is."""
-    on = getattr(cfg, "whole_model_check", None)
+    on = cfg.whole_model_check
     return bool(on) if on is not None else cfg.rank_search is not None
 
 
@@ -60,7 +60,7 @@ def check_speed(ctx: CompileContext):
 
 
 def _mode(cfg) -> str:
-    if getattr(cfg, "fuse_inference", False):
+    if cfg.fuse_inference:
         return "infer"          # a fused model runs in eval mode only
     return cfg.rank_search.mode if cfg.rank_search is not None else "infer"
 
