@@ -462,7 +462,7 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
                 bar.update(1)
             return out
         errors: dict = {}
-        big = [i for i, job in enumerate(jobs) if _numel(job[1]) > SERIAL_MAX_NUMEL]
+        big = {i: None for i, job in enumerate(jobs) if _numel(job[1]) > SERIAL_MAX_NUMEL}   # job order
         for i in big:
             try:
                 out[jobs[i][0]] = one(jobs[i])
@@ -472,7 +472,7 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
             bar.update(1)
         # the other layers, in parallel; after a failure only those before it (the first in job order is raised)
         stop = min(errors) if errors else len(jobs)
-        rest = [i for i in range(stop) if i not in set(big)]
+        rest = [i for i in range(stop) if i not in big]
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
