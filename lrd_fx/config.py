@@ -135,6 +135,9 @@ class Calibration(_SubConfig):
     mode: str = "sequential"               # "sequential" (layer by layer, compressed inputs) or "oneshot"
     damping: float = 0.01                  # ridge towards the weights, x mean input energy per feature
     recalibrate_bn: bool = True            # re-estimate BatchNorm statistics on the calibration batches
+    # key of a dict batch's [batch, tokens] 0/1 mask: Linear inputs shaped [batch, tokens, features] enter
+    # the statistics at its non-zero positions only (padding left out); None: every position counts
+    token_mask: Optional[str] = "attention_mask"
 
     def validate(self) -> None:
         with _context("Calibration"):
@@ -143,6 +146,9 @@ class Calibration(_SubConfig):
                   "e.g. calibration_damping=0.01 (larger: closer to plain SVD, for few calibration samples)",
                   lo_open=True)
             _bool("recalibrate_bn", self.recalibrate_bn)
+            if self.token_mask is not None and not (isinstance(self.token_mask, str) and self.token_mask):
+                raise ConfigError(f"calibration_token_mask={self.token_mask!r} must be the key of the mask in "
+                                  f"dict calibration batches, e.g. 'attention_mask', or None (no masking)")
 
 
 # Flat keyword -> (Config field of its sub-config, field of the sub-config). Accepted by Config(...),
@@ -166,6 +172,7 @@ SHORTHAND: dict[str, tuple[str, str]] = {
     "calibration_mode": ("calibrate", "mode"),
     "calibration_damping": ("calibrate", "damping"),
     "recalibrate_bn": ("calibrate", "recalibrate_bn"),
+    "calibration_token_mask": ("calibrate", "token_mask"),
 }
 # Sub-config fields, their class and, for the two optional stages, the field a plain value sets.
 _GROUPS: dict[str, tuple[type, Optional[str]]] = {

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -37,6 +38,66 @@ def calibration_batches(batches) -> list:
     return out
 
 
+class TokenMask:
+    """Keeps padding out of the statistics (Calibration.token_mask): while a dict batch holding the mask key
+    runs, a LINEAR-view layer input shaped [B, T, features], with [B, T] the mask's shape, contributes only
+    the rows at the mask's non-zero positions. Other inputs (convs, pooled [B, features], another length)
+    and batches without the key (tensors, tuples, dicts lacking it) are recorded whole."""
+
+    def __init__(self, key: Optional[str]):
+        self.key = key
+        self.current: Optional[torch.Tensor] = None   # bool [B, T] of the batch running now
+        self.tokens = self.padding = self.batches = 0   # counted by start(..., count=True)
+        self.unmasked = 0                               # batches without a mask
+        self.layers: set = set()                        # layers whose inputs were masked
+
+    def start(self, batch, count: bool = False) -> None:
+        """The mask of the batch about to run (None where it has none); counts its tokens if `count`."""
+        self.current = m = self.of(batch)
+        if count:
+            if m is None:
+                self.unmasked += 1
+            else:
+                self.batches += 1
+                self.tokens += int(m.sum())
+                self.padding += m.numel() - int(m.sum())
+
+    def of(self, batch) -> Optional[torch.Tensor]:
+        if self.key is None or not isinstance(batch, Mapping) or batch.get(self.key) is None:
+            return None
+        m = batch[self.key]
+        what = (f"calibration_token_mask={self.key!r}: a calibration batch's {self.key!r} must be a [batch, tokens] "
+                f"tensor of 0/1 (1 = a real token)")
+        fix = "; pass calibration_token_mask=None to record every position"
+        if not isinstance(m, torch.Tensor):
+            raise InputError(f"{what}, got {type(m).__name__}{fix}")
+        if m.dim() != 2:
+            raise InputError(f"{what}, got shape {list(m.shape)}{fix}")
+        if m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all()):
+            raise InputError(f"{what}, got values other than 0 and 1{fix}")
+        return m != 0
+
+    def select(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """`x` (a LINEAR-view layer input) without its padding rows, where its leading dims are the mask's."""
+        m = self.current
+        if m is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(m.shape):
+            return x
+        self.layers.add(name)
+        return x[m.to(x.device)]
+
+    def note(self) -> Optional[str]:
+        """The report line: tokens used and padding left out (None when no batch had a mask)."""
+        if not self.batches:
+            return None
+        head = f"calibration: token mask {self.key!r} in {self.batches} batch(es)"
+        rest = f"; {self.unmasked} batch(es) without it recorded whole" if self.unmasked else ""
+        if not self.layers:
+            return (f"{head}, but no Linear input has its [batch, tokens] shape: every position recorded "
+                    f"({self.tokens + self.padding} positions){rest}")
+        return (f"{head}: {self.tokens} token(s) used, {self.padding} padding position(s) left out of the "
+                f"input statistics of {len(self.layers)} Linear layer(s){rest}")
+
+
 def view_of(module: nn.Module, scheme: str) -> Optional[str]:
     """The feature view a layer's statistics are recorded in, None where none is supported."""
     if isinstance(module, nn.Linear):
@@ -50,7 +111,10 @@ def view_of(module: nn.Module, scheme: str) -> Optional[str]:
     return IM2COL
 
 
-def _layer_features(module: nn.Module, view: str, x: torch.Tensor) -> torch.Tensor:
+def _layer_features(module: nn.Module, view: str, x: torch.Tensor, mask: Optional[TokenMask] = None,
+                    name: str = "") -> torch.Tensor:
+    if view == LINEAR and mask is not None:
+        x = mask.select(name, x)
     if view == IM2COL:
         return features(x, view, kernel_size=module.kernel_size, stride=module.stride,
                         padding=module.padding, dilation=module.dilation)
@@ -62,9 +126,12 @@ def _dim(module: nn.Module, view: str) -> int:
     return w.shape[1] if view in (LINEAR, CHANNEL) else w[0].numel()
 
 
-def _run_all(model: nn.Module, batches: list, what: str) -> None:
+def _run_all(model: nn.Module, batches: list, what: str, mask: Optional[TokenMask] = None,
+             count: bool = False) -> None:
     device = next((p.device for p in model.parameters()), None)
     for b in batches:
+        if mask is not None:
+            mask.start(b, count)
         try:
             _forward(model, b, device)
         except _Stop:
@@ -119,37 +186,52 @@ def calibration_stats(ctx: CompileContext):
     def run(gm):
         batches = ctx.calibration
         cfg = ctx.config
-        stats: dict[str, InputStats] = {}
-        handles = []
+        layers = {}
         for name, site in collect_sites(gm, ctx.eager_parts).items():
             m = site.module
             if not isinstance(m, _FACTORIZABLE) or _skip_reason(name, m, cfg) is not None:
                 continue
             view = view_of(m, fm.effective_scheme(m, cfg.conv_scheme))
-            if view is None:
-                continue
-            stats[name] = InputStats(_dim(m, view), view, device=m.weight.device)
-
-            def hook(mod, args, name=name, view=view):
-                if args and isinstance(args[0], torch.Tensor):
-                    stats[name].update(_layer_features(mod, view, args[0]))
-            handles.append(m.register_forward_pre_hook(hook))
-        was = gm.training
-        gm.eval()   # inference behaviour (dropout off, BatchNorm running statistics untouched)
-        try:
-            with torch.no_grad():
-                _run_all(gm, batches, "recording layer input statistics")
-        finally:
-            for h in handles:
-                h.remove()
-            gm.train(was)
+            if view is not None:
+                layers[name] = (m, view)
+        stats, mask = record_input_stats(gm, layers, batches, cfg.calibrate.token_mask)
         ctx.calibration_stats = {n: s for n, s in stats.items() if s.n > 0}
         n = sum(1 for s in stats.values() if s.n)
         ctx.notes.append(f"calibration: {len(batches)} batch(es); input statistics of {n} layer(s)")
+        if mask.note():
+            ctx.notes.append(mask.note())
         return PassResult(gm, False)
 
     run.name = "calibration_stats"
     return run
+
+
+def record_input_stats(model: nn.Module, layers: dict, batches: list,
+                       token_mask: Optional[str] = "attention_mask") -> tuple[dict, TokenMask]:
+    """Run `batches` once through `model` (eval mode, no grad) and return ({name: InputStats} of
+    `layers` = {name: (module, view)}, the TokenMask with its counts); padding rows are left out of
+    LINEAR-view inputs as TokenMask says."""
+    mask = TokenMask(token_mask)
+    stats: dict[str, InputStats] = {}
+    handles = []
+    for name, (m, view) in layers.items():
+        stats[name] = InputStats(_dim(m, view), view, device=m.weight.device)
+
+        def hook(mod, args, name=name, view=view):
+            if args and isinstance(args[0], torch.Tensor):
+                stats[name].update(_layer_features(mod, view, args[0], mask, name))
+        handles.append(m.register_forward_pre_hook(hook))
+    was = model.training
+    model.eval()   # inference behaviour (dropout off, BatchNorm running statistics untouched)
+    try:
+        with torch.no_grad():
+            _run_all(model, batches, "recording layer input statistics", mask, count=True)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+        mask.current = None
+    return stats, mask
 
 
 def _chains(gm: nn.Module, ctx: CompileContext) -> list[str]:
@@ -191,6 +273,7 @@ def _round(ref: nn.Module, gm: nn.Module, group: list, calls: dict, ctx: Compile
     """Paired statistics (original-model input, compressed-model input) of the layers in `group`."""
     stats, queues, handles = {}, {}, []
     left = {"ref": 0, "gm": 0}
+    mask = TokenMask(ctx.config.calibrate.token_mask)   # the same rows on both sides: pairs stay aligned
     for name in group:
         orig = ctx.originals[name]
         view = view_of(orig, ctx.records[name].scheme)
@@ -198,14 +281,14 @@ def _round(ref: nn.Module, gm: nn.Module, group: list, calls: dict, ctx: Compile
         queues[name] = collections.deque()
 
         def ref_hook(mod, args, name=name, orig=orig, view=view):
-            queues[name].append(_layer_features(orig, view, args[0]))
+            queues[name].append(_layer_features(orig, view, args[0], mask, name))
             left["ref"] -= 1
             if left["ref"] == 0:
                 raise _Stop
 
         def gm_hook(mod, args, name=name, orig=orig, view=view):
             if queues[name]:
-                stats[name].update_pair(queues[name].popleft(), _layer_features(orig, view, args[0]))
+                stats[name].update_pair(queues[name].popleft(), _layer_features(orig, view, args[0], mask, name))
             left["gm"] -= 1
             if left["gm"] == 0:
                 raise _Stop
@@ -215,8 +298,8 @@ def _round(ref: nn.Module, gm: nn.Module, group: list, calls: dict, ctx: Compile
     try:
         for b in batches:
             left["ref"] = left["gm"] = total
-            _run_all(ref, [b], "running the original model")
-            _run_all(gm, [b], "running the compressed model")
+            _run_all(ref, [b], "running the original model", mask)
+            _run_all(gm, [b], "running the compressed model", mask)
             for q in queues.values():
                 q.clear()
     finally:
