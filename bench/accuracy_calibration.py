@@ -592,9 +592,11 @@ def rank_corr(e: torch.Tensor, ref: torch.Tensor) -> float:
 def run_minilm(args) -> dict:
     model, tokenize = load_minilm()
     evals = tokenize([a for a, _ in PAIRS] + [b for _, b in PAIRS])
-    calib = calibration_batches(tokenize, CALIBRATION[:args.calib_sentences], args.calib_batch)
+    calib = calibration_batches(tokenize, CALIBRATION[:args.calib_sentences], args.calib_batch, not args.no_sort)
     tokens = sum(int(b["attention_mask"].sum()) for b in calib)
-    print(f"  MiniLM calibration: {args.calib_sentences} sentences, {len(calib)} batches, {tokens} tokens", flush=True)
+    padding = sum(b["attention_mask"].numel() for b in calib) - tokens
+    print(f"  MiniLM calibration: {args.calib_sentences} sentences, {len(calib)} batches, {tokens} tokens, "
+          f"{padding} padding positions{'' if args.no_sort else ' (sorted by length)'}", flush=True)
     ref = embed(model, evals)
     out = {"original": {"recall@1": recall_at_1(ref)}, "ratios": {}, "calibration_sentences": args.calib_sentences,
            "calibration_tokens": tokens}
@@ -606,7 +608,8 @@ def run_minilm(args) -> dict:
         row = {}
         for label, kw in modes.items():
             t0 = time.perf_counter()
-            cal = {"calibration": calib, "calibration_damping": args.damping} if kw else {}
+            cal = {"calibration": calib, "calibration_damping": args.damping,
+                   "calibration_token_mask": None if args.token_mask == "none" else args.token_mask} if kw else {}
             gm = lrd_fx.compile(model, example, ratio=ratio, progress=False, **cal, **kw)
             secs = time.perf_counter() - t0
             e = embed(gm, evals)
@@ -622,13 +625,13 @@ def run_minilm(args) -> dict:
     return out
 
 
-def calibration_batches(tokenize, sentences, batch_size):
-    """Tokenized batches of the calibration sentences, sorted by length so that batches carry little padding
-    (padding tokens' activations would enter the statistics). Refuses any evaluation sentence."""
+def calibration_batches(tokenize, sentences, batch_size, sort=True):
+    """Tokenized batches of the calibration sentences, sorted by length (little padding) unless `sort` is
+    False (the sentences' own order). Refuses any evaluation sentence."""
     leak = set(sentences) & {s for pair in PAIRS for s in pair}
     if leak:
         raise SystemExit(f"calibration text contains evaluation sentences: {sorted(leak)[:3]}")
-    ordered = sorted(sentences, key=lambda s: (len(tokenize([s])["input_ids"][0]), s))
+    ordered = sorted(sentences, key=lambda s: (len(tokenize([s])["input_ids"][0]), s)) if sort else list(sentences)
     return [tokenize(ordered[i:i + batch_size]) for i in range(0, len(ordered), batch_size)]
 
 
@@ -827,6 +830,8 @@ def main(argv=None):
     ap.add_argument("--calib-batch", type=int, default=16, help="MiniLM calibration sentences per batch")
     ap.add_argument("--mlp-ratios", type=lambda s: [float(v) for v in s.split(",")], default=[0.05, 0.1, 0.2, 0.3, 0.5])
     ap.add_argument("--damping", type=float, default=0.01, help="MiniLM calibration_damping")
+    ap.add_argument("--no-sort", action="store_true", help="MiniLM calibration batches in sentence order, not by length")
+    ap.add_argument("--token-mask", default="attention_mask", help="MiniLM calibration_token_mask ('none': off)")
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. one ratio per process)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--minilm-modes", default="plain,one-shot,sequential",
