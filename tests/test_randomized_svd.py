@@ -38,7 +38,9 @@ def test_flat_spectrum_falls_back_to_exact(monkeypatch):
     for a in (flat, gauss):
         assert randomized_svd_split(a, 40) is None
     # svd_split tries the randomized path on big matrices and returns the exact result when it declines
+    # (the flatness pre-test, which would skip this sketch, is switched off here; tested below)
     monkeypatch.setattr(svd, "RANDOMIZED_MIN_NUMEL", 1)
+    monkeypatch.setattr(svd, "FLAT_LEVEL", float("inf"))
     calls = []
     real = svd.randomized_svd_split
     monkeypatch.setattr(svd, "randomized_svd_split", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -50,3 +52,39 @@ def test_flat_spectrum_falls_back_to_exact(monkeypatch):
     dec = _matrix(200, 600, torch.exp(-torch.arange(200.0) / 12).double())
     left, right = svd_split(dec, 40)
     assert len(calls) == 2 and _err(dec, left, right) <= 1.01 * _err(dec, *_split64(dec.double(), 40, ""))
+
+
+def _spy(monkeypatch):
+    """Lower the big-weight thresholds to 1 and record the paths svd_split takes."""
+    monkeypatch.setattr(svd, "RANDOMIZED_MIN_NUMEL", 1)
+    monkeypatch.setattr(svd, "FLOAT32_MIN_NUMEL", 1)
+    counts = svd.path_counts.__class__()
+    monkeypatch.setattr(svd, "path_counts", counts)
+    calls = []
+    real = svd.randomized_svd_split
+    monkeypatch.setattr(svd, "randomized_svd_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return counts, calls
+
+
+def test_flatness_pretest_skips_the_sketch_on_flat_spectra_and_keeps_it_on_decaying(monkeypatch):
+    counts, calls = _spy(monkeypatch)
+    for flat in (torch.randn(200, 600), (torch.rand(600, 200) * 2 - 1), _matrix(200, 600, torch.ones(200).double())):
+        total, ritz = svd.spectrum_probe(svd._rows_small(flat))
+        assert svd.is_flat(total, ritz, 200)
+        left, right = svd_split(flat, 40)
+        assert not calls, "a flat spectrum skips the sketch"
+        exact = _split64(flat.double(), 40, "")
+        assert _err(flat, left, right) <= 1.0001 * _err(flat, *exact)
+    assert counts["sketch_skipped"] == 3 and counts["randomized"] == 0
+    for s in (torch.exp(-torch.arange(200.0) / 12), 1.0 / torch.arange(1, 201.0)):
+        dec = _matrix(200, 600, s.double())
+        total, ritz = svd.spectrum_probe(svd._rows_small(dec))
+        assert not svd.is_flat(total, ritz, 200)
+        left, right = svd_split(dec, 40)
+        assert left.shape == (200, 40) and right.shape == (40, 600) and left.dtype == torch.float32
+        assert _err(dec, left, right) <= 1.01 * _err(dec, *_split64(dec.double(), 40, ""))
+    assert len(calls) == 2 and counts["randomized"] == 2
+    # a matrix of rank below the probe's block is not "flat" (all its energy is in the block)
+    low = _matrix(200, 600, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    total, ritz = svd.spectrum_probe(svd._rows_small(low))
+    assert not svd.is_flat(total, ritz, 200)

@@ -1,0 +1,100 @@
+"""Compile cost of big layers: the certified float32 Gram path of svd_split (issue 12 item 6)."""
+import pytest
+import torch
+
+import lrd_fx.factorize.svd as svd
+from lrd_fx.factorize.svd import _split64, split32, svd_split
+
+
+def _matrix(m, n, s, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, len(s), dtype=torch.float64, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, len(s), dtype=torch.float64, generator=g))
+    return ((u * s) @ v.T).float()
+
+
+def _err(a, left, right):
+    return float((a.double() - left.double() @ right.double()).norm() / a.double().norm())
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    """Every matrix counts as big (float32 path first; no sketch), and the paths taken are counted."""
+    monkeypatch.setattr(svd, "FLOAT32_MIN_NUMEL", 1)
+    monkeypatch.setattr(svd, "RANDOMIZED_MIN_NUMEL", 1 << 40)
+    counts = svd.path_counts.__class__()
+    monkeypatch.setattr(svd, "path_counts", counts)
+    return counts
+
+
+@pytest.mark.parametrize("shape", [(240, 700), (700, 240)])
+def test_float32_path_accepted_on_flat_spectra_and_as_accurate_as_float64(paths, shape):
+    g = torch.Generator().manual_seed(0)
+    gauss = torch.randn(*shape, generator=g)
+    uniform = (torch.rand(*shape, generator=g) * 2 - 1) * 0.05          # a default nn.Linear init
+    for a in (gauss, uniform):
+        for r in (12, 60, 200):
+            left, right = svd_split(a, r)
+            exact = _split64(a.double(), r, "")
+            assert left.shape == (shape[0], r) and right.shape == (r, shape[1])
+            assert left.dtype == right.dtype == torch.float32 and left.device == a.device
+            assert left.is_contiguous() and right.is_contiguous()
+            e32, e64 = _err(a, left, right), _err(a, *exact)
+            assert abs(e32 - e64) <= 1e-4 * e64, (shape, r, e32, e64)
+            # same subspace: the products agree, not just the errors
+            torch.testing.assert_close(left @ right, (exact[0] @ exact[1]).float(), rtol=1e-3, atol=1e-4)
+    assert paths["exact32"] == 6 and paths["exact64"] == 0
+
+
+def test_float64_path_on_near_low_rank_and_at_full_rank(paths):
+    # a near-low-rank weight: the optimal tail is tiny, the float32 perturbation bound is not
+    s = torch.cat([torch.linspace(10.0, 1.0, 30), torch.full((170,), 1e-6)]).double()
+    low = _matrix(200, 600, s)
+    left, right = svd_split(low, 40)
+    assert paths["exact64"] == 1 and paths["exact32"] == 0
+    assert paths["float32_skipped"] + paths["float32_declined"] == 1
+    torch.testing.assert_close(left @ right, (lambda lr: (lr[0] @ lr[1]).float())(_split64(low.double(), 40, "")),
+                               rtol=1e-5, atol=1e-6)
+    # the certificate itself (not only the probe's early exit) declines it
+    assert split32(low, 40) is None
+    # exponentially decaying: rank 40 leaves a tail of ~e^-6 of the energy -> still float64
+    dec = _matrix(200, 600, torch.exp(-torch.arange(200.0) / 3).double())
+    assert split32(dec, 40) is None
+    # full rank: nothing truncated, the float64 path reconstructs exactly
+    a = torch.randn(50, 80)
+    left, right = svd_split(a, 50)
+    torch.testing.assert_close(left @ right, a, rtol=1e-4, atol=1e-5)
+    assert paths["exact64"] == 2 and paths["exact32"] == 0      # (split32 called directly is not counted)
+
+
+def test_float32_path_keeps_dtype_device_and_zero_matrix(paths):
+    a = torch.randn(100, 300).to(torch.bfloat16)
+    left, right = svd_split(a, 20, dtype=torch.bfloat16)
+    assert left.dtype == right.dtype == torch.bfloat16 and left.shape == (100, 20) and right.shape == (20, 300)
+    assert paths["exact32"] == 1
+    zero = torch.zeros(40, 90)
+    left, right = svd_split(zero, 5)
+    assert float(left.abs().sum()) == 0.0 and float(right.abs().sum()) == 0.0 and paths["exact64"] == 1
+
+
+def test_float32_certificate_uses_a_coarser_rounding_unit_for_reduced_precision_matmuls(monkeypatch):
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
+    assert svd._gemm_eps(torch.device("cpu")) == 2.0 ** -7
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert svd._gemm_eps(torch.device("cpu")) == torch.finfo(torch.float32).eps
+
+
+def test_flat_big_layer_skips_the_sketch_and_takes_float32(monkeypatch):
+    # the whole big-layer pipeline as a random-init AlexNet classifier sees it, at toy size
+    monkeypatch.setattr(svd, "FLOAT32_MIN_NUMEL", 1)
+    monkeypatch.setattr(svd, "RANDOMIZED_MIN_NUMEL", 1)
+    counts = svd.path_counts.__class__()
+    monkeypatch.setattr(svd, "path_counts", counts)
+    lin = torch.nn.Linear(900, 400)
+    from lrd_fx.factorize import factorize_linear
+    chain = factorize_linear(lin, 60)
+    assert counts == {"sketch_skipped": 1, "exact32": 1}
+    x = torch.randn(3, 900)
+    exact = _split64(lin.weight.detach().double(), 60, "")
+    ref = x @ (exact[0] @ exact[1]).float().T + lin.bias
+    torch.testing.assert_close(chain(x), ref, rtol=1e-4, atol=1e-5)
