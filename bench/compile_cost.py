@@ -1,0 +1,156 @@
+"""Compile cost at scale: seconds and peak memory of lrd_fx.compile (no search) per torchvision model.
+
+    python -m bench.compile_cost --models alexnet,vgg19 --ratio 0.25
+    python -m bench.compile_cost --models resnet50 --threads 2 --out /tmp/cc
+
+Each model is compiled in its own child process (random init, weights=None, batch 1, 224 px, progress
+off), so one model's memory does not count in the next one's peak. The child reports:
+- rss_import: resident set after `import torch, torchvision, lrd_fx` (MB);
+- rss_model: after building the model (the caller's model: 1x its parameter bytes above rss_import);
+- peak: the peak resident set (VmHWM) during lrd_fx.compile, the high-water mark being reset just
+  before it (/proc/self/clear_refs; where that is refused, VmHWM since the start, which is never less);
+- model MB: parameter + buffer bytes; overhead = (peak - rss_import) / model MB, the issue's target
+  being <= 2.5 (the caller's model counts as 1);
+- the svd paths taken for big weights (lrd_fx.factorize.svd.path_counts).
+Results: a table on stdout and bench/results/compile_cost-<date>.{json,txt} (or --out PREFIX), with the
+machine line and the load average at start and end. Seconds need an idle machine to mean anything.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _mb(kb: int) -> float:
+    return kb / 1024.0
+
+
+def child(name: str, ratio: float, size: int, threads: int | None) -> dict:
+    """Compile one model in this process and return its measurements (run by the parent in a subprocess)."""
+    import torch
+    import torchvision
+
+    import lrd_fx
+    from lrd_fx.factorize import svd
+
+    if threads:
+        torch.set_num_threads(threads)
+    rss_import = _status_kb("VmRSS")
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    rss_model = _status_kb("VmRSS")
+    model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    x = torch.randn(1, 3, size, size)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                      # reset VmHWM to the current RSS
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
+    svd.path_counts.clear()
+    t0 = time.perf_counter()
+    gm = lrd_fx.compile(model, (x,), ratio=ratio, progress=False)
+    seconds = time.perf_counter() - t0
+    peak = _status_kb("VmHWM")
+    params_after = sum(p.numel() for p in gm.parameters())
+    return {"model": name, "ratio": ratio, "size": size, "seconds": round(seconds, 2),
+            "rss_import_mb": round(_mb(rss_import), 1), "rss_model_mb": round(_mb(rss_model), 1),
+            "peak_mb": round(_mb(peak), 1), "hwm_reset": hwm_reset,
+            "model_mb": round(model_bytes / 2 ** 20, 1),
+            "overhead_x": round((_mb(peak) - _mb(rss_import)) / max(model_bytes / 2 ** 20, 1e-9), 2),
+            "params_before": sum(p.numel() for p in model.parameters()), "params_after": params_after,
+            "svd_paths": dict(svd.path_counts), "torch_threads": torch.get_num_threads()}
+
+
+def run_child(name: str, args) -> dict:
+    cmd = [sys.executable, "-m", "bench.compile_cost", "--child", name, "--ratio", str(args.ratio),
+           "--size", str(args.size)] + (["--threads", str(args.threads)] if args.threads else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"model": name, "ratio": args.ratio, "error": " | ".join(tail) or f"exit {proc.returncode}",
+                "wall_s": round(time.perf_counter() - t0, 1)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+COLUMNS = ("model", "ratio", "compile s", "peak RSS MB", "RSS before MB", "model MB", "(peak-before)/model",
+           "params after/before", "svd paths")
+
+
+def table(rows: list) -> str:
+    from tabulate import tabulate
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["model"], r["ratio"], "failed", "-", "-", "-", "-", "-", r["error"][:80]])
+            continue
+        paths = ", ".join(f"{k} {v}" for k, v in sorted(r["svd_paths"].items())) or "-"
+        body.append([r["model"], r["ratio"], f"{r['seconds']:.1f}", f"{r['peak_mb']:.0f}",
+                     f"{r['rss_import_mb']:.0f}", f"{r['model_mb']:.0f}", f"{r['overhead_x']:.2f}",
+                     f"{r['params_after'] / r['params_before']:.3f}", paths])
+    return tabulate(body, headers=COLUMNS, tablefmt="github")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="alexnet,vgg19", help="comma-separated torchvision model names")
+    p.add_argument("--ratio", type=float, default=0.25)
+    p.add_argument("--size", type=int, default=224, help="input height = width (batch 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per model before it is reported failed")
+    p.add_argument("--out", default=None, help="path prefix of the .json/.txt (default "
+                                               "bench/results/compile_cost-<date>)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.ratio, args.size, args.threads)))
+        return 0
+
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from bench.harness import machine_info, machine_line
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = machine_info("cpu")
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        rows.append(run_child(name, args))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    try:
+        machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    text = "\n".join([machine_line(machine),
+                      f"lrd_fx.compile(model, (randn(1, 3, {args.size}, {args.size}),), ratio={args.ratio}, "
+                      f"progress=False), torchvision weights=None, one child process per model", "",
+                      table(rows)])
+    print("\n" + text)
+    prefix = args.out or os.path.join(ROOT, "bench", "results", f"compile_cost-{datetime.date.today().isoformat()}")
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + ".json", "w") as f:
+        json.dump({"machine": machine, "ratio": args.ratio, "size": args.size, "rows": rows}, f, indent=1)
+    with open(prefix + ".txt", "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {prefix}.json and {prefix}.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
