@@ -291,7 +291,8 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
     cfg = (config or Config()).replace(**overrides)
     if isinstance(calibration, Calibration):
         raise ConfigError("calibration= takes the calibration batches; give the options as calibrate="
-                          "lrd_fx.Calibration(...) (or calibration_mode=, calibration_damping=, recalibrate_bn=)")
+                          "lrd_fx.Calibration(...) (or calibration_mode=, calibration_damping=, "
+                          "calibration_token_mask=, recalibrate_bn=)")
     inputs = _as_tuple(example_inputs)
     if cfg.rank_search is not None and inputs is None:
         raise ConfigError("rank_search needs example_inputs: the layers are timed at their real input shapes")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from typing import Iterable, Optional
 
 import torch
@@ -11,7 +12,7 @@ from .errors import ConfigError, InputError
 
 
 def _forward(model: nn.Module, batch, device) -> None:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):   # a dict of keyword inputs, or a tokenizer's BatchEncoding
         model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
         return
     if isinstance(batch, (tuple, list)):

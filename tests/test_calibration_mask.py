@@ -174,3 +174,17 @@ def test_fitted_model_does_not_depend_on_what_the_padding_holds(mode):
     c, d = _fit(model, zero, mode, calibration_token_mask=None), _fit(model, rand, mode, calibration_token_mask=None)
     assert not _same(c, d) and not _same(a, c)
     assert "padding position" not in c.lrd.report()
+
+
+def test_tokenizer_batch_encodings_are_taken_like_dicts():
+    """A tokenizer returns a BatchEncoding (a Mapping, not a dict): batches of them, and a single one, are
+    used as keyword inputs with their mask, exactly like plain dicts."""
+    model = tiny_bert()
+    batches = padded(sentences(), "random")
+    encodings = [tf.BatchEncoding(dict(b)) for b in batches]
+    assert not isinstance(encodings[0], dict)
+    assert _same(_fit(model, batches, "oneshot"), _fit(model, encodings, "oneshot"))
+    one = lrd_fx.compile(model, example(batches), ratio=0.5, progress=False, calibration=encodings[0],
+                         calibration_mode="oneshot")         # one batch, not iterated as its keys
+    assert _same(one, _fit(model, [batches[0]], "oneshot"))
+    assert "padding position(s) left out" in one.lrd.report()

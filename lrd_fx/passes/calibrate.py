@@ -26,7 +26,7 @@ class _Stop(Exception):
 
 def calibration_batches(batches) -> list:
     """The calibration data as a list (it is iterated once per refit round), checked for emptiness."""
-    if isinstance(batches, (torch.Tensor, dict)):
+    if isinstance(batches, (torch.Tensor, Mapping)):   # one batch (a tokenizer's BatchEncoding is a Mapping)
         batches = [batches]
     try:
         out = list(batches)
