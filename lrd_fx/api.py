@@ -177,8 +177,13 @@ def _check_model(model: nn.Module, cfg: Config, inputs: Optional[tuple]) -> None
                          f"model.to_empty(device='cpu') then load_state_dict(...)")
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module, *, share_layer_weights: bool = False) -> nn.Module:
     """A deep copy of `model`, original or compiled: how lrd_fx keeps the caller's model unchanged.
+
+    share_layer_weights: the Conv/Linear parameters of the copy are new Parameter objects on the
+    caller's storage instead of copies (most of a big model's bytes, and most of them are replaced
+    by factors anyway). Only for pipelines that never write a weight in place (compile() decides);
+    unshare() must then give what is still shared its own copy before the model is handed out.
 
     Like copy.deepcopy(model), with two repairs:
     - layers holding non-leaf tensors computed by hooks (old-style torch.nn.utils.weight_norm,
@@ -188,14 +193,14 @@ def copy_model(model: nn.Module) -> nn.Module:
       turns containers such as FactorChain into plain nn.Modules and drops attributes like `.lrd`;
       the memo of the same deepcopy holds the faithful copies, so they are put back.
     """
-    memo: dict = {}
+    memo: dict = _shared_layer_weights(model) if share_layer_weights else {}
     try:
         new = copy.deepcopy(model, memo)
     except RuntimeError as e:
         if "deepcopy protocol" not in str(e):
             raise InputError(f"copy.deepcopy(model) failed ({e}); lrd_fx works on a copy so that your model is "
                              f"never changed: make the model deep-copyable") from e
-        memo = {}
+        memo = _shared_layer_weights(model) if share_layer_weights else {}
         for m in model.modules():
             for v in vars(m).values():
                 if isinstance(v, torch.Tensor) and not v.is_leaf:
@@ -216,6 +221,46 @@ def copy_model(model: nn.Module) -> nn.Module:
             if k not in part.__dict__:
                 part.__dict__[k] = copy.deepcopy(v, memo)
     return new
+
+
+def _shared_layer_weights(model: nn.Module) -> dict:
+    """deepcopy memo {id(param): new Parameter on the same storage} for Conv/Linear parameters."""
+    from .factorize.modules import is_linear_like
+    memo: dict = {}
+    for m in model.modules():
+        if not (is_linear_like(m) or isinstance(m, nn.modules.conv._ConvNd)):
+            continue
+        for p in m._parameters.values():
+            if type(p) is nn.Parameter and id(p) not in memo:     # not lazy/uninitialised or subclasses
+                memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    return memo
+
+
+def _shares_nothing_written(cfg: Config, calibration) -> bool:
+    """True when no pass of this compile writes weights in place or trains them (copy_model may share)."""
+    return cfg.rank_search is None and calibration is None and not cfg.fuse_inference
+
+
+def unshare(model: nn.Module, original: nn.Module) -> int:
+    """Give every parameter/buffer of `model` whose storage is `original`'s its own copy (ties kept).
+
+    Returns how many tensors were copied. compile() ends with it, so the model it returns never
+    shares memory with the caller's, whatever copy_model shared."""
+    theirs = {t.untyped_storage().data_ptr() for t in list(original.parameters()) + list(original.buffers())
+              if t.device.type != "meta" and t.untyped_storage().nbytes() > 0}
+    if not theirs:
+        return 0
+    done: dict = {}
+    for m in model.modules():
+        for table, make in ((m._parameters, lambda t: nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)),
+                            (m._buffers, lambda t: t.detach().clone())):
+            for k, t in table.items():
+                if t is None or t.device.type == "meta" or t.untyped_storage().data_ptr() not in theirs:
+                    continue
+                if id(t) not in done:
+                    done[id(t)] = make(t)
+                table[k] = done[id(t)]
+    return len(done)
 
 
 def build_passes(ctx: CompileContext) -> list:
@@ -300,7 +345,8 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
         _check_not_empty(inputs)      # both time the model on these inputs
     _check_model(model, cfg, inputs)
     device, dtype = _model_device_dtype(model)
-    work = copy_model(model)
+    # Conv/Linear weights are shared with `model` (read only) until _run's unshare: peak memory
+    work = copy_model(model, share_layer_weights=_shares_nothing_written(cfg, calibration))
     if inputs is not None and cfg.check_inputs:
         _check_inputs(work, inputs, device, dtype)
     ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
@@ -329,6 +375,8 @@ def _run(work: nn.Module, ctx: CompileContext) -> nn.Module:
     ctx.pass_times.update(timer.times)
     if ctx.example_inputs is not None and ctx.flops_before is not None:
         ctx.flops_after = _flops_or_note(gm, ctx, "after compiling")
+    ctx.originals.clear()
+    unshare(gm, ctx.model)     # layers kept as they were get their own weights (copy_model may have shared them)
     gm.lrd = LRDInfo(gm, ctx)
     return gm
 

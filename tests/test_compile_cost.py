@@ -98,3 +98,64 @@ def test_flat_big_layer_skips_the_sketch_and_takes_float32(monkeypatch):
     exact = _split64(lin.weight.detach().double(), 60, "")
     ref = x @ (exact[0] @ exact[1]).float().T + lin.bias
     torch.testing.assert_close(chain(x), ref, rtol=1e-4, atol=1e-5)
+
+
+# --- peak memory: compile shares the caller's Conv/Linear weights until it hands the model out ----------
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.keep = torch.nn.Conv2d(16, 16, 1)         # skipped below: stays as it is, weights included
+        self.fc = torch.nn.Linear(16 * 8 * 8, 64)
+        self.head = torch.nn.Linear(64, 10)
+        self.head2 = torch.nn.Linear(64, 10)
+        self.head2.weight = self.head.weight           # a tied weight stays tied
+
+    def forward(self, x):
+        x = self.keep(torch.relu(self.bn(self.conv(x))))
+        h = torch.relu(self.fc(x.flatten(1)))
+        return self.head(h) + self.head2(h)
+
+
+def _storages(m):
+    return {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+
+
+def test_compiled_model_shares_no_storage_with_the_callers_and_never_changes_it():
+    import lrd_fx
+    from lrd_fx import api
+    torch.manual_seed(0)
+    model = _Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    # the working copy does share (that is the memory saving) ...
+    work = api.copy_model(model, share_layer_weights=True)
+    assert work.fc.weight.untyped_storage().data_ptr() == model.fc.weight.untyped_storage().data_ptr()
+    assert work.fc.weight is not model.fc.weight and work.head2.weight is work.head.weight
+    assert work.bn.weight.untyped_storage().data_ptr() != model.bn.weight.untyped_storage().data_ptr()
+    assert api.unshare(work, model) == 9     # w+b of conv, keep, fc, head; head2: its bias (weight tied)
+    assert not (_storages(work) & _storages(model)) and work.head2.weight is work.head.weight
+    # ... the compiled model does not
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, skip=("keep",), min_channels=1, progress=False)
+    assert gm.lrd.plan["keep"]["decision"] != "decomposed" and gm.lrd.plan["fc"]["decision"] == "decomposed"
+    assert not (_storages(gm) & _storages(model))
+    # training the compiled model (grads, in-place updates of every parameter) leaves the caller's as it was
+    out = gm(x)
+    out.sum().backward()
+    with torch.no_grad():
+        for p in gm.parameters():
+            p.add_(1.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    torch.testing.assert_close(model(x), _Net.forward(model, x))
+
+
+def test_pipelines_that_write_weights_copy_them_up_front():
+    from lrd_fx import Config, api
+    assert api._shares_nothing_written(Config(), None)
+    assert not api._shares_nothing_written(Config().replace(rank_search="infer"), None)
+    assert not api._shares_nothing_written(Config().replace(fuse_inference=True), None)
+    assert not api._shares_nothing_written(Config(), [torch.randn(1, 3)])
