@@ -5,7 +5,8 @@
 
 Each model is compiled in its own child process (random init, weights=None, batch 1, 224 px, progress
 off), so one model's memory does not count in the next one's peak. The child reports:
-- rss_import: resident set after `import torch, torchvision, lrd_fx` (MB);
+- rss_import: resident set after `import torch, torchvision, lrd_fx` and one compile of a tiny model
+  (which loads what lrd_fx imports lazily: scipy, tensorly, tabulate, ...) (MB);
 - rss_model: after building the model (the caller's model: 1x its parameter bytes above rss_import);
 - peak: the peak resident set (VmHWM) during lrd_fx.compile, the high-water mark being reset just
   before it (/proc/self/clear_refs; where that is refused, VmHWM since the start, which is never less);
@@ -50,6 +51,9 @@ def child(name: str, ratio: float, size: int, threads: int | None) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
+    tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Flatten(), torch.nn.Linear(16 * 30 * 30, 16))
+    lrd_fx.compile(tiny, (torch.randn(1, 3, 32, 32),), ratio=0.5, progress=False)   # lazy imports
+    del tiny
     rss_import = _status_kb("VmRSS")
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()

@@ -159,3 +159,14 @@ def test_pipelines_that_write_weights_copy_them_up_front():
     assert not api._shares_nothing_written(Config().replace(rank_search="infer"), None)
     assert not api._shares_nothing_written(Config().replace(fuse_inference=True), None)
     assert not api._shares_nothing_written(Config(), [torch.randn(1, 3)])
+
+
+def test_all_finite_sees_nan_and_inf_anywhere():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        t = torch.randn(50, 70).to(dtype)
+        assert svd.all_finite(t)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            u = t.clone()
+            u[17, 33] = bad
+            assert not svd.all_finite(u), (dtype, bad)
+    assert svd.all_finite(torch.empty(0, 3)) and svd.all_finite(torch.arange(5))

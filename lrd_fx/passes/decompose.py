@@ -290,7 +290,7 @@ def _plan_layer(name: str, site: _Site, rec: LayerRecord, ctx: CompileContext, n
     scheme = fm.effective_scheme(m, cfg.conv_scheme)
     full = tuple(fm.full_ranks(m, scheme))
     rec.scheme, rec.full_ranks = scheme, list(full)
-    if not ctx.empty_init and not torch.isfinite(m.weight.detach()).all():
+    if not ctx.empty_init and not fm.all_finite(m.weight.detach()):
         raise FactorizationError(
             f"layer '{name}' ({type(m).__name__}) has NaN/Inf in its weight; fix or re-initialise "
             f"the weights, or exclude the layer with skip=['{name}']")
