@@ -170,3 +170,21 @@ def test_all_finite_sees_nan_and_inf_anywhere():
             u[17, 33] = bad
             assert not svd.all_finite(u), (dtype, bad)
     assert svd.all_finite(torch.empty(0, 3)) and svd.all_finite(torch.arange(5))
+
+
+def test_bench_compile_cost_writes_its_table_and_files(monkeypatch, tmp_path):
+    from bench import compile_cost as cc
+    ok = {"model": "alexnet", "ratio": 0.25, "size": 224, "seconds": 15.1, "rss_import_mb": 727.0,
+          "rss_model_mb": 960.0, "peak_mb": 1256.0, "hwm_reset": True, "model_mb": 233.0, "overhead_x": 2.27,
+          "params_before": 100, "params_after": 25, "svd_paths": {"exact32": 2, "sketch_skipped": 2}}
+    seen = []
+    monkeypatch.setattr(cc, "run_child", lambda name, args: seen.append(name) or (
+        dict(ok, model=name) if name == "alexnet" else {"model": name, "ratio": args.ratio, "error": "boom"}))
+    assert cc.main(["--models", "alexnet, nosuchnet", "--out", str(tmp_path / "cc")]) == 0
+    assert seen == ["alexnet", "nosuchnet"]
+    text = (tmp_path / "cc.txt").read_text()
+    assert text.startswith("machine: ") and "exact32 2, sketch_skipped 2" in text and "2.27" in text
+    assert "nosuchnet" in text and "failed" in text and "boom" in text
+    import json
+    saved = json.loads((tmp_path / "cc.json").read_text())
+    assert [r["model"] for r in saved["rows"]] == ["alexnet", "nosuchnet"] and "load_avg_start" in saved["machine"]
