@@ -602,7 +602,10 @@ def run_minilm(args) -> dict:
            "calibration_tokens": tokens}
     example = (evals["input_ids"][:2], evals["attention_mask"][:2])
     modes = {"plain SVD": {}, "data-aware, one-shot": {"calibration_mode": "oneshot"},
-             "data-aware, sequential": {"calibration_mode": "sequential"}}
+             "data-aware, sequential": {"calibration_mode": "sequential"},
+             "data-aware, sequential, allocated": {"calibration_mode": "sequential",
+                                                   "calibration_allocate": "sensitivity",
+                                                   "calibration_allocate_batches": args.allocate_batches}}
     modes = {k: v for k, v in modes.items() if k.split(", ")[-1].split(" ")[0] in args.minilm_modes}
     for ratio in args.ratios:
         row = {}
@@ -636,10 +639,18 @@ def calibration_batches(tokenize, sentences, batch_size, sort=True):
 
 
 def check_equal_params(row: dict, what: str) -> None:
-    """Plain and data-aware factorizations must be compared at the same parameter count."""
+    """Plain and data-aware factorizations must be compared at the same parameter count; a sensitivity-
+    allocated row shares the same budget by whole ranks, so it may come in just under (never over, at most
+    0.1% under)."""
     counts = {label: v["params"] for label, v in row.items()}
-    if len(set(counts.values())) != 1:
+    same = {c for label, c in counts.items() if "allocated" not in label}
+    if len(same) > 1:
         raise SystemExit(f"{what}: parameter counts differ between factorizations: {counts}")
+    if same:
+        want = same.pop()
+        if any(not 0.999 * want <= c <= want for label, c in counts.items() if "allocated" in label):
+            raise SystemExit(f"{what}: the allocated factorization's parameters are not within 0.1% under the "
+                             f"uniform ones: {counts}")
 
 
 # --- digits ResNet-18 ---------------------------------------------------------------------------
@@ -852,8 +863,11 @@ def main(argv=None):
     ap.add_argument("--token-mask", default="attention_mask", help="MiniLM calibration_token_mask ('none': off)")
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. one ratio per process)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--minilm-modes", default="plain,one-shot,sequential",
-                    help="MiniLM factorizations to run: plain, one-shot, sequential")
+    ap.add_argument("--minilm-modes", default="plain,one-shot,sequential,allocated",
+                    help="MiniLM factorizations to run: plain, one-shot, sequential, allocated (sequential with "
+                         "calibration_allocate='sensitivity')")
+    ap.add_argument("--allocate-batches", type=int, default=4,
+                    help="calibration_allocate_batches of the allocated MiniLM rows (the library's default, 4)")
     ap.add_argument("--merge", action="store_true", help="combine the per-part JSON files into one table and plot")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)

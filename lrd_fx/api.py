@@ -264,7 +264,7 @@ def unshare(model: nn.Module, original: nn.Module) -> int:
 
 
 def build_passes(ctx: CompileContext) -> list:
-    """The pass list for a config: shape_prop, [calibration_stats], decompose, [search_ranks], [calibrate],
+    """The pass list for a config: shape_prop, [calibration_stats], decompose, [allocate], [search_ranks], [calibrate],
     [materialize], [freeze], [fuse], [check_speed]."""
     from .passes.decompose import decompose
     from .passes.shape_prop import shape_prop
@@ -274,6 +274,9 @@ def build_passes(ctx: CompileContext) -> list:
         from .passes.calibrate import calibrate, calibration_stats
         passes.append(calibration_stats(ctx))
     passes.append(decompose(ctx))
+    if calibrated and ctx.config.calibrate.allocate == "sensitivity" and not ctx.empty_init:
+        from .passes.allocate import allocate   # ranks shared by output sensitivity, before search/fit
+        passes.append(allocate(ctx))
     if ctx.config.rank_search is not None:
         from .passes.search_ranks import search_ranks
         passes.append(search_ranks(ctx))
@@ -338,6 +341,9 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
         raise ConfigError("calibration= takes the calibration batches; give the options as calibrate="
                           "lrd_fx.Calibration(...) (or calibration_mode=, calibration_damping=, "
                           "calibration_token_mask=, recalibrate_bn=)")
+    if calibration is None and cfg.calibrate.allocate != "uniform":
+        raise ConfigError(f"calibration_allocate={cfg.calibrate.allocate!r} measures each layer's effect on the "
+                          f"model's output on calibration data: pass calibration=batches too")
     inputs = _as_tuple(example_inputs)
     if cfg.rank_search is not None and inputs is None:
         raise ConfigError("rank_search needs example_inputs: the layers are timed at their real input shapes")

@@ -11,10 +11,10 @@ import torch.nn as nn
 from .errors import ConfigError, InputError
 
 
-def _forward(model: nn.Module, batch, device) -> None:
+def _forward(model: nn.Module, batch, device):
+    """Run `model` on one batch (a tensor, an (x, y, ...) tuple/list: x, or a Mapping of keyword inputs); its output."""
     if isinstance(batch, Mapping):   # a dict of keyword inputs, or a tokenizer's BatchEncoding
-        model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-        return
+        return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise InputError("recalibrate_bn: got an empty batch tuple; pass tensors or (x, y) tuples")
@@ -22,7 +22,7 @@ def _forward(model: nn.Module, batch, device) -> None:
     if not isinstance(batch, torch.Tensor):
         raise InputError(f"recalibrate_bn: a batch must be a tensor, an (x, y) tuple or a dict of model "
                          f"kwargs, got {type(batch).__name__}")
-    model(batch.to(device) if device is not None else batch)
+    return model(batch.to(device) if device is not None else batch)
 
 
 def recalibrate_bn(model: nn.Module, batches: Iterable, *, momentum: Optional[float] = None,

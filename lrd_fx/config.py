@@ -138,9 +138,18 @@ class Calibration(_SubConfig):
     # key of a dict batch's [batch, tokens] 0/1 mask: Linear inputs shaped [batch, tokens, features] enter
     # the statistics at its non-zero positions only (padding left out); None: every position counts
     token_mask: Optional[str] = "attention_mask"
+    # "uniform": every layer keeps `ratio` of its weights; "sensitivity": the same total parameters shared
+    # by how much each layer's truncation changes the model's output on the calibration data (allocate pass)
+    allocate: str = "uniform"
+    allocate_batches: Optional[int] = 4     # calibration batches the sensitivity measurement runs (None: all)
 
     def validate(self) -> None:
         with _context("Calibration"):
+            _choice("calibration_allocate", self.allocate, ("uniform", "sensitivity"))
+            if self.allocate_batches is not None and (isinstance(self.allocate_batches, bool) or not isinstance(
+                    self.allocate_batches, int) or self.allocate_batches < 1):
+                raise ConfigError(f"calibration_allocate_batches={self.allocate_batches!r} must be a positive int "
+                                  f"(how many calibration batches measure sensitivity) or None (all)")
             _choice("calibration_mode", self.mode, ("sequential", "oneshot"))
             _real("calibration_damping", self.damping, 0, math.inf,
                   "e.g. calibration_damping=0.01 (larger: closer to plain SVD, for few calibration samples)",
@@ -173,6 +182,8 @@ SHORTHAND: dict[str, tuple[str, str]] = {
     "calibration_damping": ("calibrate", "damping"),
     "recalibrate_bn": ("calibrate", "recalibrate_bn"),
     "calibration_token_mask": ("calibrate", "token_mask"),
+    "calibration_allocate": ("calibrate", "allocate"),
+    "calibration_allocate_batches": ("calibrate", "allocate_batches"),
 }
 # Sub-config fields, their class and, for the two optional stages, the field a plain value sets.
 _GROUPS: dict[str, tuple[type, Optional[str]]] = {
@@ -330,6 +341,11 @@ class Config:
             raise ConfigError(f"{' and '.join(rules)} are rank rules that exclude each other: give one "
                               f"(set the others to None; ratio=None means the default 0.25). A rank dict "
                               f"{{name: rank}} may be combined with energy= or ratio= for the other layers")
+        global_rule = (r is not None and not isinstance(r, dict)) or self.energy is not None
+        if getattr(self.calibrate, "allocate", None) == "sensitivity" and global_rule:
+            raise ConfigError(f"calibration_allocate='sensitivity' shares the parameters of ratio= among the "
+                              f"layers; it does not combine with {rules[0]} (use ratio=..., or "
+                              f"calibration_allocate='uniform')")
 
 
 def _fold(base: Optional[Config], options: dict) -> dict:

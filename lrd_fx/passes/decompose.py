@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..context import CompileContext
-from ..errors import FactorizationError, RankError
+from ..errors import FactorizationError, PassError, RankError
 from ..factorize import modules as fm
 from ..factorize import ranks as fr
 from ..factorize.chain import FactorChain, pending_chain
@@ -337,6 +337,21 @@ def _install_job(job: _Job, chain: FactorChain, ctx: CompileContext, align: int)
     rec.params_after = sum(p.numel() for p in chain.parameters())
     rec.flops_after = chain_flops(chain, ctx.layer_io.get(job.name))
     replace_call_sites(job.site, job.name, chain, rec)
+
+
+def install_chain(gm: nn.Module, ctx: CompileContext, name: str, ranks: tuple, chain: FactorChain) -> None:
+    """Put `chain` (layer `name` at `ranks`, usually pending: factorized later, once) in place of the layer's
+    current chain and update its record (search_ranks and allocate change ranks this way)."""
+    rec = ctx.records[name]
+    current = gm.get_submodule(name)
+    chain.train(current.training)
+    if isinstance(current, FactorChain) and current.roles() != chain.roles():
+        raise PassError(f"layer '{name}' changed factors {current.roles()} -> {chain.roles()}; "
+                        f"this is a bug, please report it")
+    gm.set_submodule(name, chain)
+    rec.ranks = list(ranks)
+    rec.params_after = sum(p.numel() for p in chain.parameters())
+    rec.flops_after = chain_flops(chain, ctx.layer_io.get(name))
 
 
 def decompose(ctx: CompileContext):

@@ -37,12 +37,13 @@ from ..cost.timer import (Measurement, autocast_context, current_cost_fn, curren
                           machine_load, measure_interleaved, others_load, reference_step, setting_of, summarize)
 from ..errors import LRDError, PassError
 from ..factorize import modules as fm
-from ..factorize.chain import FactorChain, pending_chain
+from ..factorize.chain import pending_chain
 from ..factorize.ranks import aligned_in
 from ..factorize.svd import singular_values, svd_error
 from ..factorize.tucker import unfold
 from ..pipeline import PassResult, graph_modules
 from ..plan import DECOMPOSED, REVERTED, SEARCHED, LayerRecord
+from .decompose import install_chain
 
 ORIGINAL = "original"       # rank key of the original layer in timings and the cache
 MIN_BLOCK_S = {"cuda": 0.002, "cpu": 0.02}   # shortest timed block; longer on CPU to average out scheduling
@@ -540,21 +541,6 @@ def _revert_nodes(gm: fx.GraphModule, rec: LayerRecord) -> None:
                 part.graph.erase_node(n)
 
 
-def _install(gm: fx.GraphModule, ctx: CompileContext, name: str, ranks: tuple, chain: FactorChain) -> None:
-    """Put `chain` (layer `name` at `ranks`, pending: factorized later, once) in place of its current chain."""
-    from ..flops import chain_flops
-    rec = ctx.records[name]
-    current = gm.get_submodule(name)
-    chain.train(current.training)
-    if isinstance(current, FactorChain) and current.roles() != chain.roles():
-        raise PassError(f"search_ranks: layer '{name}' changed factors {current.roles()} -> "
-                        f"{chain.roles()}; this is a bug, please report it")
-    gm.set_submodule(name, chain)
-    rec.ranks = list(ranks)
-    rec.params_after = sum(p.numel() for p in chain.parameters())
-    rec.flops_after = chain_flops(chain, ctx.layer_io.get(name))
-
-
 def _apply(gm: fx.GraphModule, ctx: CompileContext, plan: dict) -> bool:
     # Nothing is factorized here: decompose left the chains pending (exact, factorized on first use);
     # a layer whose ranks change gets a new pending chain at its final ranks, and the materialize pass
@@ -585,7 +571,7 @@ def _apply(gm: fx.GraphModule, ctx: CompileContext, plan: dict) -> bool:
             continue
         ranks = tuple(e["ranks"])
         if list(ranks) != list(rec.ranks):
-            _install(gm, ctx, name, ranks, pending_chain(orig, ranks, rec.scheme, name=name))
+            install_chain(gm, ctx, name, ranks, pending_chain(orig, ranks, rec.scheme, name=name))
             modified = True
         rec.decision = SEARCHED
     return modified   # the PassManager lints and recompiles every part
