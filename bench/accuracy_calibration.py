@@ -640,16 +640,16 @@ def calibration_batches(tokenize, sentences, batch_size, sort=True):
 
 def check_equal_params(row: dict, what: str) -> None:
     """Plain and data-aware factorizations must be compared at the same parameter count; a sensitivity-
-    allocated row shares the same budget by whole ranks, so it may come in just under (never over, at most
-    0.1% under)."""
+    allocated row shares the same budget in steps of a quarter of a layer's uniform rank, so it may come in
+    just under (never over, at most 0.5% under: fewer parameters than the rows it is compared with)."""
     counts = {label: v["params"] for label, v in row.items()}
     same = {c for label, c in counts.items() if "allocated" not in label}
     if len(same) > 1:
         raise SystemExit(f"{what}: parameter counts differ between factorizations: {counts}")
     if same:
         want = same.pop()
-        if any(not 0.999 * want <= c <= want for label, c in counts.items() if "allocated" in label):
-            raise SystemExit(f"{what}: the allocated factorization's parameters are not within 0.1% under the "
+        if any(not 0.995 * want <= c <= want for label, c in counts.items() if "allocated" in label):
+            raise SystemExit(f"{what}: the allocated factorization's parameters are not within 0.5% under the "
                              f"uniform ones: {counts}")
 
 

@@ -66,7 +66,9 @@ def child(name: str, ratio: float, size: int, threads: int | None) -> dict:
         hwm_reset = True
     except OSError:
         hwm_reset = False
-    svd.path_counts.clear()
+    counts = getattr(svd, "path_counts", None)     # None in checkouts before it existed (baselines)
+    if counts is not None:
+        counts.clear()
     t0 = time.perf_counter()
     gm = lrd_fx.compile(model, (x,), ratio=ratio, progress=False)
     seconds = time.perf_counter() - t0
@@ -78,7 +80,7 @@ def child(name: str, ratio: float, size: int, threads: int | None) -> dict:
             "model_mb": round(model_bytes / 2 ** 20, 1),
             "overhead_x": round((_mb(peak) - _mb(rss_import)) / max(model_bytes / 2 ** 20, 1e-9), 2),
             "params_before": sum(p.numel() for p in model.parameters()), "params_after": params_after,
-            "svd_paths": dict(svd.path_counts), "torch_threads": torch.get_num_threads()}
+            "svd_paths": dict(counts or {}), "torch_threads": torch.get_num_threads()}
 
 
 def run_child(name: str, args) -> dict:
