@@ -115,3 +115,42 @@ def test_config_errors():
         lrd_fx.Config(calibration_allocate="greedy")
     with pytest.raises(ConfigError, match="calibration_allocate_batches"):
         lrd_fx.Config(calibration_allocate_batches=0)
+
+
+class ConvNet(nn.Module):
+    """Tucker-2 convs with BatchNorm; `loud` feeds the output with ten times the weight of `quiet`."""
+
+    def __init__(self, c=24):
+        super().__init__()
+        self.quiet = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.loud = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return self.quiet(x) + 10.0 * self.loud(x)
+
+
+def test_tucker2_convs_with_batchnorm_and_a_rank_search_after_it():
+    from lrd_fx.cost.timer import use_cost_fn
+    from lrd_fx.factorize.chain import FactorChain
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randn(8, 24, 6, 6, generator=g) for _ in range(3)]
+    kw = dict(ratio=0.3, calibration=calib, calibration_mode="oneshot", progress=False)
+    uniform = lrd_fx.compile(model, (calib[0][:2],), **kw)
+    shared = lrd_fx.compile(model, (calib[0][:2],), calibration_allocate="sensitivity", **kw)
+    ru, rs = uniform.lrd.plan, shared.lrd.plan
+    assert rs["loud.0"]["ranks"] != ru["loud.0"]["ranks"] and len(rs["loud.0"]["ranks"]) == 2
+    assert sum(rs["loud.0"]["ranks"]) > sum(rs["quiet.0"]["ranks"])
+    names = ["loud.0", "quiet.0"]
+    assert factor_params(shared, names) <= factor_params(uniform, names)
+    shared.eval()
+    assert rel_error(shared, model, calib) < rel_error(uniform.eval(), model, calib)
+
+    def cost(module, shape, mode):   # every chain costs the same and beats the original: nothing moves
+        return 1.0 if isinstance(module, FactorChain) else 10.0
+    with use_cost_fn(cost):
+        searched = lrd_fx.compile(model, (calib[0][:2],), calibration_allocate="sensitivity",
+                                  rank_search="infer", rank_search_window=0.1, **kw)
+    for n in names:   # the search starts from the allocated ranks and keeps them under a flat cost
+        assert searched.lrd.plan[n]["ranks"] == rs[n]["ranks"], n
