@@ -23,6 +23,7 @@ bounds the batches it uses.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Optional
 
@@ -121,7 +122,7 @@ class _OutputError:
     def reference(self, i: int) -> list:
         if self.stored is not None:
             return self.stored[i]
-        with _exact(self.gm):
+        with _exact():
             return self._run(self.batches[i])
 
     def __call__(self) -> float:
@@ -134,18 +135,17 @@ class _OutputError:
         return num / den if den > 0 else 0.0
 
 
-class _exact:
-    """Inside: the candidate hook (if any) of every chain is off, so the model computes the original."""
-    active: list = []
+_EXACT: list = []   # non-empty inside _exact(): candidate hooks stand aside
 
-    def __init__(self, gm):
-        self.gm = gm
 
-    def __enter__(self):
-        _exact.active.append(True)
-
-    def __exit__(self, *exc):
-        _exact.active.pop()
+@contextlib.contextmanager
+def _exact():
+    """Inside: every candidate hook is off, so the model computes the original's outputs."""
+    _EXACT.append(True)
+    try:
+        yield
+    finally:
+        _EXACT.pop()
 
 
 def _substitute(chain: FactorChain, candidate: nn.Module) -> list:
@@ -157,11 +157,11 @@ def _substitute(chain: FactorChain, candidate: nn.Module) -> list:
     seen: list = []
 
     def keep(module, args):
-        if not _exact.active:
+        if not _EXACT:
             seen.append(args)
 
     def swap(module, args, output):
-        if _exact.active or not seen:
+        if _EXACT or not seen:
             return output
         return candidate(*seen.pop())
     return [chain[0].register_forward_pre_hook(keep), chain[-1].register_forward_hook(swap)]

@@ -154,3 +154,19 @@ def test_tucker2_convs_with_batchnorm_and_a_rank_search_after_it():
                                   rank_search="infer", rank_search_window=0.1, **kw)
     for n in names:   # the search starts from the allocated ranks and keeps them under a flat cost
         assert searched.lrd.plan[n]["ranks"] == rs[n]["ranks"], n
+
+
+def test_outputs_too_big_to_keep_are_recomputed_with_the_same_result(monkeypatch):
+    import lrd_fx.passes.allocate as allocate_mod
+    torch.manual_seed(0)
+    model = TwoBranch().eval()
+    calib = data(1)
+    kw = dict(ratio=0.25, calibration=calib, calibration_mode="oneshot", calibration_allocate="sensitivity",
+              progress=False)
+    kept = lrd_fx.compile(model, (calib[0][:2],), **kw)
+    monkeypatch.setattr(allocate_mod, "MAX_STORED_OUTPUT_BYTES", 0)   # the original's outputs run again each time
+    again = lrd_fx.compile(model, (calib[0][:2],), **kw)
+    for n in ("loud", "quiet"):
+        assert again.lrd.plan[n]["ranks"] == kept.lrd.plan[n]["ranks"]
+    note = [line for line in again.lrd.report().splitlines() if "calibration_allocate=" in line]
+    assert note == [line for line in kept.lrd.report().splitlines() if "calibration_allocate=" in line]
