@@ -110,6 +110,15 @@ def top_eigvecs(a64: Tensor, rank: int, *, side: str, name: str = "") -> Tensor:
     return vecs.flip(-1)[:, :rank]   # eigh sorts ascending
 
 
+def balanced_split(u: Tensor, raw: Tensor, tiny: float = 1e-300) -> tuple[Tensor, Tensor]:
+    """(L, R) = (u sqrt(s), diag(1/sqrt(s)) raw) for raw = u^T A [r, n] with row norms s: sqrt(S) in both
+    factors (svd_split's convention). Rows with s == 0 are zero already and stay zero instead of 0/0."""
+    s = raw.norm(dim=1)
+    root = s.sqrt()
+    inv = torch.where(s > 0, 1.0 / root.clamp_min(tiny), torch.zeros_like(root))
+    return u * root, raw * inv[:, None]
+
+
 def singular_values(matrix: Tensor, *, name: str = "") -> Tensor:
     """Singular values of a 2-D tensor, descending, float32, on the tensor's device.
 
@@ -355,13 +364,10 @@ def split32(matrix: Tensor, rank: int, *, name: str = "", tol: float = FLOAT32_T
     if not 2.0 * r * delta <= _float32_tol_energy(tol) * tail_low:
         return None
     u = vecs[:, :r]                                                    # [n_s, r]
-    raw = u.T @ w                                                      # [r, k] = S V^T (of w)
-    s = raw.norm(dim=1)
-    root = s.sqrt()
-    inv = torch.where(s > 0, 1.0 / root.clamp_min(1e-30), torch.zeros_like(root))
+    left, right = balanced_split(u, u.T @ w, tiny=1e-30)              # u^T w: [r, k] = S V^T (of w)
     if m <= n:                                                         # w = A:  A ~ u (u^T A)
-        return u * root, raw * inv[:, None]
-    return raw.T * inv, (u * root).T                                   # w = A^T: A ~ (A u) u^T
+        return left, right
+    return right.T, left.T                                             # w = A^T: A ~ (A u) u^T
 
 
 # Randomized truncated SVD (Halko, Martinsson & Tropp 2011) replaces the exact float64 Gram
@@ -421,11 +427,7 @@ def randomized_svd_split(matrix: Tensor, rank: int, *, name: str = "", tol: floa
     if err2 == 0.0 or err2 - excess < err2 / (1.0 + tol) ** 2:
         return None
     u = q.double() @ evecs[:, :r]                                        # [m, r] left singular vectors
-    raw = evecs[:, :r].T @ z64.T                                         # [r, n] = u^T A = S V^T
-    s_ = raw.norm(dim=1)
-    root = s_.sqrt()
-    inv = torch.where(s_ > 0, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
-    left, right = u * root, raw * inv[:, None]
+    left, right = balanced_split(u, evecs[:, :r].T @ z64.T)             # [r, n] = u^T A = S V^T
     if transpose:                        # A = (L R)^T = R^T L^T
         left, right = right.T, left.T
     return left, right
@@ -435,12 +437,7 @@ def _split64(a64: Tensor, r: int, name: str) -> tuple[Tensor, Tensor]:
     m, n = a64.shape
     if m <= n:
         u = top_eigvecs(a64, r, side="left", name=name)       # [m, r]
-        raw = u.T @ a64                                         # [r, n] = S V^T
-        s = raw.norm(dim=1)
-        root = s.sqrt()
-        # Rows with s == 0 are zero already; keep them zero instead of 0/0.
-        inv = torch.where(s > 0, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
-        return u * root, raw * inv[:, None]
+        return balanced_split(u, u.T @ a64)                     # u^T A: [r, n] = S V^T
     v = top_eigvecs(a64, r, side="right", name=name)          # [n, r]
     raw = a64 @ v                                               # [m, r] = U S
     s = raw.norm(dim=0)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import FactorizationError, InputError
-from .svd import _label, check_finite, serial_math
+from .svd import _label, balanced_split, check_finite, serial_math
 from .tucker import tucker2
 
 # How a layer's input is viewed as samples of feature vectors (the columns its weight matrix sees):
@@ -198,11 +198,7 @@ def whitened_svd_split(weight: Tensor, rank: int, wh: Whitening, *, name: str = 
             _, vecs = torch.linalg.eigh(b.T @ b)
             u = b @ vecs.flip(-1)[:, :rank]
             u = u / u.norm(dim=0).clamp_min(1e-300)
-        raw = u.T @ wt                                           # [r, d]
-        s = raw.norm(dim=1)
-        root = s.sqrt()
-        inv = torch.where(s > 0, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
-        left, right = u * root, raw * inv[:, None]
+        left, right = balanced_split(u, u.T @ wt)              # u^T W*: [r, d]
     out = dict(device=weight.device, dtype=torch.float32)
     return left.to(**out).contiguous(), right.to(**out).contiguous(), reg
 
