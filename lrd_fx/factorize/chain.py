@@ -64,6 +64,11 @@ def _math_context(device: torch.device):
         yield
 
 
+def _spatial_attr(name: str) -> property:
+    """A conv attribute of the replaced layer, read from the factor that carries the kernel (convs only)."""
+    return property(lambda self: self._conv_attr(name), doc=f"the replaced conv's {name}")
+
+
 class FactorChain(nn.Sequential):
     """A factorized layer: children named first/[core]/last, applied in that order.
 
@@ -224,25 +229,12 @@ class FactorChain(nn.Sequential):
         self._conv_attr("out_channels")
         return self._last().out_channels
 
-    @property
-    def kernel_size(self):
-        return self._conv_attr("kernel_size")
-
-    @property
-    def stride(self):
-        return self._conv_attr("stride")
-
-    @property
-    def padding(self):
-        return self._conv_attr("padding")
-
-    @property
-    def dilation(self):
-        return self._conv_attr("dilation")
-
-    @property
-    def padding_mode(self):
-        return self._conv_attr("padding_mode")
+    kernel_size = _spatial_attr("kernel_size")
+    stride = _spatial_attr("stride")
+    padding = _spatial_attr("padding")
+    dilation = _spatial_attr("dilation")
+    padding_mode = _spatial_attr("padding_mode")
+    output_padding = _spatial_attr("output_padding")
 
     @property
     def groups(self) -> int:
@@ -253,10 +245,6 @@ class FactorChain(nn.Sequential):
     def transposed(self) -> bool:
         self._conv_attr("transposed")
         return False
-
-    @property
-    def output_padding(self):
-        return self._conv_attr("output_padding")
 
     @property
     def bias(self):
