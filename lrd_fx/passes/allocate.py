@@ -25,20 +25,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from ..bn import _forward
 from ..context import CompileContext
-from ..errors import InputError, LRDError
+from ..errors import InputError
 from ..factorize import modules as fm
 from ..factorize import ranks as fr
 from ..factorize.chain import FactorChain, paused, pending_chain
 from ..pipeline import PassResult
-from ..plan import DECOMPOSED
-from .calibrate import whitening_of
+from .calibrate import factor_chains, run_batch, whitening_of
 from .decompose import install_chain
 
 FRACTIONS = (0.5, 0.75, 1.0, 1.25, 1.5)   # candidate ranks, as fractions of the uniform rule's ranks
@@ -111,13 +108,8 @@ class _OutputError:
                              "tensor to compare; use calibration_allocate='uniform'")
 
     def _run(self, batch) -> list:
-        try:
-            return [t.double() for t in _tensors(_forward(self.gm, batch, self.device))]
-        except LRDError:
-            raise
-        except Exception as e:
-            raise InputError(f"calibration_allocate: the model does not run on a calibration batch "
-                             f"({type(e).__name__}: {e}); pass batches shaped like example_inputs") from e
+        out = run_batch(self.gm, batch, "measuring layer sensitivity (calibration_allocate)", self.device)
+        return [t.double() for t in _tensors(out)]
 
     def reference(self, i: int) -> list:
         if self.stored is not None:
@@ -179,9 +171,7 @@ def allocate(ctx: CompileContext):
         align = setting_of(ctx).align
         per_layer = ctx.config.rank if isinstance(ctx.config.rank, dict) else {}
         from .decompose import _override_of
-        names = [n for n, r in ctx.records.items()
-                 if r.decision == DECOMPOSED and n in ctx.originals and _override_of(n, per_layer) is None
-                 and isinstance(_submodule(gm, n), FactorChain)]
+        names = [n for n in factor_chains(gm, ctx) if _override_of(n, per_layer) is None]
         if len(names) < 2:
             ctx.notes.append(f"calibration_allocate='sensitivity': {len(names)} layer(s) to share parameters "
                              f"among; ranks left as the uniform rule set them")
@@ -205,7 +195,7 @@ def allocate(ctx: CompileContext):
                     bar.set_postfix_str(n[-40:])
                     for r in cands[n]:
                         cand = fm.factorize(orig, r, rec.scheme, name=n, whiten=wh).eval()
-                        handles = _substitute(_submodule(gm, n), cand)
+                        handles = _substitute(gm.get_submodule(n), cand)
                         try:
                             errors[n].append(measure())
                         finally:
@@ -237,9 +227,3 @@ def allocate(ctx: CompileContext):
     run.requires = ("decompose",)
     return run
 
-
-def _submodule(gm: nn.Module, name: str) -> Optional[nn.Module]:
-    try:
-        return gm.get_submodule(name)
-    except AttributeError:
-        return None

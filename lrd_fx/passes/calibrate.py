@@ -126,6 +126,18 @@ def _dim(module: nn.Module, view: str) -> int:
     return w.shape[1] if view in (LINEAR, CHANNEL) else w[0].numel()
 
 
+def run_batch(model: nn.Module, batch, what: str, device=None):
+    """The model's output on one calibration batch; a failure (other than an LRDError or a hook's _Stop)
+    is an InputError saying what was being done."""
+    try:
+        return _forward(model, batch, device)
+    except (_Stop, LRDError):
+        raise
+    except Exception as e:
+        raise InputError(f"calibration: the model does not run on a calibration batch while {what} "
+                         f"({type(e).__name__}: {e}); pass batches shaped like example_inputs") from e
+
+
 def _run_all(model: nn.Module, batches: list, what: str, mask: Optional[TokenMask] = None,
              count: bool = False) -> None:
     device = next((p.device for p in model.parameters()), None)
@@ -133,14 +145,9 @@ def _run_all(model: nn.Module, batches: list, what: str, mask: Optional[TokenMas
         if mask is not None:
             mask.start(b, count)
         try:
-            _forward(model, b, device)
+            run_batch(model, b, what, device)
         except _Stop:
             pass
-        except LRDError:
-            raise
-        except Exception as e:
-            raise InputError(f"calibration: the model does not run on a calibration batch while {what} "
-                             f"({type(e).__name__}: {e}); pass batches shaped like example_inputs") from e
 
 
 def whitening_of(ctx: CompileContext, name: str) -> Optional[Whitening]:
@@ -198,8 +205,9 @@ def calibration_stats(ctx: CompileContext):
         ctx.calibration_stats = {n: s for n, s in stats.items() if s.n > 0}
         n = sum(1 for s in stats.values() if s.n)
         ctx.notes.append(f"calibration: {len(batches)} batch(es); input statistics of {n} layer(s)")
-        if mask.note():
-            ctx.notes.append(mask.note())
+        note = mask.note()
+        if note:
+            ctx.notes.append(note)
         return PassResult(gm, False)
 
     run.name = "calibration_stats"
@@ -234,7 +242,8 @@ def record_input_stats(model: nn.Module, layers: dict, batches: list,
     return stats, mask
 
 
-def _chains(gm: nn.Module, ctx: CompileContext) -> list[str]:
+def factor_chains(gm: nn.Module, ctx: CompileContext) -> list[str]:
+    """Names of the factorized layers whose FactorChain sits in `gm` (calibrate and allocate work on these)."""
     out = []
     for name, rec in ctx.records.items():
         if rec.factorized and name in ctx.originals:
@@ -324,7 +333,7 @@ def calibrate(ctx: CompileContext):
     def run(gm):
         cfg = ctx.config
         batches = ctx.calibration
-        names = _chains(gm, ctx)
+        names = factor_chains(gm, ctx)
         damping = cfg.calibrate.damping
         used: dict[str, InputStats] = {}
         was = gm.training
