@@ -188,3 +188,27 @@ def test_tokenizer_batch_encodings_are_taken_like_dicts():
                          calibration_mode="oneshot")         # one batch, not iterated as its keys
     assert _same(one, _fit(model, [batches[0]], "oneshot"))
     assert "padding position(s) left out" in one.lrd.report()
+
+
+@pytest.mark.parametrize("mode", ["oneshot", "sequential"])
+def test_gpt2_conv1d_layers_are_fitted_to_the_data(mode):
+    """HF Conv1D (GPT-2: weight stored [in, out]) records statistics and gets the data-aware fit like a
+    Linear; before, it 'saw no calibration data' and kept the plain factorization."""
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=32)
+    model = tf.GPT2Model(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(0, V, (4, 12), generator=g)} for _ in range(6)]
+    x = calib[0]["input_ids"][:2]
+    kw = dict(ratio=0.3, progress=False, skip=("wte", "wpe"))
+    fitted = lrd_fx.compile(model, (x,), calibration=calib, calibration_mode=mode, **kw)
+    plain = lrd_fx.compile(model, (x,), **kw)
+    conv1d = [n for n, r in fitted.lrd.plan.items() if r["kind"] == "Conv1D"]
+    assert len(conv1d) == 8
+    assert all("data-aware" in fitted.lrd.plan[n]["reason"] for n in conv1d)
+    assert "saw no calibration data" not in fitted.lrd.report()
+
+    def err(gm):
+        with torch.no_grad():
+            return sum(float((gm(**b).last_hidden_state - model(**b).last_hidden_state).norm()) for b in calib)
+    assert err(fitted) < err(plain)

@@ -100,7 +100,7 @@ class TokenMask:
 
 def view_of(module: nn.Module, scheme: str) -> Optional[str]:
     """The feature view a layer's statistics are recorded in, None where none is supported."""
-    if isinstance(module, nn.Linear):
+    if fm.is_linear_like(module):   # nn.Linear and its kin, HF Conv1D (GPT-2) included
         return LINEAR
     if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return None
@@ -122,8 +122,15 @@ def _layer_features(module: nn.Module, view: str, x: torch.Tensor, mask: Optiona
 
 
 def _dim(module: nn.Module, view: str) -> int:
+    if view == LINEAR:
+        return fm.layer_dims(module)[1]       # in-features, whatever the weight's layout ([in, out] in HF Conv1D)
     w = module.weight
-    return w.shape[1] if view in (LINEAR, CHANNEL) else w[0].numel()
+    return w.shape[1] if view == CHANNEL else w[0].numel()
+
+
+def _fitted_weight(module: nn.Module) -> torch.Tensor:
+    """The weight in the [out, in, ...] layout the whitened fits take (HF Conv1D stores [in, out])."""
+    return fm.weight_matrix(module) if fm.is_linear_like(module) else module.weight
 
 
 def run_batch(model: nn.Module, batch, what: str, device=None):
@@ -159,7 +166,7 @@ def whitening_of(ctx: CompileContext, name: str) -> Optional[Whitening]:
 def energy_ranks(module: nn.Module, scheme: str, wh: Whitening, energy: float, *, name: str = "") -> tuple:
     """Ranks (data-flow order) keeping `energy` of the layer's *output* energy on the calibration data:
     the singular values of W C^1/2 (Tucker-2: of its channel unfoldings) instead of W's."""
-    w = whitened_matrix(module.weight, wh, name=name)
+    w = whitened_matrix(_fitted_weight(module), wh, name=name)
     if scheme == "tucker2":
         return fr.tucker2_ranks_energy(w, energy, name=name)
     return (fr.energy_rank(singular_values(w.reshape(w.shape[0], -1), name=name), energy),)
@@ -181,7 +188,7 @@ def error_source(ctx: CompileContext, name: str):
         return orig
     cache = ctx.calibration_whitened
     if name not in cache:
-        cache[name] = WhitenedWeight(whitened_matrix(orig.weight, wh, name=name))
+        cache[name] = WhitenedWeight(whitened_matrix(_fitted_weight(orig), wh, name=name))
     return cache[name]
 
 
