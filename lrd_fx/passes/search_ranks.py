@@ -54,6 +54,10 @@ LOAD_BOUND = 0.5            # other processes' load per core above which the mac
 MAX_REMEASURE = 1           # re-measurements of one batch of disturbed timings
 MAX_RECHECK = 2             # re-measurements of the ranks one decision rests on
 _REF = "__reference__"      # key of the reference kernel among the interleaved candidates
+# A Tucker-2 candidate whose lead rank is a multiple of this gets its other rank rounded to one too:
+# the multiples of 8 among the candidates are there for aligned kernels, which need both channel counts
+# aligned (a lead of 96 with the estimate 103/102 gave 96/95 before, never an aligned pair).
+PAIR_ALIGN = 8
 
 
 @dataclass
@@ -83,6 +87,8 @@ class RankLine:
         other = 1 - self.lead
         out[other] = max(1, min(self.full[other], int(round(s * self.q))))
         a = self.align
+        if a <= 1 and s % PAIR_ALIGN == 0 and s * self.q >= PAIR_ALIGN:
+            a = PAIR_ALIGN     # an aligned candidate is aligned in both ranks (96/95 -> 96/96)
         if a > 1 and self.full[other] >= a and out[other] < self.full[other]:
             out[other] = min(self.full[other], max(a, int(round(s * self.q / a)) * a))
         return tuple(out)
@@ -343,9 +349,12 @@ def _measure_group(g: LayerGroup, timer: CandidateTimer, cfg, deadline: Optional
     """Coarse stage (original + grid), then fine stages around suspected edges (deadline permitting)."""
     line, m = g.line, g.module
     coarse = cm.candidate_ranks(line.s_est, line.s_full, cfg.rank_search.window)
-    if line.align > 1:     # every aligned rank in the window is a candidate
+    # every aligned rank in the window is a candidate: of Config.align, or, for the whole-model plan, of 8
+    # (the ranks the divisor rule would pick are then options of the plan)
+    align = line.align if line.align > 1 else PAIR_ALIGN if cfg.rank_search.param_budget is not None else 1
+    if align > 1:
         lo, hi = cm.window_bounds(line.s_est, line.s_full, cfg.rank_search.window)
-        coarse = sorted(set(coarse) | set(aligned_in(lo, hi, line.align)))
+        coarse = sorted(set(coarse) | set(aligned_in(lo, hi, align)))
     wanted = {ORIGINAL: lambda: m}
     wanted.update({_key(line.ranks(s)): _factory(m, line.ranks(s), g.scheme) for s in coarse})
     got = timer.time(g, wanted)
@@ -489,9 +498,8 @@ def _budget_plan(groups: dict, by_name: dict, ctx: CompileContext, model) -> dic
                   if cfg.rank_search.objective == "time+error" else {})
         lo, hi = cm.window_bounds(line.s_est, line.s_full, cfg.rank_search.window)
         times = {s: m.median_s for s, m in g.times.items()}
-        in_win = [t for t in times if lo <= t <= hi]
-        keys = {line.s_est, min(in_win), max(in_win)}   # the window's ends bound what the plan can trade
-        keys.update(a for a, _, _ in cm.find_edges(times, cm.EDGE_THRESHOLD) if lo <= a <= hi)
+        # every measured rank of the window is an option, the multiples of 8 among them (_measure_group)
+        keys = {t for t in times if lo <= t <= hi} | {line.s_est}
         if not rule["reverted"]:
             keys.add(_s_of(line, rule["ranks"]))
         opts = [cm.Option(s, fm.chain_params(orig, line.ranks(s), g.scheme), times[s],

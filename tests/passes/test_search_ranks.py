@@ -217,6 +217,41 @@ def test_rank_budget_whole_model():
     assert sum(plan[n]["params_after"] for n in ("0", "2")) <= 0.8 * before
 
 
+def test_tucker_pair_aligned_with_its_lead():
+    from lrd_fx.passes import search_ranks as sr
+    line = sr.RankLine((103, 102), (256, 256))
+    assert line.ranks(103) == (103, 102) and line.ranks(100) == (100, 99)   # unaligned lead: proportional
+    assert line.ranks(96) == (96, 96) and line.ranks(104) == (104, 104)     # before: 96/95, 104/103
+    assert sr.RankLine((24, 100), (64, 256)).ranks(96) == (24, 96)            # lead second: 23 -> 24
+    assert sr.RankLine((16, 4), (64, 64)).ranks(16) == (16, 4)                # other below 8: left as is
+    assert sr.RankLine((16, 14), (64, 12)).ranks(16) == (16, 12)              # never above full rank
+
+
+def test_rank_budget_options_are_every_measured_window_rank(monkeypatch):
+    """The whole-model plan chooses among every rank measured in the window, and the coarse stage
+    measures every multiple of 8 there, so the divisor rule's ranks are among its options."""
+    from lrd_fx.cost import model as cm
+    tables = {}
+    real = cm.plan_budget
+
+    def spy(t, budget, **kw):
+        tables.update(t)
+        return real(t, budget, **kw)
+
+    monkeypatch.setattr(cm, "plan_budget", spy)
+    model = nn.Sequential(nn.Linear(512, 512))
+    with use_cost_fn(Staircase(step=16)):
+        gm = lrd_fx.compile(model, (torch.randn(2, 512),), rank=200, rank_search="infer", progress=False,
+                            rank_budget=0.8)
+    rec = gm.lrd.plan["0"]
+    measured = {int(k) for k in rec["candidates"]}
+    options = {o.key for o in tables["0"]}
+    # window [150, 250]: the coarse grid's step is 16 there, the multiples of 8 between are added
+    assert set(range(152, 251, 8)) <= measured
+    assert {r for r in measured if 150 <= r <= 250} | {None} == options
+    assert "whole-model plan" in rec["reason"]
+
+
 def test_linear_and_svd_conv_schemes():
     model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.Flatten(), nn.Linear(32 * 25, 32))
     with use_cost_fn(Staircase(step=16)):
