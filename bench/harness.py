@@ -9,10 +9,14 @@ Variants (rows per model):
   original              the model as created (random init)
   lrd                   lrd_fx.compile(model, (x,), ratio=R): ranks from the ratio estimate
   lrd+search            + rank_search="infer" (--search-mode): ranks timed on this device, reverts kept
+  lrd+search+budget     + rank_budget=R: the whole-model plan, every layer's rank (or the original layer)
+                        chosen together to minimise the summed measured time within the parameters that
+                        ratio=R gives the factorized layers (re-uses lrd+search's timings from the cache)
   lrd+round8            the divisor rule (AIMET / msModelSlim style): the lrd row's estimated ranks rounded
                         down to a multiple of 8 (--round-multiple), scaled so that the model has the
-                        parameters of the lrd+search row (within 2%): the search against the simple rule at
-                        equal parameters (lrd_fx.compile(rank={layer: ranks}, skip=<the rest>))
+                        parameters of the lrd+search+budget row (of lrd+search when that one is not run):
+                        the search against the simple rule at equal parameters
+                        (lrd_fx.compile(rank={layer: ranks}, skip=<the rest>))
   lrd+fuse              lrd with fuse_inference=True: BatchNorm folded, adjacent linear maps merged, no-op
                         nodes dropped; inference only (its training columns stay empty)
   lrd+search+seqfreeze  the lrd+search plan and weights with freeze="sequential" (lrd_fx.save, then
@@ -69,7 +73,7 @@ from bench import peers  # noqa: E402
 
 FORMAT = "lrd_fx-bench/1"
 # the default rows, in the order they are built and printed (a variant may reuse one built before it)
-VARIANTS = ("original", "lrd", "lrd+search", "lrd+round8", "lrd+search+seqfreeze", "lrd+fuse", "tltorch", "composer")
+VARIANTS = ("original", "lrd", "lrd+search", "lrd+search+budget", "lrd+round8", "lrd+search+seqfreeze", "lrd+fuse", "tltorch", "composer")
 DEFAULT_MODELS = ("resnet18", "resnet50", "vit_small_patch16_224", "convnext_tiny")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -397,10 +401,12 @@ def _usable(v: Optional["Variant"]) -> bool:
     return v is not None and v.error is None and v.module is not None
 
 
-def _lrd_kwargs(s: Settings, search: bool = False, freeze: bool = False) -> dict:
+def _lrd_kwargs(s: Settings, search: bool = False, freeze: bool = False, budget: bool = False) -> dict:
     kw: dict = dict(ratio=s.ratio, progress=False)
     if search:
         kw["rank_search"] = s.search_mode
+        if budget:      # the whole-model plan, spending the parameters that ratio= gives the layers
+            kw["rank_budget"] = s.ratio
         if s.search_budget_s is not None:
             kw["rank_search_budget_s"] = s.search_budget_s
         if s.search_repeats is not None:
@@ -495,11 +501,11 @@ def _lrd_variant(gm, compile_s: float, freeze: bool = False) -> Variant:
     return v
 
 
-def _compile_searched(model, x, s: Settings, freeze: bool) -> Variant:
-    """lrd_fx.compile with the rank search (and the freezing gates), noting how many timings it added to
-    the cache."""
+def _compile_searched(model, x, s: Settings, freeze: bool, budget: bool = False) -> Variant:
+    """lrd_fx.compile with the rank search (and the freezing gates; `budget`: the whole-model plan at
+    rank_budget=ratio), noting how many timings it added to the cache."""
     before = _cache_entries()
-    gm, t = _timed(lrd_fx.compile, model, (x,), **_lrd_kwargs(s, search=True, freeze=freeze))
+    gm, t = _timed(lrd_fx.compile, model, (x,), **_lrd_kwargs(s, search=True, freeze=freeze, budget=budget))
     v = _lrd_variant(gm, t, freeze)
     after = _cache_entries()
     if before is not None and after is not None:
@@ -529,17 +535,27 @@ def _build_lrd_search(model, x, s, built) -> Variant:
     return _compile_searched(model, x, s, freeze=False)
 
 
+@register_variant("lrd+search+budget")
+def _build_lrd_search_budget(model, x, s, built) -> Variant:
+    return _compile_searched(model, x, s, freeze=False, budget=True)
+
+
+# the searched row lrd+round8 matches in parameters: the whole-model plan when it was built, else lrd+search
+ROUND8_TARGETS = ("lrd+search+budget", "lrd+search")
+
+
 @register_variant("lrd+round8")
 def _build_lrd_round8(model, x, s, built) -> Variant:
     ref = _lrd_reference(built, model, x, s)
-    searched = built.get("lrd+search")
-    target = sum(p.numel() for p in searched.module.parameters()) if _usable(searched) else None
+    name = next((n for n in ROUND8_TARGETS if _usable(built.get(n))), None)
+    searched = built.get(name) if name else None
+    target = sum(p.numel() for p in searched.module.parameters()) if searched is not None else None
     ranks, scale = divisor_ranks(model, ref.module.lrd.plan, s.round_multiple, target)
     skip = tuple(n for n in ref.module.lrd.plan if n not in ranks)
     gm, t = _timed(lrd_fx.compile, model, (x,), ratio=s.ratio, rank=ranks or None, skip=skip, progress=False)
     v = _lrd_variant(gm, t)
     v.notes.append(f"estimates x{scale:.2f}, rounded down to a multiple of {s.round_multiple}"
-                   + (" (scaled to lrd+search's params)" if target else " (lrd+search not built: unscaled)"))
+                   + (f" (scaled to {name}'s params)" if target else " (no searched row built: unscaled)"))
     return v
 
 

@@ -136,7 +136,7 @@ def test_every_variant_in_the_table_builds_on_its_own(name):
 
 
 def test_variants_built_in_order_reuse_earlier_rows():
-    """In VARIANTS order, lrd+round8 is scaled to lrd+search's parameters and lrd+search+seqfreeze reloads the
+    """In VARIANTS order, lrd+round8 is scaled to lrd+search+budget's parameters and lrd+search+seqfreeze reloads the
     searched plan instead of searching again; tltorch takes the lrd row's ranks."""
     model, x, s = harness.tiny_cnn().eval(), torch.randn(2, 3, 16, 16), _tiny_settings()
     built = {}
@@ -144,7 +144,9 @@ def test_variants_built_in_order_reuse_earlier_rows():
         for name in harness.VARIANTS:
             built[name] = harness.build_variant(name, model, x, s, built)
     assert all(v.error is None for v in built.values()), {n: v.error for n, v in built.items()}
-    assert "scaled to lrd+search's params" in " ".join(built["lrd+round8"].notes)
+    assert "scaled to lrd+search+budget's params" in " ".join(built["lrd+round8"].notes)
+    assert all("whole-model plan" in r["reason"] for r in built["lrd+search+budget"].module.lrd.plan.values()
+               if r.get("decision") in ("searched", "reverted"))
     assert built["lrd+search+seqfreeze"].notes == ["lrd+search plan + freeze='sequential' via save/load"]
     searched = {n: p[1] for n, p in built["lrd+search"].plan.items() if p[1]}
     assert {n: p[1] for n, p in built["lrd+search+seqfreeze"].plan.items() if p[1]} == searched
