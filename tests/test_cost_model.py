@@ -153,11 +153,11 @@ def test_registry_swaps_the_rule():
         del cm.COST_MODELS["always_lowest"]
 
 
-def _brute(tables, budget):
+def _brute(tables, budget, floor=0.0):
     best = None
     for combo in itertools.product(*tables.values()):
         p = sum(o.params for o in combo)
-        if p > budget:
+        if p > budget or p < floor:
             continue
         t = sum(o.time_s for o in combo)
         if best is None or t < best[0] - 1e-12:
@@ -189,6 +189,30 @@ def test_budget_plan_spends_budget_on_rank_when_times_tie():
     assert cm.plan_budget(tables, 150) == {"a": 8}
     # infeasible: the smallest options are taken
     assert cm.plan_budget(tables, 10) == {"a": 8}
+
+
+def test_budget_plan_fill_spends_the_budget_on_the_fastest_plan():
+    # smaller ranks are faster: without fill the plan is about the smallest model; with fill=0.95 it is
+    # the fastest plan holding 95-100% of the budget
+    rng = random.Random(5)
+    for trial in range(15):
+        tables = {f"l{i}": [cm.Option(None, 1000, rng.uniform(0.8, 2.0))] +
+                  [cm.Option(r, r * 20 + rng.randint(0, 30), 0.2 + 0.01 * r + rng.uniform(0, 0.1))
+                   for r in (8, 16, 24, 32)] for i in range(5)}
+        budget = rng.uniform(5 * 450, 5 * 650)
+        free = cm.plan_budget(tables, budget, spend=0.0)
+        filled = cm.plan_budget(tables, budget, spend=0.0, fill=0.95)
+        assert _plan_params(tables, free) < 0.95 * budget, trial
+        p = _plan_params(tables, filled)
+        assert 0.95 * budget * 0.999 <= p <= budget, trial
+        t_opt, _ = _brute(tables, budget, floor=0.95 * budget)
+        t = sum(next(o for o in tables[n] if o.key == k).time_s for n, k in filled.items())
+        assert t <= t_opt * 1.02 + 1e-9, trial
+    # a budget no plan can fill: the largest plan there is
+    small = {"a": [cm.Option(8, 100, 1.0), cm.Option(16, 200, 2.0)]}
+    assert cm.plan_budget(small, 1000, fill=0.9) == {"a": 16}
+    with pytest.raises(ValueError, match="fill"):
+        cm.plan_budget(small, 1000, fill=1.0)
 
 
 def test_one_disturbed_timing_makes_no_edge():

@@ -344,7 +344,7 @@ class Option:
 
 
 def plan_budget(tables: Mapping[str, Sequence[Option]], budget_params: float, *,
-                error_weight: float = 0.0, spend: float = 0.02, buckets: int = 4000) -> dict:
+                error_weight: float = 0.0, spend: float = 0.02, buckets: int = 4000, fill: float = 0.0) -> dict:
     """Whole-model choice: one option per layer minimising total time under a parameter budget.
 
     Cost of an option = time_s + error_weight * error * (time of the layer's original) - a small
@@ -353,10 +353,14 @@ def plan_budget(tables: Mapping[str, Sequence[Option]], budget_params: float, *,
     programming over `buckets` buckets of the slack (the budget minus every layer's smallest option):
     each layer's smallest option costs no bucket and every larger one is rounded up, so the plan of
     smallest options is always reachable and every plan returned holds the budget exactly.
+    `fill` in [0, 1): the plan must also spend at least that fraction of the budget (to within one
+    bucket), where some plan can: the fastest plan at about the parameters asked for, not a smaller model.
     Returns {layer: key}; when even the smallest options exceed the budget, those are taken.
     """
     if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
         raise ValueError(f"buckets={buckets!r} must be an int >= 1")
+    if not 0.0 <= fill < 1.0:
+        raise ValueError(f"fill={fill!r} must be in [0, 1)")
     names = list(tables)
     if not names:
         return {}
@@ -381,7 +385,8 @@ def plan_budget(tables: Mapping[str, Sequence[Option]], budget_params: float, *,
         # rounded up: the rounded plan never holds more parameters than the budget allows
         return cap + 1 if unit <= 0 else int(math.ceil(extra / unit - 1e-9))
 
-    dp = np.zeros(cap + 1)            # min cost with used weight <= c
+    dp = np.full(cap + 1, np.inf)     # min cost with used weight exactly c
+    dp[0] = 0.0
     back = []
     for n in names:
         opts = tables[n]
@@ -399,11 +404,15 @@ def plan_budget(tables: Mapping[str, Sequence[Option]], budget_params: float, *,
             arg[better] = i
         dp = new
         back.append(arg)
+    # the cheapest plan spending at least fill * budget (in buckets above the smallest options; when no
+    # plan spends that much, the largest that any plan spends); the smaller plan among equal costs
+    floor_ = int(math.floor((fill * budget_params - smallest) / unit)) if unit > 0 and fill > 0 else 0
+    floor_ = min(max(floor_, 0), int(np.flatnonzero(np.isfinite(dp)).max()))
+    c = floor_ + int(np.argmin(dp[floor_:]))
     out = {}
-    c = cap
     for n, arg in zip(reversed(names), reversed(back)):
         i = int(arg[c])
-        if i < 0:    # unreachable: the smallest options weigh 0, so every c has a plan
+        if i < 0:    # unreachable: c starts at a finite entry, and each step back lands on one
             raise AssertionError(f"plan_budget: no plan for layer {n!r} at bucket {c}")
         o = tables[n][i]
         out[n] = o.key

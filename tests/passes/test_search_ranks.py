@@ -250,6 +250,11 @@ def test_rank_budget_options_are_every_measured_window_rank(monkeypatch):
     assert set(range(152, 251, 8)) <= measured
     assert {r for r in measured if 150 <= r <= 250} | {None} == options
     assert "whole-model plan" in rec["reason"]
+    # smaller ranks are faster, yet the plan spends the budget (BUDGET_FILL): the largest measured rank
+    # that fits it, not the window's low end
+    budget = 0.8 * rec["params_before"]
+    assert rec["ranks"] == [max(r for r in measured if 1024 * r + 512 <= budget)]
+    assert rec["params_after"] >= 0.9 * budget
 
 
 def test_linear_and_svd_conv_schemes():
