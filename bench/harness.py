@@ -432,7 +432,7 @@ def _lrd_plan_summary(gm) -> tuple[dict, tuple, list]:
     decisions: dict = {}
     for r in plan.values():
         decisions[r.get("decision")] = decisions.get(r.get("decision"), 0) + 1
-    stopped = sum("budget" in (r.get("reason") or "") for r in plan.values())
+    stopped = sum("rank_search_budget_s" in (r.get("reason") or "") for r in plan.values())
     if "searched" in decisions or "reverted" in decisions:
         notes.append(f"{decisions.get('searched', 0)} searched, {decisions.get('reverted', 0)} reverted"
                      + (f", {stopped} not searched (budget)" if stopped else ""))

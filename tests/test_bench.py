@@ -325,3 +325,14 @@ def test_new_epochs_do_not_recompile_a_gated_model():
             opt.step()
         counts.append(harness.dynamo_graphs())
     assert counts[1] > counts[0] and counts[2:] == [counts[1]] * 4, counts
+
+
+def test_plan_summary_counts_only_search_time_budget_stops():
+    """A whole-model plan's reason names rank_budget; only layers the time budget cut off count as not searched."""
+    import types
+    plan = {"a": {"decision": "searched", "scheme": "svd", "ranks": [8],
+                  "reason": "whole-model plan (rank_budget=0.25): rank 8"},
+            "b": {"decision": "decomposed", "scheme": "svd", "ranks": [8],
+                  "reason": "ratio 0.25; rank search skipped: rank_search_budget_s=5 s was spent before this layer"}}
+    _, layers, notes = harness._lrd_plan_summary(types.SimpleNamespace(lrd=types.SimpleNamespace(plan=plan)))
+    assert layers == (2, 2) and notes == ["1 searched, 0 reverted, 1 not searched (budget)"]
