@@ -998,10 +998,12 @@ def legend(s: Settings) -> list:
         f"lrd: ratio={s.ratio}; lrd+search: rank_search='{s.search_mode}'"
         + (f", rank_search_budget_s={s.search_budget_s:g}" if s.search_budget_s is not None else "")
         + (f", rank_search_repeats={s.search_repeats}" if s.search_repeats is not None else "")
+        + f"; lrd+search+budget: also rank_budget={s.ratio} (the whole-model plan)"
         + "; seqfreeze: the lrd+search plan with freeze='sequential' (lrd_fx.save/load, or compile at the "
         "searched ranks when load fails), "
         "train/s = mean step time over the schedule's states (epochs 0, 1), compile s = search + load.",
-        f"lrd+round8: the lrd estimates scaled to lrd+search's parameter count and rounded down to a multiple of "
+        f"lrd+round8: the lrd estimates scaled to lrd+search+budget's parameter count (lrd+search's without it) "
+        f"and rounded down to a multiple of "
         f"{s.round_multiple} (the divisor rule at equal params); lrd+fuse: lrd with fuse_inference=True "
         f"(BatchNorm folded, adjacent linear maps merged, no-op nodes dropped), inference only.",
         "tltorch: tensorly-torch layers (implementation='factorized') at the lrd row's ranks on the same layers: "
