@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -74,14 +76,48 @@ class LRDInfo:
         return f"LRDInfo({n} of {len(recs)} Conv/Linear layers factorized)"
 
 
-def _as_tuple(example_inputs) -> Optional[tuple]:
+def _as_tuple(example_inputs, model: Optional[nn.Module] = None) -> Optional[tuple]:
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
-    raise InputError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    if isinstance(example_inputs, Mapping) and model is not None:
+        return _keyword_inputs(model, example_inputs)
+    raise InputError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword inputs (e.g. a "
+                     f"tokenizer's BatchEncoding), got {type(example_inputs).__name__}")
+
+
+def _keyword_inputs(model: nn.Module, kw: Mapping) -> tuple:
+    """Keyword example inputs ({"input_ids": ..., "attention_mask": ...}) as the positional tuple
+    model.forward takes: its parameters in order up to the last one given, their defaults between."""
+    what = f"{type(model).__name__}.forward"
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError) as e:
+        raise InputError(f"example_inputs is a dict, but the signature of {what} cannot be read ({e}); "
+                         f"pass the inputs as a tuple in its positional order") from None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in positional]
+    if not kw:
+        raise InputError(f"example_inputs is an empty dict; give the inputs of {what} ({', '.join(names)})")
+    other = [k for k in kw if k not in names]
+    if other:
+        raise InputError(f"example_inputs key(s) {other} are not positional parameters of {what} "
+                         f"({', '.join(names) or 'none'}); lrd_fx runs the model with positional inputs only: "
+                         f"leave them out or wrap the model in a module that takes them positionally")
+    last = max(names.index(k) for k in kw)
+    out = []
+    for p in positional[:last + 1]:
+        if p.name in kw:
+            out.append(kw[p.name])
+        elif p.default is not p.empty:
+            out.append(p.default)
+        else:
+            raise InputError(f"example_inputs has no {p.name!r}, which {what} requires before "
+                             f"{names[last]!r}; add it to the dict")
+    return tuple(out)
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -344,7 +380,7 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
     if calibration is None and cfg.calibrate.allocate != "uniform":
         raise ConfigError(f"calibration_allocate={cfg.calibrate.allocate!r} measures each layer's effect on the "
                           f"model's output on calibration data: pass calibration=batches too")
-    inputs = _as_tuple(example_inputs)
+    inputs = _as_tuple(example_inputs, model)
     if cfg.rank_search is not None and inputs is None:
         raise ConfigError("rank_search needs example_inputs: the layers are timed at their real input shapes")
     if inputs is not None and (cfg.rank_search is not None or cfg.whole_model_check):

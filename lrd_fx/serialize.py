@@ -245,7 +245,7 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     header, tensors = _read(where, trust_file)
     plan = _parse_plan(header, where)
     cfg = _rebuild_config(header, plan, overrides, where)
-    inputs = api._as_tuple(example_inputs)
+    inputs = api._as_tuple(example_inputs, model)
     device, dtype = api._model_device_dtype(model)
     work = api.copy_model(model)
     if inputs is not None and cfg.check_inputs:

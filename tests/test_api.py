@@ -183,3 +183,32 @@ def test_compiled_model_keeps_the_callers_mode(train):
     assert [m.training for m in gm.modules()] == [train] * len(list(gm.modules()))
     if not train:
         torch.testing.assert_close(gm(x), gm(x))      # no dropout, no batch statistics
+
+
+class _KwModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, mask=None, *, scale=1.0):
+        y = self.fc(x) * scale
+        return y if mask is None else y * mask
+
+
+def test_example_inputs_dict_maps_to_positional_order_and_bad_keys_are_named(tmp_path):
+    model = _KwModel().eval()
+    x, mask = torch.randn(4, 16), torch.ones(4, 16)
+    gm = lrd_fx.compile(model, {"x": x, "mask": mask}, rank="full", progress=False)
+    torch.testing.assert_close(gm(x, mask), model(x, mask), rtol=1e-4, atol=1e-5)
+    assert gm.lrd.plan["fc"]["decision"] == "decomposed"
+    lrd_fx.save(gm, tmp_path / "m.safetensors")
+    loaded = lrd_fx.load(model, tmp_path / "m.safetensors", example_inputs={"x": x, "mask": mask})
+    torch.testing.assert_close(loaded(x, mask), gm(x, mask))
+    with pytest.raises(lrd_fx.InputError, match="'scale'.*not positional parameters of _KwModel.forward"):
+        lrd_fx.compile(model, {"x": x, "scale": 2.0}, progress=False)
+    with pytest.raises(lrd_fx.InputError, match="no 'x', which _KwModel.forward requires before 'mask'"):
+        lrd_fx.compile(model, {"mask": mask}, progress=False)
+    with pytest.raises(lrd_fx.InputError, match="empty dict"):
+        lrd_fx.compile(model, {}, progress=False)
+    with pytest.raises(lrd_fx.InputError, match="a dict of keyword inputs"):
+        lrd_fx.compile(model, "x", progress=False)

@@ -181,3 +181,19 @@ def test_fine_tuning_steps_train_mode_dropout_and_save_load(tmp_path):
     assert type(loaded) is type(model) and loaded.lrd.plan.keys() == gm.lrd.plan.keys()
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(*x).last_hidden_state, gm(*x).last_hidden_state)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_keyword_example_inputs_dict_or_batch_encoding(name):
+    """A dict / BatchEncoding of keyword inputs works as example_inputs: mapped onto forward's positional
+    order (GPT-2: input_ids, cache, attention_mask; the cache takes its default), same model as the tuple."""
+    model, inputs, field, _ = _build(name)
+    ids, mask = inputs[0], inputs[-1]
+    by_tuple = lrd_fx.compile(model, inputs, ratio=0.5, progress=False)
+    batch = tf.BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    for kw in (dict(batch), batch):
+        gm = lrd_fx.compile(model, kw, ratio=0.5, progress=False)
+        assert {n: r.get("ranks") for n, r in gm.lrd.plan.items()} == \
+            {n: r.get("ranks") for n, r in by_tuple.lrd.plan.items()}
+        with torch.no_grad():
+            torch.testing.assert_close(getattr(gm(**batch), field), getattr(by_tuple(**batch), field))
