@@ -353,8 +353,9 @@ def plan_budget(tables: Mapping[str, Sequence[Option]], budget_params: float, *,
     programming over `buckets` buckets of the slack (the budget minus every layer's smallest option):
     each layer's smallest option costs no bucket and every larger one is rounded up, so the plan of
     smallest options is always reachable and every plan returned holds the budget exactly.
-    `fill` in [0, 1): the plan must also spend at least that fraction of the budget (to within one
-    bucket), where some plan can: the fastest plan at about the parameters asked for, not a smaller model.
+    `fill` in [0, 1): the plan must also spend at least that fraction of the budget (to within a bucket
+    per layer, as options are rounded up), where some plan can (else the largest plan there is): the
+    fastest plan at about the parameters asked for, not a smaller model.
     Returns {layer: key}; when even the smallest options exceed the budget, those are taken.
     """
     if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
