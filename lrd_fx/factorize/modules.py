@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Optional, Sequence, Union
 
 import torch
@@ -15,7 +15,7 @@ from ..errors import ConfigError, FactorizationError, LRDError, RankError
 from .chain import ROLE_CORE, ROLE_FIRST, ROLE_LAST, FactorChain
 from .ranks import (energy_rank, evbmf_rank, svd_rank_for_ratio, tucker2_ranks_energy,
                     tucker2_ranks_for_ratio, tucker2_ranks_vbmf)
-from .svd import SERIAL_MAX_NUMEL, _label, all_finite, check_rank, singular_values, svd_split  # noqa: F401 (all_finite: for decompose)
+from .svd import SERIAL_MAX_NUMEL, _label, release_free_memory, all_finite, check_rank, singular_values, svd_split  # noqa: F401 (all_finite: for decompose)
 from .tucker import tucker2
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -419,6 +419,85 @@ def factorize_workers(device: torch.device) -> int:
     return max(1, min(8, torch.get_num_threads(), os.cpu_count() or 1))
 
 
+# Working memory of one layer's factorization, estimated from its weight: WORK_BYTES_PER_ELEMENT bytes
+# per weight element (Tucker-2 peaks at about 4 float32 copies of the weight, 15 B/element measured
+# for a 512x512x3x3 kernel; the float64 Gram SVD at ratio <= 0.25 at about 3), plus two float64
+# copies of a whitened layer's statistics matrix.
+WORK_BYTES_PER_ELEMENT = 16
+# factorize_many runs layers in parallel while their estimated working memory adds up to at most
+# this fraction of the bytes of all the weights it factorizes (or one layer at a time where a single
+# layer needs more): the compile's peak memory then stays within about (1 + fraction) x the layers'
+# bytes above the model's, whatever the number of workers.
+WORK_BUDGET_FRACTION = 0.75
+# After a layer whose estimated working memory is at least this, free heap memory is handed back to
+# the OS (glibc malloc_trim): otherwise the arenas of the worker threads keep what the layer's
+# temporaries used, and the compile's resident memory grows with every big layer (ResNet-50: 4.3x
+# the model's bytes at the peak instead of 2.3x).
+TRIM_MIN_BYTES = 4 << 20
+
+
+def work_bytes(module: nn.Module, whiten=None) -> int:
+    """Estimated working memory (bytes) of factorizing `module` (see WORK_BYTES_PER_ELEMENT)."""
+    est = WORK_BYTES_PER_ELEMENT * _numel(module)
+    xx = getattr(getattr(whiten, "stats", None), "xx", None)
+    if isinstance(xx, torch.Tensor):
+        est += 2 * 8 * xx.numel()
+    return est
+
+
+def schedule(costs: Sequence[int], budget: int, workers: int, run, stop_on_error: bool = True) -> tuple[dict, dict]:
+    """Run job indices 0..len(costs)-1 on `workers` threads, largest cost first, starting a job only
+    while the costs of the jobs in flight plus its own stay within `budget` (any job may start when
+    none is in flight). run(i) does job i. Returns ({i: result}, {i: exception}); after a failure of
+    job i, only jobs before i are still started (the first failure in job order is the one to raise).
+    """
+    pending = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    cond = threading.Condition()
+    state = {"inflight": 0, "stop": len(costs)}
+    results: dict = {}
+    errors: dict = {}
+
+    def take():
+        with cond:
+            while True:
+                pending[:] = [i for i in pending if i < state["stop"]]
+                if not pending:
+                    return None
+                for i in pending:
+                    if state["inflight"] == 0 or state["inflight"] + costs[i] <= budget:
+                        pending.remove(i)
+                        state["inflight"] += costs[i]
+                        return i
+                cond.wait()
+
+    def worker():
+        while True:
+            i = take()
+            if i is None:
+                return
+            try:
+                res, err = run(i), None
+            except BaseException as e:   # noqa: BLE001 - handed to the caller
+                res, err = None, e
+            with cond:
+                state["inflight"] -= costs[i]
+                if err is None:
+                    results[i] = res
+                else:
+                    errors[i] = err
+                    if stop_on_error:
+                        state["stop"] = min(state["stop"], i)
+                cond.notify_all()
+
+    threads = [threading.Thread(target=worker, name=f"lrd_fx-factorize-{k}", daemon=True)
+               for k in range(max(1, min(workers, len(costs))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
 def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, progress: bool = False,
                    desc: str = "factorize", whiten: Optional[dict] = None) -> dict:
     """Factorize several layers: {name: FactorChain} for jobs [(name, module, ranks, scheme), ...].
@@ -427,11 +506,15 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
     running its math on one torch thread: the small float64 GEMMs and eigensolvers of one layer do
     not scale across cores, whole layers do (about 2x on 2 cores). Big layers (weights over
     svd.SERIAL_MAX_NUMEL elements, e.g. AlexNet's 4096x9216 classifier) go first, one at a time with
-    every torch thread, where their large GEMMs and eigensolver do scale. The torch thread count is
-    restored afterwards. Results do not depend on the number of workers. `progress` shows a tqdm bar
-    when there are at least PROGRESS_MIN_LAYERS layers. A failure names its layer:
-    an LRDError is re-raised as is, anything else as FactorizationError; with several failures the
-    first in job order is raised. `whiten` ({name: Whitening}) makes those layers data-aware.
+    every torch thread, where their large GEMMs and eigensolver do scale. The others are started
+    largest first, as long as the estimated working memory in flight (work_bytes) stays within
+    WORK_BUDGET_FRACTION of the bytes of all the weights (see schedule); free heap memory is handed
+    back to the OS after each layer of TRIM_MIN_BYTES or more (release_free_memory). The torch
+    thread count is restored afterwards. Results do not depend on the number of workers or the
+    order. `progress` shows a tqdm bar when there are at least PROGRESS_MIN_LAYERS layers. A failure
+    names its layer: an LRDError is re-raised as is, anything else as FactorizationError; with
+    several failures the first in job order is raised. `whiten` ({name: Whitening}) makes those
+    layers data-aware.
     """
     from tqdm.auto import tqdm
 
@@ -441,59 +524,62 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
     dev = jobs[0][1].weight.device
     n = factorize_workers(dev) if workers is None else max(1, int(workers))
     n = min(n, len(jobs))
+    whiten = whiten or {}
+    costs = [work_bytes(job[1], whiten.get(job[0])) for job in jobs]
+    if dev.type == "cpu" and max(costs) >= TRIM_MIN_BYTES:
+        release_free_memory()    # what earlier steps freed (e.g. a forward pass's activations) is reused first
+    bar = tqdm(total=len(jobs), desc=desc, unit="layer", leave=False,
+               disable=not progress or len(jobs) < PROGRESS_MIN_LAYERS)
+    lock = threading.Lock()
 
-    def one(job):
-        name, module, ranks, scheme = job
+    def one(i):
+        name, module, ranks, scheme = jobs[i]
         try:
-            return factorize(module, ranks, scheme, name=name, whiten=(whiten or {}).get(name))
+            return factorize(module, ranks, scheme, name=name, whiten=whiten.get(name))
         except LRDError:
             raise
         except Exception as e:
             raise FactorizationError(f"layer '{name}' ({type(module).__name__}) could not be factorized at "
                                      f"ranks {list(ranks)}: {type(e).__name__}: {e}") from e
+        finally:
+            if costs[i] >= TRIM_MIN_BYTES and dev.type == "cpu":
+                release_free_memory()
+            with lock:
+                bar.update(1)
 
     out: dict = {}
-    bar = tqdm(total=len(jobs), desc=desc, unit="layer", leave=False,
-               disable=not progress or len(jobs) < PROGRESS_MIN_LAYERS)
     try:
         if n == 1:
-            for job in jobs:
-                out[job[0]] = one(job)
-                bar.update(1)
+            for i, job in enumerate(jobs):
+                out[job[0]] = one(i)
             return out
         errors: dict = {}
         big = {i: None for i, job in enumerate(jobs) if _numel(job[1]) > SERIAL_MAX_NUMEL}   # job order
         for i in big:
             try:
-                out[jobs[i][0]] = one(jobs[i])
+                out[jobs[i][0]] = one(i)
             except BaseException as e:   # noqa: BLE001 - re-raised below, first in job order
                 errors[i] = e
                 break
-            bar.update(1)
         # the other layers, in parallel; after a failure only those before it (the first in job order is raised)
         stop = min(errors) if errors else len(jobs)
         rest = [i for i in range(stop) if i not in big]
+        budget = int(WORK_BUDGET_FRACTION * sum(_numel(job[1]) * job[1].weight.element_size() for job in jobs))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="lrd_fx-factorize") as pool:
-                futures = {pool.submit(one, jobs[i]): i for i in rest}
-                for fut in as_completed(futures):
-                    i = futures[fut]
-                    try:
-                        out[jobs[i][0]] = fut.result()
-                    except BaseException as e:   # noqa: BLE001 - re-raised below, first in job order
-                        errors[i] = e
-                        for f in futures:
-                            f.cancel()
-                    bar.update(1)
+            done, failed = schedule([costs[i] for i in rest], budget, n, lambda k: one(rest[k]))
         finally:
             torch.set_num_threads(threads)
+        out.update({jobs[rest[k]][0]: chain for k, chain in done.items()})
+        errors.update({rest[k]: e for k, e in failed.items()})
         if errors:
             raise errors[min(errors)]
         return {job[0]: out[job[0]] for job in jobs}
     finally:
         bar.close()
+        if dev.type == "cpu" and max(costs) >= TRIM_MIN_BYTES:
+            release_free_memory()
 
 
 def _numel(module: nn.Module) -> int:

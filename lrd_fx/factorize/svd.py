@@ -65,10 +65,39 @@ def _as_matrix(matrix: Tensor, name: str) -> Tensor:
     return a
 
 
-def _work(a: Tensor) -> Tensor:
-    """float64 copy on a device that has float64 (MPS has none: use the CPU there)."""
+def _work(a: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """float64 (or `dtype`) copy on a device that has float64 (MPS has none: use the CPU there); `a`
+    itself when it already is that."""
     dev = a.device if a.device.type not in ("mps", "meta") else torch.device("cpu")
-    return a.to(device=dev, dtype=torch.float64)
+    return a.to(device=dev, dtype=dtype)
+
+
+# The factorization of a CPU weight of at least this many elements hands free heap memory back to the
+# OS between its big steps (release_free_memory): otherwise each weight-sized temporary it frees stays
+# resident in the thread's malloc arena, and the next ones (of other sizes) do not always fit there.
+TRIM_MIN_NUMEL = 1 << 18
+_TRIM = []
+
+
+def release_free_memory() -> bool:
+    """Hand the free memory of every malloc arena back to the OS (glibc malloc_trim(0)); False where
+    the C library has no malloc_trim (macOS, Windows, musl): nothing is done there."""
+    if not _TRIM:
+        fn = None
+        try:
+            import ctypes
+            import ctypes.util
+            lib = ctypes.util.find_library("c")
+            fn = getattr(ctypes.CDLL(lib), "malloc_trim", None) if lib else None
+            if fn is not None:
+                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        _TRIM.append(fn)
+    if _TRIM[0] is None:
+        return False
+    _TRIM[0](0)
+    return True
 
 
 # Weights up to this many elements are factorized on one CPU thread (see serial_math).
@@ -102,12 +131,19 @@ def top_eigvecs(a64: Tensor, rank: int, *, side: str, name: str = "") -> Tensor:
     torch.linalg.svd on CPU for the wide/tall weights we see, and the returned basis is
     orthonormal to float64 precision, so projecting onto all of it reconstructs exactly.
     """
-    gram = a64 @ a64.T if side == "left" else a64.T @ a64
+    return gram_top_eigvecs(a64 @ a64.T if side == "left" else a64.T @ a64, rank, name=name, shape=a64.shape)
+
+
+def gram_top_eigvecs(gram: Tensor, rank: int, *, name: str = "", shape=None) -> Tensor:
+    """The `rank` leading eigenvectors of the symmetric `gram` (of a matrix of `shape`, for errors),
+    as a [n, rank] tensor that does not keep the n x n eigenvector matrix alive."""
     try:
         _, vecs = torch.linalg.eigh(gram)
     except RuntimeError as e:  # torch.linalg.LinAlgError: the eigensolver did not converge
-        raise FactorizationError(f"{_label(name)}: eigendecomposition failed for shape {list(a64.shape)}: {e}") from e
-    return vecs.flip(-1)[:, :rank]   # eigh sorts ascending
+        shape = list(shape) if shape is not None else list(gram.shape)
+        raise FactorizationError(f"{_label(name)}: eigendecomposition failed for shape {shape}: {e}") from e
+    del gram
+    return vecs[:, vecs.shape[-1] - rank:].flip(-1)   # eigh sorts ascending
 
 
 def balanced_split(u: Tensor, raw: Tensor, tiny: float = 1e-300) -> tuple[Tensor, Tensor]:
@@ -173,7 +209,7 @@ def svd_split(matrix: Tensor, rank: int, *, name: str = "",
                 _count("exact32" if split is not None else "float32_declined")
     if split is None:
         with serial_math(a):
-            split = _split64(_work(a), r, name)
+            split = _split64(a, r, name)
         if big:
             _count("exact64")
     left, right = split
@@ -433,17 +469,25 @@ def randomized_svd_split(matrix: Tensor, rank: int, *, name: str = "", tol: floa
     return left, right
 
 
-def _split64(a64: Tensor, r: int, name: str) -> tuple[Tensor, Tensor]:
-    m, n = a64.shape
+def _split64(a: Tensor, r: int, name: str) -> tuple[Tensor, Tensor]:
+    """svd_split's exact path: the top-r eigenvectors of the float64 Gram of the smaller side. The
+    float64 copy of `a` is dropped while the eigensolver runs (its n x n input, output and workspace
+    are the other big buffers) and made again for the projection."""
+    m, n = a.shape
+    a64 = _work(a)
+    gram = a64 @ a64.T if m <= n else a64.T @ a64
+    del a64
+    vecs = gram_top_eigvecs(gram, r, name=name, shape=a.shape)
+    del gram
+    a64 = _work(a)
     if m <= n:
-        u = top_eigvecs(a64, r, side="left", name=name)       # [m, r]
-        return balanced_split(u, u.T @ a64)                     # u^T A: [r, n] = S V^T
-    v = top_eigvecs(a64, r, side="right", name=name)          # [n, r]
-    raw = a64 @ v                                               # [m, r] = U S
+        return balanced_split(vecs, vecs.T @ a64)              # u^T A: [r, n] = S V^T
+    raw = a64 @ vecs                                            # [m, r] = U S
+    del a64
     s = raw.norm(dim=0)
     root = s.sqrt()
     inv = torch.where(s > 0, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
-    return raw * inv, root[:, None] * v.T
+    return raw * inv, root[:, None] * vecs.T
 
 
 def svd_error(singular_values: Tensor, rank: int) -> float:

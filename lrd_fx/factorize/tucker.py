@@ -9,7 +9,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, FactorizationError
-from .svd import _label, _work, check_finite, check_rank, serial_math, singular_values, top_eigvecs
+from .svd import (TRIM_MIN_NUMEL, _label, _work, check_finite, check_rank, gram_top_eigvecs,
+                  release_free_memory, serial_math,
+                  singular_values, top_eigvecs)
 
 
 def unfold(weight: Tensor, mode: int) -> Tensor:
@@ -64,6 +66,10 @@ def _partial_tucker(tensor: Tensor, ranks: list[int]):
     return core, list(factors)
 
 
+# The float64 sweep of _hooi converts the weight this many elements at a time.
+BLOCK_NUMEL = 1 << 17
+
+
 def _check_weight(weight: Tensor, name: str) -> Tensor:
     if weight.dim() < 3:
         raise FactorizationError(
@@ -78,7 +84,7 @@ def _top_left(a: Tensor, rank: int, name: str) -> Tensor:
     return top_eigvecs(a, rank, side="left", name=name).double()
 
 
-def _hooi(w64: Tensor, r_out: int, r_in: int, name: str, n_iter_max: int = 100, tol: float = 1e-4):
+def _hooi(weight: Tensor, r_out: int, r_in: int, name: str, n_iter_max: int = 100, tol: float = 1e-4):
     """Partial HOOI on modes 0/1 with HOSVD init: the algorithm of tensorly's partial_tucker (svd
     init, stop when the relative error changes by < tol), with every SVD done as an eigh of a Gram
     matrix.
@@ -86,39 +92,78 @@ def _hooi(w64: Tensor, r_out: int, r_in: int, name: str, n_iter_max: int = 100, 
     The HOSVD and the sweeps run in float32 (they only steer the two subspaces: half the time of
     float64 at the same converged error); one last sweep in float64 then gives factors orthonormal
     to float64 precision and the core, so the result is exact at full rank.
+
+    Working memory (A: the weight's size in float32): at most one weight-sized float64 operand is
+    alive at a time, and the float32 weight is the caller's tensor itself when it is float32, so a
+    layer peaks at about 4 A (it was about 10 A with a float64 copy, a float32 copy and their
+    transposed unfoldings all alive in the last sweep: 96 MB for a 512x512x3x3 kernel).
     """
-    out, inp = w64.shape[:2]
-    w = w64.float()
-    w_out = w.reshape(out, -1)                          # mode-0 unfolding [out, in*k]
-    w_oki = w.movedim(1, -1).reshape(-1, inp)           # [out*k, in]: W x1 U_in^T is one GEMM
-    norm2 = float(w64.pow(2).sum())
+    out, inp = weight.shape[:2]
+    sq = _work(weight)                                  # float64 copy (the weight itself if float64)
+    norm2 = float((sq.pow(2) if sq.data_ptr() == weight.data_ptr() else sq.pow_(2)).sum())
+    del sq
+    big = weight.device.type == "cpu" and weight.numel() >= TRIM_MIN_NUMEL
+    if big:
+        release_free_memory()
     if (r_out, r_in) == (out, inp) or norm2 == 0.0:
         # Square orthonormal factors: the HOSVD (in float64) is exact, iterating cannot improve it.
-        n_iter_max = 0
-    init = w if n_iter_max else w64
-    u_out = _top_left(unfold(init, 0), r_out, name)
-    u_in = _top_left(unfold(init, 1), r_in, name)
+        w64 = _work(weight)
+        u_out = _top_left(unfold(w64, 0), r_out, name)
+        u_in = _top_left(unfold(w64, 1), r_in, name)
+        return torch.einsum("oi...,oa,ib->ab...", w64, u_out, u_in), u_out, u_in
+    w = _work(weight, torch.float32)                    # no copy for a float32 weight
+    w_out = w.reshape(out, -1)                          # mode-0 unfolding [out, in*k]
+    u_out = _top_left(unfold(w, 0), r_out, name)
+    u_in = _top_left(unfold(w, 1), r_in, name)
+    w_oki = w.movedim(1, -1).reshape(-1, inp)           # [out*k, in]: W x1 U_in^T is one GEMM
 
-    def sweep(w_oki, w_out, u_in, dtype):
+    def mode0(w_oki, u_in, dtype):
         # Gram matrices do not depend on the column order of an unfolding: y keeps (k, r_in) columns.
         y = (w_oki @ u_in.to(dtype)).reshape(out, -1)                     # unfold(W x1 U_in^T, 0)
-        u_out = _top_left(y, r_out, name)
+        return _top_left(y, r_out, name)
+
+    def mode1(w_out, u_out, dtype):
         z = (u_out.to(dtype).T @ w_out).reshape(r_out, inp, -1).movedim(1, 0).reshape(inp, -1)
-        u_in = _top_left(z, r_in, name)                                    # from unfold(W x0 U_out^T, 1)
-        return u_out, u_in, z
+        return _top_left(z, r_in, name), z                                 # from unfold(W x0 U_out^T, 1)
 
     prev = None
     for _ in range(n_iter_max):
-        u_out, u_in, z = sweep(w_oki, w_out, u_in, torch.float32)
+        u_out = mode0(w_oki, u_in, torch.float32)
+        u_in, z = mode1(w_out, u_out, torch.float32)
         core2 = float((u_in.float().T @ z).pow(2).sum())
+        del z
         err = math.sqrt(max(norm2 - core2, 0.0) / norm2)
         if prev is not None and abs(prev - err) < tol:
             break
         prev = err
-    if n_iter_max:
-        u_out, u_in, _ = sweep(w64.movedim(1, -1).reshape(-1, inp), w64.reshape(out, -1), u_in, torch.float64)
-    core = torch.einsum("oi...,oa,ib->ab...", w64, u_out, u_in)
+    # The last sweep in float64, by blocks of about BLOCK_NUMEL weight elements converted at a time:
+    # no weight-sized float64 copy exists (the products are the same dot products as on a float64
+    # copy of the weight, summed in the same order within each, so the factors agree with the
+    # unblocked sweep to float64 rounding). The core comes from the mode-1 step's z
+    # (core[a, b, k] = sum_i u_in[i, b] z[i, (a, k)]) instead of another pass over the weight.
+    rows = w_oki.shape[0]
+    y = torch.empty(rows, r_in, dtype=torch.float64, device=w.device)
+    step = max(1, BLOCK_NUMEL // inp)
+    for s0 in range(0, rows, step):
+        torch.matmul(w_oki[s0:s0 + step].double(), u_in, out=y[s0:s0 + step])   # u_in: float64
+    del w_oki
+    u_out = gram_top_eigvecs(_gram(y.reshape(out, -1)), r_out, name=name, shape=(out, y.numel() // out))
+    del y
+    ksz = w_out.shape[1] // inp
+    z = torch.empty(inp, r_out, ksz, dtype=torch.float64, device=w.device)
+    step = max(1, BLOCK_NUMEL // (out * ksz))
+    for i0 in range(0, inp, step):
+        blk = w[:, i0:i0 + step].reshape(out, -1).double()                 # [out, |I| k]
+        z[i0:i0 + step] = (u_out.T @ blk).reshape(r_out, -1, ksz).movedim(1, 0)
+    del w, w_out, blk
+    z = z.reshape(inp, -1)                                                  # unfold(W x0 U_out^T, 1)
+    u_in = gram_top_eigvecs(_gram(z), r_in, name=name, shape=z.shape)
+    core = (u_in.T @ z).reshape(r_in, r_out, *weight.shape[2:]).movedim(0, 1)
     return core, u_out, u_in
+
+
+def _gram(a: Tensor) -> Tensor:
+    return a @ a.T
 
 
 def tucker2(weight: Tensor, rank_out: int, rank_in: int, *, name: str = "",
@@ -139,7 +184,7 @@ def tucker2(weight: Tensor, rank_out: int, rank_in: int, *, name: str = "",
     r_in = check_rank(rank_in, 1, inp, name, "rank_in", shape=w.shape)
     if method == "hooi":
         with serial_math(w):
-            core, u_out, u_in = _hooi(_work(w), r_out, r_in, name)
+            core, u_out, u_in = _hooi(w, r_out, r_in, name)
     elif method == "tensorly":
         try:
             with _pytorch_backend():
