@@ -2,6 +2,12 @@
 
     python -m bench.compile_cost --models alexnet,vgg19 --ratio 0.25
     python -m bench.compile_cost --models resnet50 --threads 2 --out /tmp/cc
+    python -m bench.compile_cost --all-classification --timeout 600 --out /tmp/cc_all
+
+--all-classification: every torchvision classification model (torchvision.models.list_models(
+module=torchvision.models)), smallest parameter count first; the files are rewritten after each model,
+so an interrupted sweep keeps what it measured, and the text ends with the models that miss the
+targets (--max-seconds, --max-overhead: issue 12's 30 s and 2.5x).
 
 Each model is compiled in its own child process (random init, weights=None, batch 1, 224 px, progress
 off), so one model's memory does not count in the next one's peak. The child reports:
@@ -83,11 +89,48 @@ def child(name: str, ratio: float, size: int, threads: int | None) -> dict:
             "svd_paths": dict(counts or {}), "torch_threads": torch.get_num_threads()}
 
 
+def classification_models() -> list[str]:
+    """Every torchvision classification model, smallest parameter count first (counted on the meta
+    device: nothing is allocated or initialised)."""
+    import torch
+    import torchvision
+
+    def params(name):
+        try:
+            with torch.device("meta"):
+                return sum(p.numel() for p in torchvision.models.get_model(name, weights=None).parameters())
+        except Exception:   # noqa: BLE001 - a model that cannot be built on meta goes last, and fails in its child
+            return float("inf")
+    names = torchvision.models.list_models(module=torchvision.models)
+    return sorted(names, key=lambda n: (params(n), n))
+
+
+def misses(rows: list, max_seconds: float, max_overhead: float) -> list[str]:
+    """One line per row that failed or misses a target (compile seconds, peak overhead)."""
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['model']}: failed ({r['error'][:100]})")
+            continue
+        why = []
+        if r["seconds"] > max_seconds:
+            why.append(f"{r['seconds']:.1f} s > {max_seconds:g} s")
+        if r["overhead_x"] > max_overhead:
+            why.append(f"{r['overhead_x']:.2f}x > {max_overhead:g}x")
+        if why:
+            out.append(f"{r['model']}: " + ", ".join(why))
+    return out
+
+
 def run_child(name: str, args) -> dict:
     cmd = [sys.executable, "-m", "bench.compile_cost", "--child", name, "--ratio", str(args.ratio),
            "--size", str(args.size)] + (["--threads", str(args.threads)] if args.threads else [])
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "ratio": args.ratio, "error": f"timed out after {args.timeout:g} s",
+                "wall_s": round(time.perf_counter() - t0, 1)}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"model": name, "ratio": args.ratio, "error": " | ".join(tail) or f"exit {proc.returncode}",
@@ -116,6 +159,10 @@ def table(rows: list) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="alexnet,vgg19", help="comma-separated torchvision model names")
+    p.add_argument("--all-classification", action="store_true",
+                   help="every torchvision classification model (overrides --models), smallest first")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="target listed as missed above this")
+    p.add_argument("--max-overhead", type=float, default=2.5, help="target (peak-before)/model listed above this")
     p.add_argument("--ratio", type=float, default=0.25)
     p.add_argument("--size", type=int, default=224, help="input height = width (batch 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child")
@@ -131,31 +178,48 @@ def main(argv=None) -> int:
     sys.path.insert(0, ROOT)
     import torch
 
-    from bench.harness import machine_info, machine_line
+    from bench.harness import machine_info
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = machine_info("cpu")
-    rows = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    names = classification_models() if args.all_classification else \
+        [m.strip() for m in args.models.split(",") if m.strip()]
+    prefix = args.out or os.path.join(ROOT, "bench", "results", f"compile_cost-{datetime.date.today().isoformat()}")
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    rows: list = []
+    text = write(prefix, machine, args, rows, final=not names)
+    for k, name in enumerate(names):
         rows.append(run_child(name, args))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    try:
-        machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
+        text = write(prefix, machine, args, rows, final=k == len(names) - 1)
+    print("\n" + text)
+    print(f"wrote {prefix}.json and {prefix}.txt")
+    return 0
+
+
+def write(prefix: str, machine: dict, args, rows: list, final: bool) -> str:
+    """Write the .json and .txt (after every model: an interrupted sweep keeps its rows); the text."""
+    from bench.harness import machine_line
+    if final:
+        try:
+            machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+        except OSError:
+            pass
+    missed = misses(rows, args.max_seconds, args.max_overhead)
     text = "\n".join([machine_line(machine),
                       f"lrd_fx.compile(model, (randn(1, 3, {args.size}, {args.size}),), ratio={args.ratio}, "
                       f"progress=False), torchvision weights=None, one child process per model", "",
-                      table(rows)])
-    print("\n" + text)
-    prefix = args.out or os.path.join(ROOT, "bench", "results", f"compile_cost-{datetime.date.today().isoformat()}")
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+                      table(rows), "",
+                      f"{len(rows)} models; missing the targets (<= {args.max_seconds:g} s, <= "
+                      f"{args.max_overhead:g}x): {len(missed)}" + ("" if final else " (sweep in progress)")]
+                     + [f"- {m}" for m in missed])
     with open(prefix + ".json", "w") as f:
-        json.dump({"machine": machine, "ratio": args.ratio, "size": args.size, "rows": rows}, f, indent=1)
+        json.dump({"machine": machine, "ratio": args.ratio, "size": args.size, "complete": final,
+                   "targets": {"seconds": args.max_seconds, "overhead_x": args.max_overhead},
+                   "misses": missed, "rows": rows}, f, indent=1)
     with open(prefix + ".txt", "w") as f:
         f.write(text + "\n")
-    print(f"wrote {prefix}.json and {prefix}.txt")
-    return 0
+    return text
 
 
 if __name__ == "__main__":

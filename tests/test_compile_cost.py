@@ -188,3 +188,31 @@ def test_bench_compile_cost_writes_its_table_and_files(monkeypatch, tmp_path):
     import json
     saved = json.loads((tmp_path / "cc.json").read_text())
     assert [r["model"] for r in saved["rows"]] == ["alexnet", "nosuchnet"] and "load_avg_start" in saved["machine"]
+
+
+def test_bench_compile_cost_all_classification_lists_misses_and_timeouts(monkeypatch, tmp_path):
+    import json
+    import subprocess
+
+    from bench import compile_cost as cc
+    row = {"ratio": 0.25, "size": 224, "rss_import_mb": 700.0, "rss_model_mb": 800.0, "hwm_reset": True,
+           "params_before": 100, "params_after": 25, "svd_paths": {}}
+    rows = {"fast": dict(row, model="fast", seconds=3.0, peak_mb=900.0, model_mb=100.0, overhead_x=2.0),
+            "slow": dict(row, model="slow", seconds=31.5, peak_mb=900.0, model_mb=100.0, overhead_x=2.0),
+            "fat": dict(row, model="fat", seconds=3.0, peak_mb=1000.0, model_mb=100.0, overhead_x=3.0)}
+    monkeypatch.setattr(cc, "classification_models", lambda: ["fast", "slow", "fat", "stuck"])
+
+    def fake_run(cmd, **kw):
+        name = cmd[cmd.index("--child") + 1]
+        if name == "stuck":
+            raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(rows[name]) + "\n", stderr="")
+    monkeypatch.setattr(cc.subprocess, "run", fake_run)
+    assert cc.main(["--all-classification", "--timeout", "5", "--out", str(tmp_path / "all")]) == 0
+    saved = json.loads((tmp_path / "all.json").read_text())
+    assert [r["model"] for r in saved["rows"]] == ["fast", "slow", "fat", "stuck"] and saved["complete"]
+    assert saved["misses"] == ["slow: 31.5 s > 30 s", "fat: 3.00x > 2.5x", "stuck: failed (timed out after 5 s)"]
+    text = (tmp_path / "all.txt").read_text()
+    assert "missing the targets (<= 30 s, <= 2.5x): 3" in text and "- fat: 3.00x > 2.5x" in text
+    assert "load_avg_end" in saved["machine"]
+    assert cc.misses([rows["fast"]], 2.0, 1.5) == ["fast: 3.0 s > 2 s, 2.00x > 1.5x"]
