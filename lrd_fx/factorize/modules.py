@@ -15,7 +15,7 @@ from ..errors import ConfigError, FactorizationError, LRDError, RankError
 from .chain import ROLE_CORE, ROLE_FIRST, ROLE_LAST, FactorChain
 from .ranks import (energy_rank, evbmf_rank, svd_rank_for_ratio, tucker2_ranks_energy,
                     tucker2_ranks_for_ratio, tucker2_ranks_vbmf)
-from .svd import SERIAL_MAX_NUMEL, _label, release_free_memory, all_finite, check_rank, singular_values, svd_split  # noqa: F401 (all_finite: for decompose)
+from .svd import SERIAL_MAX_NUMEL, _label, all_finite, check_rank, release_free_memory, singular_values, svd_split  # noqa: F401 (all_finite: for decompose)
 from .tucker import tucker2
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

@@ -72,10 +72,6 @@ def _work(a: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     return a.to(device=dev, dtype=dtype)
 
 
-# The factorization of a CPU weight of at least this many elements hands free heap memory back to the
-# OS between its big steps (release_free_memory): otherwise each weight-sized temporary it frees stays
-# resident in the thread's malloc arena, and the next ones (of other sizes) do not always fit there.
-TRIM_MIN_NUMEL = 1 << 18
 _TRIM = []
 
 
