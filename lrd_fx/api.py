@@ -120,6 +120,28 @@ def _keyword_inputs(model: nn.Module, kw: Mapping) -> tuple:
     return tuple(out)
 
 
+def _none_inputs(model: nn.Module, inputs: Optional[tuple]) -> dict:
+    """{name: None} for the parameters of model.forward that are None in the example inputs, given so or
+    left out with a None default (e.g. `mask=None`): traced as None. fx would otherwise trace them as
+    given, through `if mask is not None:`, and the graph would fail or differ when called without them.
+    A call that passes one later is stopped by fx's check that it is None."""
+    if inputs is None:
+        return {}
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out, pos = {}, 0
+    for p in params:
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            if (inputs[pos] is None) if pos < len(inputs) else (p.default is None):
+                out[p.name] = None
+            pos += 1
+        elif p.kind == p.KEYWORD_ONLY and p.default is None:
+            out[p.name] = None
+    return out
+
+
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in model.parameters():
         if p.is_floating_point():
@@ -409,7 +431,7 @@ def _run(work: nn.Module, ctx: CompileContext) -> nn.Module:
     eager: set = set()
     leaves = tuple(cfg.leaf_modules)
     gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,
-               eager_parts=eager)
+               eager_parts=eager, concrete_args=_none_inputs(work, ctx.example_inputs))
     ctx.eager_parts = eager
     timer = PassTimer()
     pm = PassManager(build_passes(ctx), instruments=default_instruments(cfg.debug, cfg.dump_dir) + [timer])

@@ -101,11 +101,11 @@ def _user_line(exc: BaseException) -> str:
     return "<unknown line>"
 
 
-def _trace_once(module: nn.Module, leaf_modules, leaf_names) -> fx.GraphModule:
+def _trace_once(module: nn.Module, leaf_modules, leaf_names, concrete_args: Optional[dict] = None) -> fx.GraphModule:
     tracer = LRDTracer(leaf_modules, leaf_names)
     had = set(vars(module))
     try:
-        graph = tracer.trace(module)
+        graph = tracer.trace(module, concrete_args=concrete_args or None)
         name = module.__class__.__name__
         gm = fx.GraphModule(tracer.root, graph, name)
     finally:
@@ -228,16 +228,17 @@ def _mode_leaf_candidates(model: nn.Module, leaf_classes, leaf_names) -> set:
     return out
 
 
-def _trace_both_modes(module: nn.Module, leaf_modules, leaf_names) -> tuple[fx.GraphModule, Optional[str]]:
+def _trace_both_modes(module: nn.Module, leaf_modules, leaf_names,
+                      concrete_args: Optional[dict] = None) -> tuple[fx.GraphModule, Optional[str]]:
     """Trace in the module's mode and in the other one. Python branches on self.training are fixed by
     tracing, so a graph must hold for both modes: constants that differ become by_mode nodes; a
     structure that differs is returned with a reason (the caller keeps that module eager)."""
-    gm = _trace_once(module, leaf_modules, leaf_names)
+    gm = _trace_once(module, leaf_modules, leaf_names, concrete_args)
     flags = {m: m.training for m in module.modules()}
     try:
         module.train(not module.training)
         try:
-            other = _trace_once(module, leaf_modules, leaf_names)
+            other = _trace_once(module, leaf_modules, leaf_names, concrete_args)
         except Exception as e:  # noqa: BLE001 - traces in one mode only: keep it eager
             return gm, (f"forward traces in {'train' if flags[module] else 'eval'} mode only "
                         f"({type(e).__name__}: {str(e)[:120]})")
@@ -285,13 +286,15 @@ def _is_torch_builtin(m: nn.Module) -> bool:
 
 def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = True,
           fallback_parts: Optional[dict] = None, eager_parts: Optional[set] = None,
-          _path: str = "") -> nn.Module:
+          concrete_args: Optional[dict] = None, _path: str = "") -> nn.Module:
     """Trace `model` (which the caller owns: it is rewired, not copied).
 
     Returns a GraphModule when the model traces. Where a submodule breaks tracing, that submodule is
     made a leaf, the rest is traced, and the submodule is traced on its own, recursively down to single
     layers (fallback). A module whose own forward does not trace stays eager, with its children traced
     separately. `fallback_parts` receives {module path: reason} for every part that fell back.
+    `concrete_args` ({forward parameter: None}) fixes inputs of this module's forward that will be None
+    (fx would trace them as given, e.g. through `if mask is not None:`); not passed to parts traced apart.
     Raises TraceError when fallback is off, or when nothing at all could be traced.
     """
     leaf_modules = tuple(leaf_modules)
@@ -317,7 +320,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
 
     while True:
         try:
-            gm, mode_reason = _trace_both_modes(model, classes, local_names | set(forced))
+            gm, mode_reason = _trace_both_modes(model, classes, local_names | set(forced), concrete_args)
             break
         except Exception as e:  # noqa: BLE001 - any tracing failure is reported or handled below
             where = getattr(e, "_lrd_module_path", "")
@@ -339,7 +342,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
         mode_leaves = _mode_leaf_candidates(model, classes, local_names | set(forced))
         if mode_leaves:
             try:
-                gm2, reason2 = _trace_both_modes(model, classes, local_names | set(forced) | mode_leaves)
+                gm2, reason2 = _trace_both_modes(model, classes, local_names | set(forced) | mode_leaves,
+                                                 concrete_args)
             except Exception:  # noqa: BLE001 - no better: keep the module eager below
                 reason2 = mode_reason
             if reason2 is None:

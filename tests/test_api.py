@@ -212,3 +212,30 @@ def test_example_inputs_dict_maps_to_positional_order_and_bad_keys_are_named(tmp
         lrd_fx.compile(model, {}, progress=False)
     with pytest.raises(lrd_fx.InputError, match="a dict of keyword inputs"):
         lrd_fx.compile(model, "x", progress=False)
+
+
+class _OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, mask=None):
+        y = self.fc(x)
+        if mask is not None:        # fx traces a placeholder as given: this branch, unless mask is fixed None
+            y = y * mask.view(-1, 16)
+        return y
+
+
+def test_inputs_left_none_are_traced_as_none():
+    """forward(x, mask=None) compiled with (x,) or (x, None): the graph is the mask-less branch (it used
+    to trace `mask.view` and fail in shape_prop with a PassError, as timm's Hiera did); with a mask given,
+    the mask branch. Passing a mask to the mask-less graph is stopped by fx's None check."""
+    model = _OptionalMask().eval()
+    x, mask = torch.randn(4, 16), torch.rand(4, 16)
+    for inputs in ((x,), (x, None)):
+        gm = lrd_fx.compile(model, inputs, rank="full", progress=False)
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+        with pytest.raises(AssertionError, match="specialized to have value None"):
+            gm(x, mask)
+    gm = lrd_fx.compile(model, (x, mask), rank="full", progress=False)
+    torch.testing.assert_close(gm(x, mask), model(x, mask), rtol=1e-4, atol=1e-5)
