@@ -44,7 +44,7 @@ class RankSearch(_SubConfig):
     objective: str = "time"                # "time" or "time+error" (picks the cost model when none is named)
     error_weight: float = 1.0              # weight of the reconstruction error in "time+error"
     budget_s: Optional[float] = None       # stop measuring after this many seconds
-    param_budget: Optional[float] = None   # whole-model plan: total factor params <= this fraction (rank_budget=)
+    param_budget: Optional[float] = None   # whole-model plan: total factor params <= this fraction, >= 98% of it (rank_budget=)
     cost_model: Any = None                 # a name registered with lrd_fx.cost.register_cost_model, or a callable
 
     def validate(self) -> None:
