@@ -445,7 +445,7 @@ def work_bytes(module: nn.Module, whiten=None) -> int:
     return est
 
 
-def schedule(costs: Sequence[int], budget: int, workers: int, run, stop_on_error: bool = True) -> tuple[dict, dict]:
+def schedule(costs: Sequence[int], budget: int, workers: int, run) -> tuple[dict, dict]:
     """Run job indices 0..len(costs)-1 on `workers` threads, largest cost first, starting a job only
     while the costs of the jobs in flight plus its own stay within `budget` (any job may start when
     none is in flight). run(i) does job i. Returns ({i: result}, {i: exception}); after a failure of
@@ -485,8 +485,7 @@ def schedule(costs: Sequence[int], budget: int, workers: int, run, stop_on_error
                     results[i] = res
                 else:
                     errors[i] = err
-                    if stop_on_error:
-                        state["stop"] = min(state["stop"], i)
+                    state["stop"] = min(state["stop"], i)
                 cond.notify_all()
 
     threads = [threading.Thread(target=worker, name=f"lrd_fx-factorize-{k}", daemon=True)
@@ -526,7 +525,8 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
     n = min(n, len(jobs))
     whiten = whiten or {}
     costs = [work_bytes(job[1], whiten.get(job[0])) for job in jobs]
-    if dev.type == "cpu" and max(costs) >= TRIM_MIN_BYTES:
+    trim = dev.type == "cpu"                       # heap trims: host memory only
+    if trim and max(costs) >= TRIM_MIN_BYTES:
         release_free_memory()    # what earlier steps freed (e.g. a forward pass's activations) is reused first
     bar = tqdm(total=len(jobs), desc=desc, unit="layer", leave=False,
                disable=not progress or len(jobs) < PROGRESS_MIN_LAYERS)
@@ -542,7 +542,7 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
             raise FactorizationError(f"layer '{name}' ({type(module).__name__}) could not be factorized at "
                                      f"ranks {list(ranks)}: {type(e).__name__}: {e}") from e
         finally:
-            if costs[i] >= TRIM_MIN_BYTES and dev.type == "cpu":
+            if trim and costs[i] >= TRIM_MIN_BYTES:
                 release_free_memory()
             with lock:
                 bar.update(1)
@@ -578,7 +578,7 @@ def factorize_many(jobs: Sequence[tuple], *, workers: Optional[int] = None, prog
         return {job[0]: out[job[0]] for job in jobs}
     finally:
         bar.close()
-        if dev.type == "cpu" and max(costs) >= TRIM_MIN_BYTES:
+        if trim and max(costs) >= TRIM_MIN_BYTES:
             release_free_memory()
 
 

@@ -478,12 +478,8 @@ def _split64(a: Tensor, r: int, name: str) -> tuple[Tensor, Tensor]:
     a64 = _work(a)
     if m <= n:
         return balanced_split(vecs, vecs.T @ a64)              # u^T A: [r, n] = S V^T
-    raw = a64 @ vecs                                            # [m, r] = U S
-    del a64
-    s = raw.norm(dim=0)
-    root = s.sqrt()
-    inv = torch.where(s > 0, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
-    return raw * inv, root[:, None] * vecs.T
+    left, right = balanced_split(vecs, (a64 @ vecs).T)          # of A^T: v^T A^T = (A v)^T, [r, m]
+    return right.T, left.T                                      # A ~ (A v) v^T
 
 
 def svd_error(singular_values: Tensor, rank: int) -> float:

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, FactorizationError
-from .svd import (_label, _work, check_finite, check_rank, gram_top_eigvecs, serial_math, singular_values,
-                  top_eigvecs)
+from .svd import _label, _work, check_finite, check_rank, serial_math, singular_values, top_eigvecs
 
 
 def unfold(weight: Tensor, mode: int) -> Tensor:
@@ -145,7 +144,7 @@ def _hooi(weight: Tensor, r_out: int, r_in: int, name: str, n_iter_max: int = 10
     for s0 in range(0, rows, step):
         torch.matmul(w_oki[s0:s0 + step].double(), u_in, out=y[s0:s0 + step])   # u_in: float64
     del w_oki
-    u_out = gram_top_eigvecs(_gram(y.reshape(out, -1)), r_out, name=name, shape=(out, y.numel() // out))
+    u_out = _top_left(y.reshape(out, -1), r_out, name)
     del y
     ksz = w_out.shape[1] // inp
     z = torch.empty(inp, r_out, ksz, dtype=torch.float64, device=w.device)
@@ -155,13 +154,9 @@ def _hooi(weight: Tensor, r_out: int, r_in: int, name: str, n_iter_max: int = 10
         z[i0:i0 + step] = (u_out.T @ blk).reshape(r_out, -1, ksz).movedim(1, 0)
     del w, w_out, blk
     z = z.reshape(inp, -1)                                                  # unfold(W x0 U_out^T, 1)
-    u_in = gram_top_eigvecs(_gram(z), r_in, name=name, shape=z.shape)
+    u_in = _top_left(z, r_in, name)
     core = (u_in.T @ z).reshape(r_in, r_out, *weight.shape[2:]).movedim(0, 1)
     return core, u_out, u_in
-
-
-def _gram(a: Tensor) -> Tensor:
-    return a @ a.T
 
 
 def tucker2(weight: Tensor, rank_out: int, rank_in: int, *, name: str = "",
