@@ -199,12 +199,10 @@ def main(argv=None) -> int:
 
 def write(prefix: str, machine: dict, args, rows: list, final: bool) -> str:
     """Write the .json and .txt (after every model: an interrupted sweep keeps its rows); the text."""
-    from bench.harness import machine_line
-    if final:
-        try:
-            machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-        except OSError:
-            pass
+    from bench.harness import load_avg, machine_line
+    end = load_avg() if final else None
+    if end is not None:
+        machine["load_avg_end"] = end
     missed = misses(rows, args.max_seconds, args.max_overhead)
     text = "\n".join([machine_line(machine),
                       f"lrd_fx.compile(model, (randn(1, 3, {args.size}, {args.size}),), ratio={args.ratio}, "

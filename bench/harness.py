@@ -255,16 +255,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_avg() -> Optional[list]:
+    """The 1/5/15-minute load averages, rounded to 0.01 (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info(device: str) -> dict:
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "device": device, "device_name": name, "python": platform.python_version(),
-            "platform": platform.platform(), "load_avg_start": load}
+            "platform": platform.platform(), "load_avg_start": load_avg()}
 
 
 def machine_line(m: dict) -> str:
@@ -978,10 +982,9 @@ def _run(s: Settings, models: Optional[dict], argv: Optional[list]) -> dict:
             results["rows"].extend(r.to_dict() for r in rows)
             results["plans"][name] = plans
     results["wall_s"] = time.perf_counter() - t_start
-    try:
-        results["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
+    end = load_avg()
+    if end is not None:
+        results["machine"]["load_avg_end"] = end
     results["notes"] = legend(s)
     return results
 
