@@ -256,6 +256,114 @@ def test_spread_of_repeats_triggers_remeasurement():
     assert "measured again" in " ".join(gm.lrd.notes)
 
 
+class Smooth(FakeDevice):
+    """A fake clock on a smooth curve (a chain costs 1 + 0.01 * rank, no step anywhere, original 1.3)
+    where, up to call `until`, ranks above 16 look 15% slower (`fake="edge"`) or rank 16 15% faster
+    (`fake="lucky"`): one noisy pass faking a step edge just below the estimate 20."""
+
+    def __init__(self, until=0, fake="edge"):
+        super().__init__()
+        self.until, self.fake = until, fake
+
+    def __call__(self, info):
+        self.calls += 1
+        self.labels.append(info.label)
+        if info.label == "reference":
+            return 1e-3
+        if not isinstance(info.module, FactorChain):
+            return 1.3e-3
+        r = lead_rank(info.module)
+        t = 1.0 + 0.01 * r
+        if self.calls <= self.until:
+            if self.fake == "edge" and r > 16:
+                t *= 1.15
+            elif self.fake == "lucky" and r == 16:
+                t *= 0.85
+        return t * 1e-3
+
+
+def _first_pass_calls() -> int:
+    """Clock calls of one search pass over `convs()` on the smooth curve (its choice, the estimate,
+    needs no re-check)."""
+    quiet = Smooth()
+    gm = _search(quiet)
+    assert gm.lrd.plan["0"]["ranks"] == [20, 20] and "re-measured" not in " ".join(gm.lrd.notes)
+    return quiet.calls
+
+
+@pytest.mark.parametrize("fake", ["edge", "lucky"])
+def test_a_step_edge_seen_once_does_not_decide(monkeypatch, fake):
+    """A choice below the estimate rests on a step edge: it is re-measured even on an idle machine, and
+    an edge that one pass faked (a slow stretch, or one rank timed too fast) does not survive."""
+    first = _first_pass_calls()
+    got = _search(Smooth(until=first, fake=fake))
+    assert got.lrd.plan["0"]["ranks"] == [20, 20]
+    assert "1 choices below the estimate re-measured, 0 confirmed" in " ".join(got.lrd.notes)
+    # without the re-check the fake edge decides (so the test tests something)
+    monkeypatch.setattr(sr, "MAX_RECHECK", 0)
+    assert _search(Smooth(until=first, fake=fake)).lrd.plan["0"]["ranks"] == [16, 16]
+    if fake == "lucky":
+        # and merging the re-measurement into the old timings would keep the lucky one, and its edge
+        monkeypatch.undo()
+        plain = sr.CandidateTimer.remeasure
+        monkeypatch.setattr(sr.CandidateTimer, "remeasure",
+                            lambda self, g, wanted, merge=True: plain(self, g, wanted, merge=True))
+        assert _search(Smooth(until=first, fake=fake)).lrd.plan["0"]["ranks"] == [16, 16]
+
+
+def test_a_real_step_edge_is_confirmed_by_one_re_measurement():
+    first = _first_pass_calls()
+    fake = Smooth(until=10 ** 9)
+    got = _search(fake)
+    assert got.lrd.plan["0"]["ranks"] == [16, 16]
+    assert "1 choices below the estimate re-measured, 1 confirmed" in " ".join(got.lrd.notes)
+    assert first < fake.calls < 2.5 * first          # one re-measurement, not MAX_RECHECK of them
+
+
+def test_a_choice_from_cached_timings_is_not_re_measured(tmp_path):
+    """The cache holds the re-measured pass: a second compile decides the same from it, measuring nothing."""
+    db = str(tmp_path / "t.sqlite")
+    with use_fake_clock(Smooth(until=10 ** 9)):
+        cold = lrd_fx.compile(convs(), (X,), rank=20, rank_search="infer", progress=False, cache=db,
+                              whole_model_check=False)
+    warm_clock = Smooth(until=10 ** 9)
+    with use_fake_clock(warm_clock):
+        warm = lrd_fx.compile(convs(), (X,), rank=20, rank_search="infer", progress=False, cache=db,
+                              whole_model_check=False)
+    assert cold.lrd.plan["0"]["ranks"] == warm.lrd.plan["0"]["ranks"] == [16, 16]
+    assert "1 choices below the estimate re-measured" in " ".join(cold.lrd.notes)
+    assert "re-measured" not in " ".join(warm.lrd.notes) and "0 timings measured" in " ".join(warm.lrd.notes)
+    assert warm_clock.calls == 0
+
+
+def test_a_decision_no_two_passes_agree_on_goes_to_the_majority():
+    """Edge, no edge, edge again (three passes, none agreeing with the one before): the majority (the
+    edge, 2 of 3) is what the plan takes, and the reason says so."""
+    first = _first_pass_calls()
+    confirmed = Smooth(until=10 ** 9)
+    _search(confirmed)
+    second = confirmed.calls          # the end of the first re-measurement
+
+    class Flip(Smooth):
+        def __call__(self, info):
+            self.until = 0 if first <= self.calls < second else 10 ** 9
+            return super().__call__(info)
+    fake = Flip()
+    got = _search(fake)
+    entry = got.lrd.plan["0"]
+    assert entry["ranks"] == [16, 16] and "settled by re-measurement: 2 of 3" in entry["reason"]
+    assert "1 choices below the estimate re-measured, 1 confirmed" in " ".join(got.lrd.notes)
+
+
+def test_decisions_no_two_measurements_agree_on_are_settled_by_majority():
+    def e(ranks):
+        return {"ranks": ranks, "reverted": ranks is None, "reason": "r"}
+    assert sr._settle([e([16]), e([24]), e([16])])["ranks"] == [16]
+    assert sr._settle([e([16]), e([24]), e([20])])["ranks"] == [24]        # a tie: the largest rank
+    assert sr._settle([e(None), e([24]), e([20])])["reverted"]             # ... the original the largest
+    assert "2 of 3 measurements" in sr._settle([e([16]), e([24]), e([16])])["reason"]
+
+
 # --- 2. hardware-aligned ranks -------------------------------------------------------------------
 
 def test_align_rank_rule():

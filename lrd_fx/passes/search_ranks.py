@@ -132,6 +132,8 @@ class LayerGroup:
     original: Optional[Measurement] = None
     status: str = "pending"    # pending | coarse | done | skipped
     busy: bool = False         # a batch of this group was disturbed (a burst, or spread repeats)
+    settled: Optional[dict] = None   # a decision no two successive measurements agreed on (_recheck)
+    fresh: bool = False        # some timing of this group was measured in this compile (not all cached)
 
 
 class CandidateTimer:
@@ -161,6 +163,9 @@ class CandidateTimer:
         self.remeasured = 0                      # timings measured again because they were disturbed
         self.rechecked = 0                       # decisions re-checked by re-measurement
         self.changed = 0                         # ... of which the re-measurement changed
+        self.settled = 0                         # ... where no two measurements in a row agreed
+        self.edge_checked = 0                    # choices below the estimate re-checked (idle or not)
+        self.edge_dropped = 0                    # ... that the re-measurement did not confirm
         self.last_busy = False
         self._ref = None
 
@@ -219,14 +224,16 @@ class CandidateTimer:
     def _memo_key(g: LayerGroup, rank_key: str) -> tuple:
         return (g.signature, g.shape, g.memory_format, rank_key)
 
-    def remeasure(self, g: LayerGroup, wanted: dict) -> dict:
-        """Measure already-timed keys again; each keeps the less disturbed of its old and new timing."""
+    def remeasure(self, g: LayerGroup, wanted: dict, merge: bool = True) -> dict:
+        """Measure already-timed keys again; each keeps the less disturbed of its old and new timing
+        (merge=False: the new one, an independent sample; _measure has already re-measured what the
+        batch saw disturbed)."""
         got = self._measure(g, wanted)
         out, rows = {}, []
         for k, m in got.items():
             mk = self._memo_key(g, k)
             old = self.memo.get(mk)
-            best = m if old is None else _least_disturbed(old, m)
+            best = m if old is None or not merge else _least_disturbed(old, m)
             self.memo[mk] = out[k] = best
             # the cache holds what was measured: `best` may be an older timing rescaled into the
             # coarse stage's frame, which must not be stored as a raw measurement
@@ -256,6 +263,7 @@ class CandidateTimer:
         mods = {k: make() for k, make in todo.items()}
         dev = self.ctx.device
         self.batches += 1
+        g.fresh = True
         if self.cost_fn is not None:
             # the cost function runs in the setting the device would: autocast on, layout applied
             out = {}
@@ -321,7 +329,8 @@ class CandidateTimer:
             parts.append(f"other processes' load up to {load:.1f} per core")
         parts.append(f"{self.remeasured} timings measured again (each keeps its least disturbed value)")
         if self.rechecked:
-            parts.append(f"{self.rechecked} decisions re-checked by re-measurement, {self.changed} changed")
+            parts.append(f"{self.rechecked} decisions re-checked by re-measurement, {self.changed} changed"
+                         + (f", {self.settled} settled by majority" if self.settled else ""))
         return ("rank search: the machine was busy (" + "; ".join(parts) + "); timings are less reliable "
                 "than on an idle machine: search again with the machine otherwise idle for the best ranks")
 
@@ -381,33 +390,75 @@ def _measure_group(g: LayerGroup, timer: CandidateTimer, cfg, deadline: Optional
 
 
 def _recheck(g: LayerGroup, timer: CandidateTimer, ctx: CompileContext, model, deadline: Optional[float] = None) -> None:
-    """A revert, or any decision made after a disturbed batch, must survive a re-measurement: the
-    original and every measured rank are timed again in one interleaved batch (one frame: re-timing a
-    few points only would compare them with disturbed neighbours), each keeps its least disturbed
-    timing, and the choice is made again, up to MAX_RECHECK times while it changes. A deterministic
-    cost function (single samples) has nothing to re-check."""
+    """A revert, a rank below the estimate (it rests on a step edge, which one noisy batch can fake), or
+    any decision made after a disturbed batch, must survive a re-measurement: the original and every
+    measured rank are timed again in one interleaved batch (one frame: re-timing a few points only would
+    compare them with disturbed neighbours), each keeps its least disturbed timing, and the choice is
+    made again, up to MAX_RECHECK times, until two measurements in a row agree. When none do, the
+    decision is settled (`g.settled`) by the majority of all of them, a tie going to the largest rank
+    (the original layer counting as the largest): a difference that does not reproduce is not worth the
+    accuracy. A deterministic cost function (single samples) has nothing to re-check."""
     if g.status == "pending" or g.original is None:
         return
     if any(m.n <= 1 for m in [g.original, *g.times.values()]):
         return
     line = g.line
     first = _choose(g, g.names[0], ctx, model)
-    if not (g.busy or first["reverted"]):
+    # (timings all from the cache were re-checked when they were measured: the cache holds the last pass)
+    below = _below_estimate(g, first) and ctx.config.rank_search.param_budget is None and g.fresh
+    if not (g.busy or first["reverted"] or below):
         return
+    seen = [first]
     for _ in range(MAX_RECHECK):
         if deadline is not None and time.perf_counter() > deadline:
             return      # rank_search_budget_s: re-checks are measurements too
         wanted = {ORIGINAL: lambda: g.module}
         wanted.update({_key(line.ranks(s)): _factory(g.module, line.ranks(s), g.scheme) for s in sorted(g.times)})
-        got = timer.remeasure(g, wanted)
+        # a busy or reverted decision keeps each timing's least disturbed value; a choice below the
+        # estimate is judged on the fresh batch alone: a rank that was timed too fast once would keep
+        # its lucky time through a merge, and with it the edge it fakes
+        got = timer.remeasure(g, wanted, merge=not below or g.busy)
         g.original = got[ORIGINAL]
         g.times = {t: got[_key(line.ranks(t))] for t in g.times}
         timer.rechecked += 1
+        timer.edge_checked += below and len(seen) == 1
         again = _choose(g, g.names[0], ctx, model)
-        if (again["ranks"], again["reverted"]) == (first["ranks"], first["reverted"]):
+        seen.append(again)
+        if _decision(again) == _decision(seen[-2]):
+            if below and _decision(again) != _decision(first):
+                timer.edge_dropped += 1
             return
         timer.changed += 1
-        first = again
+    g.settled = _settle(seen)
+    timer.settled += 1
+    if below and _decision(g.settled) != _decision(first):
+        timer.edge_dropped += 1
+
+
+def _decision(entry: dict) -> tuple:
+    return (tuple(entry["ranks"]) if entry["ranks"] is not None else None, entry["reverted"])
+
+
+def _below_estimate(g: LayerGroup, entry: dict) -> bool:
+    """The choice trades rank for time beyond aligning the estimate (more than ALIGN_LOSS below it)."""
+    if entry["reverted"]:
+        return False
+    return _s_of(g.line, entry["ranks"]) < g.line.s_est * (1 - cm.ALIGN_LOSS)
+
+
+def _settle(seen: list) -> dict:
+    """Of decisions that no two successive measurements agreed on: the most frequent; ties go to the
+    largest rank, the original layer counting as the largest."""
+    def size(e):
+        return (math.inf,) if e["reverted"] else tuple(e["ranks"])
+    counts: dict = {}
+    for e in seen:
+        counts.setdefault(_decision(e), []).append(e)
+    best = max(counts.values(), key=lambda es: (len(es), size(es[-1])))
+    out = dict(best[-1])
+    out["reason"] += (f"; settled by re-measurement: {len(best)} of {len(seen)} measurements chose this "
+                      "(no two in a row agreed)")
+    return out
 
 
 def time_with_refs(timer: CandidateTimer, g: LayerGroup, refs: list, new: list) -> dict:
@@ -691,7 +742,10 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
         for name, gid in by_name.items():
             g = groups.get(gid) if gid is not None else None
             if g is not None and g.status != "pending":
-                plan[name] = _choose(g, name, ctx, model)
+                # a settled decision holds for the group; with the time+error objective each layer's own
+                # errors decide, from the last measurement
+                settled = g.settled is not None and cfg.rank_search.objective == "time"
+                plan[name] = dict(g.settled) if settled else _choose(g, name, ctx, model)
     for name in names:
         if name not in plan:
             why = ("no input shape (the layer did not run on the example inputs)" if name in no_shape
@@ -703,6 +757,8 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
             + (f", ranks aligned to {setting.align}" if setting.align > 1 else "")
             + f"): {done} of {len(groups)} distinct layer shapes, "
             f"{timer.measured} timings measured, {timer.cached} from the cache, {elapsed:.1f} s"
+            + (f"; {timer.edge_checked} choices below the estimate re-measured, "
+               f"{timer.edge_checked - timer.edge_dropped} confirmed" if timer.edge_checked else "")
             + (f"; stopped: {stopped}" if stopped else ""))
     busy = timer.contention()
     if busy:
