@@ -67,6 +67,31 @@ MODELS = {
                                                              max_position_embeddings=32, bos_token_id=0,
                                                              eos_token_id=1, pad_token_id=1)),
                   _text(), "last_hidden_state", {}),
+    # tied word embeddings (the head stays tied), grouped-query attention
+    "qwen2": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=2, num_attention_heads=4,
+                                                         num_key_value_heads=2, max_position_embeddings=32,
+                                                         bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                                         tie_word_embeddings=True)),
+              _text(), "logits", {"lm_head": "weight shared with model.embed_tokens"}),
+    # speech encoder-decoder: two nn.Conv1d over mel bins, then attention; positional order
+    # (input_features, attention_mask, decoder_input_ids)
+    "whisper": (lambda: tf.WhisperModel(tf.WhisperConfig(vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1,
+                                                         encoder_attention_heads=4, decoder_attention_heads=4,
+                                                         encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+                                                         max_source_positions=16, max_target_positions=16,
+                                                         pad_token_id=1, bos_token_id=0, eos_token_id=1,
+                                                         decoder_start_token_id=0)),
+                lambda: (torch.randn(B, 16, 32), None, _ids(5)), "last_hidden_state", {}),
+    # raw audio through a Conv1d feature encoder (the first has 1 input channel) and a weight-normed
+    # grouped positional conv
+    "wav2vec2": (lambda: tf.Wav2Vec2Model(tf.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                            intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
+                                                            conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                                            num_conv_pos_embedding_groups=4)),
+                 lambda: (torch.randn(B, 400),), "last_hidden_state",
+                 {"feature_extractor.conv_layers.0.conv": "min_channels",
+                  "encoder.pos_conv_embed.conv": "WeightNorm"}),
 }
 
 
