@@ -125,6 +125,39 @@ def test_cache_keys_differ_by_amp_and_execution_form(tmp_path):
     assert len(calls) == 2 * first                     # fp32 again: all from the cache
 
 
+@pytest.fixture
+def tf32_flags():
+    """Set torch.backends' TF32 flags (mm, conv) for a test and put them back after (its modules'
+    attributes are properties, which monkeypatch cannot undo)."""
+    was = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+    def set_(mm, conv):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = mm, conv
+    yield set_
+    set_(*was)
+
+
+def test_tf32_settings_key_cuda_fp32_timings_only(tf32_flags):
+    """TF32 changes what fp32 CUDA kernels cost: settings other than PyTorch's defaults are part of the
+    timing's key (and the search's note); off CUDA, in other dtypes or under autocast they say nothing."""
+    cuda = torch.device("cuda")
+    tf32_flags(False, True)
+    assert timer.tf32_state(cuda, torch.float32, None) is None            # the defaults
+    tf32_flags(True, True)
+    assert timer.tf32_state(cuda, torch.float32, None) == "tf32 matmul"
+    assert timer.tf32_state("cpu", torch.float32, None) is None
+    assert timer.tf32_state(cuda, torch.bfloat16, None) is None
+    assert timer.tf32_state(cuda, torch.float32, "bf16") is None
+    tf32_flags(True, False)
+    assert timer.tf32_state(cuda, torch.float32, None) == "tf32 matmul+no tf32 conv"
+    base = dict(device="cpu", dtype=torch.float32, memory_format="contiguous", signature="s", input_shape=(2, 3),
+                rank="8", objective="infer")
+    keys = [cache.make_key(**base, tf32=t) for t in (None, "tf32 matmul", "tf32 matmul+no tf32 conv")]
+    assert len({k["dtype"] for k in keys}) == 3 and keys[0] == cache.make_key(**base)
+    assert "tf32 matmul" in timer.Setting(tf32="tf32 matmul").describe()
+    assert "tf32" not in timer.Setting().describe()
+
+
 def test_execution_form_compile_builds_compiled_steps(monkeypatch):
     compiled = []
 

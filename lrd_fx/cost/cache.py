@@ -452,12 +452,13 @@ class TimingCache:
 
 
 def make_key(*, device, dtype, memory_format: str, signature: str, input_shape, rank, objective: str,
-             amp: Optional[str] = None, exec_form: str = "eager") -> dict:
-    """The row key of one timing. Autocast precision and execution form ride in the dtype and objective
-    columns ("torch.float32+autocast:bf16", "infer@cuda_graph"), so fp32 eager keys, and the rows
-    measured before these existed, stay as they were and no schema change is needed."""
+             amp: Optional[str] = None, exec_form: str = "eager", tf32: Optional[str] = None) -> dict:
+    """The row key of one timing. Autocast precision, TF32 settings (timer.tf32_state) and execution
+    form ride in the dtype and objective columns ("torch.float32+autocast:bf16", "torch.float32+tf32
+    matmul", "infer@cuda_graph"), so fp32 eager keys, and the rows measured before these existed, stay
+    as they were and no schema change is needed."""
     return {"device": device_name(device), "torch_version": torch.__version__,
-            "dtype": str(dtype) + (f"+autocast:{amp}" if amp else ""),
+            "dtype": str(dtype) + (f"+autocast:{amp}" if amp else "") + (f"+{tf32}" if tf32 else ""),
             "memory_format": memory_format, "signature": signature,
             "input_shape": "x".join(str(int(d)) for d in input_shape), "rank": str(rank),
             "objective": objective + ("" if exec_form == "eager" else f"@{exec_form}")}

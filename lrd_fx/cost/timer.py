@@ -176,10 +176,27 @@ class Setting:
     memory_format: str = "contiguous"     # "channels_last": 4-D inputs and conv weights in NHWC
     exec_form: str = "eager"              # "eager", "cuda_graph" (replayed CUDA graph) or "compile"
     align: int = 1                        # rank alignment of the estimate and the search candidates
+    tf32: Optional[str] = None            # CUDA fp32 only: TF32 settings other than PyTorch's defaults
 
     def describe(self) -> str:
         amp = f"autocast {self.amp}" if self.amp else "no autocast"
-        return f"{amp}, {self.memory_format}, {self.exec_form}"
+        return f"{amp}{', ' + self.tf32 if self.tf32 else ''}, {self.memory_format}, {self.exec_form}"
+
+
+def tf32_state(device, dtype, amp: Optional[str]) -> Optional[str]:
+    """How fp32 CUDA kernels may use TF32 tensor cores, where that differs from PyTorch's defaults (it
+    changes their timings): "tf32 matmul" when matmuls may (torch.backends.cuda.matmul.allow_tf32, or
+    torch.set_float32_matmul_precision("high"/"medium")), "no tf32 conv" when cuDNN convolutions may not
+    (torch.backends.cudnn.allow_tf32, on by default), both joined by "+". None off CUDA, for other dtypes,
+    under autocast, and in the defaults."""
+    if _device(device).type != "cuda" or dtype != torch.float32 or amp is not None:
+        return None
+    parts = []
+    if torch.backends.cuda.matmul.allow_tf32:
+        parts.append("tf32 matmul")
+    if not torch.backends.cudnn.allow_tf32:
+        parts.append("no tf32 conv")
+    return "+".join(parts) or None
 
 
 def active_amp(device) -> Optional[str]:
@@ -260,7 +277,8 @@ def setting_of(ctx) -> Setting:
     if not timed and exec_option == "cuda_graph" and _device(ctx.device).type != "cuda":
         exec_option = "eager"
     got = Setting(amp=amp, memory_format=memory_format_of(ctx.model, ctx.example_inputs),
-                  exec_form=resolve_exec(exec_option, ctx.device), align=int(align or 1))
+                  exec_form=resolve_exec(exec_option, ctx.device), align=int(align or 1),
+                  tf32=tf32_state(ctx.device, ctx.dtype, amp))
     ctx.setting = got
     return got
 

@@ -172,7 +172,7 @@ class CandidateTimer:
     def cache_key(self, g: LayerGroup, rank_key: str) -> dict:
         return cache_mod.make_key(device=self.ctx.device, dtype=self.ctx.dtype, memory_format=g.memory_format,
                                   signature=g.signature, input_shape=g.shape, rank=rank_key,
-                                  objective=self.objective, amp=self.setting.amp,
+                                  objective=self.objective, amp=self.setting.amp, tf32=self.setting.tf32,
                                   exec_form=self.setting.exec_form)
 
     def time(self, g: LayerGroup, wanted: dict, refs: Optional[dict] = None) -> dict:
