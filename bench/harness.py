@@ -137,6 +137,7 @@ class Settings:
     device: str = "cpu"
     amp: Optional[str] = None            # None or "bf16"
     channels_last: bool = False
+    tf32: bool = False                   # CUDA fp32: TF32 tensor cores for matmuls and cuDNN convolutions
     compile: bool = False                # torch.compile every variant
     compile_backend: str = "inductor"    # torch.compile backend (tests use "eager": same guards, no codegen)
     round_multiple: int = 8              # lrd+round8: ranks rounded down to a multiple of this
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lrd+round8: round estimated ranks down to a multiple of this (default 8; 32/64 also common)")
     p.add_argument("--amp", choices=["bf16"], default=None, help="autocast to bfloat16 in forward")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (models and input)")
+    p.add_argument("--tf32", action="store_true", help="CUDA: TF32 tensor cores for fp32 matmuls and convolutions "
+                   "(torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32), the search timing in it too")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available, else cpu)")
     p.add_argument("--no-train", action="store_true", help="time inference only")
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
@@ -229,11 +232,13 @@ def settings_from_args(args) -> Settings:
         raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {device}: only cpu and cuda are supported")
+    if args.tf32 and dev.type != "cuda":
+        raise ConfigError(f"--tf32: TF32 is a CUDA setting and --device is {device}; drop --tf32")
     return Settings(
         models=models, batch=args.batch or base["batch"], size=args.size or base["size"],
         rounds=args.rounds or base["rounds"],
         warmup=args.warmup if args.warmup is not None else base["warmup"], device=device, amp=args.amp,
-        channels_last=args.channels_last, compile=args.compile, compile_backend=args.compile_backend,
+        channels_last=args.channels_last, tf32=args.tf32, compile=args.compile, compile_backend=args.compile_backend,
         round_multiple=args.round_multiple, train=not args.no_train, variants=variants,
         ratio=args.ratio, search_mode=args.search_mode,
         search_budget_s=args.search_budget if args.search_budget is not None else base["search_budget_s"],
@@ -941,9 +946,13 @@ def run(s: Settings, models: Optional[dict] = None, argv: Optional[list] = None)
     if s.compile:
         import torch._dynamo as dynamo
         limit = dynamo.config.recompile_limit   # bench_model raises it per model
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if s.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         return _run(s, models, argv)
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         torch.set_num_threads(threads)
         if limit is not None:
             dynamo.config.recompile_limit = limit
@@ -993,7 +1002,7 @@ def legend(s: Settings) -> list:
     amp = f", autocast {s.amp}" if s.amp else ""
     lines = [
         f"batch {s.batch}, input {s.size}x{s.size}, {s.rounds} interleaved rounds (median; ± = IQR/median), "
-        f"device {s.device}{amp}{', channels_last' if s.channels_last else ''}"
+        f"device {s.device}{amp}{', TF32' if s.tf32 else ''}{', channels_last' if s.channels_last else ''}"
         f"{', torch.compile' if s.compile else ', eager'}.",
         "GFLOPs: forward FLOPs per sample (torch.utils.flop_counter); FLOP red. = original GFLOPs / variant GFLOPs.",
         "speed-up = samples/s / original's samples/s (same rounds); eff. = speed-up / FLOP red.",
@@ -1037,12 +1046,17 @@ def format_table(results: dict, *, note_width: int = 60, markdown: bool = False)
 
 
 def results_stem(results: dict) -> str:
-    """<device>-<date>[-flags]: cpu-2025-01-31, cuda-NVIDIA-H100-80GB-HBM3-2025-01-31-bf16-compile."""
+    """<device>-<date>[-flags]: cpu-2025-01-31, cuda-NVIDIA-H100-80GB-HBM3-2025-01-31-resnet50-bf16-cl-compile-b64
+    (the model when the run had one, the batch when it is not the default's or --quick's)."""
     m, s = results["machine"], results["settings"]
     dev = "cpu" if m["device_name"] == "cpu" else "cuda-" + m["device_name"]
     dev = "".join(c if c.isalnum() or c in "-_." else "-" for c in dev)
-    tags = [t for t, on in (("quick", s.get("quick")), (s.get("amp") or "", bool(s.get("amp"))),
-                            ("cl", s.get("channels_last")), ("compile", s.get("compile"))) if on]
+    models = list(s.get("models") or ())
+    one = "".join(c if c.isalnum() or c in "-_." else "-" for c in models[0]) if len(models) == 1 else ""
+    tags = [t for t, on in ((one, bool(one)), ("quick", s.get("quick")), (s.get("amp") or "", bool(s.get("amp"))),
+                            ("tf32", s.get("tf32")), ("cl", s.get("channels_last")), ("compile", s.get("compile")),
+                            (f"b{s.get('batch')}", s.get("batch") not in (None, DEFAULTS["batch"], QUICK["batch"])))
+            if on]
     return "-".join([dev, results["created"][:10]] + tags)
 
 

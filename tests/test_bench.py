@@ -102,6 +102,20 @@ def test_usage_errors_return_2(capsys):
     assert harness.main(["--variants", "original,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
     assert harness.main(["--ratio", "1.5"]) == 2
+    assert harness.main(["--tf32", "--device", "cpu"]) == 2
+    assert "--tf32" in capsys.readouterr().err
+
+
+def test_results_are_named_by_their_settings():
+    def stem(**s):
+        return harness.results_stem({"machine": {"device_name": "NVIDIA H100 80GB HBM3"}, "created": "2026-11-28 01:02",
+                                     "settings": {"batch": 16, **s}})
+    assert stem() == "cuda-NVIDIA-H100-80GB-HBM3-2026-11-28"
+    assert stem(amp="bf16", channels_last=True, compile=True, batch=64) == \
+        "cuda-NVIDIA-H100-80GB-HBM3-2026-11-28-bf16-cl-compile-b64"
+    assert stem(tf32=True, batch=256) == "cuda-NVIDIA-H100-80GB-HBM3-2026-11-28-tf32-b256"
+    assert stem(models=["resnet50"], tf32=True) == "cuda-NVIDIA-H100-80GB-HBM3-2026-11-28-resnet50-tf32"
+    assert stem(models=["resnet50", "vit_small_patch16_224"]) == "cuda-NVIDIA-H100-80GB-HBM3-2026-11-28"
 
 
 def _tiny_settings(**kw) -> "harness.Settings":
