@@ -14,6 +14,10 @@
 #   bench/run_gpu.sh [OUT_DIR] [STAGES]       (default OUT_DIR bench/results, STAGES abcd)
 #   DEADLINE_S=540 PYTHON=python3 bench/run_gpu.sh "$OUT" ab
 #   DRY=1 bench/run_gpu.sh /tmp/gpu_dry       (CPU rehearsal: tiny models and batches, no --tf32)
+# PACK_TO=FILE writes the tar (and FILE.log) there instead: on the device machine, whose image lacks
+# tensorly, carry a folder of its wheel (.whl, git-ignored) and run
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+#   PACK_TO=$OUT/gpu-results.tar bench/run_gpu.sh /tmp/gpu abcd
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results}
@@ -33,8 +37,13 @@ else
     cnn=resnet50; vit=vit_small_patch16_224; convnext=convnext_tiny; b64=64; b256=256; tf32=(--tf32)
 fi
 
+pack_to=${PACK_TO:-$out/gpu-results.tar}
 pack() {
-    (cd "$out" && tar -cf gpu-results.tar --exclude=gpu-results.tar -- *.json *.csv *.png gpu-run.log 2>/dev/null) || true
+    local tmp="$pack_to.tmp"
+    (cd "$out" && tar -cf "$tmp" --exclude=gpu-results.tar -- *.json *.csv *.png gpu-run.log 2>/dev/null)
+    mv -f "$tmp" "$pack_to" 2>/dev/null || true
+    [[ "$pack_to" != "$out/gpu-results.tar" ]] && cp -f "$log" "$pack_to.log" 2>/dev/null
+    return 0
 }
 
 # one harness run: bench MODEL BATCH [flags...]
@@ -75,5 +84,5 @@ for stage in $(echo "$stages" | grep -o .); do
         echo "run_gpu: unknown stage '$stage' (stages: a b c d)" | tee -a "$log"; exit 2 ;;
     esac
 done
+echo "run_gpu: done in $(($(date +%s) - start))s; results in $out (and $pack_to)" | tee -a "$log"
 pack
-echo "run_gpu: done in $(($(date +%s) - start))s; results in $out (and $out/gpu-results.tar)" | tee -a "$log"
