@@ -18,7 +18,10 @@ off), so one model's memory does not count in the next one's peak. The child rep
   before it (/proc/self/clear_refs; where that is refused, VmHWM since the start, which is never less);
 - model MB: parameter + buffer bytes; overhead = (peak - rss_import) / model MB, the issue's target
   being <= 2.5 (the caller's model counts as 1);
-- the svd paths taken for big weights (lrd_fx.factorize.svd.path_counts).
+- the svd paths taken for big weights (lrd_fx.factorize.svd.path_counts);
+- where the seconds went: the decompose pass (factorization), the whole-model runs (the input check,
+  the two FLOP counts and shape_prop: each one forward of the model) and the rest (copy, trace, other
+  passes).
 Results: a table on stdout and bench/results/compile_cost-<date>.{json,txt} (or --out PREFIX), with the
 machine line and the load average at start and end. Seconds need an idle machine to mean anything.
 """
@@ -75,9 +78,15 @@ def child(name: str, ratio: float, size: int, threads: int | None) -> dict:
     counts = getattr(svd, "path_counts", None)     # None in checkouts before it existed (baselines)
     if counts is not None:
         counts.clear()
+    runs = _time_model_runs()
     t0 = time.perf_counter()
     gm = lrd_fx.compile(model, (x,), ratio=ratio, progress=False)
     seconds = time.perf_counter() - t0
+    passes = dict(getattr(gm.lrd, "pass_times", {}) or {})
+    decompose = passes.get("decompose", 0.0)
+    model_runs = runs["s"] + passes.get("shape_prop", 0.0)
+    stages = {"decompose": round(decompose, 2), "model_runs": round(model_runs, 2),
+              "other": round(max(seconds - decompose - model_runs, 0.0), 2)}
     peak = _status_kb("VmHWM")
     params_after = sum(p.numel() for p in gm.parameters())
     return {"model": name, "ratio": ratio, "size": size, "seconds": round(seconds, 2),
@@ -86,7 +95,27 @@ def child(name: str, ratio: float, size: int, threads: int | None) -> dict:
             "model_mb": round(model_bytes / 2 ** 20, 1),
             "overhead_x": round((_mb(peak) - _mb(rss_import)) / max(model_bytes / 2 ** 20, 1e-9), 2),
             "params_before": sum(p.numel() for p in model.parameters()), "params_after": params_after,
-            "svd_paths": dict(counts or {}), "torch_threads": torch.get_num_threads()}
+            "svd_paths": dict(counts or {}), "torch_threads": torch.get_num_threads(), "stage_s": stages}
+
+
+def _time_model_runs() -> dict:
+    """Time the whole-model forwards lrd_fx.compile makes outside its passes (the input check and the
+    FLOP counts before and after) by wrapping those functions in lrd_fx.api; {"s": seconds so far}."""
+    from lrd_fx import api
+    acc = {"s": 0.0}
+    for fname in ("_check_inputs", "count_flops"):
+        fn = getattr(api, fname, None)
+        if fn is None:
+            continue
+
+        def timed(*a, _fn=fn, **k):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                acc["s"] += time.perf_counter() - t0
+        setattr(api, fname, timed)
+    return acc
 
 
 def classification_models() -> list[str]:
@@ -138,8 +167,8 @@ def run_child(name: str, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-COLUMNS = ("model", "ratio", "compile s", "peak RSS MB", "RSS before MB", "model MB", "(peak-before)/model",
-           "params after/before", "svd paths")
+COLUMNS = ("model", "ratio", "compile s", "decompose s", "model runs s", "other s", "peak RSS MB",
+           "RSS before MB", "model MB", "(peak-before)/model", "params after/before", "svd paths")
 
 
 def table(rows: list) -> str:
@@ -147,10 +176,12 @@ def table(rows: list) -> str:
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["model"], r["ratio"], "failed", "-", "-", "-", "-", "-", r["error"][:80]])
+            body.append([r["model"], r["ratio"], "failed"] + ["-"] * 8 + [r["error"][:80]])
             continue
         paths = ", ".join(f"{k} {v}" for k, v in sorted(r["svd_paths"].items())) or "-"
-        body.append([r["model"], r["ratio"], f"{r['seconds']:.1f}", f"{r['peak_mb']:.0f}",
+        st = r.get("stage_s") or {}      # rows of files written before the stage split have none
+        stages = [f"{st[k]:.1f}" if k in st else "-" for k in ("decompose", "model_runs", "other")]
+        body.append([r["model"], r["ratio"], f"{r['seconds']:.1f}"] + stages + [f"{r['peak_mb']:.0f}",
                      f"{r['rss_import_mb']:.0f}", f"{r['model_mb']:.0f}", f"{r['overhead_x']:.2f}",
                      f"{r['params_after'] / r['params_before']:.3f}", paths])
     return tabulate(body, headers=COLUMNS, tablefmt="github")

@@ -176,7 +176,8 @@ def test_bench_compile_cost_writes_its_table_and_files(monkeypatch, tmp_path):
     from bench import compile_cost as cc
     ok = {"model": "alexnet", "ratio": 0.25, "size": 224, "seconds": 15.1, "rss_import_mb": 727.0,
           "rss_model_mb": 960.0, "peak_mb": 1256.0, "hwm_reset": True, "model_mb": 233.0, "overhead_x": 2.27,
-          "params_before": 100, "params_after": 25, "svd_paths": {"exact32": 2, "sketch_skipped": 2}}
+          "params_before": 100, "params_after": 25, "svd_paths": {"exact32": 2, "sketch_skipped": 2},
+          "stage_s": {"decompose": 11.25, "model_runs": 3.5, "other": 0.35}}
     seen = []
     monkeypatch.setattr(cc, "run_child", lambda name, args: seen.append(name) or (
         dict(ok, model=name) if name == "alexnet" else {"model": name, "ratio": args.ratio, "error": "boom"}))
@@ -185,6 +186,12 @@ def test_bench_compile_cost_writes_its_table_and_files(monkeypatch, tmp_path):
     text = (tmp_path / "cc.txt").read_text()
     assert text.startswith("machine: ") and "exact32 2, sketch_skipped 2" in text and "2.27" in text
     assert "nosuchnet" in text and "failed" in text and "boom" in text
+    header = next(line for line in text.splitlines() if line.startswith("| model"))
+    row = next(line for line in text.splitlines() if line.startswith("| alexnet"))
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert (cells["decompose s"], cells["model runs s"], cells["other s"]) == ("11.2", "3.5", "0.3")
+    # a row from before the stage split (no stage_s) still prints, with dashes
+    assert "| -" in cc.table([{k: v for k, v in ok.items() if k != "stage_s"}])
     import json
     saved = json.loads((tmp_path / "cc.json").read_text())
     assert [r["model"] for r in saved["rows"]] == ["alexnet", "nosuchnet"] and "load_avg_start" in saved["machine"]

@@ -109,7 +109,8 @@ def _hooi(weight: Tensor, r_out: int, r_in: int, name: str, n_iter_max: int = 10
         return torch.einsum("oi...,oa,ib->ab...", w64, u_out, u_in), u_out, u_in
     w = _work(weight, torch.float32)                    # no copy for a float32 weight
     w_out = w.reshape(out, -1)                          # mode-0 unfolding [out, in*k]
-    u_out = _top_left(unfold(w, 0), r_out, name)
+    # HOSVD init: only u_in is used, the first sweep's mode-0 step replaces the HOSVD's u_out before
+    # anything reads it (as in tensorly's partial_tucker), so that Gram and eigh are not computed.
     u_in = _top_left(unfold(w, 1), r_in, name)
     w_oki = w.movedim(1, -1).reshape(-1, inp)           # [out*k, in]: W x1 U_in^T is one GEMM
 
