@@ -20,8 +20,8 @@ off), so one model's memory does not count in the next one's peak. The child rep
   being <= 2.5 (the caller's model counts as 1);
 - the svd paths taken for big weights (lrd_fx.factorize.svd.path_counts);
 - where the seconds went: the decompose pass (factorization), the whole-model runs (the input check,
-  the two FLOP counts and shape_prop: each one forward of the model) and the rest (copy, trace, other
-  passes).
+  which counts the FLOPs too, and shape_prop: each one forward of the model; a FLOP count on its own
+  only where the input check is off or the model was fused) and the rest (copy, trace, other passes).
 Results: a table on stdout and bench/results/compile_cost-<date>.{json,txt} (or --out PREFIX), with the
 machine line and the load average at start and end. Seconds need an idle machine to mean anything.
 """
@@ -99,8 +99,8 @@ def child(name: str, ratio: float, size: int, threads: int | None) -> dict:
 
 
 def _time_model_runs() -> dict:
-    """Time the whole-model forwards lrd_fx.compile makes outside its passes (the input check and the
-    FLOP counts before and after) by wrapping those functions in lrd_fx.api; {"s": seconds so far}."""
+    """Time the whole-model forwards lrd_fx.compile makes outside its passes (the input check, any FLOP
+    count of its own) by wrapping those functions in lrd_fx.api; {"s": seconds so far}."""
     from lrd_fx import api
     acc = {"s": 0.0}
     for fname in ("_check_inputs", "count_flops"):

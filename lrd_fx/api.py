@@ -16,7 +16,7 @@ from .context import CompileContext
 from .errors import ConfigError, InputError
 from .flops import count_flops
 from .pipeline import PassManager, PassTimer, default_instruments, graph_modules
-from .plan import LayerRecord
+from .plan import DECOMPOSED, SEARCHED, LayerRecord
 from .trace import trace
 
 
@@ -149,8 +149,10 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _check_inputs(model: nn.Module, inputs: tuple, device, dtype) -> None:
-    """Name the input whose device/dtype/shape does not fit, before any pass runs."""
+def _check_inputs(model: nn.Module, inputs: tuple, device, dtype) -> tuple:
+    """Name the input whose device/dtype/shape does not fit, before any pass runs. The check's forward
+    counts the model's FLOPs as well (one forward, not two): returns (FLOPs, None), or (None, what went
+    wrong) when torch's FLOP counter fails on a model that runs without it."""
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
             continue
@@ -160,11 +162,19 @@ def _check_inputs(model: nn.Module, inputs: tuple, device, dtype) -> None:
         if x.is_floating_point() and x.dtype != dtype:
             raise InputError(f"example_inputs[{i}] has dtype {x.dtype} but the model's parameters are "
                              f"{dtype}; cast the inputs (x.to({dtype})) to match")
+    from torch.utils.flop_counter import FlopCounterMode
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
+            try:
+                with FlopCounterMode(display=False) as fc:
+                    model(*inputs)
+                return int(fc.get_total_flops()), None
+            except Exception as e:  # noqa: BLE001 - the counter's failure or the model's: a plain run tells
+                counter_error = f"{type(e).__name__}: {str(e)[:200]}"
             model(*inputs)
+            return None, counter_error
     except Exception as e:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
         raise InputError(f"the model does not run on example_inputs of shape {shapes} "
@@ -192,15 +202,32 @@ def _check_not_empty(inputs: tuple) -> None:
         walk(x, f"example_inputs[{i}]")
 
 
-def _flops_or_note(model: nn.Module, ctx: CompileContext, when: str) -> Optional[int]:
-    """count_flops, or None with a note in the report when torch's FLOP counter fails on this model
-    (e.g. an AssertionError inside it for timm's cait): an optional measurement must not sink the compile."""
-    try:
-        return count_flops(model, ctx.example_inputs)
-    except Exception as e:  # noqa: BLE001 - any failure of the counter only loses the FLOP figures
-        ctx.notes.append(f"FLOPs unknown: torch.utils.flop_counter failed on the model {when} "
-                         f"({type(e).__name__}: {str(e)[:200]})")
-        return None
+def _flops_or_note(model: nn.Module, ctx: CompileContext, when: str, counted: Optional[tuple] = None) -> Optional[int]:
+    """count_flops (or `counted`, the (FLOPs, error) _check_inputs already got), or None with a note in the
+    report when torch's FLOP counter fails on this model (e.g. an AssertionError inside it for timm's
+    cait): an optional measurement must not sink the compile."""
+    if counted is not None:
+        flops, err = counted
+    else:
+        try:
+            return count_flops(model, ctx.example_inputs)
+        except Exception as e:  # noqa: BLE001 - any failure of the counter only loses the FLOP figures
+            flops, err = None, f"{type(e).__name__}: {str(e)[:200]}"
+    if err is not None:
+        ctx.notes.append(f"FLOPs unknown: torch.utils.flop_counter failed on the model {when} ({err})")
+    return flops
+
+
+def _flops_after(gm: nn.Module, ctx: CompileContext) -> Optional[int]:
+    """The compiled model's FLOPs: the original's, less each changed layer's, plus its factor chain's
+    (the records' per-layer counts use the formulas torch's counter applies to conv/linear), which saves
+    a forward pass of the whole model. Counted on the model instead where the records cannot tell: after
+    fusion (merged factor layers have no record of their own), or when a factorized layer has no
+    recorded shapes."""
+    changed = [r for r in ctx.records.values() if r.decision in (DECOMPOSED, SEARCHED)]
+    if ctx.config.fuse_inference or any(r.flops_before <= 0 or r.flops_after <= 0 for r in changed):
+        return _flops_or_note(gm, ctx, "after compiling")
+    return ctx.flops_before + sum(r.flops_after - r.flops_before for r in changed)
 
 
 def _check_model(model: nn.Module, cfg: Config, inputs: Optional[tuple]) -> None:
@@ -411,8 +438,9 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
     device, dtype = _model_device_dtype(model)
     # Conv/Linear weights are shared with `model` (read only) until _run's unshare: peak memory
     work = copy_model(model, share_layer_weights=_shares_nothing_written(cfg, calibration))
+    counted = None
     if inputs is not None and cfg.check_inputs:
-        _check_inputs(work, inputs, device, dtype)
+        counted = _check_inputs(work, inputs, device, dtype)
     ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
     if calibration is not None:
         from .passes.calibrate import calibration_batches
@@ -420,14 +448,16 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
     from .cost.timer import active_amp, no_autocast
     ctx.autocast = active_amp(device)   # the caller's precision: the rank search times in it
     with no_autocast(device):   # the passes' own math (factorization) stays in full precision
-        return _run(work, ctx)
+        return _run(work, ctx, counted)
 
 
-def _run(work: nn.Module, ctx: CompileContext) -> nn.Module:
+def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None) -> nn.Module:
+    """The passes on `work` (the caller's model's copy). counted: (FLOPs, error) of the model from
+    _check_inputs' forward, so that it is not run again to count them."""
     cfg = ctx.config
     ctx.params_before = sum(p.numel() for p in work.parameters())
     if ctx.example_inputs is not None:
-        ctx.flops_before = _flops_or_note(work, ctx, "before compiling")
+        ctx.flops_before = _flops_or_note(work, ctx, "before compiling", counted)
     eager: set = set()
     leaves = tuple(cfg.leaf_modules)
     gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,
@@ -438,7 +468,7 @@ def _run(work: nn.Module, ctx: CompileContext) -> nn.Module:
     gm = pm.run(gm).graph_module
     ctx.pass_times.update(timer.times)
     if ctx.example_inputs is not None and ctx.flops_before is not None:
-        ctx.flops_after = _flops_or_note(gm, ctx, "after compiling")
+        ctx.flops_after = _flops_after(gm, ctx)
     ctx.originals.clear()
     unshare(gm, ctx.model)     # layers kept as they were get their own weights (copy_model may have shared them)
     gm.lrd = LRDInfo(gm, ctx)

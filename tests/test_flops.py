@@ -93,3 +93,88 @@ def test_count_flops_keeps_the_mode_and_matches_the_records():
     assert sum(r.flops_before for r in recs.values()) == total
     assert sum(r.flops_after for r in recs.values()) == count_flops(gm, (x,))
     assert gm.lrd.flops_before == total and gm.lrd.flops_after == count_flops(gm, (x,))
+
+
+def _hf_gpt2():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16))
+    return m, (torch.randint(0, 64, (2, 8)),)
+
+
+def _timm_vit():
+    import timm
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8), (torch.randn(2, 3, 32, 32),)
+
+
+def _tv(name):
+    import torchvision
+    return lambda: (getattr(torchvision.models, name)(), (torch.randn(1, 3, 64, 64),))
+
+
+class _Twice(nn.Module):
+    """One Linear called twice per forward, and one in a branch the example inputs never reach."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.unused = nn.Linear(32, 32), nn.Linear(32, 8), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.b(self.a(self.a(x)).relu())
+
+
+@pytest.mark.parametrize("make", [_tv("resnet18"), _tv("mobilenet_v3_small"), _timm_vit, _hf_gpt2,
+                                  lambda: (_Twice(), (torch.randn(4, 32),))],
+                         ids=["resnet18", "mobilenet_v3_small", "vit", "gpt2", "shared-and-unused"])
+@pytest.mark.parametrize("options", [dict(ratio=0.25), dict(ratio=0.5, freeze="sequential")], ids=["plain", "gated"])
+def test_compiled_flops_from_the_records_equal_torch_counter(make, options):
+    """compile counts the original's FLOPs in its input check's forward and derives the compiled model's
+    from the per-layer records (no second count): both equal torch's counter on the models."""
+    model, x = make()
+    model.eval()
+    gm = lrd_fx.compile(model, x, progress=False, **options)
+    assert gm.lrd.flops_before == count_flops(model, x)
+    assert gm.lrd.flops_after == count_flops(gm, x) < gm.lrd.flops_before
+
+
+class _Counted(nn.Module):
+    """Counts its forwards on real tensors (tracing calls it with proxies)."""
+    calls = 0
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor):
+            type(self).calls += 1
+        return self.b(self.a(x).relu())
+
+
+def test_compile_runs_the_model_once_before_its_passes_and_never_to_count_flops(monkeypatch):
+    """The input check counts the FLOPs in its forward (one eager forward of the model, not two), and the
+    compiled model's FLOPs come from the records (no count after the passes)."""
+    counts = []
+    monkeypatch.setattr(lrd_fx.api, "count_flops", lambda *a: counts.append(1) or count_flops(*a))
+    _Counted.calls = 0
+    x = torch.randn(2, 32)
+    gm = lrd_fx.compile(_Counted(), (x,), ratio=0.25, progress=False)
+    assert _Counted.calls == 1 and counts == []
+    assert gm.lrd.flops_after == count_flops(gm, (x,)) < gm.lrd.flops_before
+    # without the input check the model is counted on its own; fused models are counted after the passes
+    lrd_fx.compile(_Counted(), (x,), ratio=0.25, progress=False, check_inputs=False)
+    assert counts == [1]
+    fused = lrd_fx.compile(_Counted().eval(), (x,), ratio=0.25, progress=False, fuse_inference=True)
+    assert counts == [1, 1] and fused.lrd.flops_after == count_flops(fused, (x,))
+
+
+def test_flop_counter_failure_in_the_input_check_is_a_note_not_an_error(monkeypatch):
+    import torch.utils.flop_counter as fcm
+
+    class Broken(fcm.FlopCounterMode):
+        def __enter__(self):
+            raise AssertionError("counter broke")
+    monkeypatch.setattr(fcm, "FlopCounterMode", Broken)
+    gm = lrd_fx.compile(nn.Sequential(nn.Linear(32, 32)), (torch.randn(2, 32),), ratio=0.25, progress=False)
+    assert gm.lrd.flops_before is None
+    assert any("FLOPs unknown" in n and "counter broke" in n for n in gm.lrd.notes)
