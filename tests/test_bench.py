@@ -350,3 +350,18 @@ def test_plan_summary_counts_only_search_time_budget_stops():
                   "reason": "ratio 0.25; rank search skipped: rank_search_budget_s=5 s was spent before this layer"}}
     _, layers, notes = harness._lrd_plan_summary(types.SimpleNamespace(lrd=types.SimpleNamespace(plan=plan)))
     assert layers == (2, 2) and notes == ["1 searched, 0 reverted, 1 not searched (budget)"]
+
+
+def test_search_stability_lists_the_layers_that_differ_between_runs(tmp_path, capsys):
+    from bench import search_stability as st
+    plans = [{"a": [[8], "searched"], "b": [[4], "searched"]}, {"a": [[8], "searched"], "b": [None, "reverted"]}]
+    assert st.differing(plans) == {"b": [[[4], "searched"], [None, "reverted"]]}
+    assert st.differing(plans[:1] * 3) == {}
+    # end to end on a tiny model: two fresh searches in child processes, a summary and a results file
+    assert st.main(["--model", "tiny_cnn", "--batch", "2", "--size", "16", "--runs", "2", "--threads", "1",
+                    "--out", str(tmp_path / "stab")]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs: parameters" in out and "layers not given the same ranks in every run:" in out
+    saved = json.loads((tmp_path / "stab.json").read_text())
+    assert len(saved["runs"]) == 2 and all(r["plan"] for r in saved["runs"])
+    assert saved["differing"] == st.differing([r["plan"] for r in saved["runs"]])
