@@ -1048,11 +1048,12 @@ def format_table(results: dict, *, note_width: int = 60, markdown: bool = False)
 def results_stem(results: dict) -> str:
     """<device>-<date>[-flags]: cpu-2025-01-31, cuda-NVIDIA-H100-80GB-HBM3-2025-01-31-resnet50-bf16-cl-compile-b64
     (the model when the run had one, the batch when it is not the default's or --quick's)."""
+    def safe(name: str) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
     m, s = results["machine"], results["settings"]
-    dev = "cpu" if m["device_name"] == "cpu" else "cuda-" + m["device_name"]
-    dev = "".join(c if c.isalnum() or c in "-_." else "-" for c in dev)
+    dev = safe("cpu" if m["device_name"] == "cpu" else "cuda-" + m["device_name"])
     models = list(s.get("models") or ())
-    one = "".join(c if c.isalnum() or c in "-_." else "-" for c in models[0]) if len(models) == 1 else ""
+    one = safe(models[0]) if len(models) == 1 else ""
     tags = [t for t, on in ((one, bool(one)), ("quick", s.get("quick")), (s.get("amp") or "", bool(s.get("amp"))),
                             ("tf32", s.get("tf32")), ("cl", s.get("channels_last")), ("compile", s.get("compile")),
                             (f"b{s.get('batch')}", s.get("batch") not in (None, DEFAULTS["batch"], QUICK["batch"])))

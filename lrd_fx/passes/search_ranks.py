@@ -411,7 +411,7 @@ def _recheck(g: LayerGroup, timer: CandidateTimer, ctx: CompileContext, model, d
     seen = [first]
     for _ in range(MAX_RECHECK):
         if deadline is not None and time.perf_counter() > deadline:
-            return      # rank_search_budget_s: re-checks are measurements too
+            break       # rank_search_budget_s: re-checks are measurements too
         wanted = {ORIGINAL: lambda: g.module}
         wanted.update({_key(line.ranks(s)): _factory(g.module, line.ranks(s), g.scheme) for s in sorted(g.times)})
         # a busy or reverted decision keeps each timing's least disturbed value; a choice below the
@@ -421,18 +421,19 @@ def _recheck(g: LayerGroup, timer: CandidateTimer, ctx: CompileContext, model, d
         g.original = got[ORIGINAL]
         g.times = {t: got[_key(line.ranks(t))] for t in g.times}
         timer.rechecked += 1
-        timer.edge_checked += below and len(seen) == 1
         again = _choose(g, g.names[0], ctx, model)
         seen.append(again)
         if _decision(again) == _decision(seen[-2]):
-            if below and _decision(again) != _decision(first):
-                timer.edge_dropped += 1
-            return
+            break
         timer.changed += 1
-    g.settled = _settle(seen)
-    timer.settled += 1
-    if below and _decision(g.settled) != _decision(first):
-        timer.edge_dropped += 1
+    else:
+        if len(seen) > 1:
+            g.settled = _settle(seen)
+            timer.settled += 1
+    if below and len(seen) > 1:
+        final = g.settled if g.settled is not None else seen[-1]    # seen[-1]: the last measurement's
+        timer.edge_checked += 1
+        timer.edge_dropped += _decision(final) != _decision(first)
 
 
 def _decision(entry: dict) -> tuple:
