@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU protocol (issue 12 item 7) as one script, in stages of falling priority, so that a short lease
 # gets the figures that matter first:
+#   0  (always first) python -m bench.gpu_check: every CUDA path of lrd_fx on a ResNet-18, OK or traceback
+#      (at most GPU_CHECK_S seconds, default 90)
 #   a  bf16 autocast + channels_last, batch 64, eager: ResNet-50, ViT-S/16, ConvNeXt-T, training and
 #      inference, every lrd variant (the issue's targets)
 #   b  the same under torch.compile, ResNet-50 and ViT-S/16 (original, lrd, lrd+search)
@@ -65,12 +67,19 @@ bench() {
 
 [[ -z "${DRY:-}" ]] && { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"; }
 "$py" -c "import torch, lrd_fx; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$log"
+check=(--budget 8)
+[[ -n "${DRY:-}" ]] && check=(--device cpu --budget 2)
+PYTHONUNBUFFERED=1 timeout --signal=INT --kill-after=10 "${GPU_CHECK_S:-90}" "$py" -m bench.gpu_check "${check[@]}" \
+    2>&1 | tee -a "$log"
+echo "run_gpu: gpu_check exit ${PIPESTATUS[0]}" | tee -a "$log"
+pack
 
 for stage in $(echo "$stages" | grep -o .); do
     case $stage in
     a)
-        for m in $cnn $convnext; do bench "$m" $b64 --amp bf16 --channels-last --variants "$lrd"; done
-        bench $vit $b64 --amp bf16 --variants "$lrd" ;;
+        bench $cnn $b64 --amp bf16 --channels-last --variants "$lrd"
+        bench $vit $b64 --amp bf16 --variants "$lrd"
+        bench $convnext $b64 --amp bf16 --channels-last --variants "$lrd" ;;
     b)
         bench $cnn $b64 --amp bf16 --channels-last --compile --variants original,lrd,lrd+search
         bench $vit $b64 --amp bf16 --compile --variants original,lrd,lrd+search ;;
