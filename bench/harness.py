@@ -412,8 +412,16 @@ def _usable(v: Optional["Variant"]) -> bool:
 
 def _lrd_kwargs(s: Settings, search: bool = False, freeze: bool = False, budget: bool = False) -> dict:
     kw: dict = dict(ratio=s.ratio, progress=False)
+    if s.amp:
+        # the precision the rows run in: the search times in it, and the estimate's ranks are aligned for
+        # it (multiples of 8 on CUDA half precision); the harness compiles outside autocast
+        kw["amp"] = s.amp
     if search:
         kw["rank_search"] = s.search_mode
+        if torch.device(s.device).type == "cuda" and not s.compile:
+            # eager rows pay every kernel's launch: time the candidates as they run (CUDA-graph replay,
+            # the default on CUDA, leaves the launches out, as torch.compile does)
+            kw["rank_search_exec"] = "eager"
         if budget:      # the whole-model plan, spending the parameters that ratio= gives the layers
             kw["rank_budget"] = s.ratio
         if s.search_budget_s is not None:
@@ -505,6 +513,9 @@ def _lrd_variant(gm, compile_s: float, freeze: bool = False) -> Variant:
     """A Variant around an lrd_fx-compiled model (its plan, layer counts and search notes)."""
     v = Variant("", module=gm, compile_s=compile_s, freezer=gm.lrd.freezer)
     v.plan, v.layers, v.notes = _lrd_plan_summary(gm)
+    wm = gm.lrd.whole_model or {}
+    if wm.get("speedup"):      # compile's own whole-model check: its prediction of this row's speed-up
+        v.notes.append(f"whole-model check {wm['speedup']:.2f}x ({wm['mode']}, {wm['exec_form']})")
     if freeze and v.freezer is None:
         raise RuntimeError("lrd_fx.compile(..., freeze='sequential') returned a model without a freezer")
     return v

@@ -365,3 +365,25 @@ def test_search_stability_lists_the_layers_that_differ_between_runs(tmp_path, ca
     saved = json.loads((tmp_path / "stab.json").read_text())
     assert len(saved["runs"]) == 2 and all(r["plan"] for r in saved["runs"])
     assert saved["differing"] == st.differing([r["plan"] for r in saved["runs"]])
+
+
+@pytest.mark.parametrize("amp", [None, "bf16"])
+def test_searched_rows_time_in_the_rows_precision(amp):
+    """The harness compiles outside autocast, so --amp must reach lrd_fx.compile as amp=: else the search
+    times fp32 candidates for rows that run in bf16 (and CUDA estimates are not aligned for it)."""
+    model, x = harness.tiny_cnn().eval(), torch.randn(2, 3, 16, 16)
+    with use_cost_fn(_fake_cost):
+        v = harness.build_variant("lrd+search", model, x, _tiny_settings(amp=amp), {})
+    assert v.error is None, v.error
+    assert v.module.lrd.setting.amp == amp
+
+
+def test_eager_cuda_rows_search_eagerly_compiled_rows_with_graphs():
+    """Eager rows on CUDA pay each kernel's launch, so their search times eagerly; --compile rows keep the
+    default execution form (CUDA-graph replay on CUDA); CPU rows keep the default (eager)."""
+    kw = harness._lrd_kwargs(harness.Settings(device="cuda", amp="bf16"), search=True)
+    assert kw["rank_search_exec"] == "eager" and kw["amp"] == "bf16"
+    assert "rank_search_exec" not in harness._lrd_kwargs(harness.Settings(device="cuda", compile=True), search=True)
+    assert "rank_search_exec" not in harness._lrd_kwargs(harness.Settings(device="cpu"), search=True)
+    assert "rank_search_exec" not in harness._lrd_kwargs(harness.Settings(device="cuda"))
+    assert "amp" not in harness._lrd_kwargs(harness.Settings(device="cuda"))
