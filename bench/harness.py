@@ -516,6 +516,10 @@ def _lrd_variant(gm, compile_s: float, freeze: bool = False) -> Variant:
     wm = gm.lrd.whole_model or {}
     if wm.get("speedup"):      # compile's own whole-model check: its prediction of this row's speed-up
         v.notes.append(f"whole-model check {wm['speedup']:.2f}x ({wm['mode']}, {wm['exec_form']})")
+    g = getattr(gm.lrd, "guard", None)
+    if g:                      # the whole-model guard gave layers back
+        after = f"{g['after']:.2f}x" if g.get("after") else "all given back"
+        v.notes.append(f"guard: {g['before']:.2f}x -> {after}, {len(g['reverted'])} of {g['of']} layers given back")
     if freeze and v.freezer is None:
         raise RuntimeError("lrd_fx.compile(..., freeze='sequential') returned a model without a freezer")
     return v

@@ -35,6 +35,7 @@ class LRDInfo:
         self.params_before = ctx.params_before
         self.params_after = sum(p.numel() for p in root.parameters())
         self.whole_model = ctx.whole_model   # whole compiled model vs original, timed (check_speed)
+        self.guard = ctx.guard               # what the whole-model guard gave back (None: nothing)
         self.setting = ctx.setting           # precision / layout / execution form timed in
         self._eager_records = {n: r for n, r in ctx.records.items()}
 
@@ -350,7 +351,7 @@ def unshare(model: nn.Module, original: nn.Module) -> int:
 
 def build_passes(ctx: CompileContext) -> list:
     """The pass list for a config: shape_prop, [calibration_stats], decompose, [allocate], [search_ranks], [calibrate],
-    [materialize], [freeze], [fuse], [check_speed]."""
+    [materialize], [guard], [freeze], [fuse], [check_speed]."""
     from .passes.decompose import decompose
     from .passes.shape_prop import shape_prop
     calibrated = ctx.calibration is not None
@@ -370,6 +371,9 @@ def build_passes(ctx: CompileContext) -> list:
     from .passes.materialize import defers, materialize
     if defers(ctx):   # decompose left chains pending: factorize what the passes above did not fill
         passes.append(materialize(ctx))
+    from .passes.guard import guard, wants_guard
+    if wants_guard(ctx.config) and ctx.example_inputs is not None and not ctx.empty_init:
+        passes.append(guard(ctx))   # before gates and fusion: they apply to the layers it keeps
     if ctx.config.freeze is not None:
         from .passes.freeze import freeze
         passes.append(freeze(ctx))
@@ -432,7 +436,9 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
     inputs = _as_tuple(example_inputs, model)
     if cfg.rank_search is not None and inputs is None:
         raise ConfigError("rank_search needs example_inputs: the layers are timed at their real input shapes")
-    if inputs is not None and (cfg.rank_search is not None or cfg.whole_model_check):
+    if cfg.whole_model_guard and inputs is None:
+        raise ConfigError("whole_model_guard=True needs example_inputs: the whole model is timed on them")
+    if inputs is not None and (cfg.rank_search is not None or cfg.whole_model_check or cfg.whole_model_guard):
         _check_not_empty(inputs)      # both time the model on these inputs
     _check_model(model, cfg, inputs)
     device, dtype = _model_device_dtype(model)

@@ -214,6 +214,7 @@ class Config:
     rank_search: Optional[RankSearch] = None   # on-device rank search; shorthand rank_search="infer"/"train"
     timing: Timing = field(default_factory=Timing)   # how the search and the whole-model check time things
     whole_model_check: Optional[bool] = None   # time the whole compiled model vs the original; None: when rank_search is on
+    whole_model_guard: Optional[bool] = None   # give layers back while the whole model is slower than the original; None: when rank_search is on
     freeze: Optional[Freeze] = None        # freezing gates; shorthand freeze="sequential"/"static"/Schedule/callable
     fuse_inference: bool = False           # eval-only model: fold BatchNorm, merge adjacent linear maps, drop no-ops
     calibrate: Calibration = field(default_factory=Calibration)   # options of compile(..., calibration=batches)
@@ -300,6 +301,7 @@ class Config:
                 raise ConfigError(f"{name}={v!r} must be{off} an lrd_fx.{cls.__name__}{short}")
             v.validate()
         _choice("whole_model_check", self.whole_model_check, (None, True, False))
+        _choice("whole_model_guard", self.whole_model_guard, (None, True, False))
         if self.fuse_inference and self.freeze is not None:
             raise ConfigError("fuse_inference=True gives an inference-only model, freeze= is for training: pass "
                               "one of them (train with freeze=..., then lrd_fx.fuse(model) for inference)")

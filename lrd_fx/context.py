@@ -35,7 +35,9 @@ class CompileContext:
     calibration: Optional[list] = None                  # calibration batches. W: api.compile. R: calibrate passes, api.build_passes, materialize.defers
     calibration_stats: Optional[dict] = None            # {layer: InputStats}. W: calibration_stats pass. R: calibrate, decompose, search_ranks
     calibration_whitened: dict = field(default_factory=dict)   # memo of whitened weights. W/R: calibrate
-    whole_model: Optional[dict] = None                  # whole model vs original, timed. W: check_speed. R: LRDInfo
+    whole_model: Optional[dict] = None                  # whole model vs original, timed. W: check_speed, guard. R: LRDInfo
+    whole_model_done: bool = False                      # guard timed the final model: check_speed does not. W: guard. R: check_speed
+    guard: Optional[dict] = None                        # what the whole-model guard gave back. W: guard. R: LRDInfo
     params_before: int = 0                              # W: api._run. R: LRDInfo
     flops_before: Optional[int] = 0                     # None: the FLOP counter failed. W: api._run. R: LRDInfo
     flops_after: Optional[int] = 0                      # W: api._run. R: LRDInfo

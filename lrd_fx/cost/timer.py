@@ -265,7 +265,7 @@ def setting_of(ctx) -> Setting:
     cfg = ctx.config
     # nothing is timed without a search or a whole-model check: then only the alignment is used, and
     # options that fit another device (a config saved on a GPU machine) are not errors
-    timed = cfg.rank_search is not None or cfg.whole_model_check is True
+    timed = cfg.rank_search is not None or cfg.whole_model_check is True or cfg.whole_model_guard is True
     amp = resolve_amp(cfg.timing.amp, ctx.autocast)
     if timed and amp is not None and ctx.dtype in _HALF and AMP_DTYPES[amp] != ctx.dtype:
         raise ConfigError(f"amp={amp!r} but the model's weights are {ctx.dtype}: autocast would time a "

@@ -1,0 +1,157 @@
+"""guard: a decomposed model that is slower than the original as a whole gives layers back.
+
+Per-layer timings do not always add up (extra kernels, launches and activation traffic between the
+factors). After the factors are made, the whole model is timed against the original on the example
+inputs, as the whole-model check does (same precision, memory format, execution form and mode). When
+it is slower, the factorized layers with the least measured gain go back to their original layer, a
+quarter at a time (those never timed first), and the model is timed again, until it is at least as
+fast as the original; when no step gets there every layer goes back, and the report says so plainly.
+On by default whenever the rank search is (whole_model_guard=None); whole_model_guard=False only
+reports, like the check. Runs before freeze and fuse, so gates and fusion apply to the layers kept.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+from .. import dist
+from ..context import CompileContext
+from ..cost.timer import current_cost_fn, current_fake_clock
+from ..errors import ConfigError
+from ..pipeline import PassResult
+from ..plan import REVERTED
+from .check_speed import _measure
+from .search_ranks import _revert_nodes
+
+STEPS = (0.25, 0.5, 0.75)       # cumulative fractions of the factorized layers reverted before all of them
+
+
+def wants_guard(cfg) -> bool:
+    """Config.whole_model_guard; None (default): on whenever the rank search is."""
+    on = cfg.whole_model_guard
+    return bool(on) if on is not None else cfg.rank_search is not None and cfg.whole_model_check is not False
+
+
+def revert_order(records: dict) -> list[str]:
+    """Factorized layers, the first to give back first: layers whose speed was never measured (the search
+    stopped before them, or no search ran), least FLOP saving first; then measured layers, least measured
+    gain (chosen time / original time, largest first)."""
+    unmeasured, measured = [], []
+    for name, rec in records.items():
+        if not rec.factorized:
+            continue
+        if rec.time_original_s and rec.time_chosen_s:
+            measured.append((-(rec.time_chosen_s / rec.time_original_s), name))
+        else:
+            saving = rec.flops_after / rec.flops_before if rec.flops_before else 1.0
+            unmeasured.append((-saving, name))
+    return [n for _, n in sorted(unmeasured)] + [n for _, n in sorted(measured)]
+
+
+def step_counts(n: int) -> list[int]:
+    """How many layers are given back at each step: a quarter, half, three quarters, then all."""
+    return sorted({min(n, max(1, math.ceil(n * f))) for f in STEPS} | {n}) if n else []
+
+
+def revert_layer(gm, ctx: CompileContext, name: str, reason: str) -> None:
+    """Put `name`'s original layer back in place of its factors (graph nodes and module) and say why."""
+    rec = ctx.records[name]
+    current = gm.get_submodule(name)
+    layer = copy.deepcopy(ctx.originals[name])
+    layer.train(current.training)
+    _revert_nodes(gm, rec)
+    gm.set_submodule(name, layer)
+    rec.decision = REVERTED
+    rec.ranks = None
+    rec.params_after = rec.params_before
+    rec.flops_after = rec.flops_before
+    rec.reason = reason
+
+
+def guard(ctx: CompileContext):
+    """Factory of the guard pass (see the module docstring)."""
+
+    def run(gm):
+        cfg = ctx.config
+        if ctx.example_inputs is None:
+            raise ConfigError("whole_model_guard=True needs example_inputs: the whole model is timed on them")
+        cost_fn = current_cost_fn()
+        if cost_fn is not None and cfg.whole_model_guard is not True and current_fake_clock() is None:
+            return PassResult(gm, False)    # as the check: a cost function times whole models only when asked
+        order = [n for n in revert_order(ctx.records) if n in ctx.originals]
+        if not order:
+            return PassResult(gm, False)
+        names: list = []
+        summary: Optional[dict] = None
+        err = None
+        if dist.rank() == 0:
+            try:
+                names, summary = _search(gm, ctx, order, cost_fn)
+            except Exception as e:   # advice, as the check: the compiled model stands without it
+                err = f"{type(e).__name__}: {e}"
+        box = dist.broadcast_object({"names": names, "summary": summary, "error": err})
+        names, summary, err = box["names"], box["summary"], box["error"]
+        if err is not None:
+            ctx.notes.append(f"whole-model guard failed, nothing was given back: {err[:300]}")
+            return PassResult(gm, False)
+        if dist.rank() != 0:
+            for name in names:
+                revert_layer(gm, ctx, name, summary["reasons"][name])
+        if summary is not None:
+            ctx.guard = summary
+            ctx.notes.append(summary["note"])
+        return PassResult(gm, bool(names))
+
+    run.name = "guard"
+    run.requires = ("decompose",)
+    return run
+
+
+def _search(gm, ctx: CompileContext, order: list, cost_fn) -> tuple[list, Optional[dict]]:
+    first = _measure(gm, ctx, cost_fn)
+    s0 = first.get("speedup")
+    if s0 is None or s0 >= 1.0:
+        if _final(ctx):             # the check need not time the same model again
+            ctx.whole_model, ctx.whole_model_done = first, True
+        return [], None
+    where = f"{first['mode']}, {first['setting']}"
+    reason = f"whole-model guard: the decomposed model was {s0:.2f}x the original ({where}); given back: "
+    done: list = []
+    steps = [(0, s0)]
+    last = first
+    for k in step_counts(len(order)):
+        for name in order[len(done):k]:
+            rec = ctx.records[name]
+            why = ("its measured gain was among the smallest" if rec.time_original_s and rec.time_chosen_s
+                   else "its speed was never measured")
+            revert_layer(gm, ctx, name, reason + why)
+            done.append(name)
+        if k == len(order):
+            last = None                 # every layer given back: the original's layers, nothing to time
+            break
+        last = _measure(gm, ctx, cost_fn)
+        steps.append((k, last.get("speedup")))
+        if last.get("speedup") is not None and last["speedup"] >= 1.0:
+            break
+    n = len(order)
+    end = steps[-1][1] if last is not None else None
+    shown = ", ".join(done[:6]) + (f", … ({len(done) - 6} more)" if len(done) > 6 else "")
+    if last is None:
+        note = (f"whole-model guard: the decomposed model was {s0:.2f}x the original ({where}) and stayed slower "
+                f"with {', '.join(str(k) for k, _ in steps[1:]) or 'no'} of its {n} factorized layers given back: "
+                f"all {n} were given back, the model keeps the original layers (whole_model_guard=False keeps "
+                f"the factors)")
+    else:
+        note = (f"whole-model guard: the decomposed model was {s0:.2f}x the original ({where}); {len(done)} of "
+                f"{n} factorized layers given back ({shown}), now {end:.2f}x")
+    if _final(ctx):
+        ctx.whole_model, ctx.whole_model_done = last, True
+    return done, {"before": s0, "after": end, "steps": steps, "reverted": done, "of": n, "note": note,
+                  "reasons": {name: ctx.records[name].reason for name in done}}
+
+
+def _final(ctx: CompileContext) -> bool:
+    """Whether the guard's model is the compiled model (no gates or fusion follow): then its last
+    timing is the whole-model check's, and check_speed does not time the same model again."""
+    return ctx.config.freeze is None and not ctx.config.fuse_inference
