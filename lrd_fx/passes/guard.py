@@ -5,7 +5,9 @@ factors). After the factors are made, the whole model is timed against the origi
 inputs, as the whole-model check does (same precision, memory format, execution form and mode). When
 it is slower, the factorized layers with the least measured gain go back to their original layer, a
 quarter at a time (those never timed first), and the model is timed again, until it is at least as
-fast as the original; when no step gets there every layer goes back, and the report says so plainly.
+fast as the original. The steps are tried on a copy: when no step gets there, every layer goes back if
+that is measurably faster than keeping them all (by NO_HELP), else every factor stays (the time is lost
+outside the factorized layers, e.g. in the traced graph's own Python overhead); the report says which.
 On by default whenever the rank search is (whole_model_guard=None); whole_model_guard=False only
 reports, like the check. Runs before freeze and fuse, so gates and fusion apply to the layers kept.
 """
@@ -19,12 +21,13 @@ from .. import dist
 from ..context import CompileContext
 from ..cost.timer import current_cost_fn, current_fake_clock
 from ..errors import ConfigError
-from ..pipeline import PassResult
+from ..pipeline import PassResult, graph_modules
 from ..plan import REVERTED
 from .check_speed import _measure
 from .search_ranks import _revert_nodes
 
 STEPS = (0.25, 0.5, 0.75)       # cumulative fractions of the factorized layers reverted before all of them
+NO_HELP = 0.02                  # giving layers back helps only when some step gains more than this speed-up
 
 
 def wants_guard(cfg) -> bool:
@@ -54,14 +57,22 @@ def step_counts(n: int) -> list[int]:
     return sorted({min(n, max(1, math.ceil(n * f))) for f in STEPS} | {n}) if n else []
 
 
-def revert_layer(gm, ctx: CompileContext, name: str, reason: str) -> None:
-    """Put `name`'s original layer back in place of its factors (graph nodes and module) and say why."""
+def _give_back(gm, ctx: CompileContext, name: str) -> None:
+    """Put `name`'s original layer back in place of its factors in `gm` (graph nodes and module)."""
     rec = ctx.records[name]
     current = gm.get_submodule(name)
     layer = copy.deepcopy(ctx.originals[name])
     layer.train(current.training)
     _revert_nodes(gm, rec)
     gm.set_submodule(name, layer)
+    for _, part in graph_modules(gm):
+        part.recompile()
+
+
+def revert_layer(gm, ctx: CompileContext, name: str, reason: str) -> None:
+    """Give `name`'s original layer back in `gm` and record it as reverted, saying why."""
+    _give_back(gm, ctx, name)
+    rec = ctx.records[name]
     rec.decision = REVERTED
     rec.ranks = None
     rec.params_after = rec.params_before
@@ -116,32 +127,44 @@ def _search(gm, ctx: CompileContext, order: list, cost_fn) -> tuple[list, Option
             ctx.whole_model, ctx.whole_model_done = first, True
         return [], None
     where = f"{first['mode']}, {first['setting']}"
-    reason = f"whole-model guard: the decomposed model was {s0:.2f}x the original ({where}); given back: "
-    done: list = []
-    steps = [(0, s0)]
-    last = first
-    for k in step_counts(len(order)):
-        for name in order[len(done):k]:
-            rec = ctx.records[name]
-            why = ("its measured gain was among the smallest" if rec.time_original_s and rec.time_chosen_s
-                   else "its speed was never measured")
-            revert_layer(gm, ctx, name, reason + why)
-            done.append(name)
-        if k == len(order):
-            last = None                 # every layer given back: the original's layers, nothing to time
-            break
-        last = _measure(gm, ctx, cost_fn)
-        steps.append((k, last.get("speedup")))
-        if last.get("speedup") is not None and last["speedup"] >= 1.0:
-            break
     n = len(order)
-    end = steps[-1][1] if last is not None else None
+    # the steps are tried on a copy: when giving layers back does not help, the factors stay
+    work = copy.deepcopy(gm)
+    steps, timed = [(0, s0)], {0: first}
+    k_final = None
+    for k in step_counts(n):
+        for name in order[steps[-1][0]:k]:
+            _give_back(work, ctx, name)
+        timed[k] = _measure(work, ctx, cost_fn)
+        steps.append((k, timed[k].get("speedup")))
+        if steps[-1][1] is not None and steps[-1][1] >= 1.0:
+            k_final = k
+            break
+    del work
+    tried = ", ".join(f"{k}: {sp:.2f}x" for k, sp in steps[1:] if sp is not None)
+    s_all = timed[n].get("speedup") if n in timed else None
+    if k_final is None and (s_all is None or s_all < s0 + NO_HELP):
+        note = (f"whole-model guard: the decomposed model is {s0:.2f}x the original ({where}), and giving layers "
+                f"back did not help (layers given back of {n}: {tried}): the time is lost outside the factorized "
+                f"layers (e.g. the traced graph's own overhead), so the factors stay")
+        if _final(ctx):
+            ctx.whole_model, ctx.whole_model_done = first, True
+        return [], {"before": s0, "after": s0, "steps": steps, "reverted": [], "of": n, "note": note, "reasons": {}}
+    k = n if k_final is None else k_final
+    done = order[:k]
+    reason = f"whole-model guard: the decomposed model was {s0:.2f}x the original ({where}); given back: "
+    for name in done:
+        rec = ctx.records[name]
+        why = ("its measured gain was among the smallest" if rec.time_original_s and rec.time_chosen_s
+               else "its speed was never measured")
+        revert_layer(gm, ctx, name, reason + why)
+    last = timed.get(k)
+    end = last.get("speedup") if last is not None else None
     shown = ", ".join(done[:6]) + (f", … ({len(done) - 6} more)" if len(done) > 6 else "")
-    if last is None:
-        note = (f"whole-model guard: the decomposed model was {s0:.2f}x the original ({where}) and stayed slower "
-                f"with {', '.join(str(k) for k, _ in steps[1:]) or 'no'} of its {n} factorized layers given back: "
-                f"all {n} were given back, the model keeps the original layers (whole_model_guard=False keeps "
-                f"the factors)")
+    if k == n:
+        note = (f"whole-model guard: the decomposed model was {s0:.2f}x the original ({where}); giving back part "
+                f"of its layers was not enough (of {n}: {tried}), so all {n} were given back: the model keeps the "
+                f"original layers, now {end:.2f}x (whole_model_guard=False keeps the factors)")
     else:
         note = (f"whole-model guard: the decomposed model was {s0:.2f}x the original ({where}); {len(done)} of "
                 f"{n} factorized layers given back ({shown}), now {end:.2f}x")
