@@ -57,16 +57,20 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_sequential_freezing(tmp_path):
-    ctx = mp.spawn(_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 240
+def spawn_two(worker, tmp_path, what: str = "DDP workers", timeout_s: float = 240):
+    """Run worker(rank, 2, init_file, out_dir) in 2 gloo processes; return what each saved to rank<r>.pt."""
+    ctx = mp.spawn(worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("DDP workers hung (no result after 240 s)")
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+            pytest.fail(f"{what} hung (no result after {timeout_s:.0f} s)")
+    return torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+
+
+def test_ddp_two_processes_sequential_freezing(tmp_path):
+    r0, r1 = spawn_two(_worker, tmp_path)
     # every frozen factor had no gradient and did not move, in every epoch, on both processes
     for rep in (r0["frozen"], r1["frozen"]):
         assert {e for e, *_ in rep} == set(range(EPOCHS))

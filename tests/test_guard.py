@@ -188,17 +188,8 @@ def _guard_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_every_process_gives_back_the_same_layers(tmp_path):
     """Under torch.distributed process 0 times and decides; the others give back the layers it names."""
-    import time
-
-    import torch.multiprocessing as mp
-    ctx = mp.spawn(_guard_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("guard workers hung (no result after 240 s)")
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    from tests.test_ddp import spawn_two
+    r0, r1 = spawn_two(_guard_worker, tmp_path, "guard workers")
     assert r0 == r1 and r0["chains"] == [] and set(r0["plan"].values()) == {"reverted"}
     assert all("whole-model guard" in why for why in r0["reasons"].values())
 
