@@ -210,3 +210,6 @@ def test_all_go_back_when_that_is_measurably_faster_even_below_the_original():
     gm = _compile(WholeClock(lambda names: 10.5 + len(names)))
     assert not chains_in(gm) and gm.lrd.guard["after"] == pytest.approx(10 / 10.5)
     assert "all 4 were given back: the model keeps the original layers, now 0.95x" in " ".join(gm.lrd.notes)
+    rep = gm.lrd.report()
+    assert "gave every factorized layer back, and what remains is the traced graph's own overhead" in rep
+    assert "per-layer gains did not add up" not in rep

@@ -145,7 +145,12 @@ def describe(wm: Optional[dict]) -> list[str]:
         if wm.get("rounds", 0) > 1:
             line += f" (paired median of {wm['rounds']} rounds, IQR {wm['speedup_iqr']:.2f})"
     lines = [line]
-    if not wm.get("faster"):
+    if not wm.get("faster") and wm.get("all_given_back"):
+        lines.append(f"the compiled model is NOT faster than the original here"
+                     + (f" ({sp:.2f}x)" if sp is not None else "")
+                     + ": the whole-model guard gave every factorized layer back, and what remains is the traced "
+                     "graph's own overhead; keep the original model")
+    elif not wm.get("faster"):
         lines.append(f"the decomposed model is NOT faster than the original here"
                      + (f" ({sp:.2f}x)" if sp is not None else "")
                      + ": the per-layer gains did not add up for the whole model; search in the mode and "

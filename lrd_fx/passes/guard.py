@@ -159,6 +159,8 @@ def _search(gm, ctx: CompileContext, order: list, cost_fn) -> tuple[list, Option
                else "its speed was never measured")
         revert_layer(gm, ctx, name, reason + why)
     last = timed.get(k)
+    if k == n and last is not None:
+        last = dict(last, all_given_back=True)      # the report then says what the remaining gap is
     end = last.get("speedup") if last is not None else None
     shown = ", ".join(done[:6]) + (f", … ({len(done) - 6} more)" if len(done) > 6 else "")
     if k == n:
