@@ -45,9 +45,9 @@ def timings(monkeypatch):
     seen = []
 
     def counted(measure):
-        def wrapper(gm, ctx, cost_fn):
+        def wrapper(gm, ctx, cost_fn, **kw):
             seen.append(chains_in(gm))
-            return measure(gm, ctx, cost_fn)
+            return measure(gm, ctx, cost_fn, **kw)
         return wrapper
     monkeypatch.setattr(guard, "_measure", counted(guard._measure))
     monkeypatch.setattr(check_speed, "_measure", counted(check_speed._measure))

@@ -67,13 +67,18 @@ def _mode(cfg) -> str:
     return cfg.rank_search.mode if cfg.rank_search is not None else "infer"
 
 
-def _measure(gm: nn.Module, ctx: CompileContext, cost_fn) -> dict:
+def _measure(gm: nn.Module, ctx: CompileContext, cost_fn, *, private: Optional[dict] = None) -> dict:
+    """Time `gm` against the original. Both are deep-copied (timing in "train" mode moves BatchNorm
+    statistics), unless `private` is given: {"original": a copy of ctx.model the caller keeps for its
+    timings, "lrd": True when gm itself is a throw-away copy}."""
     cfg = ctx.config
     dev = ctx.device
     mode = _mode(cfg)
     setting = setting_of(ctx)
     inputs = tuple(ctx.example_inputs)
-    models = {"original": copy.deepcopy(ctx.model), "lrd": copy.deepcopy(gm)}
+    private = private or {}
+    models = {"original": private.get("original") or copy.deepcopy(ctx.model),
+              "lrd": gm if private.get("lrd") else copy.deepcopy(gm)}
     note = None
     if cost_fn is not None and current_fake_clock() is None:
         shape = tuple(inputs[0].shape) if isinstance(inputs[0], torch.Tensor) else ()

@@ -130,17 +130,18 @@ def _search(gm, ctx: CompileContext, order: list, cost_fn) -> tuple[list, Option
     n = len(order)
     # the steps are tried on a copy: when giving layers back does not help, the factors stay
     work = copy.deepcopy(gm)
+    private = {"original": copy.deepcopy(ctx.model), "lrd": True}   # one copy of each for every step
     steps, timed = [(0, s0)], {0: first}
     k_final = None
     for k in step_counts(n):
         for name in order[steps[-1][0]:k]:
             _give_back(work, ctx, name)
-        timed[k] = _measure(work, ctx, cost_fn)
+        timed[k] = _measure(work, ctx, cost_fn, private=private)
         steps.append((k, timed[k].get("speedup")))
         if steps[-1][1] is not None and steps[-1][1] >= 1.0:
             k_final = k
             break
-    del work
+    del work, private
     tried = ", ".join(f"{k}: {sp:.2f}x" for k, sp in steps[1:] if sp is not None)
     s_all = timed[n].get("speedup") if n in timed else None
     if k_final is None and (s_all is None or s_all < s0 + NO_HELP):
