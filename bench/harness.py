@@ -7,6 +7,8 @@
 
 Variants (rows per model):
   original              the model as created (random init)
+  traced                lrd_fx.compile with no layer factorized (decompose_conv=decompose_linear=False): the
+                        traced graph alone, so its own overhead is told apart from the factors'
   lrd                   lrd_fx.compile(model, (x,), ratio=R): ranks from the ratio estimate
   lrd+search            + rank_search="infer" (--search-mode): ranks timed on this device, reverts kept
   lrd+search+budget     + rank_budget=R: the whole-model plan, every layer's rank (or the original layer)
@@ -73,7 +75,7 @@ from bench import peers  # noqa: E402
 
 FORMAT = "lrd_fx-bench/1"
 # the default rows, in the order they are built and printed (a variant may reuse one built before it)
-VARIANTS = ("original", "lrd", "lrd+search", "lrd+search+budget", "lrd+round8", "lrd+search+seqfreeze", "lrd+fuse", "tltorch", "composer")
+VARIANTS = ("original", "traced", "lrd", "lrd+search", "lrd+search+budget", "lrd+round8", "lrd+search+seqfreeze", "lrd+fuse", "tltorch", "composer")
 DEFAULT_MODELS = ("resnet18", "resnet50", "vit_small_patch16_224", "convnext_tiny")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -546,6 +548,14 @@ def _peer_variant(res, compile_s: float, candidates: int) -> Variant:
 @register_variant("original")
 def _build_original(model, x, s, built) -> Variant:
     return Variant("original", module=model, compile_s=0.0)
+
+
+@register_variant("traced")
+def _build_traced(model, x, s, built) -> Variant:
+    gm, t = _timed(lrd_fx.compile, model, (x,), decompose_conv=False, decompose_linear=False, progress=False)
+    v = _lrd_variant(gm, t)
+    v.notes.append("no layer factorized: the traced graph alone")
+    return v
 
 
 @register_variant("lrd")

@@ -29,7 +29,7 @@ deadline=${DEADLINE_S:-540}
 mkdir -p "$out"
 start=$(date +%s)
 log="$out/gpu-run.log"
-lrd="original,lrd,lrd+search,lrd+search+budget,lrd+round8,lrd+search+seqfreeze,lrd+fuse"
+lrd="original,traced,lrd,lrd+search,lrd+search+budget,lrd+round8,lrd+search+seqfreeze,lrd+fuse"
 
 if [[ -n "${DRY:-}" ]]; then
     device=(--device cpu --size 32 --rounds 2 --warmup 0 --search-budget 5 --search-repeats 3 --threads 2)

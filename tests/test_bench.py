@@ -143,6 +143,10 @@ def test_every_variant_in_the_table_builds_on_its_own(name):
     assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())
     if name == "original":
         assert v.module is model and v.layers == (0, 0)
+    elif name == "traced":        # the graph alone: nothing factorized, every parameter kept
+        assert v.module is not model and v.layers[0] == 0 and isinstance(v.module, torch.fx.GraphModule)
+        assert sum(p.numel() for p in v.module.parameters()) == sum(p.numel() for p in model.parameters())
+        torch.testing.assert_close(v.module.eval()(x), model(x))
     else:
         assert v.module is not model and 0 < v.layers[0] <= v.layers[1]
         assert sum(p.numel() for p in v.module.parameters()) < sum(p.numel() for p in model.parameters())
