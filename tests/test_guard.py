@@ -213,3 +213,14 @@ def test_all_go_back_when_that_is_measurably_faster_even_below_the_original():
     rep = gm.lrd.report()
     assert "gave every factorized layer back, and what remains is the traced graph's own overhead" in rep
     assert "per-layer gains did not add up" not in rep
+
+
+def test_the_whole_model_plan_keeps_its_parameter_budget_unless_the_guard_is_asked_for():
+    """rank_budget= asks for a parameter budget that layers given back would break: the guard is off by
+    default there (the check still says the model is not faster), and whole_model_guard=True turns it on."""
+    slow = WholeClock(lambda names: 10 + len(names))
+    planned = _compile(slow, rank_budget=0.5)
+    assert chains_in(planned) and planned.lrd.guard is None
+    assert "NOT faster than the original" in planned.lrd.report()
+    asked = _compile(WholeClock(lambda names: 10 + len(names)), rank_budget=0.5, whole_model_guard=True)
+    assert not chains_in(asked) and asked.lrd.guard["reverted"]

@@ -8,8 +8,9 @@ quarter at a time (those never timed first), and the model is timed again, until
 fast as the original. The steps are tried on a copy: when no step gets there, every layer goes back if
 that is measurably faster than keeping them all (by NO_HELP), else every factor stays (the time is lost
 outside the factorized layers, e.g. in the traced graph's own Python overhead); the report says which.
-On by default whenever the rank search is (whole_model_guard=None); whole_model_guard=False only
-reports, like the check. Runs before freeze and fuse, so gates and fusion apply to the layers kept.
+On by default whenever the rank search is (whole_model_guard=None), except with rank_budget= (giving
+layers back would break the parameter budget); whole_model_guard=False only reports, like the check.
+Runs before freeze and fuse, so gates and fusion apply to the layers kept.
 """
 from __future__ import annotations
 
@@ -31,9 +32,13 @@ NO_HELP = 0.02                  # giving layers back helps only when some step g
 
 
 def wants_guard(cfg) -> bool:
-    """Config.whole_model_guard; None (default): on whenever the rank search is."""
+    """Config.whole_model_guard; None (default): on whenever the rank search is, except for the
+    whole-model plan (rank_budget=: layers given back would break the parameter budget asked for)."""
     on = cfg.whole_model_guard
-    return bool(on) if on is not None else cfg.rank_search is not None and cfg.whole_model_check is not False
+    if on is not None:
+        return bool(on)
+    rs = cfg.rank_search
+    return rs is not None and rs.param_budget is None and cfg.whole_model_check is not False
 
 
 def revert_order(records: dict) -> list[str]:
