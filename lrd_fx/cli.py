@@ -39,6 +39,8 @@ def cmd_compile(args) -> int:
         val = getattr(args, key)
         if val is not None:
             overrides[key] = val
+    if args.no_guard:
+        overrides["whole_model_guard"] = False
     gm = lrd_fx.compile(model, (x,), **overrides)
     print(f"{args.model}, input {'x'.join(map(str, shape))}")
     print(gm.lrd.report(all_layers=not args.factorized_only))
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="k x k convs: tucker2 (1x1 -> kxk -> 1x1) or conv_svd (kxk -> 1x1); svd is an alias of conv_svd")
     c.add_argument("--input", type=_shape, default=None, help="example input shape NxCxHxW (default: model's)")
     c.add_argument("--rank-search", default=None, choices=["infer", "train"], help="time candidate ranks")
+    c.add_argument("--no-guard", action="store_true",
+                   help="keep every factor even when the whole model is slower (whole_model_guard=False)")
     c.add_argument("--freeze", default=None, choices=["sequential", "static"], help="insert freezing gates")
     c.add_argument("--freeze-period", type=int, default=None, help="epochs per phase of --freeze sequential")
     c.add_argument("--freeze-group", default=None, choices=["core", "outer", "first", "last"],

@@ -81,3 +81,23 @@ def test_cache_info_on_odd_paths_changes_nothing(tmp_path, capsys):
     assert "entries: 0" in capsys.readouterr().out and not (tmp_path / "new").exists()
     assert main(["cache", "clear", "--path", str(missing)]) == 0
     assert "0 entries removed" in capsys.readouterr().out and not (tmp_path / "new").exists()
+
+
+def test_no_guard_keeps_the_factors(capsys):
+    """--rank-search runs the whole-model guard, which gives layers back when the whole model is slower;
+    --no-guard keeps every factor and the report says the model is not faster."""
+    from lrd_fx.cost.timer import use_fake_clock
+    from lrd_fx.factorize import FactorChain
+
+    def clock(info):     # every factor looks faster alone, but each one slows the whole model by 10%
+        if info.label == "lrd":
+            return 1e-3 * (1 + 0.1 * sum(isinstance(m, FactorChain) for m in info.module.modules()))
+        return 1e-4 if isinstance(info.module, FactorChain) else 1e-3
+    argv = ["compile", "resnet18", "--input", "1x3x32x32", "--rank-search", "infer"]
+    with use_fake_clock(clock):
+        assert main(argv + ["--no-guard"]) == 0
+        kept = capsys.readouterr().out
+        assert main(argv) == 0
+        guarded = capsys.readouterr().out
+    assert "NOT faster than the original" in kept and "whole-model guard" not in kept
+    assert "whole-model guard: the decomposed model was 0.33x" in guarded and "all 20 were given back" in guarded
