@@ -176,12 +176,17 @@ def _guard_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                              timeout=datetime.timedelta(seconds=60))
     try:
-        with use_cost_fn(_slower_with_chains):
-            gm = lrd_fx.compile(convs(4), (X,), rank=20, rank_search="infer", progress=False,
-                                whole_model_guard=True, freeze="sequential")
-        torch.save({"chains": sorted(chains_in(gm)), "plan": {n: p["decision"] for n, p in gm.lrd.plan.items()},
-                    "reasons": {n: p["reason"] for n, p in gm.lrd.plan.items()}},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        out = {}
+        # without gates the check reuses the guard's timing: every process must skip it together, or the
+        # others would wait for process 0's broadcast forever
+        for freeze in ("sequential", None):
+            with use_cost_fn(_slower_with_chains):
+                gm = lrd_fx.compile(convs(4), (X,), rank=20, rank_search="infer", progress=False,
+                                    whole_model_guard=True, whole_model_check=True, freeze=freeze)
+            out[freeze] = {"chains": sorted(chains_in(gm)), "plan": {n: p["decision"] for n, p in gm.lrd.plan.items()},
+                           "reasons": {n: p["reason"] for n, p in gm.lrd.plan.items()},
+                           "whole_model": gm.lrd.whole_model}
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         tdist.destroy_process_group()
 
@@ -190,8 +195,11 @@ def test_every_process_gives_back_the_same_layers(tmp_path):
     """Under torch.distributed process 0 times and decides; the others give back the layers it names."""
     from tests.test_ddp import spawn_two
     r0, r1 = spawn_two(_guard_worker, tmp_path, "guard workers")
-    assert r0 == r1 and r0["chains"] == [] and set(r0["plan"].values()) == {"reverted"}
-    assert all("whole-model guard" in why for why in r0["reasons"].values())
+    assert r0 == r1
+    for run in r0.values():
+        assert run["chains"] == [] and set(run["plan"].values()) == {"reverted"}
+        assert all("whole-model guard" in why for why in run["reasons"].values())
+    assert r0[None]["whole_model"]["speedup"] == pytest.approx(1.0)     # the guard's last timing, on both
 
 
 def test_when_giving_back_does_not_help_the_factors_stay(timings):

@@ -106,8 +106,11 @@ def guard(ctx: CompileContext):
                 names, summary = _search(gm, ctx, order, cost_fn)
             except Exception as e:   # advice, as the check: the compiled model stands without it
                 err = f"{type(e).__name__}: {e}"
-        box = dist.broadcast_object({"names": names, "summary": summary, "error": err})
+        box = dist.broadcast_object({"names": names, "summary": summary, "error": err,
+                                     "whole_model": ctx.whole_model, "done": ctx.whole_model_done})
         names, summary, err = box["names"], box["summary"], box["error"]
+        # every process skips the check together (it broadcasts from process 0) and reports the same timing
+        ctx.whole_model, ctx.whole_model_done = box["whole_model"], box["done"]
         if err is not None:
             ctx.notes.append(f"whole-model guard failed, nothing was given back: {err[:300]}")
             return PassResult(gm, False)
@@ -172,10 +175,11 @@ def _search(gm, ctx: CompileContext, order: list, cost_fn) -> tuple[list, Option
     if k == n:
         note = (f"whole-model guard: the decomposed model was {s0:.2f}x the original ({where}); giving back part "
                 f"of its layers was not enough (of {n}: {tried}), so all {n} were given back: the model keeps the "
-                f"original layers, now {end:.2f}x (whole_model_guard=False keeps the factors)")
+                f"original layers{f', now {end:.2f}x' if end is not None else ''} (whole_model_guard=False keeps "
+                f"the factors)")
     else:
         note = (f"whole-model guard: the decomposed model was {s0:.2f}x the original ({where}); {len(done)} of "
-                f"{n} factorized layers given back ({shown}), now {end:.2f}x")
+                f"{n} factorized layers given back ({shown}), now {end:.2f}x")     # k < n: end >= 1.0, measured
     if _final(ctx):
         ctx.whole_model, ctx.whole_model_done = last, True
     return done, {"before": s0, "after": end, "steps": steps, "reverted": done, "of": n, "note": note,
