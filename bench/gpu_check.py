@@ -1,6 +1,6 @@
 """First command of a GPU lease: does every CUDA path of lrd_fx run on this card and torch?
 
-    python -m bench.gpu_check [--device cuda] [--budget 8]
+    python -m bench.gpu_check [--device cuda] [--budget 8] [--batch 16] [--size 112] [--skip compile,...]
 
 One ResNet-18 (random init, batch 16, 112 px) in bf16 autocast + channels_last goes through each path the
 CPU suite cannot reach: the rank search timed with replayed CUDA graphs and aligned ranks, the
@@ -26,7 +26,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--budget", type=float, default=8.0, help="rank search budget, seconds")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=112, help="input resolution")
+    p.add_argument("--skip", default="", help="comma-separated checks to leave out: search,train,fuse,save,compile")
     args = p.parse_args(argv)
+    skip = {c.strip() for c in args.skip.split(",") if c.strip()}
     import torchvision
 
     dev = torch.device(args.device)
@@ -34,7 +38,7 @@ def main(argv=None) -> int:
           torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", flush=True)
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=100).to(dev).to(memory_format=torch.channels_last)
-    x = torch.randn(16, 3, 112, 112, device=dev).to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=dev).to(memory_format=torch.channels_last)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16)
     failed, state = [], {}
 
@@ -111,11 +115,12 @@ def main(argv=None) -> int:
         assert err < 5e-2, err
         return f"train + infer, eval max rel diff {err:.2e}"
 
-    check("rank search (bf16, channels_last, exec auto)", searched)
-    check("sequential freezing training", train_seqfreeze)
-    check("fuse_inference", fused)
-    check("save/load", save_load)
-    check("torch.compile", compiled)
+    for key, name, fn in (("search", "rank search (bf16, channels_last, exec auto)", searched),
+                          ("train", "sequential freezing training", train_seqfreeze),
+                          ("fuse", "fuse_inference", fused), ("save", "save/load", save_load),
+                          ("compile", "torch.compile", compiled)):
+        if key not in skip:
+            check(name, fn)
     print(f"gpu_check: {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}", flush=True)
     return len(failed)
 

@@ -391,3 +391,13 @@ def test_eager_cuda_rows_search_eagerly_compiled_rows_with_graphs():
     assert "rank_search_exec" not in harness._lrd_kwargs(harness.Settings(device="cpu"), search=True)
     assert "rank_search_exec" not in harness._lrd_kwargs(harness.Settings(device="cuda"))
     assert "amp" not in harness._lrd_kwargs(harness.Settings(device="cuda"))
+
+
+def test_gpu_check_runs_its_checks_on_the_cpu(capsys):
+    """bench.gpu_check is the first command of a GPU lease: on the CPU (small input, torch.compile left
+    out) every check it runs must pass, so it is ready when a GPU is lent."""
+    from bench import gpu_check
+    failed = gpu_check.main(["--device", "cpu", "--budget", "1", "--batch", "2", "--size", "32", "--skip", "compile"])
+    out = capsys.readouterr().out
+    assert failed == 0, out[-3000:]
+    assert out.count("OK   ") == 4 and "gpu_check: 0 failed" in out
