@@ -408,7 +408,10 @@ def fuse(model: nn.Module, *, debug: bool = False) -> nn.Module:
         info.freezer = None
     notes = info.notes if isinstance(info, LRDInfo) else None
     pm = PassManager([fuse_pass(None, notes=notes)], instruments=default_instruments(debug, None))
-    return pm.run(work).graph_module
+    fused = pm.run(work).graph_module
+    from .fastcalls import fast_module_calls_
+    fast_module_calls_(fused)
+    return fused
 
 
 def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] = None, calibration=None,
@@ -477,6 +480,8 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None) 
         ctx.flops_after = _flops_after(gm, ctx)
     ctx.originals.clear()
     unshare(gm, ctx.model)     # layers kept as they were get their own weights (copy_model may have shared them)
+    from .fastcalls import fast_module_calls_
+    fast_module_calls_(gm)     # module calls without nn.Module.__getattr__ (after the passes: their dumps stay plain)
     gm.lrd = LRDInfo(gm, ctx)
     return gm
 
