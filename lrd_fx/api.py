@@ -16,7 +16,7 @@ from .context import CompileContext
 from .errors import ConfigError, InputError
 from .flops import count_flops
 from .pipeline import PassManager, PassTimer, default_instruments, graph_modules
-from .plan import DECOMPOSED, SEARCHED, LayerRecord
+from .plan import LayerRecord
 from .trace import trace
 
 
@@ -225,7 +225,7 @@ def _flops_after(gm: nn.Module, ctx: CompileContext) -> Optional[int]:
     a forward pass of the whole model. Counted on the model instead where the records cannot tell: after
     fusion (merged factor layers have no record of their own), or when a factorized layer has no
     recorded shapes."""
-    changed = [r for r in ctx.records.values() if r.decision in (DECOMPOSED, SEARCHED)]
+    changed = [r for r in ctx.records.values() if r.factorized]
     if ctx.config.fuse_inference or any(r.flops_before <= 0 or r.flops_after <= 0 for r in changed):
         return _flops_or_note(gm, ctx, "after compiling")
     return ctx.flops_before + sum(r.flops_after - r.flops_before for r in changed)
