@@ -21,11 +21,9 @@ from typing import Optional
 from .. import dist
 from ..context import CompileContext
 from ..cost.timer import current_cost_fn, current_fake_clock
-from ..errors import ConfigError
 from ..pipeline import PassResult, graph_modules
-from ..plan import REVERTED
 from .check_speed import _measure
-from .search_ranks import _revert_nodes
+from .search_ranks import give_back, revert_layer
 
 STEPS = (0.25, 0.5, 0.75)       # cumulative fractions of the factorized layers reverted before all of them
 NO_HELP = 0.02                  # giving layers back helps only when some step gains more than this speed-up
@@ -62,27 +60,9 @@ def step_counts(n: int) -> list[int]:
     return sorted({min(n, max(1, math.ceil(n * f))) for f in STEPS} | {n}) if n else []
 
 
-def _give_back(gm, ctx: CompileContext, name: str) -> None:
-    """Put `name`'s original layer back in place of its factors in `gm` (graph nodes and module)."""
-    rec = ctx.records[name]
-    current = gm.get_submodule(name)
-    layer = copy.deepcopy(ctx.originals[name])
-    layer.train(current.training)
-    _revert_nodes(gm, rec)
-    gm.set_submodule(name, layer)
+def _recompile(gm) -> None:
     for _, part in graph_modules(gm):
         part.recompile()
-
-
-def revert_layer(gm, ctx: CompileContext, name: str, reason: str) -> None:
-    """Give `name`'s original layer back in `gm` and record it as reverted, saying why."""
-    _give_back(gm, ctx, name)
-    rec = ctx.records[name]
-    rec.decision = REVERTED
-    rec.ranks = None
-    rec.params_after = rec.params_before
-    rec.flops_after = rec.flops_before
-    rec.reason = reason
 
 
 def guard(ctx: CompileContext):
@@ -90,9 +70,7 @@ def guard(ctx: CompileContext):
 
     def run(gm):
         cfg = ctx.config
-        if ctx.example_inputs is None:
-            raise ConfigError("whole_model_guard=True needs example_inputs: the whole model is timed on them")
-        cost_fn = current_cost_fn()
+        cost_fn = current_cost_fn()     # build_passes adds this pass only with example inputs
         if cost_fn is not None and cfg.whole_model_guard is not True and current_fake_clock() is None:
             return PassResult(gm, False)    # as the check: a cost function times whole models only when asked
         order = [n for n in revert_order(ctx.records) if n in ctx.originals]
@@ -116,7 +94,8 @@ def guard(ctx: CompileContext):
             return PassResult(gm, False)
         if dist.rank() != 0:
             for name in names:
-                revert_layer(gm, ctx, name, summary["reasons"][name])
+                revert_layer(gm, ctx, name)
+                ctx.records[name].reason = summary["reasons"][name]
         if summary is not None:
             ctx.guard = summary
             ctx.notes.append(summary["note"])
@@ -128,7 +107,11 @@ def guard(ctx: CompileContext):
 
 
 def _search(gm, ctx: CompileContext, order: list, cost_fn) -> tuple[list, Optional[dict]]:
-    first = _measure(gm, ctx, cost_fn)
+    # every timing runs on one copy of each model, and the steps are tried on the copy of gm: when
+    # giving layers back does not help, the factors stay
+    work = copy.deepcopy(gm)
+    private = {"original": copy.deepcopy(ctx.model), "lrd": True}
+    first = _measure(work, ctx, cost_fn, private=private)
     s0 = first.get("speedup")
     if s0 is None or s0 >= 1.0:
         if _final(ctx):             # the check need not time the same model again
@@ -136,14 +119,12 @@ def _search(gm, ctx: CompileContext, order: list, cost_fn) -> tuple[list, Option
         return [], None
     where = f"{first['mode']}, {first['setting']}"
     n = len(order)
-    # the steps are tried on a copy: when giving layers back does not help, the factors stay
-    work = copy.deepcopy(gm)
-    private = {"original": copy.deepcopy(ctx.model), "lrd": True}   # one copy of each for every step
     steps, timed = [(0, s0)], {0: first}
     k_final = None
     for k in step_counts(n):
         for name in order[steps[-1][0]:k]:
-            _give_back(work, ctx, name)
+            give_back(work, ctx, name)
+        _recompile(work)
         timed[k] = _measure(work, ctx, cost_fn, private=private)
         steps.append((k, timed[k].get("speedup")))
         if steps[-1][1] is not None and steps[-1][1] >= 1.0:
@@ -166,7 +147,8 @@ def _search(gm, ctx: CompileContext, order: list, cost_fn) -> tuple[list, Option
         rec = ctx.records[name]
         why = ("its measured gain was among the smallest" if rec.time_original_s and rec.time_chosen_s
                else "its speed was never measured")
-        revert_layer(gm, ctx, name, reason + why)
+        revert_layer(gm, ctx, name)
+        rec.reason = reason + why
     last = timed.get(k)
     if k == n and last is not None:
         last = dict(last, all_given_back=True)      # the report then says what the remaining gap is

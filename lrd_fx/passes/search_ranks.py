@@ -605,6 +605,26 @@ def _revert_nodes(gm: fx.GraphModule, rec: LayerRecord) -> None:
                 part.graph.erase_node(n)
 
 
+def give_back(gm: nn.Module, ctx: CompileContext, name: str) -> None:
+    """Put layer `name`'s original back in place of its factors in `gm` (graph nodes and module; the
+    record is not touched, the graph not recompiled)."""
+    current = gm.get_submodule(name)
+    layer = copy.deepcopy(ctx.originals[name])
+    layer.train(current.training)
+    _revert_nodes(gm, ctx.records[name])
+    gm.set_submodule(name, layer)
+
+
+def revert_layer(gm: nn.Module, ctx: CompileContext, name: str) -> None:
+    """give_back, and record layer `name` as reverted (its reason is the caller's to set)."""
+    give_back(gm, ctx, name)
+    rec = ctx.records[name]
+    rec.decision = REVERTED
+    rec.ranks = None
+    rec.params_after = rec.params_before
+    rec.flops_after = rec.flops_before
+
+
 def _apply(gm: fx.GraphModule, ctx: CompileContext, plan: dict) -> bool:
     # Nothing is factorized here: decompose left the chains pending (exact, factorized on first use);
     # a layer whose ranks change gets a new pending chain at its final ranks, and the materialize pass
@@ -615,27 +635,18 @@ def _apply(gm: fx.GraphModule, ctx: CompileContext, plan: dict) -> bool:
         if e.get("keep"):        # not measured: the estimate stays, the reason says why
             rec.reason = e["reason"]
             continue
-        orig = ctx.originals[name]
-        current = gm.get_submodule(name)
         rec.time_original_s = e["time_original_s"]
         rec.time_estimate_s = e["time_estimate_s"]
         rec.time_chosen_s = e["time_chosen_s"]
         rec.candidates = dict(e["candidates"])
         rec.reason = e["reason"]
         if e["reverted"]:
-            layer = copy.deepcopy(orig)
-            layer.train(current.training)
-            _revert_nodes(gm, rec)
-            gm.set_submodule(name, layer)
-            rec.decision = REVERTED
-            rec.ranks = None
-            rec.params_after = rec.params_before
-            rec.flops_after = rec.flops_before
+            revert_layer(gm, ctx, name)
             modified = True
             continue
         ranks = tuple(e["ranks"])
         if list(ranks) != list(rec.ranks):
-            install_chain(gm, ctx, name, ranks, pending_chain(orig, ranks, rec.scheme, name=name))
+            install_chain(gm, ctx, name, ranks, pending_chain(ctx.originals[name], ranks, rec.scheme, name=name))
             modified = True
         rec.decision = SEARCHED
     return modified   # the PassManager lints and recompiles every part
