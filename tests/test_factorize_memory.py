@@ -11,9 +11,10 @@ from lrd_fx.errors import FactorizationError
 from lrd_fx.factorize import factorize, factorize_many, modules, svd, tucker
 
 
-def _hooi_unblocked(w64, r_out, r_in, n_iter_max=100, tol=1e-4):
-    """The HOOI before the memory work: float32 sweeps, then one sweep and the core (einsum) on a
-    whole float64 copy of the weight (the reference the blocked sweep must agree with)."""
+def _hooi_unblocked(w64, r_out, r_in, n_iter_max=100, tol=tucker.HOOI_TOL):
+    """The HOOI before the memory work: float32 sweeps (each one's error from a product for the core),
+    then one sweep and the core (einsum) on a whole float64 copy of the weight (the reference the
+    blocked sweep, and its errors from eigenvalues, must agree with)."""
     out, inp = w64.shape[:2]
     w = w64.float()
     w_out, w_oki = w.reshape(out, -1), w.movedim(1, -1).reshape(-1, inp)
@@ -33,7 +34,7 @@ def _hooi_unblocked(w64, r_out, r_in, n_iter_max=100, tol=1e-4):
     for _ in range(n_iter_max):
         u_out, u_in, z = sweep(w_oki, w_out, u_in, torch.float32)
         err = math.sqrt(max(norm2 - float((u_in.float().T @ z).pow(2).sum()), 0.0) / norm2)
-        if prev is not None and abs(prev - err) < tol:
+        if prev is not None and abs(prev - err) <= tol * err:
             break
         prev = err
     u_out, u_in, _ = sweep(w64.movedim(1, -1).reshape(-1, inp), w64.reshape(out, -1), u_in, torch.float64)
@@ -187,3 +188,46 @@ def test_split64_drops_nothing_from_the_answer():
         layer.weight.data.copy_(m)
         chain = factorize(layer, (30,), "svd")
         torch.testing.assert_close(chain[-1].weight @ chain[0].weight, m, rtol=0, atol=1e-12)
+
+
+def test_hooi_stops_at_the_first_sweep_that_gains_at_most_tol_of_its_error(monkeypatch):
+    # The errors each float32 sweep sees (from the eigenvalues of its mode-1 Gram), in order.
+    errs, real = [], tucker.top_eigvecs
+    w = torch.randn(24, 20, 3, 3, generator=torch.Generator().manual_seed(5))
+    norm2 = float(w.double().pow(2).sum())
+
+    def spy(a, rank, **kw):
+        out = real(a, rank, **kw)
+        if kw.get("values"):
+            errs.append(math.sqrt(max(norm2 - float(out[0].double().sum()), 0.0) / norm2))
+        return out
+    monkeypatch.setattr(tucker, "top_eigvecs", spy)
+    tol = 2e-3
+    tucker._hooi(w, 7, 5, "x", tol=tol)
+    gains = [(a - b) / b for a, b in zip(errs, errs[1:])]
+    assert len(errs) >= 3 and gains[-1] <= tol and all(g > tol for g in gains[:-1])
+    assert all(g >= -1e-6 for g in gains)            # HOOI does not raise the error
+
+
+@pytest.mark.parametrize("shape,ranks", [((24, 20, 3, 3), (7, 5)), ((16, 12, 5), (6, 4)), ((10, 14, 2, 3), (3, 9))])
+def test_float32_factors_skip_the_float64_sweep_and_keep_the_projection(monkeypatch, shape, ranks):
+    # Without exact64 the core is the last float32 sweep's projection of the weight on its factors.
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    core, u_out, u_in = tucker._hooi(w, *ranks, "x", exact64=False)
+    ref = tucker._hooi(w, *ranks, "x", exact64=True)
+    for u, r in ((u_out, ranks[0]), (u_in, ranks[1])):
+        torch.testing.assert_close(u.double().T @ u.double(), torch.eye(r, dtype=torch.float64), rtol=0, atol=1e-5)
+    proj = torch.einsum("oi...,oa,ib->ab...", w.double(), u_out.double(), u_in.double())
+    torch.testing.assert_close(core.double(), proj, rtol=0, atol=1e-5)
+
+    def err(c, a, b):
+        return float((tucker.tucker2_reconstruct(c.double(), a.double(), b.double()) - w.double()).norm() / w.norm())
+    # one float64 sweep fewer: at most one more sweep's gain (<= tol x error) above the exact64 result
+    assert err(core, u_out, u_in) <= err(*ref) * (1 + 2 * tucker.HOOI_TOL) + 1e-6
+    # tucker2 takes it for float32 weights only
+    calls, real = [], tucker._hooi
+    monkeypatch.setattr(tucker, "_hooi", lambda *a, **k: calls.append(k["exact64"]) or real(*a, **k))
+    tucker.tucker2(w, *ranks)
+    tucker.tucker2(w.double(), *ranks)
+    tucker.tucker2(w, *ranks, dtype=torch.float64)
+    assert calls == [False, True, True]

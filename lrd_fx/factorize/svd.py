@@ -120,26 +120,30 @@ def serial_math(t: Tensor):
         torch.set_num_threads(n)
 
 
-def top_eigvecs(a64: Tensor, rank: int, *, side: str, name: str = "") -> Tensor:
-    """The `rank` leading left (side="left": of a a^T) or right (a^T a) singular vectors of `a64`.
+def top_eigvecs(a64: Tensor, rank: int, *, side: str, name: str = "", values: bool = False):
+    """The `rank` leading left (side="left": of a a^T) or right (a^T a) singular vectors of `a64`
+    (with values=True: (their squared singular values, descending; the vectors)).
 
     An eigendecomposition of the float64 Gram matrix of the smaller side: 10-50x faster than
     torch.linalg.svd on CPU for the wide/tall weights we see, and the returned basis is
     orthonormal to float64 precision, so projecting onto all of it reconstructs exactly.
     """
-    return gram_top_eigvecs(a64 @ a64.T if side == "left" else a64.T @ a64, rank, name=name, shape=a64.shape)
+    return gram_top_eigvecs(a64 @ a64.T if side == "left" else a64.T @ a64, rank, name=name, shape=a64.shape,
+                            values=values)
 
 
-def gram_top_eigvecs(gram: Tensor, rank: int, *, name: str = "", shape=None) -> Tensor:
+def gram_top_eigvecs(gram: Tensor, rank: int, *, name: str = "", shape=None, values: bool = False):
     """The `rank` leading eigenvectors of the symmetric `gram` (of a matrix of `shape`, for errors),
-    as a [n, rank] tensor that does not keep the n x n eigenvector matrix alive."""
+    as a [n, rank] tensor that does not keep the n x n eigenvector matrix alive; with values=True,
+    (their eigenvalues, descending; the vectors)."""
     try:
-        _, vecs = torch.linalg.eigh(gram)
+        vals, vecs = torch.linalg.eigh(gram)
     except RuntimeError as e:  # torch.linalg.LinAlgError: the eigensolver did not converge
         shape = list(shape) if shape is not None else list(gram.shape)
         raise FactorizationError(f"{_label(name)}: eigendecomposition failed for shape {shape}: {e}") from e
     del gram
-    return vecs[:, vecs.shape[-1] - rank:].flip(-1)   # eigh sorts ascending
+    top = vecs[:, vecs.shape[-1] - rank:].flip(-1)   # eigh sorts ascending
+    return (vals[vals.shape[-1] - rank:].flip(-1), top) if values else top
 
 
 def balanced_split(u: Tensor, raw: Tensor, tiny: float = 1e-300) -> tuple[Tensor, Tensor]:
