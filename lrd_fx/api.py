@@ -150,10 +150,8 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _check_inputs(model: nn.Module, inputs: tuple, device, dtype) -> tuple:
-    """Name the input whose device/dtype/shape does not fit, before any pass runs. The check's forward
-    counts the model's FLOPs as well (one forward, not two): returns (FLOPs, None), or (None, what went
-    wrong) when torch's FLOP counter fails on a model that runs without it."""
+def _check_input_types(inputs: tuple, device, dtype) -> None:
+    """Name the input whose device/dtype does not fit the model's parameters (no forward)."""
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
             continue
@@ -163,6 +161,23 @@ def _check_inputs(model: nn.Module, inputs: tuple, device, dtype) -> tuple:
         if x.is_floating_point() and x.dtype != dtype:
             raise InputError(f"example_inputs[{i}] has dtype {x.dtype} but the model's parameters are "
                              f"{dtype}; cast the inputs (x.to({dtype})) to match")
+
+
+def _needs_eager_check(model: nn.Module) -> bool:
+    """Lazy layers get their shapes from a forward of the eager model, which must come before tracing."""
+    return any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+               for m in model.modules())
+
+
+def _check_inputs(model: nn.Module, inputs: tuple, device, dtype) -> tuple:
+    """Name the input whose device/dtype/shape does not fit: a forward of the eager model (eval, no grad),
+    which counts its FLOPs as well. Returns (FLOPs, None), or (None, what went wrong) when torch's FLOP
+    counter fails on a model that runs without it; raises InputError when the model fails on the inputs.
+
+    compile() runs it before tracing only for lazy layers (_needs_eager_check); otherwise shape_prop's
+    forward of the traced model checks the inputs and counts the FLOPs (one forward of the model in all),
+    and this runs only when that forward fails, to say whether the inputs are at fault."""
+    _check_input_types(inputs, device, dtype)
     from torch.utils.flop_counter import FlopCounterMode
     was = model.training
     model.eval()
@@ -447,9 +462,7 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
     device, dtype = _model_device_dtype(model)
     # Conv/Linear weights are shared with `model` (read only) until _run's unshare: peak memory
     work = copy_model(model, share_layer_weights=_shares_nothing_written(cfg, calibration))
-    counted = None
-    if inputs is not None and cfg.check_inputs:
-        counted = _check_inputs(work, inputs, device, dtype)
+    counted = _early_check(work, cfg, inputs, device, dtype)
     ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
     if calibration is not None:
         from .passes.calibrate import calibration_batches
@@ -460,13 +473,27 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
         return _run(work, ctx, counted)
 
 
+def _early_check(work: nn.Module, cfg: Config, inputs: Optional[tuple], device, dtype) -> Optional[tuple]:
+    """The input checks before tracing: device and dtype always (with check_inputs), a forward only where lazy
+    layers need one (its (FLOPs, error), else None: shape_prop's forward checks the shapes and counts)."""
+    if inputs is None or not cfg.check_inputs:
+        return None
+    _check_input_types(inputs, device, dtype)
+    return _check_inputs(work, inputs, device, dtype) if _needs_eager_check(work) else None
+
+
 def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None) -> nn.Module:
-    """The passes on `work` (the caller's model's copy). counted: (FLOPs, error) of the model from
-    _check_inputs' forward, so that it is not run again to count them."""
+    """The passes on `work` (the caller's model's copy). counted: (FLOPs, error) of the model from a
+    forward of _check_inputs before tracing; without it, shape_prop's forward counts them."""
     cfg = ctx.config
     ctx.params_before = sum(p.numel() for p in work.parameters())
     if ctx.example_inputs is not None:
-        ctx.flops_before = _flops_or_note(work, ctx, "before compiling", counted)
+        if counted is not None:
+            ctx.flops_before = _flops_or_note(work, ctx, "before compiling", counted)
+        else:
+            ctx.count_flops = True
+        if cfg.check_inputs:
+            ctx.input_check = lambda: _check_inputs(work, ctx.example_inputs, ctx.device, ctx.dtype)
     eager: set = set()
     leaves = tuple(cfg.leaf_modules)
     gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,
@@ -476,6 +503,9 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None) 
     pm = PassManager(build_passes(ctx), instruments=default_instruments(cfg.debug, cfg.dump_dir) + [timer])
     gm = pm.run(gm).graph_module
     ctx.pass_times.update(timer.times)
+    ctx.input_check = None
+    if ctx.count_flops:
+        ctx.flops_before = _flops_or_note(work, ctx, "before compiling", ctx.flops_counted or (None, "not counted"))
     if ctx.example_inputs is not None and ctx.flops_before is not None:
         ctx.flops_after = _flops_after(gm, ctx)
     ctx.originals.clear()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,9 @@ class CompileContext:
     # State handed from pass to pass. Each field has one writer; its readers are named.
     eager_parts: set = field(default_factory=set)       # modules left eager by tracing. W: api._run. R: decompose, calibrate
     layer_io: dict = field(default_factory=dict)        # {layer: {in, out, calls}}. W: shape_prop. R: decompose, search_ranks
+    count_flops: bool = False                           # shape_prop counts the FLOPs in its forward. W: api._run. R: shape_prop
+    flops_counted: Optional[tuple] = None               # (FLOPs or None, counter error or None). W: shape_prop. R: api._run
+    input_check: Optional[Callable] = None              # the eager model on the inputs: InputError if it fails. W: api._run. R: shape_prop
     empty_init: bool = False                            # factors filled from a file, not factorized. W: serialize.load. R: decompose, materialize.defers
     freezer: Optional[nn.Module] = None                 # the FreezeController. W: freeze. R: LRDInfo
     autocast: Optional[str] = None                      # the caller's active autocast. W: api.compile. R: cost.timer.setting_of

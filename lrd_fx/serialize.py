@@ -15,7 +15,7 @@ import torch.nn as nn
 from . import api
 from .config import Config, Freeze
 from .context import CompileContext
-from .errors import LoadError, LRDError, SaveError
+from .errors import InputError, LoadError, LRDError, SaveError
 from .plan import DECOMPOSED, REVERTED, SEARCHED, SKIPPED, LayerRecord
 
 FORMAT = "lrd_fx/2"
@@ -248,13 +248,13 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     inputs = api._as_tuple(example_inputs, model)
     device, dtype = api._model_device_dtype(model)
     work = api.copy_model(model)
-    counted = None
-    if inputs is not None and cfg.check_inputs:
-        counted = api._check_inputs(work, inputs, device, dtype)
+    counted = api._early_check(work, cfg, inputs, device, dtype)
     ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
     ctx.empty_init = True     # the factors are filled from the file, not factorized
     try:
         gm = api._run(work, ctx, counted)
+    except InputError:
+        raise                 # the example inputs do not fit the model (shape_prop's forward failed on them)
     except LRDError as e:
         raise LoadError(f"the model does not match the plan in '{where}': {e}; load onto the model the file "
                         f"was compiled from") from e

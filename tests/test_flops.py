@@ -138,34 +138,47 @@ def test_compiled_flops_from_the_records_equal_torch_counter(make, options):
 
 
 class _Counted(nn.Module):
-    """Counts its forwards on real tensors (tracing calls it with proxies)."""
-    calls = 0
+    """Two Linears; `runs` counts the forwards that reach `a` (eager or traced), not the trace itself."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.runs = []
+        self.a.register_forward_hook(lambda m, i, o: self.runs.append(1) if not isinstance(o, torch.fx.Proxy) else None)
 
     def forward(self, x):
-        if isinstance(x, torch.Tensor):
-            type(self).calls += 1
         return self.b(self.a(x).relu())
 
 
-def test_compile_runs_the_model_once_before_its_passes_and_never_to_count_flops(monkeypatch):
-    """The input check counts the FLOPs in its forward (one eager forward of the model, not two), and the
-    compiled model's FLOPs come from the records (no count after the passes)."""
+@pytest.mark.parametrize("check_inputs", [True, False])
+def test_compile_runs_the_model_once_and_counts_its_flops_in_that_forward(monkeypatch, check_inputs):
+    """shape_prop's forward checks the input shapes and counts the FLOPs (one forward of the model in all,
+    with or without the input check), and the compiled model's FLOPs come from the records."""
     counts = []
     monkeypatch.setattr(lrd_fx.api, "count_flops", lambda *a: counts.append(1) or count_flops(*a))
-    _Counted.calls = 0
     x = torch.randn(2, 32)
-    gm = lrd_fx.compile(_Counted(), (x,), ratio=0.25, progress=False)
-    assert _Counted.calls == 1 and counts == []
+    model = _Counted()
+    gm = lrd_fx.compile(model, (x,), ratio=0.25, progress=False, check_inputs=check_inputs)
+    assert len(model.runs) == 1 and counts == []      # (the copy's hook is the same function: it appends here)
+    assert gm.lrd.flops_before == count_flops(model, (x,))
     assert gm.lrd.flops_after == count_flops(gm, (x,)) < gm.lrd.flops_before
-    # without the input check the model is counted on its own; fused models are counted after the passes
-    lrd_fx.compile(_Counted(), (x,), ratio=0.25, progress=False, check_inputs=False)
-    assert counts == [1]
+    # fused models are counted after the passes
     fused = lrd_fx.compile(_Counted().eval(), (x,), ratio=0.25, progress=False, fuse_inference=True)
-    assert counts == [1, 1] and fused.lrd.flops_after == count_flops(fused, (x,))
+    assert counts == [1] and fused.lrd.flops_after == count_flops(fused, (x,))
+
+
+def test_a_failing_forward_is_put_down_to_the_inputs_by_the_eager_model(monkeypatch):
+    """When shape_prop's forward fails, the eager model runs on the inputs: an InputError naming their shapes
+    when it fails too (no pass prefix), the pass's own error when it runs (the traced model is at fault)."""
+    with pytest.raises(lrd_fx.InputError, match=r"^the model does not run on example_inputs of shape \[\(2, 31\)\]"):
+        lrd_fx.compile(_Counted(), (torch.randn(2, 31),), ratio=0.25, progress=False)
+    import lrd_fx.passes.shape_prop as sp
+
+    def broken(*a, **k):
+        raise RuntimeError("traced part broke")
+    monkeypatch.setattr(sp, "capture_shapes", broken)
+    with pytest.raises(lrd_fx.PassError, match="shape_prop.*traced part broke"):
+        lrd_fx.compile(_Counted(), (torch.randn(2, 32),), ratio=0.25, progress=False)
 
 
 def test_flop_counter_failure_in_the_input_check_is_a_note_not_an_error(monkeypatch):

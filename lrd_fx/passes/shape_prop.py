@@ -1,8 +1,9 @@
-"""shape_prop: run the example inputs once through the whole model and annotate every part's nodes with shapes."""
+"""shape_prop: run the example inputs once through the whole model and annotate every part's nodes with shapes
+(and count the model's FLOPs in that same forward)."""
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -11,6 +12,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..context import CompileContext
+from ..errors import LRDError
 from ..pipeline import PassResult, graph_modules
 from ..trace import _FACTORIZABLE
 
@@ -121,11 +123,39 @@ def capture_shapes(root: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, di
     return layers, failed
 
 
+def capture_counting(root: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, dict, Optional[int], Optional[str]]:
+    """capture_shapes under torch's FLOP counter, so that one forward gives both: (layers, failed, FLOPs,
+    None), or (layers, failed, None, what went wrong) when the counter fails on a model that runs without
+    it (the run is then repeated without it; a failure of that one is the model's and is raised)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        with FlopCounterMode(display=False) as fc:
+            layers, failed = capture_shapes(root, args, kwargs)
+        return layers, failed, int(fc.get_total_flops()), None
+    except Exception as e:  # noqa: BLE001 - the counter's failure or the model's: a plain run tells
+        counter_error = f"{type(e).__name__}: {str(e)[:200]}"
+    layers, failed = capture_shapes(root, args, kwargs)
+    return layers, failed, None, counter_error
+
+
 def shape_prop(ctx: CompileContext):
     def run(root):
         if ctx.example_inputs is None:
             return PassResult(root, False)
-        layers, failed = capture_shapes(root, ctx.example_inputs, ctx.example_kwargs)
+        try:
+            if ctx.count_flops:
+                layers, failed, *counted = capture_counting(root, ctx.example_inputs, ctx.example_kwargs)
+                ctx.flops_counted = tuple(counted)
+            else:
+                layers, failed = capture_shapes(root, ctx.example_inputs, ctx.example_kwargs)
+        except Exception:
+            if ctx.input_check is not None:
+                try:
+                    ctx.input_check()     # the model itself on the inputs: an InputError when it fails there too
+                except LRDError as e:
+                    e._lrd_pass_named = True  # about the inputs, not this pass: no pass prefix
+                    raise
+            raise                         # it runs eagerly: the traced model does not
         ctx.layer_io = layers
         for part_name, why in failed.items():
             ctx.notes.append(f"shape_prop: shapes of traced part '{part_name}' not recorded ({why[:120]})")
