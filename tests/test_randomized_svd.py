@@ -40,6 +40,7 @@ def test_flat_spectrum_falls_back_to_exact(monkeypatch):
     # svd_split tries the randomized path on big matrices and returns the exact result when it declines
     # (the flatness pre-test, which would skip this sketch, is switched off here; tested below)
     monkeypatch.setattr(svd, "RANDOMIZED_MIN_NUMEL", 1)
+    monkeypatch.setattr(svd, "sketch_pays", lambda shape, r: True)     # toy sizes: the Gram path is cheaper
     monkeypatch.setattr(svd, "FLAT_LEVEL", float("inf"))
     calls = []
     real = svd.randomized_svd_split
@@ -58,6 +59,7 @@ def _spy(monkeypatch):
     """Lower the big-weight thresholds to 1 and record the paths svd_split takes."""
     monkeypatch.setattr(svd, "RANDOMIZED_MIN_NUMEL", 1)
     monkeypatch.setattr(svd, "FLOAT32_MIN_NUMEL", 1)
+    monkeypatch.setattr(svd, "sketch_pays", lambda shape, r: True)     # toy sizes: the Gram path is cheaper
     counts = svd.path_counts.__class__()
     monkeypatch.setattr(svd, "path_counts", counts)
     calls = []
@@ -88,3 +90,31 @@ def test_flatness_pretest_skips_the_sketch_on_flat_spectra_and_keeps_it_on_decay
     low = _matrix(200, 600, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
     total, ritz = svd.spectrum_probe(svd._rows_small(low))
     assert not svd.is_flat(total, ritz, 200)
+
+
+def test_no_probe_or_sketch_where_the_gram_path_costs_less(monkeypatch):
+    # ViT-H/14's 1280 x 5120 weights at rank 256: the Gram path is cheaper; a low rank pays for a sketch
+    assert not svd.sketch_pays((1280, 5120), 256) and not svd.sketch_pays((5120, 1280), 256)
+    assert svd.sketch_pays((1280, 5120), 32) and svd.sketch_pays((4096, 9216), 100)
+    assert all(svd.sketch_pays((2904, 2904), r) >= svd.sketch_pays((2904, 2904), r + 50) for r in range(1, 1400, 50))
+    monkeypatch.setattr(svd, "RANDOMIZED_MIN_NUMEL", 1)
+    monkeypatch.setattr(svd, "FLOAT32_MIN_NUMEL", 1)
+    counts = svd.path_counts.__class__()
+    monkeypatch.setattr(svd, "path_counts", counts)
+    probes = []
+    real = svd.spectrum_probe
+    monkeypatch.setattr(svd, "spectrum_probe", lambda *a, **k: probes.append(1) or real(*a, **k))
+    a = torch.randn(200, 600)
+    assert not svd.sketch_pays(a.shape, 40)
+    left, right = svd_split(a, 40)
+    assert counts == {"sketch_costlier": 1, "exact32": 1} and not probes
+    assert _err(a, left, right) <= 1.0001 * _err(a, *_split64(a.double(), 40, ""))
+    # without the probe the float32 certificate alone sends a near-low-rank weight to float64
+    low = _matrix(200, 600, torch.cat([torch.linspace(10.0, 1.0, 30), torch.full((170,), 1e-6)]).double())
+    left, right = svd_split(low, 40)
+    assert counts["float32_declined"] == 1 and counts["exact64"] == 1 and not probes
+    torch.testing.assert_close(left @ right, (lambda lr: (lr[0] @ lr[1]).float())(_split64(low.double(), 40, "")),
+                               rtol=1e-5, atol=1e-6)
+    # a rank where the sketch pays probes first
+    svd_split(a, 8)
+    assert probes == [1] and counts["sketch_skipped"] == 1

@@ -179,11 +179,12 @@ def svd_split(matrix: Tensor, rank: int, *, name: str = "",
     putting S on one side. L @ R is the projection of the matrix on its top-r singular subspace,
     so it is exact (to fp32 output precision) at r = min(m, n).
 
-    Weights of at least FLOAT32_MIN_NUMEL elements go through, in order: a cheap spectrum probe
-    (spectrum_probe); the randomized path when the rank is low and the probe does not find the
-    spectrum flat (a sketch on a flat spectrum would be declined after paying for it); the float32
-    Gram path when its certificate holds (split32); the float64 Gram path otherwise. Every result is
-    within 1% of the optimal rank-r error or is the float64 answer. `path_counts` counts the paths.
+    Weights of at least FLOAT32_MIN_NUMEL elements go through, in order: where the randomized path
+    would cost less than the Gram path (sketch_pays: a low rank), a cheap spectrum probe
+    (spectrum_probe) and the randomized path unless the probe finds the spectrum flat (a sketch on a
+    flat spectrum would be declined after paying for it); the float32 Gram path when its certificate
+    holds (split32); the float64 Gram path otherwise. Every result is within 1% of the optimal rank-r
+    error or is the float64 answer. `path_counts` counts the paths.
     """
     a = _as_matrix(matrix, name)
     m, n = a.shape
@@ -192,16 +193,20 @@ def svd_split(matrix: Tensor, rank: int, *, name: str = "",
     big = a.numel() >= min(FLOAT32_MIN_NUMEL, RANDOMIZED_MIN_NUMEL)
     if big:
         w = _rows_small(a)
-        with serial_math(a):
-            total, ritz = spectrum_probe(w)
+        total = ritz = None
         if a.numel() >= RANDOMIZED_MIN_NUMEL and r <= RANDOMIZED_MAX_FRACTION * min(m, n):
-            if is_flat(total, ritz, w.shape[0]):
-                _count("sketch_skipped")
+            if not sketch_pays(w.shape, r):
+                _count("sketch_costlier")
             else:
-                split = randomized_svd_split(a, r, name=name)     # None: not certified, exact below
-                _count("randomized" if split is not None else "sketch_declined")
+                with serial_math(a):
+                    total, ritz = spectrum_probe(w)
+                if is_flat(total, ritz, w.shape[0]):
+                    _count("sketch_skipped")
+                else:
+                    split = randomized_svd_split(a, r, name=name)     # None: not certified, exact below
+                    _count("randomized" if split is not None else "sketch_declined")
         if split is None and a.numel() >= FLOAT32_MIN_NUMEL:
-            if _float32_hopeless(total, ritz, w.shape, r, a.device):
+            if ritz is not None and _float32_hopeless(total, ritz, w.shape, r, a.device):
                 _count("float32_skipped")
             else:
                 with serial_math(a):
@@ -217,7 +222,7 @@ def svd_split(matrix: Tensor, rank: int, *, name: str = "",
     return left.to(**out).contiguous(), right.to(**out).contiguous()
 
 
-# What svd_split did for big weights, counted by path name ("randomized", "sketch_skipped",
+# What svd_split did for big weights, counted by path name ("randomized", "sketch_costlier", "sketch_skipped",
 # "sketch_declined", "exact32", "float32_declined", "float32_skipped", "exact64"): tests and the
 # benchmark read it; nothing else depends on it.
 path_counts: collections.Counter = collections.Counter()
@@ -245,6 +250,24 @@ PROBE_ITERS = 4
 # is_flat: the spectrum is flat when the mean energy per direction outside the probe's block is at
 # least this fraction of the block's smallest Ritz value.
 FLAT_LEVEL = 0.1
+
+
+# sketch_pays: the Gram path's eigensolver counted as this many multiply-adds per n^3 (its tridiagonal
+# reduction is half BLAS-2; measured on 2 cores: float32 ssyrk 44 G multiply-adds/s, LAPACK's MRRR
+# for the top n/5 eigenpairs 0.16 s at n = 1280 and 1.1 s at n = 2904, i.e. about 2 n^3 of them).
+EIGH_MADDS_PER_N3 = 2.0
+
+
+def sketch_pays(shape, r: int) -> bool:
+    """True when the randomized path's products cost fewer multiply-adds than the float32 Gram path for a
+    [n, k] weight (n <= k) at rank r: 2 (q + 1) passes with l = r + p vectors (2 (q + 1) n k l) against
+    the Gram by syrk (n^2 k / 2) and its eigensolver (EIGH_MADDS_PER_N3 n^3). Where it does not (e.g.
+    ViT-H/14's 1280 x 5120 weights at r = 256: a sketch took 0.37 s, the Gram path 0.26 s), neither the
+    sketch nor the probe that decides on it (0.065 s, a fifth of such a layer's time) is run."""
+    n_s, k = min(shape), max(shape)
+    l = min(n_s, r + max(10, r // 2))          # randomized_svd_split's default oversampling
+    sketch = 2 * (RANDOMIZED_POWER_ITERS + 1) * n_s * k * l
+    return sketch < n_s * n_s * (k / 2 + EIGH_MADDS_PER_N3 * n_s)
 
 
 def spectrum_probe(w: Tensor, seed: int = 0) -> tuple[float, Tensor]:
