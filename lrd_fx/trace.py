@@ -1,6 +1,7 @@
 """Tracer with a leaf-module registry, and tracing with a per-child fallback."""
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
 from typing import Callable, Iterable, Optional
@@ -101,19 +102,60 @@ def _user_line(exc: BaseException) -> str:
     return "<unknown line>"
 
 
+@contextlib.contextmanager
+def attributes_kept(root: nn.Module, changed: Optional[list] = None):
+    """Every module's attributes, parameters, buffers and submodules as they were, afterwards. A forward
+    on proxies (tracing) or fake tensors (shape_prop) runs the model's Python, which may store what it
+    computes (a cache, a recorded activation, a reassigned buffer): no Proxy or fake tensor stays behind.
+    `changed` receives (module path, [attribute names]) for each module whose attributes were assigned."""
+    saved = [(name, m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+             for name, m in root.named_modules()]
+    try:
+        yield
+    finally:
+        for name, m, attrs, params, buffers, subs in saved:
+            keys: set = set()
+            for store, old in ((m._parameters, params), (m._buffers, buffers), (m._modules, subs)):
+                diff = _assigned(store, old)
+                if diff:
+                    keys |= diff
+                    store.clear()
+                    store.update(old)
+            diff = _assigned(m.__dict__, attrs)
+            if diff:
+                keys |= diff
+                m.__dict__.clear()
+                m.__dict__.update(attrs)
+            if keys and changed is not None:
+                changed.append((name, sorted(keys)))
+
+
+def _assigned(now: dict, before: dict) -> set:
+    """Keys added, removed or bound to another object since `before`."""
+    return (now.keys() ^ before.keys()) | {k for k, v in before.items() if k in now and now[k] is not v}
+
+
 def _trace_once(module: nn.Module, leaf_modules, leaf_names, concrete_args: Optional[dict] = None) -> fx.GraphModule:
     tracer = LRDTracer(leaf_modules, leaf_names)
-    had = set(vars(module))
-    try:
+    changed: list = []
+    with attributes_kept(module, changed):
         graph = tracer.trace(module, concrete_args=concrete_args or None)
         name = module.__class__.__name__
         gm = fx.GraphModule(tracer.root, graph, name)
-    finally:
-        # fx stores tensor constants on the traced module (_tensor_constant0, ...); the GraphModule has its
-        # own reference now: leave the module as it was, so a second trace names them the same way
-        for key in set(vars(module)) - had:
-            if key.startswith("_tensor_constant"):
-                delattr(module, key)
+    # fx stores tensor constants on the traced module (_tensor_constant0, ...); the GraphModule has its own
+    # reference, and the module is left as it was, so a second trace names them the same way. Anything
+    # else the forward assigned (self.cache = x, self.count = self.count + 1) is state a graph cannot
+    # keep: tracing it would silently drop it, so that module is not traced (it stays eager).
+    changed = [(path, [k for k in keys if not (path == "" and k.startswith("_tensor_constant"))])
+               for path, keys in changed]
+    changed = [(path, keys) for path, keys in changed if keys]
+    if changed:
+        path, keys = changed[0]
+        err = TraceError(f"forward assigns {', '.join('self.' + k for k in keys[:3])} of "
+                         f"{repr(path) if path else 'the module'}: a traced graph cannot assign attributes, so "
+                         f"tracing would drop that state")
+        err._lrd_module_path = path
+        raise err
     keep_plain_attributes(gm, module)
     return gm
 
