@@ -77,10 +77,14 @@ def _measure(gm: nn.Module, ctx: CompileContext, cost_fn, *, private: Optional[d
     setting = setting_of(ctx)
     inputs = tuple(ctx.example_inputs)
     private = private or {}
-    models = {"original": private.get("original") or copy.deepcopy(ctx.model),
-              "lrd": gm if private.get("lrd") else copy.deepcopy(gm)}
     from ..fastcalls import fast_module_calls_
-    fast_module_calls_(models["lrd"])     # timed with the code the returned model will run
+
+    def copies(first: bool) -> dict:
+        # the caller's private copies the first time; fresh ones after a failed CUDA-graph capture
+        lrd = gm if first and private.get("lrd") else copy.deepcopy(gm)
+        fast_module_calls_(lrd)     # timed with the code the returned model will run
+        return {"original": (first and private.get("original")) or copy.deepcopy(ctx.model), "lrd": lrd}
+    models = copies(True)
     note = None
     if cost_fn is not None and current_fake_clock() is None:
         shape = tuple(inputs[0].shape) if isinstance(inputs[0], torch.Tensor) else ()
@@ -104,8 +108,7 @@ def _measure(gm: nn.Module, ctx: CompileContext, cost_fn, *, private: Optional[d
             # a model that cannot be captured whole (host syncs, dynamic shapes): time it eagerly
             note = f"not capturable as one CUDA graph ({type(e).__name__}), timed eagerly"
             setting = replace(setting, exec_form="eager")
-            models = {"original": copy.deepcopy(ctx.model), "lrd": copy.deepcopy(gm)}
-            fast_module_calls_(models["lrd"])
+            models = copies(False)
             steps = {k: module_step(m, inputs, device=dev, mode=mode, setting=setting, label=k, copy_module=False)
                      for k, m in models.items()}
         rounds = max(MIN_ROUNDS, int(cfg.timing.repeats))
