@@ -19,9 +19,11 @@ off), so one model's memory does not count in the next one's peak. The child rep
 - model MB: parameter + buffer bytes; overhead = (peak - rss_import) / model MB, the issue's target
   being <= 2.5 (the caller's model counts as 1);
 - the svd paths taken for big weights (lrd_fx.factorize.svd.path_counts);
-- where the seconds went: the decompose pass (factorization), the whole-model runs (the input check,
-  which counts the FLOPs too, and shape_prop: each one forward of the model; a FLOP count on its own
-  only where the input check is off or the model was fused) and the rest (copy, trace, other passes).
+- where the seconds went: the decompose pass (factorization), the whole-model runs (shape_prop's one
+  forward, which counts the FLOPs too and is on fake tensors for models of 256 MB or more; an eager
+  input-check forward only for lazy layers or when shape_prop's fails; a FLOP count on its own only for
+  fused models; code before 857a7e4 also ran an input-check forward every time) and the rest (copy,
+  trace, other passes).
 Results: a table on stdout and bench/results/compile_cost-<date>.{json,txt} (or --out PREFIX), with the
 machine line and the load average at start and end. Seconds need an idle machine to mean anything.
 """
