@@ -4,8 +4,8 @@
 
 One ResNet-18 (random init, batch 16, 112 px) in bf16 autocast + channels_last goes through each path the
 CPU suite cannot reach: the rank search timed with replayed CUDA graphs and aligned ranks, the
-whole-model check, sequential-freezing training steps across epochs, inference fusion, save/load and
-torch.compile. Each check prints OK or its traceback and the script goes on; the exit status is the number
+whole-model check, shape_prop on fake tensors, sequential-freezing training steps across epochs, inference
+fusion, save/load and torch.compile. Each check prints OK or its traceback and the script goes on; the exit status is the number
 of checks that failed. About a minute on a GPU (most of it the search and torch.compile).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=8.0, help="rank search budget, seconds")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=112, help="input resolution")
-    p.add_argument("--skip", default="", help="comma-separated checks to leave out: search,train,fuse,save,compile")
+    p.add_argument("--skip", default="", help="comma-separated checks to leave out: search,fake,train,fuse,save,compile")
     args = p.parse_args(argv)
     skip = {c.strip() for c in args.skip.split(",") if c.strip()}
     import torchvision
@@ -115,7 +115,23 @@ def main(argv=None) -> int:
         assert err < 5e-2, err
         return f"train + infer, eval max rel diff {err:.2e}"
 
+    def fake_forward():
+        # big models run shape_prop on fake tensors: on this device, the same records and FLOPs as for real
+        from lrd_fx.passes import shape_prop
+        real = lrd_fx.compile(model, (x,), ratio=0.25, progress=False, cache=False)
+        was = shape_prop.FAKE_MIN_BYTES
+        shape_prop.FAKE_MIN_BYTES = 0
+        try:
+            fake = lrd_fx.compile(model, (x,), ratio=0.25, progress=False, cache=False)
+        finally:
+            shape_prop.FAKE_MIN_BYTES = was
+        key = {n: (r.in_shape, r.out_shape, r.ranks) for n, r in real.lrd.records().items()}
+        assert key == {n: (r.in_shape, r.out_shape, r.ranks) for n, r in fake.lrd.records().items()}
+        assert (real.lrd.flops_before, real.lrd.flops_after) == (fake.lrd.flops_before, fake.lrd.flops_after)
+        return f"{len(key)} layer records and FLOPs equal"
+
     for key, name, fn in (("search", "rank search (bf16, channels_last, exec auto)", searched),
+                          ("fake", "shape_prop on fake tensors", fake_forward),
                           ("train", "sequential freezing training", train_seqfreeze),
                           ("fuse", "fuse_inference", fused), ("save", "save/load", save_load),
                           ("compile", "torch.compile", compiled)):

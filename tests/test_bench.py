@@ -400,4 +400,4 @@ def test_gpu_check_runs_its_checks_on_the_cpu(capsys):
     failed = gpu_check.main(["--device", "cpu", "--budget", "1", "--batch", "2", "--size", "32", "--skip", "compile"])
     out = capsys.readouterr().out
     assert failed == 0, out[-3000:]
-    assert out.count("OK   ") == 4 and "gpu_check: 0 failed" in out
+    assert out.count("OK   ") == 5 and "gpu_check: 0 failed" in out
