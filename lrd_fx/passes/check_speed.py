@@ -83,7 +83,8 @@ def _measure(gm: nn.Module, ctx: CompileContext, cost_fn, *, private: Optional[d
         # the caller's private copies the first time; fresh ones after a failed CUDA-graph capture
         lrd = gm if first and private.get("lrd") else copy.deepcopy(gm)
         fast_module_calls_(lrd)     # timed with the code the returned model will run
-        return {"original": (first and private.get("original")) or copy.deepcopy(ctx.model), "lrd": lrd}
+        original = private.get("original") if first else None
+        return {"original": original if original is not None else copy.deepcopy(ctx.model), "lrd": lrd}
     models = copies(True)
     note = None
     if cost_fn is not None and current_fake_clock() is None:
