@@ -172,16 +172,18 @@ def capture_counting(root: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, 
 
 def capture_fake(root: nn.Module, args: tuple, kwargs: dict, count: bool):
     """capture_shapes (under the FLOP counter when `count`) on fake tensors: (layers, failed[, FLOPs, None]),
-    or None when the fake forward fails anywhere (data-dependent Python, an op without a fake kernel, a
-    traced part that fails to record): the caller then runs the model for real, which says what is wrong."""
+    or a string saying why not when the fake forward fails anywhere (data-dependent Python, an op without a
+    fake kernel, a traced part that fails to record): the caller then runs the model for real, which says
+    what is wrong, if anything."""
     from torch.utils.flop_counter import FlopCounterMode
     fc = FlopCounterMode(display=False) if count else None
     try:
         layers, failed = capture_shapes(root, args, kwargs, fake=True, counter=fc)
-    except Exception:  # noqa: BLE001 - any failure on fake tensors: the real forward decides
-        return None
+    except Exception as e:  # noqa: BLE001 - any failure on fake tensors: the real forward decides
+        return f"{type(e).__name__}: {e}"
     if failed:
-        return None
+        part, why = next(iter(failed.items()))
+        return f"traced part '{part}': {why}"
     return (layers, failed, int(fc.get_total_flops()), None) if count else (layers, failed)
 
 
@@ -192,6 +194,9 @@ def shape_prop(ctx: CompileContext):
         args, kwargs = ctx.example_inputs, ctx.example_kwargs
         try:
             got = capture_fake(root, args, kwargs, ctx.count_flops) if fake_pays(root) else None
+            if isinstance(got, str):
+                ctx.notes.append(f"shape_prop: the forward on fake tensors failed ({got[:160]}); ran the real one")
+                got = None
             if got is None:
                 got = capture_counting(root, args, kwargs) if ctx.count_flops else capture_shapes(root, args, kwargs)
             layers, failed = got[:2]

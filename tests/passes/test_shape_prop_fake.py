@@ -34,6 +34,13 @@ def _bert():
     return tf.BertModel(cfg), (torch.randint(0, 64, (2, 8)),)
 
 
+def _bert_masked():
+    model, (ids,) = _bert()
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    return model, {"input_ids": ids, "attention_mask": mask}
+
+
 class Caches(nn.Module):
     """Keeps its last activation and a counter buffer it reassigns in forward (fake tensors must not stay)."""
 
@@ -82,12 +89,12 @@ def _fakes(model):
     return found
 
 
-MODELS = [_tv("resnet18"), _tv("mobilenet_v3_small"), _tv("densenet121"), _timm_vit, _gpt2, _bert,
+MODELS = [_tv("resnet18"), _tv("mobilenet_v3_small"), _tv("densenet121"), _timm_vit, _gpt2, _bert, _bert_masked,
           lambda: (Caches(), (torch.randn(4, 16),))]
 
 
 @pytest.mark.parametrize("make", MODELS, ids=["resnet18", "mobilenet_v3_small", "densenet121", "vit", "gpt2",
-                                              "bert", "caches"])
+                                              "bert", "bert-mask-kwargs", "caches"])
 def test_fake_forward_records_what_the_real_one_does(monkeypatch, make):
     model, x = make()
     model.eval()
@@ -108,7 +115,8 @@ def test_fake_forward_records_what_the_real_one_does(monkeypatch, make):
     assert _meta(gm) or not any(isinstance(m, torch.fx.GraphModule) for m in gm.modules())
     assert _fakes(gm) == [] and _fakes(model) == []
     with torch.no_grad():
-        torch.testing.assert_close(_first(gm(*x)), _first(ref(*x)))
+        run = (lambda m: m(**x)) if isinstance(x, dict) else (lambda m: m(*x))
+        torch.testing.assert_close(_first(run(gm)), _first(run(ref)))
 
 
 def _first(out):
@@ -149,6 +157,7 @@ def test_the_real_forward_runs_where_the_fake_one_cannot(monkeypatch):
     model = DataDependent()
     gm = lrd_fx.compile(model, (x,), ratio=0.5, progress=False)
     assert real[0] is True and real[-1] is False          # fake first, then the real forward
+    assert any("forward on fake tensors failed" in n and "ran the real one" in n for n in gm.lrd.notes)
     assert gm.lrd.flops_before and all(r.in_shape for r in gm.lrd.records().values())
     torch.testing.assert_close(gm(x), model(x), rtol=0.5, atol=0.5)
     # inputs that do not fit still end in the InputError of the eager model
