@@ -348,7 +348,7 @@ def unshare(model: nn.Module, original: nn.Module) -> int:
     Returns how many tensors were copied. compile() ends with it, so the model it returns never
     shares memory with the caller's, whatever copy_model shared."""
     theirs = {t.untyped_storage().data_ptr() for t in list(original.parameters()) + list(original.buffers())
-              if t.device.type != "meta" and t.untyped_storage().nbytes() > 0}
+              if t.device.type != "meta" and not nn.parameter.is_lazy(t) and t.untyped_storage().nbytes() > 0}
     if not theirs:
         return 0
     done: dict = {}

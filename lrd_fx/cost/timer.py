@@ -240,9 +240,9 @@ def resolve_exec(option: str, device) -> str:
 def memory_format_of(model: nn.Module, inputs: Optional[Sequence] = None) -> str:
     """'channels_last' when a 4-D example input or a 4-D conv weight of the model is channels_last (and
     not also contiguous, as 1x1 spatial tensors are): activations then run NHWC through the convs."""
-    def nhwc(t) -> bool:
-        return (isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous()
-                and t.is_contiguous(memory_format=torch.channels_last))
+    def nhwc(t) -> bool:   # (an uninitialised lazy parameter has no shape yet)
+        return (isinstance(t, torch.Tensor) and not nn.parameter.is_lazy(t) and t.dim() == 4
+                and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last))
     if any(nhwc(x) for x in (inputs or ())):
         return "channels_last"
     return "channels_last" if any(nhwc(p) for p in model.parameters()) else "contiguous"
