@@ -426,19 +426,22 @@ def test_scripted_submodule_is_refused():
         lrd_fx.compile(model, (torch.randn(4, 16),))
 
 
-def test_uninitialised_lazy_layer_gets_its_shapes_from_an_eager_forward_before_tracing(monkeypatch, tmp_path):
+@pytest.mark.parametrize("lazy_at", [2, 0])
+def test_uninitialised_lazy_layer_gets_its_shapes_from_an_eager_forward_before_tracing(monkeypatch, tmp_path, lazy_at):
     # compile's one whole-model forward is shape_prop's, after tracing; a lazy layer needs a forward before
     # tracing to get its weights, on compile's copy (the caller's model stays lazy)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.LazyLinear(16))
+    layers = [nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)]
+    layers[lazy_at] = nn.LazyLinear(layers[lazy_at].out_features)
+    model = nn.Sequential(*layers)
     x = torch.randn(4, 16)
     eager = []
     real = lrd_fx.api._check_inputs
     monkeypatch.setattr(lrd_fx.api, "_check_inputs", lambda *a: eager.append(1) or real(*a))
     gm = lrd_fx.compile(model, (x,), ratio=0.5)
-    assert eager == [1] and _plan(gm)["2"]["decision"] == "decomposed"
-    assert model[2].has_uninitialized_params()
+    assert eager == [1] and _plan(gm)[str(lazy_at)]["decision"] == "decomposed"
+    assert model[lazy_at].has_uninitialized_params()
     assert gm(x).shape == (4, 16) and gm.lrd.flops_before > gm.lrd.flops_after > 0
     # save/load onto the (still lazy) original
     lrd_fx.save(gm, tmp_path / "m.lrd")
     back = lrd_fx.load(model, tmp_path / "m.lrd", (x,))
-    assert torch.equal(back(x), gm(x)) and model[2].has_uninitialized_params()
+    assert torch.equal(back(x), gm(x)) and model[lazy_at].has_uninitialized_params()
