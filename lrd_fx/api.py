@@ -163,21 +163,22 @@ def _check_input_types(inputs: tuple, device, dtype) -> None:
                              f"{dtype}; cast the inputs (x.to({dtype})) to match")
 
 
-def _needs_eager_check(model: nn.Module) -> bool:
-    """Lazy layers get their shapes from a forward of the eager model, which must come before tracing."""
-    return any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
-               for m in model.modules())
+def _lazy_layers(model: nn.Module) -> list[str]:
+    """Names of the lazy layers with uninitialised parameters: they get their shapes from a forward of the
+    eager model, which must come before tracing."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
 
 
 def _check_inputs(model: nn.Module, inputs: tuple, device, dtype) -> tuple:
     """Name the input whose device/dtype/shape does not fit: a forward of the eager model (eval, no grad),
     which counts its FLOPs as well. Returns (FLOPs, None), or (None, what went wrong) when torch's FLOP
     counter fails on a model that runs without it; raises InputError when the model fails on the inputs.
+    The device and dtype are _early_check's (_check_input_types), which every caller has passed.
 
-    compile() runs it before tracing only for lazy layers (_needs_eager_check); otherwise shape_prop's
+    compile() runs it before tracing only for lazy layers (_lazy_layers); otherwise shape_prop's
     forward of the traced model checks the inputs and counts the FLOPs (one forward of the model in all),
     and this runs only when that forward fails, to say whether the inputs are at fault."""
-    _check_input_types(inputs, device, dtype)
     from torch.utils.flop_counter import FlopCounterMode
     was = model.training
     model.eval()
@@ -264,8 +265,7 @@ def _check_model(model: nn.Module, cfg: Config, inputs: Optional[tuple]) -> None
         raise InputError("model was already compiled by lrd_fx (it has .lrd or factor chains inside); pass the "
                          "original model instead (to change ranks, compile the original again), or rank='full' "
                          "to re-factorize it exactly")
-    lazy = [n for n, m in model.named_modules()
-            if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+    lazy = _lazy_layers(model)
     if lazy and (inputs is None or not cfg.check_inputs):
         raise InputError(f"lazy layer {lazy[0] or '<root>'} has uninitialized parameters; pass example_inputs "
                          f"(with check_inputs=True) so lrd_fx initialises them on its copy of the model, or run "
@@ -479,7 +479,7 @@ def _early_check(work: nn.Module, cfg: Config, inputs: Optional[tuple], device, 
     if inputs is None or not cfg.check_inputs:
         return None
     _check_input_types(inputs, device, dtype)
-    return _check_inputs(work, inputs, device, dtype) if _needs_eager_check(work) else None
+    return _check_inputs(work, inputs, device, dtype) if _lazy_layers(work) else None
 
 
 def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None) -> nn.Module:
