@@ -498,3 +498,56 @@ def test_layer_dims_read_the_declared_sizes():
     assert modules.layer_dims(nn.Linear(20, 30)) == (30, 20, 1)
     assert modules.layer_dims(nn.Conv2d(8, 12, (3, 5), groups=4)) == (12, 8, 15)   # every input channel
     assert modules.layer_dims(nn.LazyConv2d(12, 3)) == (12, 0, 9)                 # no weight yet
+
+
+# --- Linear subclasses with their own forward (svd's _computes_linear probe) ------------------------------
+
+class MatmulLinear(nn.Linear):
+    """Hugging Face Falcon's FalconLinear: F.linear written out."""
+
+    def forward(self, x):
+        h = x @ self.weight.T
+        return h if self.bias is None else h + self.bias
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class TrainScaledLinear(nn.Linear):
+    def forward(self, x):
+        out = super().forward(x)
+        return out * 0.5 if self.training else out
+
+
+class ZeroLoRALinear(nn.Linear):
+    """An adapter that starts at zero: a probe alone would find F.linear."""
+
+    def __init__(self, i, o):
+        super().__init__(i, o)
+        self.lora_a = nn.Parameter(torch.randn(i, 2))
+        self.lora_b = nn.Parameter(torch.zeros(2, o))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.lora_a @ self.lora_b
+
+
+def test_linear_subclass_computing_f_linear_is_factorized_others_are_kept():
+    torch.manual_seed(0)
+    for bias in (True, False):
+        layer = MatmulLinear(12, 10, bias=bias)
+        assert unsupported_reason(layer) is None
+        model = nn.Sequential(layer, nn.ReLU(), MatmulLinear(10, 9)).eval()
+        import lrd_fx
+        x = torch.randn(4, 12)
+        gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+        assert all(isinstance(gm.get_submodule(n), FactorChain) for n in ("0", "2"))
+        _close(gm(x), model(x))
+    scaled = ScaledLinear(12, 10)
+    assert "differs from F.linear" in unsupported_reason(scaled)
+    train_scaled = TrainScaledLinear(12, 10).eval()        # equal in eval mode only: not reproduced in train mode
+    assert "differs from F.linear" in unsupported_reason(train_scaled) and not train_scaled.training
+    assert "more than weight and bias" in unsupported_reason(ZeroLoRALinear(12, 10))
+    with torch.device("meta"):
+        assert unsupported_reason(MatmulLinear(12, 10)) is not None    # no data to probe

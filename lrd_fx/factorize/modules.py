@@ -1,6 +1,7 @@
 """Build FactorChains (plain nn.Linear/nn.ConvNd factors) from Linear/Conv layers."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -9,6 +10,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils import skip_init
 
 from ..errors import ConfigError, FactorizationError, LRDError, RankError
@@ -118,6 +120,44 @@ def weight_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _computes_linear(module: nn.Linear) -> bool:
+    """True when a Linear subclass's own forward computes F.linear(x, weight, bias) (Hugging Face Falcon's
+    FalconLinear: `x @ self.weight.T + self.bias`), so its factors reproduce it.
+
+    Only for a layer holding nothing but its weight and bias (no other parameter, buffer or submodule:
+    a LoRA-style subclass whose extra weights start at zero would pass a probe, and its factors would
+    drop them), on a device with data. The probe: its forward on random inputs of 2 and 3 dimensions,
+    in train and in eval mode, against F.linear, equal within a few units of the dtype's rounding.
+    """
+    w = module.weight
+    if set(module._parameters) - {"weight", "bias"} or module._buffers or module._modules:
+        return False
+    if not w.is_floating_point() or w.device.type == "meta" or w.dim() != 2:
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    if is_fake(w):
+        return False
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    inputs = [torch.randn(*lead, w.shape[1], generator=gen).to(device=w.device, dtype=w.dtype)
+              for lead in ((3,), (2, 3))]
+    tol = 16 * torch.finfo(w.dtype).eps * max(1, w.shape[1]) ** 0.5
+    probe = copy.copy(module)        # its own `training` flag; parameters shared, read only
+    try:
+        with torch.no_grad():
+            for mode in (module.training, not module.training):
+                probe.training = mode
+                for x in inputs:
+                    got = type(module).forward(probe, x)
+                    want = F.linear(x, w, module.bias)
+                    if (not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype
+                            or not torch.allclose(got.float(), want.float(), rtol=tol,
+                                                  atol=tol * float(want.abs().max().clamp_min(1.0)))):
+                        return False
+    except Exception:  # noqa: BLE001 - a forward that fails on plain inputs is not F.linear
+        return False
+    return True
+
+
 def forward_reason(module: nn.Module) -> Optional[str]:
     """Why the layer's forward is not exactly its base layer's (weight standardization, same padding,
     ...), so plain factors would not reproduce it; None when it is."""
@@ -132,7 +172,10 @@ def forward_reason(module: nn.Module) -> Optional[str]:
         # timm's Linear only casts the weight to the input dtype under TorchScript: plain F.linear otherwise
         if any(_is_timm_linear_class(k) and cls.forward is k.forward for k in cls.__mro__):
             return None
-        return f"{cls.__name__} overrides Linear.forward"
+        if _computes_linear(module):
+            return None
+        return (f"{cls.__name__} overrides Linear.forward, and its forward differs from F.linear (or holds "
+                f"more than weight and bias): factors would not reproduce it")
     for base in _CONVS.values():
         if isinstance(module, base):
             if cls.forward is not base.forward or cls._conv_forward is not base._conv_forward:
