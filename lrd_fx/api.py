@@ -1,9 +1,11 @@
 """compile(): Config -> list of passes -> PassManager.run (save() and load() are in serialize.py)."""
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Optional
 
@@ -13,11 +15,11 @@ import torch.nn as nn
 
 from .config import Calibration, Config
 from .context import CompileContext
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, TraceError
 from .flops import count_flops
 from .pipeline import PassManager, PassTimer, default_instruments, graph_modules
 from .plan import LayerRecord
-from .trace import trace
+from .trace import PartFailed, trace
 
 
 class LRDInfo:
@@ -27,6 +29,7 @@ class LRDInfo:
         self._root = root
         self.config = ctx.config
         self.fallback_parts = dict(ctx.fallback_parts)
+        self.kept_eager = dict(ctx.kept_eager)   # parts whose traced graph failed on the inputs (save keeps them)
         self.pass_times = dict(ctx.pass_times)
         self.notes = list(ctx.notes)
         self.freezer = ctx.freezer
@@ -460,17 +463,58 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
         _check_not_empty(inputs)      # both time the model on these inputs
     _check_model(model, cfg, inputs)
     device, dtype = _model_device_dtype(model)
-    # Conv/Linear weights are shared with `model` (read only) until _run's unshare: peak memory
-    work = copy_model(model, share_layer_weights=_shares_nothing_written(cfg, calibration))
-    counted = _early_check(work, cfg, inputs, device, dtype)
-    ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
+    batches = None
     if calibration is not None:
         from .passes.calibrate import calibration_batches
-        ctx.calibration = calibration_batches(calibration)
+        batches = calibration_batches(calibration)
     from .cost.timer import active_amp, no_autocast
-    ctx.autocast = active_amp(device)   # the caller's precision: the rank search times in it
+    amp = active_amp(device)   # the caller's precision: the rank search times in it
+
+    def new_ctx() -> CompileContext:
+        ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
+        ctx.calibration, ctx.autocast = batches, amp
+        return ctx
+
     with no_autocast(device):   # the passes' own math (factorization) stays in full precision
-        return _run(work, ctx, counted)
+        # Conv/Linear weights are shared with `model` (read only) until _run's unshare: peak memory
+        return copy_and_run(model, cfg, inputs, new_ctx, share_layer_weights=_shares_nothing_written(cfg, calibration))
+
+
+# compile and load trace the model again at most this many times, each time keeping eager one more part
+# whose traced graph failed on the example inputs (PartFailed)
+MAX_RETRACES = 8
+
+
+def copy_and_run(model: nn.Module, cfg: Config, inputs: Optional[tuple], new_ctx, *,
+                 share_layer_weights: bool = False, kept_eager: Optional[dict] = None) -> nn.Module:
+    """copy_model, _early_check and _run on the copy with the context new_ctx() makes.
+
+    fx traces a part called apart (under a parent that does not trace) without its call's values, so its
+    graph can take a branch its real call does not (a parameter that defaults to None traced as given:
+    Hugging Face MobileBERT's embeddings). When shape_prop finds a part's graph failing on the inputs while
+    the eager model runs them (PartFailed), the model is copied and traced again with that part kept eager
+    (its children traced apart; the reason in the report's kept-eager parts), at most MAX_RETRACES times.
+    kept_eager: such parts known already ({path: reason}; load() takes them from the file, so a model
+    loaded without example inputs is rebuilt the same way).
+    """
+    device, dtype = _model_device_dtype(model)
+    kept: dict[str, str] = dict(kept_eager or {})
+    while True:
+        work = copy_model(model, share_layer_weights=share_layer_weights)
+        counted = _early_check(work, cfg, inputs, device, dtype)
+        try:
+            return _run(work, new_ctx(), counted, kept)
+        except PartFailed as e:
+            del work
+            where = e.part or "<root>"
+            if e.part in kept or len(kept) >= MAX_RETRACES:
+                raise TraceError(
+                    f"the traced model fails on example_inputs although the model runs eagerly on them: traced "
+                    f"part '{where}': {e.reason} (parts kept eager for this already: {sorted(kept) or 'none'}). "
+                    f"Mark that module a leaf (leaf_modules=[...]) so it is not traced, and please report it"
+                ) from e
+            kept[e.part] = (f"kept eager: its traced graph failed on the example inputs, which the module "
+                            f"runs eagerly ({e.reason[:160]})")
 
 
 def _early_check(work: nn.Module, cfg: Config, inputs: Optional[tuple], device, dtype) -> Optional[tuple]:
@@ -482,9 +526,11 @@ def _early_check(work: nn.Module, cfg: Config, inputs: Optional[tuple], device, 
     return _check_inputs(work, inputs, device, dtype) if _lazy_layers(work) else None
 
 
-def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None) -> nn.Module:
+def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
+         keep_eager_parts: Optional[dict] = None) -> nn.Module:
     """The passes on `work` (the caller's model's copy). counted: (FLOPs, error) of the model from a
-    forward of _check_inputs before tracing; without it, shape_prop's forward counts them."""
+    forward of _check_inputs before tracing; without it, shape_prop's forward counts them.
+    keep_eager_parts: {module path: reason} kept eager by trace (copy_and_run's retries)."""
     cfg = ctx.config
     ctx.params_before = sum(p.numel() for p in work.parameters())
     if ctx.example_inputs is not None:
@@ -493,12 +539,17 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None) 
         else:
             ctx.count_flops = True
         if cfg.check_inputs:
-            ctx.input_check = lambda: _check_inputs(work, ctx.example_inputs, ctx.device, ctx.dtype)
+            # on an eager copy of the caller's model (weights shared, read only): `work` is traced in place
+            ctx.input_check = lambda: _check_inputs(copy_model(ctx.model, share_layer_weights=True),
+                                                    ctx.example_inputs, ctx.device, ctx.dtype)
     eager: set = set()
     leaves = tuple(cfg.leaf_modules)
     gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,
-               eager_parts=eager, concrete_args=_none_inputs(work, ctx.example_inputs))
+               eager_parts=eager, concrete_args=_none_inputs(work, ctx.example_inputs),
+               keep_eager_parts=keep_eager_parts)
     ctx.eager_parts = eager
+    ctx.kept_eager = dict(keep_eager_parts or {})
+    ctx.retrace = True         # copy_and_run traces again when shape_prop finds a part's graph failing
     timer = PassTimer()
     pm = PassManager(build_passes(ctx), instruments=default_instruments(cfg.debug, cfg.dump_dir) + [timer])
     gm = pm.run(gm).graph_module
@@ -513,7 +564,22 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None) 
     from .fastcalls import fast_module_calls_
     fast_module_calls_(gm)     # module calls without nn.Module.__getattr__ (after the passes: their dumps stay plain)
     gm.lrd = LRDInfo(gm, ctx)
+    _warn_if_nothing_factorized(ctx)
     return gm
+
+
+def _warn_if_nothing_factorized(ctx: CompileContext) -> None:
+    """A UserWarning when the model has Conv/Linear layers and every one was skipped (none factorized, none
+    reverted by timing): the returned model computes what the original does, which the caller would not
+    otherwise notice; the warning gives the most common reason."""
+    from .plan import SKIPPED
+    recs = list(ctx.records.values())
+    if not recs or ctx.empty_init or any(r.decision != SKIPPED for r in recs):
+        return
+    reasons = collections.Counter(r.reason for r in recs)
+    reason, n = reasons.most_common(1)[0]
+    warnings.warn(f"lrd_fx.compile factorized none of the model's {len(recs)} Conv/Linear layers ({n} of them: "
+                  f"{reason}); the model is returned as it was, see model.lrd.report()", UserWarning, stacklevel=5)
 
 
 # save() and load() live in serialize.py (a file format that cannot run code); re-exported here.

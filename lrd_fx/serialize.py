@@ -63,6 +63,7 @@ def save(gm: nn.Module, path) -> None:
     tensors, aliases = _distinct_tensors(gm.state_dict())
     header["aliases"] = aliases
     header["freezer_keys"] = _freezer_keys(gm)
+    header["kept_eager"] = dict(getattr(info, "kept_eager", {}))
     try:
         text = json.dumps(header)
     except (TypeError, ValueError) as e:
@@ -247,12 +248,14 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     cfg = _rebuild_config(header, plan, overrides, where)
     inputs = api._as_tuple(example_inputs, model)
     device, dtype = api._model_device_dtype(model)
-    work = api.copy_model(model)
-    counted = api._early_check(work, cfg, inputs, device, dtype)
-    ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
-    ctx.empty_init = True     # the factors are filled from the file, not factorized
+
+    def new_ctx() -> CompileContext:
+        ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
+        ctx.empty_init = True     # the factors are filled from the file, not factorized
+        return ctx
+
     try:
-        gm = api._run(work, ctx, counted)
+        gm = api.copy_and_run(model, cfg, inputs, new_ctx, kept_eager=_kept_eager(header, where))
     except InputError:
         raise                 # the example inputs do not fit the model (shape_prop's forward failed on them)
     except LRDError as e:
@@ -264,6 +267,15 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     gm.lrd.notes.append(f"loaded from '{where}' ({header.get('format')}, saved by lrd_fx "
                         f"{header.get('lrd_fx_version', '?')}, torch {header.get('torch_version', '?')})")
     return gm
+
+
+def _kept_eager(header: dict, where: str) -> dict:
+    """The header's {module path: reason} of parts compile kept eager because their traced graph failed
+    on its inputs ({} in files written before it was saved)."""
+    kept = header.get("kept_eager", {})
+    if not isinstance(kept, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in kept.items()):
+        raise LoadError(f"'{where}': the header's kept_eager entry is not a JSON object of strings; the file is damaged")
+    return kept
 
 
 def _check_overrides(overrides: dict) -> None:

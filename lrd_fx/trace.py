@@ -1,7 +1,9 @@
 """Tracer with a leaf-module registry, and tracing with a per-child fallback."""
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import os
 import traceback
 from typing import Callable, Iterable, Optional
@@ -75,6 +77,20 @@ class LRDTracer(fx.Tracer):
         if isinstance(m, _FACTORIZABLE):
             return True
         return super().is_leaf_module(m, qualname)
+
+    def create_arg(self, a):
+        # transformers' ModelOutput is a dict subclass and a dataclass: fx's dict branch would make it a plain
+        # dict, and code reading its attributes (out.last_hidden_state in an eager parent) would fail. Build
+        # the class in the graph, as fx does for other dataclasses; an OrderedDict (torchvision's
+        # segmentation models) stays one too.
+        if isinstance(a, dict) and type(a) is not dict:
+            if dataclasses.is_dataclass(a):
+                kwargs = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a) if f.init}
+                return self.create_node("call_function", type(a), (), kwargs)
+            if type(a) is collections.OrderedDict:
+                return self.create_node("call_function", collections.OrderedDict,
+                                        (self.create_arg([tuple(kv) for kv in a.items()]),), {})
+        return super().create_arg(a)
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
@@ -326,9 +342,21 @@ def _is_torch_builtin(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.nn") and not isinstance(m, containers + _FACTORIZABLE)
 
 
+class PartFailed(TraceError):
+    """A part's traced graph fails on the example inputs where the model runs eagerly (shape_prop raises it;
+    compile and load then trace the model again with that part kept eager). `part`: its path ("" for the
+    root), `reason`: the failure."""
+
+    def __init__(self, part: str, reason: str):
+        super().__init__(f"traced part '{part or '<root>'}' fails on the example inputs where the model runs "
+                         f"eagerly ({reason})")
+        self.part, self.reason = part, reason
+
+
 def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = True,
           fallback_parts: Optional[dict] = None, eager_parts: Optional[set] = None,
-          concrete_args: Optional[dict] = None, _path: str = "") -> nn.Module:
+          concrete_args: Optional[dict] = None, keep_eager_parts: Optional[dict] = None,
+          _path: str = "") -> nn.Module:
     """Trace `model` (which the caller owns: it is rewired, not copied).
 
     Returns a GraphModule when the model traces. Where a submodule breaks tracing, that submodule is
@@ -337,6 +365,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
     separately. `fallback_parts` receives {module path: reason} for every part that fell back.
     `concrete_args` ({forward parameter: None}) fixes inputs of this module's forward that will be None
     (fx would trace them as given, e.g. through `if mask is not None:`); not passed to parts traced apart.
+    `keep_eager_parts` ({module path: reason}, "" for the root): modules kept eager whatever their trace
+    gives (parts whose graph failed on the example inputs, see PartFailed), their children traced apart.
     Raises TraceError when fallback is off, or when nothing at all could be traced.
     """
     leaf_modules = tuple(leaf_modules)
@@ -347,6 +377,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
     parts = fallback_parts if fallback_parts is not None else {}
     eager = eager_parts if eager_parts is not None else set()
     forced: dict[str, str] = {}   # relative path -> reason, children that broke tracing
+    kept = keep_eager_parts if keep_eager_parts is not None else {}
 
     def keep_eager(reason: str) -> nn.Module:
         # this module's own forward does not trace (or not for both modes): keep it eager, trace each child apart
@@ -356,10 +387,12 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
             if isinstance(child, _FACTORIZABLE) or not _has_factorizable(child):
                 continue   # a single layer needs no graph: the decompose pass swaps it directly
             setattr(model, cname, trace(child, leaf_modules=leaf_modules, fallback=True,
-                                        fallback_parts=parts, eager_parts=eager,
+                                        fallback_parts=parts, eager_parts=eager, keep_eager_parts=kept,
                                         _path=_join(_path, cname)))
         return model
 
+    if _path in kept:
+        return keep_eager(kept[_path])
     while True:
         try:
             gm, mode_reason = _trace_both_modes(model, classes, local_names | set(forced), concrete_args)
@@ -404,6 +437,6 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
         if isinstance(sub, _FACTORIZABLE) or not _has_factorizable(sub):
             continue
         new = trace(sub, leaf_modules=leaf_modules, fallback=True, fallback_parts=parts,
-                    eager_parts=eager, _path=full)
+                    eager_parts=eager, keep_eager_parts=kept, _path=full)
         gm.set_submodule(rel, new)
     return gm

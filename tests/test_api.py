@@ -239,3 +239,16 @@ def test_inputs_left_none_are_traced_as_none():
             gm(x, mask)
     gm = lrd_fx.compile(model, (x, mask), rank="full", progress=False)
     torch.testing.assert_close(gm(x, mask), model(x, mask), rtol=1e-4, atol=1e-5)
+
+
+def test_compile_warns_when_it_factorizes_nothing():
+    import warnings
+    small = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"factorized none of the model's 2 Conv/Linear layers.*min_channels"):
+        gm = lrd_fx.compile(small, (torch.randn(2, 4),), progress=False)
+    assert all(r["decision"] == "skipped" for r in gm.lrd.plan.values())
+    big = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # one layer factorized: no warning
+        gm = lrd_fx.compile(big, (torch.randn(2, 32),), ratio=0.5, progress=False)
+    assert gm.lrd.plan["0"]["decision"] == "decomposed"

@@ -92,6 +92,26 @@ MODELS = {
                  lambda: (torch.randn(B, 400),), "last_hidden_state",
                  {"feature_extractor.conv_layers.0.conv": "min_channels",
                   "encoder.pos_conv_embed.conv": "WeightNorm"}),
+    # every Linear is a FalconLinear (an nn.Linear subclass whose forward is x @ W.T + b): factorized;
+    # forward(input_ids, past_key_values, attention_mask): the ids only
+    "falcon": (lambda: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                            num_attention_heads=4, bos_token_id=0, eos_token_id=1,
+                                                            pad_token_id=1)),
+               lambda: (_ids(),), "logits", {"lm_head": "weight shared with transformer.word_embeddings"}),
+    # the embeddings are traced apart (the root does not trace) and get inputs_embeds=None at run time, which
+    # their graph traced as given: that graph fails on the inputs, so they stay eager, their Linear factorized
+    "mobilebert": (lambda: tf.MobileBertModel(tf.MobileBertConfig(vocab_size=V, hidden_size=32, embedding_size=16,
+                                                                  num_hidden_layers=2, num_attention_heads=4,
+                                                                  intermediate_size=32, true_hidden_size=16,
+                                                                  intra_bottleneck_size=16, num_feedforward_networks=2,
+                                                                  max_position_embeddings=32)),
+                   _text(), "last_hidden_state", {}),
+    # the encoder is traced apart and returns a ModelOutput that its eager parent reads by attribute
+    "yolos": (lambda: tf.YolosModel(tf.YolosConfig(image_size=[32, 32], patch_size=8, hidden_size=32,
+                                                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                                   num_detection_tokens=5)),
+              lambda: (torch.randn(B, 3, 32, 32),), "last_hidden_state",
+              {"embeddings.patch_embeddings.projection": "min_channels"}),
 }
 
 
@@ -222,3 +242,21 @@ def test_keyword_example_inputs_dict_or_batch_encoding(name):
             {n: r.get("ranks") for n, r in by_tuple.lrd.plan.items()}
         with torch.no_grad():
             torch.testing.assert_close(getattr(gm(**batch), field), getattr(by_tuple(**batch), field))
+
+
+def test_part_kept_eager_after_its_graph_failed_is_rebuilt_by_load_without_inputs(tmp_path):
+    """MobileBERT's embeddings graph fails on the inputs (inputs_embeds traced as given): compile keeps them
+    eager, the report says why, and the file records it, so load() without example inputs rebuilds the
+    same model (the weights fit) and gives the same outputs."""
+    model, x, field, _ = _build("mobilebert")
+    gm = lrd_fx.compile(model, x, ratio=0.5, progress=False)
+    assert set(gm.lrd.kept_eager) == {"embeddings"}
+    assert "kept eager: its traced graph failed" in gm.lrd.fallback_parts["embeddings"]
+    assert "NoneType" in gm.lrd.report()
+    assert isinstance(gm.get_submodule("embeddings.embedding_transformation"), FactorChain)
+    path = tmp_path / "mobilebert.lrd"
+    lrd_fx.save(gm, path)
+    for loaded in (lrd_fx.load(model, path), lrd_fx.load(model, path, x)):
+        assert set(loaded.lrd.kept_eager) == {"embeddings"}
+        with torch.no_grad():
+            torch.testing.assert_close(getattr(loaded(*x), field), getattr(gm(*x), field), rtol=0, atol=0)

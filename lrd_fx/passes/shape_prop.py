@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
+import sys
 from typing import Any, Optional
 
 import torch
@@ -15,7 +17,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from ..context import CompileContext
 from ..errors import LRDError
 from ..pipeline import PassResult, graph_modules
-from ..trace import _FACTORIZABLE, attributes_kept
+from ..trace import _FACTORIZABLE, PartFailed, attributes_kept
 
 
 def _is_fake(x) -> bool:
@@ -77,11 +79,13 @@ class RecordShapes(fx.Interpreter):
 
 
 def _record_once(part: fx.GraphModule, failed: dict, name: str):
-    """A forward for `part` that records shapes on its first call and runs the plain forward after."""
+    """A forward for `part` that records shapes on its first call and runs the plain forward after. An
+    exception out of the part's graph is tagged with the part's path (`_lrd_traced_part`, the innermost
+    part first), so that shape_prop can name the graph that failed."""
     plain = type(part).forward.__get__(part)
     state = {"done": False}
 
-    def forward(*args, **kwargs):
+    def run(*args, **kwargs):
         if state["done"]:
             return plain(*args, **kwargs)
         state["done"] = True
@@ -90,6 +94,14 @@ def _record_once(part: fx.GraphModule, failed: dict, name: str):
         except Exception as e:   # noqa: BLE001 - shapes are annotations: run the part plainly instead
             failed[name] = f"{type(e).__name__}: {e}"
             return plain(*args, **kwargs)
+
+    def forward(*args, **kwargs):
+        try:
+            return run(*args, **kwargs)
+        except Exception as e:
+            if not hasattr(e, "_lrd_traced_part"):
+                e._lrd_traced_part = "" if name == "<root>" else name
+            raise
     return forward
 
 
@@ -187,28 +199,46 @@ def capture_fake(root: nn.Module, args: tuple, kwargs: dict, count: bool):
     return (layers, failed, int(fc.get_total_flops()), None) if count else (layers, failed)
 
 
+@contextlib.contextmanager
+def _stderr_kept_unless_failing():
+    """Hold what is written to sys.stderr and write it out after, unless the block raises: a GraphModule
+    whose code fails prints its generated code and the whole traceback to stderr (torch.fx's
+    _WrappedCall), which would show on a compile that then succeeds (the part is kept eager) or that
+    raises an error of its own."""
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        yield
+    sys.stderr.write(held.getvalue())
+
+
 def shape_prop(ctx: CompileContext):
     def run(root):
         if ctx.example_inputs is None:
             return PassResult(root, False)
         args, kwargs = ctx.example_inputs, ctx.example_kwargs
         try:
-            got = capture_fake(root, args, kwargs, ctx.count_flops) if fake_pays(root) else None
-            if isinstance(got, str):
-                ctx.notes.append(f"shape_prop: the forward on fake tensors failed ({got[:160]}); ran the real one")
-                got = None
-            if got is None:
-                got = capture_counting(root, args, kwargs) if ctx.count_flops else capture_shapes(root, args, kwargs)
+            with _stderr_kept_unless_failing():
+                got = capture_fake(root, args, kwargs, ctx.count_flops) if fake_pays(root) else None
+                if isinstance(got, str):
+                    ctx.notes.append(f"shape_prop: the forward on fake tensors failed ({got[:160]}); ran the real one")
+                    got = None
+                if got is None:
+                    got = capture_counting(root, args, kwargs) if ctx.count_flops else capture_shapes(root, args, kwargs)
             layers, failed = got[:2]
             if ctx.count_flops:
                 ctx.flops_counted = tuple(got[2:])
-        except Exception:
+        except Exception as e:
             if ctx.input_check is not None:
                 try:
-                    ctx.input_check()     # the model itself on the inputs: an InputError when it fails there too
-                except LRDError as e:
-                    e._lrd_pass_named = True  # about the inputs, not this pass: no pass prefix
+                    ctx.input_check()     # the eager model on the inputs: an InputError when it fails there too
+                except LRDError as err:
+                    err._lrd_pass_named = True  # about the inputs, not this pass: no pass prefix
                     raise
+            part = getattr(e, "_lrd_traced_part", None)
+            if part is not None and ctx.retrace and not isinstance(e, LRDError):
+                # the eager model runs (or was not checked): the graph traced for that part is wrong for these
+                # inputs (e.g. an argument traced as given that is None here); compile/load keep it eager
+                raise PartFailed(part, f"{type(e).__name__}: {str(e)[:200]}") from e
             raise                         # it runs eagerly: the traced model does not
         ctx.layer_io = layers
         for part_name, why in failed.items():

@@ -1,0 +1,180 @@
+"""Parts traced apart whose graph is wrong for their real call: a part kept eager and traced again when its
+graph fails on the inputs, dataclass/OrderedDict outputs kept as their class, and the input check run on
+an eager model."""
+import collections
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lrd_fx
+from lrd_fx import api
+from lrd_fx.errors import InputError, TraceError
+from lrd_fx.factorize import FactorChain
+
+
+class Emb(nn.Module):
+    """Called with embeds=None; traced apart, fx takes `embeds` as given and the graph fails on None."""
+
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 32)
+
+    def forward(self, ids, embeds=None):
+        if embeds is None:
+            embeds = self.e(ids)
+        return self.proj(embeds)
+
+
+class NoneArgModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = Emb()
+        self.head = nn.Linear(32, 32)
+
+    def forward(self, ids):
+        h = self.emb(ids, embeds=None)
+        if h.sum() > -1e9:          # data-dependent: the root does not trace, `emb` is traced apart
+            h = self.head(h)
+        return h
+
+
+def _none_arg_model():
+    torch.manual_seed(0)
+    return NoneArgModel().eval(), (torch.randint(0, 50, (2, 8)),)
+
+
+def test_part_whose_graph_fails_is_kept_eager_and_its_layers_still_factorized(capsys):
+    model, x = _none_arg_model()
+    full = lrd_fx.compile(model, x, rank="full", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(full(*x), model(*x), rtol=1e-5, atol=1e-6)
+    gm = lrd_fx.compile(model, x, ratio=0.5, progress=False)
+    assert set(gm.lrd.kept_eager) == {"emb"}
+    reason = gm.lrd.fallback_parts["emb"]
+    assert reason.startswith("kept eager: its traced graph failed") and "NoneType" in reason
+    assert isinstance(gm.emb.proj, FactorChain) and isinstance(gm.head, FactorChain)
+    assert not isinstance(gm.emb, torch.fx.GraphModule)          # the part runs its own forward
+    with torch.no_grad():
+        out = gm(*x)
+    assert out.shape == (2, 8, 32) and torch.isfinite(out).all()
+    # torch.fx prints a failing graph's code and traceback to stderr: none of it shows on a compile that works
+    assert capsys.readouterr().err == ""
+    assert not any(isinstance(m, FactorChain) for m in model.modules())
+
+
+def test_bad_inputs_still_blame_the_inputs_and_leave_the_caller_model_alone():
+    model, _ = _none_arg_model()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputError, match=r"does not run on example_inputs of shape \[\(2, 8\)\].*IndexError"):
+        lrd_fx.compile(model, (torch.randint(60, 70, (2, 8)),), ratio=0.5, progress=False)   # ids beyond the vocabulary
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_too_many_failing_parts_raise_a_trace_error_naming_the_part(monkeypatch):
+    model, x = _none_arg_model()
+    monkeypatch.setattr(api, "MAX_RETRACES", 0)
+    with pytest.raises(TraceError, match=r"traced part 'emb'.*NoneType.*leaf_modules"):
+        lrd_fx.compile(model, x, ratio=0.5, progress=False)
+
+
+@dataclasses.dataclass
+class Out(collections.OrderedDict):
+    """A dict subclass and a dataclass, like transformers' ModelOutput."""
+    hidden: torch.Tensor = None
+    extra: torch.Tensor = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is not None:
+                self[f.name] = getattr(self, f.name)
+
+
+class Enc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return Out(hidden=self.b(torch.relu(self.a(x))))
+
+
+class ReadsAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = Enc()
+
+    def forward(self, x):
+        if x.sum() > -1e9:          # the root does not trace: `enc` is traced apart
+            x = x + 1
+        return self.enc(x).hidden   # attribute access on the part's output
+
+
+def test_part_returning_a_dataclass_dict_keeps_its_class():
+    torch.manual_seed(0)
+    model, x = ReadsAttribute().eval(), torch.randn(2, 16)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    assert isinstance(gm.enc, torch.fx.GraphModule) and not gm.lrd.kept_eager   # traced, and right
+    with torch.no_grad():
+        got = gm.enc(x + 1)
+        assert type(got) is Out and list(got) == ["hidden"] and got.extra is None
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class SegHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.aux = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        result = collections.OrderedDict()
+        result["out"] = self.conv(x)
+        result["aux"] = self.aux(x)
+        return result
+
+
+def test_traced_model_returning_an_ordered_dict_keeps_it():
+    torch.manual_seed(0)
+    model, x = SegHead().eval(), torch.randn(1, 8, 4, 4)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    assert isinstance(gm, torch.fx.GraphModule)
+    with torch.no_grad():
+        got, want = gm(x), model(x)
+    assert type(got) is collections.OrderedDict and list(got) == ["out", "aux"]
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_hugging_face_model_output_of_a_part_traced_apart():
+    mo = pytest.importorskip("transformers.modeling_outputs")
+
+    class HFEnc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return mo.BaseModelOutput(last_hidden_state=self.l(x))
+
+    class HFModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = HFEnc()
+
+        def forward(self, x):
+            if x.sum() > -1e9:
+                x = x + 1
+            return self.enc(x).last_hidden_state
+
+    torch.manual_seed(0)
+    model, x = HFModel().eval(), torch.randn(2, 16)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    with torch.no_grad():
+        assert type(gm.enc(x)) is mo.BaseModelOutput
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
