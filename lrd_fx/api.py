@@ -507,6 +507,11 @@ def copy_and_run(model: nn.Module, cfg: Config, inputs: Optional[tuple], new_ctx
         except PartFailed as e:
             del work
             where = e.part or "<root>"
+            if not cfg.fallback:
+                raise TraceError(
+                    f"traced part '{where}' fails on example_inputs although the model runs eagerly on them "
+                    f"({e.reason}): its graph is not what its real call runs. Allow fallback=True to keep it "
+                    f"eager, or mark it a leaf (leaf_modules=[...])") from e
             if e.part in kept or len(kept) >= MAX_RETRACES:
                 raise TraceError(
                     f"the traced model fails on example_inputs although the model runs eagerly on them: traced "

@@ -178,3 +178,29 @@ def test_hugging_face_model_output_of_a_part_traced_apart():
     with torch.no_grad():
         assert type(gm.enc(x)) is mo.BaseModelOutput
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+
+class TryReshape(nn.Module):
+    """Eager code catches the reshape's failure; the traced graph has no try, so it fails where eager runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        try:
+            return self.lin(x.reshape(-1, 16))
+        except RuntimeError:
+            return self.lin(x[..., :16])
+
+
+def test_root_graph_failing_where_eager_runs_is_kept_eager_or_named_with_fallback_false():
+    torch.manual_seed(0)
+    model, x = TryReshape().eval(), torch.randn(2, 20)           # 40 elements: reshape(-1, 16) fails
+    with pytest.raises(TraceError, match=r"traced part '<root>' fails on example_inputs.*fallback=True"):
+        lrd_fx.compile(model, (x,), ratio=0.5, fallback=False, progress=False)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    assert set(gm.lrd.kept_eager) == {""} and type(gm) is TryReshape and isinstance(gm.lin, FactorChain)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
