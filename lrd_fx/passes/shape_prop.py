@@ -201,13 +201,18 @@ def capture_fake(root: nn.Module, args: tuple, kwargs: dict, count: bool):
 
 @contextlib.contextmanager
 def _stderr_kept_unless_failing():
-    """Hold what is written to sys.stderr and write it out after, unless the block raises: a GraphModule
-    whose code fails prints its generated code and the whole traceback to stderr (torch.fx's
-    _WrappedCall), which would show on a compile that then succeeds (the part is kept eager) or that
-    raises an error of its own."""
+    """Hold what is written to sys.stderr and write it out after, unless the block raises out of a traced
+    part's graph: a GraphModule whose code fails prints its generated code and the whole traceback to
+    stderr (torch.fx's _WrappedCall), which would show on a compile that then succeeds (compile keeps
+    that part eager and traces again) or that raises an error of its own."""
     held = io.StringIO()
-    with contextlib.redirect_stderr(held):
-        yield
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except Exception as e:
+        if getattr(e, "_lrd_traced_part", None) is None:
+            sys.stderr.write(held.getvalue())
+        raise
     sys.stderr.write(held.getvalue())
 
 
