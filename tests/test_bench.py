@@ -401,3 +401,28 @@ def test_gpu_check_runs_its_checks_on_the_cpu(capsys):
     out = capsys.readouterr().out
     assert failed == 0, out[-3000:]
     assert out.count("OK   ") == 5 and "gpu_check: 0 failed" in out
+
+
+def test_hf_sweep_runs_architectures_in_child_processes(tmp_path):
+    """`python -m bench.hf_sweep NAME...`: each architecture checked in its own process, a JSON line each and a
+    summary; MobileBERT (a part kept eager after its graph failed) passes all three checks, save/load included."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "bench.hf_sweep", "opt", "mobilebert", "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(ln) for ln in (tmp_path / "sweep.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["opt", "mobilebert"]
+    for r in rows:
+        assert r["status"] == "PASS", r
+        assert r["steps"]["full_rel_diff"] <= 1e-4 and r["steps"]["load_rel_diff"] <= 1e-5
+        assert r["steps"]["ratio_params"] < r["params"]
+    assert "2 architectures" in (tmp_path / "sweep.txt").read_text().splitlines()[0]
+    bad = subprocess.run([sys.executable, "-m", "bench.hf_sweep", "no_such_model"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown architectures" in bad.stderr
