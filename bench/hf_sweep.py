@@ -9,6 +9,8 @@ Each architecture is built from a small random config (hidden size 32, 1-3 layer
 1. compile(rank="full"): the output equals the original's within 1e-4 relative (max |diff| / max |out|);
 2. compile(ratio=0.5): finite output of the same shape, fewer parameters;
 3. save, then load(model, path) without example inputs: the loaded output equals the compiled one;
+4. the ratio=0.5 model in train mode: a backward pass runs and gives finite gradients, some nonzero, to the
+   factor layers (how many of their parameters got one is recorded: train_factor_grads);
 and after each compile and load, the caller's state_dict and module tree are unchanged. Models whose
 random init outputs all zeros (some zero-initialised final norms) get N(0, 0.2) weights first.
 Status per model: PASS; CLEAR-ERROR (an LRDError: a refusal with a message); NOT-SMALLER (nothing to
@@ -460,6 +462,20 @@ def run_one(name):
     if not d <= 1e-5:
         fail("save_load", "BUG", f"loaded output differs from compiled: rel {d:.3e}", gm=loaded)
         return res
+
+    # 4. train mode: a backward pass reaches the factors, with finite gradients
+    from lrd_fx.factorize import FactorChain
+    try:
+        gm.train()
+        gm(*x)[field].float().pow(2).mean().backward()
+    except Exception as e:
+        fail("train", "BUG", f"backward through the compiled model: {type(e).__name__}: {str(e)[:300]}", e, gm)
+        return res
+    grads = [p.grad for m in gm.modules() if isinstance(m, FactorChain) for p in m.parameters()]
+    got = [g for g in grads if g is not None]
+    res["steps"]["train_factor_grads"] = f"{len(got)}/{len(grads)}"
+    if not got or not all(bool(torch.isfinite(g).all()) for g in got) or not any(bool(g.abs().sum() > 0) for g in got):
+        fail("train", "BUG", f"factor gradients missing, zero or not finite ({len(got)} of {len(grads)} set)", gm=gm)
     return res
 
 

@@ -422,6 +422,8 @@ def test_hf_sweep_runs_architectures_in_child_processes(tmp_path):
         assert r["status"] == "PASS", r
         assert r["steps"]["full_rel_diff"] <= 1e-4 and r["steps"]["load_rel_diff"] <= 1e-5
         assert r["steps"]["ratio_params"] < r["params"]
+        done, total = map(int, r["steps"]["train_factor_grads"].split("/"))
+        assert 0 < done <= total
     assert "2 architectures" in (tmp_path / "sweep.txt").read_text().splitlines()[0]
     bad = subprocess.run([sys.executable, "-m", "bench.hf_sweep", "no_such_model"], cwd=root,
                          capture_output=True, text=True, timeout=120)
