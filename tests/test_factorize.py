@@ -546,6 +546,10 @@ def test_linear_subclass_computing_f_linear_is_factorized_others_are_kept():
         _close(gm(x), model(x))
     scaled = ScaledLinear(12, 10)
     assert "differs from F.linear" in unsupported_reason(scaled)
+    for dtype in (torch.bfloat16, torch.float16):        # half precision and wide layers: still told apart
+        assert unsupported_reason(MatmulLinear(4096, 64).to(dtype)) is None
+        assert "differs from F.linear" in unsupported_reason(ScaledLinear(4096, 64).to(dtype))
+    assert unsupported_reason(MatmulLinear(4096, 64)) is None
     train_scaled = TrainScaledLinear(12, 10).eval()        # equal in eval mode only: not reproduced in train mode
     assert "differs from F.linear" in unsupported_reason(train_scaled) and not train_scaled.training
     assert "more than weight and bias" in unsupported_reason(ZeroLoRALinear(12, 10))
