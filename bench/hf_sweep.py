@@ -9,8 +9,9 @@ Each architecture is built from a small random config (hidden size 32, 1-3 layer
 1. compile(rank="full"): the output equals the original's within 1e-4 relative (max |diff| / max |out|);
 2. compile(ratio=0.5): finite output of the same shape, fewer parameters;
 3. save, then load(model, path) without example inputs: the loaded output equals the compiled one;
-4. the ratio=0.5 model in train mode: a backward pass runs and gives finite gradients, some nonzero, to the
-   factor layers (how many of their parameters got one is recorded: train_factor_grads);
+4. the ratio=0.5 model in train mode: a backward pass of every floating-point output runs and gives finite
+   gradients, some nonzero, to the factor layers (how many of their parameters got one is recorded:
+   train_factor_grads);
 and after each compile and load, the caller's state_dict and module tree are unchanged. Models whose
 random init outputs all zeros (some zero-initialised final norms) get N(0, 0.2) weights first.
 Status per model: PASS; CLEAR-ERROR (an LRDError: a refusal with a message); NOT-SMALLER (nothing to
@@ -467,7 +468,8 @@ def run_one(name):
     from lrd_fx.factorize import FactorChain
     try:
         gm.train()
-        gm(*x)[field].float().pow(2).mean().backward()
+        # every floating-point output (a pooler's too): a factor that only feeds one of them gets a gradient
+        sum(t.float().pow(2).mean() for t in _float_tensors(gm(*x))).backward()
     except Exception as e:
         fail("train", "BUG", f"backward through the compiled model: {type(e).__name__}: {str(e)[:300]}", e, gm)
         return res
@@ -477,6 +479,19 @@ def run_one(name):
     if not got or not all(bool(torch.isfinite(g).all()) for g in got) or not any(bool(g.abs().sum() > 0) for g in got):
         fail("train", "BUG", f"factor gradients missing, zero or not finite ({len(got)} of {len(grads)} set)", gm=gm)
     return res
+
+
+def _float_tensors(out) -> list:
+    """The floating-point tensors that require grad in a model output (tensors, tuples/lists, dicts and
+    ModelOutputs; caches and other objects are passed over)."""
+    import torch
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() and out.requires_grad else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _float_tensors(v)]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------- driver
