@@ -21,7 +21,6 @@ Results: bench/results/hf_sweep-<date>.{jsonl,txt} (or --out PREFIX), a line per
 """
 import argparse
 import datetime
-import inspect
 import json
 import os
 import subprocess
@@ -277,20 +276,6 @@ def models():
 
 
 # ---------------------------------------------------------------------------------------------- one model
-def positional(model, kw):
-    """dict of keyword inputs -> tuple in forward's positional order, gaps filled with the defaults."""
-    params = list(inspect.signature(model.forward).parameters.values())
-    names = [p.name for p in params]
-    last = max(names.index(k) for k in kw)
-    out = []
-    for p in params[:last + 1]:
-        if p.name in kw:
-            out.append(kw[p.name])
-        else:
-            out.append(None if p.default is inspect.Parameter.empty else p.default)
-    return tuple(out)
-
-
 def n_params(m):
     return sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
 
@@ -322,6 +307,7 @@ def run_one(name):
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     import lrd_fx
+    from lrd_fx import api
     from lrd_fx.errors import LRDError
 
     res = {"name": name, "status": "PASS", "steps": {}}
@@ -330,7 +316,7 @@ def run_one(name):
     try:
         model = make().eval()
         kw = inputs()
-        x = positional(model, kw)
+        x = api._as_tuple(kw, model)   # in forward's positional order, as compile maps a dict
         with torch.no_grad():
             want = model(*x)[field]
             if want.abs().max() == 0:   # HF zero-initialises some final norms: the comparison would be vacuous

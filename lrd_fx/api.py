@@ -477,7 +477,7 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
 
     with no_autocast(device):   # the passes' own math (factorization) stays in full precision
         # Conv/Linear weights are shared with `model` (read only) until _run's unshare: peak memory
-        return copy_and_run(model, cfg, inputs, new_ctx, share_layer_weights=_shares_nothing_written(cfg, calibration))
+        return copy_and_run(model, new_ctx, share_layer_weights=_shares_nothing_written(cfg, calibration))
 
 
 # compile and load trace the model again at most this many times, each time keeping eager one more part
@@ -485,9 +485,10 @@ def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] =
 MAX_RETRACES = 8
 
 
-def copy_and_run(model: nn.Module, cfg: Config, inputs: Optional[tuple], new_ctx, *,
-                 share_layer_weights: bool = False, kept_eager: Optional[dict] = None) -> nn.Module:
-    """copy_model, _early_check and _run on the copy with the context new_ctx() makes.
+def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False,
+                 kept_eager: Optional[dict] = None) -> nn.Module:
+    """copy_model, _early_check and _run on the copy, with the context new_ctx() makes (its config, inputs,
+    device and dtype).
 
     fx traces a part called apart (under a parent that does not trace) without its call's values, so its
     graph can take a branch its real call does not (a parameter that defaults to None traced as given:
@@ -497,17 +498,17 @@ def copy_and_run(model: nn.Module, cfg: Config, inputs: Optional[tuple], new_ctx
     kept_eager: such parts known already ({path: reason}; load() takes them from the file, so a model
     loaded without example inputs is rebuilt the same way).
     """
-    device, dtype = _model_device_dtype(model)
     kept: dict[str, str] = dict(kept_eager or {})
     while True:
+        ctx = new_ctx()
         work = copy_model(model, share_layer_weights=share_layer_weights)
-        counted = _early_check(work, cfg, inputs, device, dtype)
+        counted = _early_check(work, ctx.config, ctx.example_inputs, ctx.device, ctx.dtype)
         try:
-            return _run(work, new_ctx(), counted, kept)
+            return _run(work, ctx, counted, kept)
         except PartFailed as e:
             del work
             where = e.part or "<root>"
-            if not cfg.fallback:
+            if not ctx.config.fallback:
                 raise TraceError(
                     f"traced part '{where}' fails on example_inputs although the model runs eagerly on them "
                     f"({e.reason}): its graph is not what its real call runs. Allow fallback=True to keep it "

@@ -255,7 +255,7 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
         return ctx
 
     try:
-        gm = api.copy_and_run(model, cfg, inputs, new_ctx, kept_eager=_kept_eager(header, where))
+        gm = api.copy_and_run(model, new_ctx, kept_eager=_kept_eager(header, where))
     except InputError:
         raise                 # the example inputs do not fit the model (shape_prop's forward failed on them)
     except LRDError as e:
