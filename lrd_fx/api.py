@@ -19,6 +19,7 @@ from .errors import ConfigError, InputError, TraceError
 from .flops import count_flops
 from .pipeline import PassManager, PassTimer, default_instruments, graph_modules
 from .plan import LayerRecord
+from .report import outside_layers
 from .trace import PartFailed, trace
 
 
@@ -41,6 +42,8 @@ class LRDInfo:
         self.guard = ctx.guard               # what the whole-model guard gave back (None: nothing)
         self.setting = ctx.setting           # precision / layout / execution form timed in
         self._eager_records = {n: r for n, r in ctx.records.items()}
+        # parameters no Conv/Linear layer holds, by module type (report); read from the caller's model
+        self.outside = outside_layers(ctx.model, ctx.records)
 
     def records(self) -> dict[str, LayerRecord]:
         """Per-layer records, read from the graph's node.meta["lrd"] (layers in eager parts from the

@@ -1,9 +1,17 @@
 """Per-layer report tables (tabulate), built from the records on the graph."""
 from __future__ import annotations
 
+from collections import defaultdict
+
+import torch.nn as nn
 from tabulate import tabulate
 
 from .plan import LayerRecord
+
+# The report lists which kinds of module hold the parameters left outside Conv/Linear layers when they are
+# at least this share of the model (embeddings, mixture-of-experts tensors, norms, ...), at most TOP_KINDS.
+OUTSIDE_SHARE = 0.2
+TOP_KINDS = 5
 
 
 def _shape(s) -> str:
@@ -76,6 +84,56 @@ def totals(info) -> dict:
     }
 
 
+def outside_layers(root: nn.Module, records) -> tuple[int, list]:
+    """Parameters of `root` (the caller's model: a traced graph has lost the classes of the modules it
+    traced through) outside every Conv/Linear layer (factorized or not) and factor chain, each
+    tensor counted once: (their total, [(module class, count, name of its largest tensor, its shape)] by
+    count, largest first)."""
+    from .factorize.chain import FactorChain
+    from .factorize.modules import is_layer_like
+    inside: set = set()
+    for name, m in root.named_modules():
+        if name in records or isinstance(m, FactorChain) or is_layer_like(m):
+            inside.update(id(p) for p in m.parameters())
+    counted: set = set()
+    kinds: dict = defaultdict(lambda: [0, None, None, 0])   # class -> [count, example, shape, its numel]
+    # a tensor with several owners counts for the deepest (the Embedding rather than a parent's alias)
+    for name, m in sorted(root.named_modules(), key=lambda nm: -nm[0].count(".") - bool(nm[0])):
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) in inside or id(p) in counted:
+                continue
+            counted.add(id(p))
+            k = kinds[type(m).__name__]
+            k[0] += p.numel()
+            if p.numel() > k[3]:
+                k[1:] = [f"{name}.{pname}" if name else pname, list(p.shape), p.numel()]
+    rows = sorted(((cls, n, ex, shape) for cls, (n, ex, shape, _) in kinds.items() if n), key=lambda r: -r[1])
+    return sum(r[1] for r in rows), rows
+
+
+def _share(n: int, total: int) -> str:
+    return f"{n / total:.0%}" if n >= 0.005 * total else "<1%"
+
+
+def _outside_lines(outside, total: int) -> tuple[list, list]:
+    """The summary row and (when they are OUTSIDE_SHARE of the model or more) the by-kind lines for the
+    parameters no Conv/Linear layer holds (`outside_layers`' result): these are never factorized."""
+    n, rows = outside if outside else (0, [])
+    if not n or not total:
+        return [], []
+    row = ["params outside Conv/Linear layers", f"{n:,}", f"{_share(n, total)} of the original model, left as they are"]
+    if n < OUTSIDE_SHARE * total:
+        return [row], []
+    lines = ["", "Parameters outside Conv/Linear layers, by module type (not factorized):"]
+    for cls, count, ex, shape in rows[:TOP_KINDS]:
+        extra = "; 3-D weights are not factorized" if len(shape) == 3 else ""
+        lines.append(f"  {cls}: {count:,} ({_share(count, total)}), largest {ex} {_shape(shape)}{extra}")
+    if len(rows) > TOP_KINDS:
+        rest = sum(r[1] for r in rows[TOP_KINDS:])
+        lines.append(f"  {len(rows) - TOP_KINDS} other module types: {rest:,}")
+    return [row], lines
+
+
 def _x(a, b) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
@@ -90,6 +148,8 @@ def summary(info) -> str:
         ["params, whole model", f"{t['model_params_before']:,} -> {t['model_params_after']:,}",
          _x(t["model_params_before"], t["model_params_after"]) + " fewer"],
     ]
+    outside_row, outside_lines = _outside_lines(getattr(info, "outside", None), t["model_params_before"])
+    rows += outside_row
     if t["model_flops_before"] and t["model_flops_after"] is not None:
         rows.append(["GFLOPs per forward (example inputs)",
                      f"{t['model_flops_before'] / 1e9:.3f} -> {t['model_flops_after'] / 1e9:.3f}",
@@ -99,6 +159,8 @@ def summary(info) -> str:
     if info.pass_times:
         rows.append(["pass times", ", ".join(f"{k} {v:.2f}s" for k, v in info.pass_times.items()), ""])
     out = tabulate(rows, tablefmt="plain")
+    if outside_lines:
+        out += "\n" + "\n".join(outside_lines)
     if info.fallback_parts:
         out += "\n\nParts traced separately (whole-model tracing failed there):"
         for path, why in info.fallback_parts.items():

@@ -158,6 +158,53 @@ def test_report_and_plan_are_complete():
     assert gm.lrd.flops_after < gm.lrd.flops_before
 
 
+class _Experts(nn.Module):
+    """Mixture-of-experts weights held as one 3-D tensor (no Linear layer): left as they are."""
+
+    def __init__(self, n=4, d=16, f=32):
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(n, f, d) * 0.1)
+
+    def forward(self, x):
+        return torch.einsum("bd,efd->bf", x, self.up)
+
+
+class _EmbedExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(100, 16)
+        self.experts = _Experts()
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 16)
+        self.extra = self.embed.weight                    # a second name for the embedding: counted once
+
+    def forward(self, ids):
+        return self.head(self.norm(self.experts(self.embed(ids).mean(1))))
+
+
+def test_report_says_where_the_parameters_outside_layers_are():
+    """Parameters no Conv/Linear layer holds (embeddings, 3-D expert tensors, norms) are totalled once
+    each and, when they are a large share of the model, listed by module type with the largest tensor."""
+    from lrd_fx.report import outside_layers
+    model = _EmbedExperts().eval()
+    gm = lrd_fx.compile(model, (torch.randint(0, 100, (2, 5)),), ratio=0.5, min_channels=1, progress=False)
+    n, rows = gm.lrd.outside
+    assert (n, rows) == outside_layers(model, gm.lrd.records())
+    assert n == 1600 + 2048 + 64                      # embedding (tied name once) + experts + LayerNorm
+    assert [r[:2] for r in rows] == [("_Experts", 2048), ("Embedding", 1600), ("LayerNorm", 64)]
+    assert rows[0][2:] == ("experts.up", [4, 32, 16])
+    text = gm.lrd.report()
+    assert re.search(r"params outside Conv/Linear layers\s+3,712\s+88% of the original model", text)
+    assert "_Experts: 2,048 (48%), largest experts.up 4x32x16; 3-D weights are not factorized" in text
+    assert "Embedding: 1,600 (38%), largest embed.weight 100x16" in text
+    # a CNN: its BatchNorm parameters are a small share, totalled without the by-type list
+    cnn = lrd_fx.compile(small_cnn(), (torch.randn(1, 3, 8, 8),), ratio=0.25, progress=False)
+    text = cnn.lrd.report()
+    share = f"{32 / cnn.lrd.params_before:.0%}"       # the BatchNorm's weight and bias
+    assert re.search(rf"params outside Conv/Linear layers\s+32\s+{share} of the original model", text)
+    assert "by module type" not in text
+
+
 class _ModeNet(nn.Module):
     """Its forward reads self.training (functional dropout): traced in both modes and merged."""
 
