@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import inspect
 import warnings
 from collections.abc import Mapping
@@ -338,7 +339,9 @@ def _shared_layer_weights(model: nn.Module) -> dict:
         if not (is_linear_like(m) or isinstance(m, nn.modules.conv._ConvNd)):
             continue
         for p in m._parameters.values():
-            if type(p) is nn.Parameter and id(p) not in memo:     # not lazy/uninitialised or subclasses
+            # not lazy/uninitialised or subclasses; nor inference tensors (made under torch.inference_mode:
+            # deepcopy's clone of one is an ordinary tensor, which autograd and requires_grad accept)
+            if type(p) is nn.Parameter and id(p) not in memo and not p.is_inference():
                 memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
     return memo
 
@@ -407,6 +410,21 @@ def build_passes(ctx: CompileContext) -> list:
     return passes
 
 
+def outside_inference_mode(fn):
+    """Run `fn` with torch.inference_mode off. Tensors made under inference mode can never join autograd,
+    so a model compiled (loaded, fused) inside `with torch.inference_mode():` would get factor weights,
+    and copies of its other weights, that fail the first forward outside it with grad on ("Inference
+    tensors cannot be saved for backward"): training, or an eval forward whose weights require grad."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@outside_inference_mode
 def fuse(model: nn.Module, *, debug: bool = False) -> nn.Module:
     """An inference-only copy of `model` (eval mode): freezing gates and no-op nodes (Identity, eval
     dropout) dropped, BatchNorm folded into the conv before it, adjacent linear maps with nothing between
@@ -435,6 +453,7 @@ def fuse(model: nn.Module, *, debug: bool = False) -> nn.Module:
     return fused
 
 
+@outside_inference_mode
 def compile(model: nn.Module, example_inputs=None, *, config: Optional[Config] = None, calibration=None,
             **overrides) -> nn.Module:
     """Trace `model`, factorize its Conv/Linear layers and return a GraphModule with `.lrd`.

@@ -222,6 +222,7 @@ def _distinct_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]
 # ---------------------------------------------------------------------------------------------------
 # load
 
+@api.outside_inference_mode
 def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = False, **overrides) -> nn.Module:
     """Rebuild the compiled model saved at `path` from the original `model`: same ranks, same reverts,
     weights from the file. Nothing is re-searched or re-factorized, and the caller's model is not mutated.

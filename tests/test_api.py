@@ -205,6 +205,37 @@ def test_report_says_where_the_parameters_outside_layers_are():
     assert "by module type" not in text
 
 
+def test_inference_mode_at_compile_load_or_fuse_gives_a_trainable_model(tmp_path):
+    """Tensors made under torch.inference_mode never join autograd: compile, load and fuse run outside it,
+    so their models train (or run with grad on) afterwards; a model built under inference mode compiles
+    too (its weights are copied into ordinary tensors, the caller's left as they are)."""
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    model = small_cnn().eval()
+    ref = lrd_fx.compile(model, (x,), ratio=0.5, progress=False)
+    with torch.inference_mode():
+        gm = lrd_fx.compile(model, (x,), ratio=0.5, progress=False)
+    assert not any(p.is_inference() for p in gm.parameters())
+    torch.testing.assert_close(gm(x), ref(x), rtol=0, atol=0)
+    gm.train()(x).sum().backward()
+    assert all(p.grad is not None for p in gm.parameters() if p.requires_grad)
+    path = str(tmp_path / "m.safetensors")
+    lrd_fx.save(ref, path)
+    with torch.inference_mode():
+        loaded = lrd_fx.load(model, path)
+        fused = lrd_fx.fuse(ref)
+    assert not any(p.is_inference() for p in [*loaded.parameters(), *fused.parameters()])
+    loaded.train()(x).sum().backward()
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        built = small_cnn().eval()
+    assert all(p.is_inference() for p in built.parameters())
+    gm = lrd_fx.compile(built, (x,), ratio=0.5, progress=False)
+    assert not any(p.is_inference() for p in gm.parameters())
+    gm.train()(x).sum().backward()
+    assert all(p.is_inference() for p in built.parameters())
+
+
 class _ModeNet(nn.Module):
     """Its forward reads self.training (functional dropout): traced in both modes and merged."""
 
