@@ -18,7 +18,7 @@ from .config import Calibration, Config
 from .context import CompileContext
 from .errors import ConfigError, InputError, TraceError
 from .flops import count_flops
-from .pipeline import PassManager, PassTimer, default_instruments, graph_modules
+from .pipeline import PassManager, PassTimer, default_instruments, eval_mode, graph_modules
 from .plan import LayerRecord
 from .report import outside_layers
 from .trace import PartFailed, trace
@@ -187,10 +187,8 @@ def _check_inputs(model: nn.Module, inputs: tuple, device, dtype) -> tuple:
     forward of the traced model checks the inputs and counts the FLOPs (one forward of the model in all),
     and this runs only when that forward fails, to say whether the inputs are at fault."""
     from torch.utils.flop_counter import FlopCounterMode
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             try:
                 with FlopCounterMode(display=False) as fc:
                     model(*inputs)
@@ -204,8 +202,6 @@ def _check_inputs(model: nn.Module, inputs: tuple, device, dtype) -> tuple:
         raise InputError(f"the model does not run on example_inputs of shape {shapes} "
                          f"({type(e).__name__}: {e}); pass inputs shaped as the model expects, e.g. "
                          f"torch.randn(1, 3, 224, 224) for an ImageNet model") from e
-    finally:
-        model.train(was)
 
 
 def _check_not_empty(inputs: tuple) -> None:

@@ -16,14 +16,10 @@ from .factorize.modules import layer_dims
 def count_flops(model: nn.Module, inputs: tuple) -> int:
     """Total FLOPs of one forward (torch.utils.flop_counter), in eval mode so no statistics change."""
     from torch.utils.flop_counter import FlopCounterMode
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(*inputs)
-        return int(fc.get_total_flops())
-    finally:
-        model.train(was)
+    from .pipeline import eval_mode
+    with torch.no_grad(), eval_mode(model), FlopCounterMode(display=False) as fc:
+        model(*inputs)
+    return int(fc.get_total_flops())
 
 
 def layer_flops(m: nn.Module, io: Optional[dict]) -> int:

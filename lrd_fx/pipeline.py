@@ -1,6 +1,7 @@
 """PassResult, PassManager and its instruments (print graph, dump code, time passes)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -11,6 +12,36 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import LRDError, PassError
+
+
+def training_flags(model: nn.Module) -> tuple:
+    """Every module's own training flag, for restore_training_flags: `model.train(was)` would give every
+    submodule the root's, and a BatchNorm the caller froze with .eval() in a training model would come
+    back training and move its statistics."""
+    return model, {m: m.training for m in model.modules()}
+
+
+def restore_training_flags(flags: tuple) -> None:
+    """Put back what training_flags saw; a module added since (a factor chain installed meanwhile) takes
+    its parent's flag, as model.train(flag) would have given it."""
+    model, known = flags
+
+    def walk(m: nn.Module, parent: bool) -> None:
+        m.training = known.get(m, parent)
+        for c in m.children():
+            walk(c, m.training)
+    walk(model, known.get(model, model.training))
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """`model.eval()` for the block, then every module's own training flag back (training_flags)."""
+    flags = training_flags(model)
+    model.eval()
+    try:
+        yield model
+    finally:
+        restore_training_flags(flags)
 
 
 @dataclass

@@ -236,6 +236,31 @@ def test_inference_mode_at_compile_load_or_fuse_gives_a_trainable_model(tmp_path
     assert all(p.is_inference() for p in built.parameters())
 
 
+@pytest.mark.parametrize("how", ["lazy", "calibration", "allocate"])
+def test_compiled_model_keeps_every_modules_own_mode(how):
+    """A training model with a BatchNorm frozen by .eval() (fine-tuning practice) comes back with that
+    BatchNorm still in eval mode, also through the passes that run the model in eval mode on the way
+    (the eager forward that sizes lazy layers, calibration, rank allocation): model.train(was) would
+    have set every module to the root's flag, and the frozen statistics would move in training."""
+    lazy = how == "lazy"
+    model = nn.Sequential(nn.LazyConv2d(16, 3) if lazy else nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3), nn.Flatten(), nn.LazyLinear(10) if lazy else nn.Linear(576, 10))
+    model.train()
+    model[1].eval()
+    x = torch.randn(4, 3, 10, 10)
+    kw = {} if lazy else {"calibration": [x, x]}
+    if how == "allocate":
+        kw["calibration_allocate"] = "sensitivity"
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, min_channels=1, progress=False, **kw)
+    assert gm.training and not gm.get_submodule("1").training
+    assert not model[1].training and model.training
+    chains = [m for m in gm.modules() if isinstance(m, FactorChain)]
+    assert chains and all(c.training and all(f.training for f in c.children()) for c in chains)
+    before = gm.get_submodule("1").running_mean.clone()
+    gm(x)
+    torch.testing.assert_close(gm.get_submodule("1").running_mean, before, rtol=0, atol=0)
+
+
 class _ModeNet(nn.Module):
     """Its forward reads self.training (functional dropout): traced in both modes and merged."""
 

@@ -34,7 +34,7 @@ from ..errors import InputError
 from ..factorize import modules as fm
 from ..factorize import ranks as fr
 from ..factorize.chain import FactorChain, paused, pending_chain
-from ..pipeline import PassResult
+from ..pipeline import PassResult, restore_training_flags, training_flags
 from .calibrate import factor_chains, run_batch, whitening_of
 from .decompose import install_chain
 
@@ -181,7 +181,7 @@ def allocate(ctx: CompileContext):
         costs = {n: [fm.chain_params(ctx.originals[n], r, ctx.records[n].scheme) for r in cands[n]] for n in names}
         budget = sum(ctx.records[n].params_after for n in names)
         errors: dict = {}
-        was = gm.training
+        flags = training_flags(gm)
         gm.eval()
         bar = tqdm(total=sum(map(len, cands.values())), desc="allocate ranks", unit="candidate", leave=False,
                    disable=not ctx.config.progress)
@@ -204,7 +204,7 @@ def allocate(ctx: CompileContext):
                         bar.update(1)
         finally:
             bar.close()
-            gm.train(was)
+            restore_training_flags(flags)
         chosen = allocate_ranks(costs, errors, budget)
         uni_err = sum(errors[n][cands[n].index(tuple(ctx.records[n].ranks))] for n in names)
         new_err = sum(errors[n][chosen[n]] for n in names)

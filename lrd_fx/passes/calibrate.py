@@ -16,7 +16,7 @@ from ..factorize import ranks as fr
 from ..factorize.svd import singular_values
 from ..factorize.whiten import CHANNEL, IM2COL, LINEAR, InputStats, Whitening, features, whitened_matrix
 from ..factorize.chain import FactorChain, materialize_, paused
-from ..pipeline import PassResult
+from ..pipeline import PassResult, restore_training_flags, training_flags
 from ..trace import _FACTORIZABLE
 
 
@@ -236,7 +236,7 @@ def record_input_stats(model: nn.Module, layers: dict, batches: list,
             if args and isinstance(args[0], torch.Tensor):
                 stats[name].update(_layer_features(mod, view, args[0], mask, name))
         handles.append(m.register_forward_pre_hook(hook))
-    was = model.training
+    flags = training_flags(model)
     model.eval()   # inference behaviour (dropout off, BatchNorm running statistics untouched)
     try:
         with torch.no_grad():
@@ -244,7 +244,7 @@ def record_input_stats(model: nn.Module, layers: dict, batches: list,
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
+        restore_training_flags(flags)
         mask.current = None
     return stats, mask
 
@@ -343,7 +343,7 @@ def calibrate(ctx: CompileContext):
         names = factor_chains(gm, ctx)
         damping = cfg.calibrate.damping
         used: dict[str, InputStats] = {}
-        was = gm.training
+        flags = training_flags(gm)
         gm.eval()
         try:
             with torch.no_grad():
@@ -375,7 +375,7 @@ def calibrate(ctx: CompileContext):
                 _fit_one_shot(gm, ctx, [n for n in names if n not in used and n in (ctx.calibration_stats or {})],
                               used)
         finally:
-            gm.train(was)
+            restore_training_flags(flags)
         _report(ctx, names, used, damping)
         if cfg.calibrate.recalibrate_bn:
             # BatchNorm statistics of the final model: chains without calibration data get their plain
