@@ -97,6 +97,25 @@ def test_weights_channels_last_without_channels_last_inputs():
     assert seen and all(seen)
 
 
+@pytest.mark.parametrize("scheme", ["tucker2", "conv_svd"])
+def test_factors_of_a_channels_last_model_are_stored_channels_last(tmp_path, scheme):
+    """The chains that replace a channels_last model's convs hold channels_last k x k factors, as the
+    search timed them (compile, load and fuse alike); 1 x 1 factors are both layouts at once."""
+    model = convs(2).eval().to(memory_format=torch.channels_last)
+    x = X.contiguous(memory_format=torch.channels_last)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, conv_scheme=scheme, progress=False)
+    chains = [m for m in gm.modules() if isinstance(m, FactorChain)]
+    assert len(chains) == 2 and all(nhwc_3x3(c) for c in chains)
+    path = str(tmp_path / "m.safetensors")
+    lrd_fx.save(gm, path)
+    loaded = lrd_fx.load(model, path)
+    assert all(nhwc_3x3(c) for c in loaded.modules() if isinstance(c, FactorChain))
+    torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
+    assert nhwc_3x3(lrd_fx.fuse(gm))
+    plain = lrd_fx.compile(convs(2).eval(), (X,), ratio=0.5, conv_scheme=scheme, progress=False)
+    assert not any(nhwc_3x3(c) for c in plain.modules() if isinstance(c, FactorChain))
+
+
 def test_cache_keys_differ_by_amp_and_execution_form(tmp_path):
     base = dict(device="cpu", dtype=torch.float32, memory_format="contiguous", signature="s", input_shape=(2, 3),
                 rank="8", objective="infer")

@@ -327,9 +327,20 @@ def _make_layers(module: nn.Module, ranks: tuple, eff: str, device, dtype, init:
                         (ROLE_LAST, make(conv, r_out, out, one, bias=has_bias))])
 
 
+def weight_memory_format(w: torch.Tensor) -> Optional[torch.memory_format]:
+    """torch.channels_last(_3d) for a conv weight stored so (a model moved to channels_last), else None."""
+    for dim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if w.dim() == dim and not w.is_contiguous() and w.is_contiguous(memory_format=fmt):
+            return fmt
+    return None
+
+
 def _finish(module: nn.Module, layers, eff: str) -> FactorChain:
     chain = FactorChain(layers, scheme=eff, source=type(module).__name__)
     chain.train(module.training)
+    fmt = weight_memory_format(module.weight) if isinstance(module, nn.modules.conv._ConvNd) else None
+    if fmt is not None:     # the factors of a channels_last conv are stored channels_last too
+        chain.to(memory_format=fmt)
     return chain
 
 

@@ -103,10 +103,7 @@ def _key(ranks) -> str:
 
 
 def _memory_format(m: nn.Module) -> str:
-    w = m.weight
-    if w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    return "contiguous"
+    return "channels_last" if fm.weight_memory_format(m.weight) == torch.channels_last else "contiguous"
 
 
 def _signature(m: nn.Module, scheme: str) -> str:
