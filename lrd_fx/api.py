@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import functools
 import inspect
-import warnings
 from collections.abc import Mapping
 from typing import Optional
 
@@ -16,7 +15,7 @@ import torch.nn as nn
 
 from .config import Calibration, Config
 from .context import CompileContext
-from .errors import ConfigError, InputError, TraceError
+from .errors import ConfigError, InputError, TraceError, warn
 from .flops import count_flops
 from .pipeline import PassManager, PassTimer, default_instruments, eval_mode, graph_modules
 from .plan import LayerRecord
@@ -588,22 +587,42 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
     from .fastcalls import fast_module_calls_
     fast_module_calls_(gm)     # module calls without nn.Module.__getattr__ (after the passes: their dumps stay plain)
     gm.lrd = LRDInfo(gm, ctx)
-    _warn_if_nothing_factorized(ctx)
+    if not _warn_if_nothing_factorized(ctx):
+        _warn_if_mostly_outside(gm.lrd, ctx)
     return gm
 
 
-def _warn_if_nothing_factorized(ctx: CompileContext) -> None:
+def _warn_if_nothing_factorized(ctx: CompileContext) -> bool:
     """A UserWarning when the model has Conv/Linear layers and every one was skipped (none factorized, none
     reverted by timing): the returned model computes what the original does, which the caller would not
-    otherwise notice; the warning gives the most common reason."""
+    otherwise notice; the warning gives the most common reason. Returns whether it warned."""
     from .plan import SKIPPED
     recs = list(ctx.records.values())
     if not recs or ctx.empty_init or any(r.decision != SKIPPED for r in recs):
-        return
+        return False
     reasons = collections.Counter(r.reason for r in recs)
     reason, n = reasons.most_common(1)[0]
-    warnings.warn(f"lrd_fx.compile factorized none of the model's {len(recs)} Conv/Linear layers ({n} of them: "
-                  f"{reason}); the model is returned as it was, see model.lrd.report()", UserWarning, stacklevel=5)
+    warn(f"lrd_fx.compile factorized none of the model's {len(recs)} Conv/Linear layers ({n} of them: {reason}); "
+         f"the model is returned as it was, see model.lrd.report()")
+    return True
+
+
+# compile warns when at least this share of the model's parameters sits outside Conv/Linear layers
+MOSTLY_OUTSIDE = 0.5
+
+
+def _warn_if_mostly_outside(info: LRDInfo, ctx: CompileContext) -> None:
+    """A UserWarning when most of the model's parameters are outside Conv/Linear layers (a mixture of
+    experts' 3-D expert tensors, a large embedding), so that the model shrinks far less than the rank rule
+    says: naming where they are, which the caller would otherwise find only in the report."""
+    n, rows = info.outside
+    total = info.params_before
+    if ctx.empty_init or not rows or not total or n < MOSTLY_OUTSIDE * total:
+        return
+    from .report import describe_outside
+    warn(f"lrd_fx.compile: {n / total:.0%} of the model's parameters are outside Conv/Linear layers and are left "
+         f"as they are ({describe_outside(rows, total, 2)}), so the model keeps {info.params_after / total:.2f}x "
+         f"its parameters; see model.lrd.report()")
 
 
 # save() and load() live in serialize.py (a file format that cannot run code); re-exported here.

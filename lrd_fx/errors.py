@@ -1,4 +1,18 @@
-"""Every user-facing failure of lrd_fx is an LRDError subclass defined here."""
+"""Every user-facing failure of lrd_fx is an LRDError subclass defined here (and `warn`, for its warnings)."""
+import os
+import sys
+import warnings
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str, category=UserWarning) -> None:
+    """warnings.warn attributed to the caller's line: the first frame outside lrd_fx (however many of
+    lrd_fx's own frames, wrappers included, lie between)."""
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class LRDError(Exception):

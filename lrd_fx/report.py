@@ -111,6 +111,12 @@ def outside_layers(root: nn.Module, records) -> tuple[int, list]:
     return sum(r[1] for r in rows), rows
 
 
+def describe_outside(rows: list, total: int, top: int) -> str:
+    """'MixtralExperts 79%, 3-D weights; Embedding 5%' for the first `top` of outside_layers' rows."""
+    return "; ".join(f"{cls} {_share(count, total)}" + (", 3-D weights" if len(shape) == 3 else "")
+                     for cls, count, _, shape in rows[:top])
+
+
 def _share(n: int, total: int) -> str:
     return f"{n / total:.0%}" if n >= 0.005 * total else "<1%"
 

@@ -347,11 +347,28 @@ def test_inputs_left_none_are_traced_as_none():
 def test_compile_warns_when_it_factorizes_nothing():
     import warnings
     small = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.warns(UserWarning, match=r"factorized none of the model's 2 Conv/Linear layers.*min_channels"):
+    with pytest.warns(UserWarning, match=r"factorized none of the model's 2 Conv/Linear layers.*min_channels") as got:
         gm = lrd_fx.compile(small, (torch.randn(2, 4),), progress=False)
+    assert got[0].filename == __file__              # the caller's line, not one of lrd_fx's
     assert all(r["decision"] == "skipped" for r in gm.lrd.plan.values())
     big = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("error")          # one layer factorized: no warning
         gm = lrd_fx.compile(big, (torch.randn(2, 32),), ratio=0.5, progress=False)
     assert gm.lrd.plan["0"]["decision"] == "decomposed"
+
+
+def test_compile_warns_when_most_parameters_are_outside_layers():
+    """Most of the parameters in a 3-D expert tensor and an embedding: the model shrinks far less than
+    the ratio says, and the warning says where the parameters are; a CNN does not warn."""
+    import warnings
+    with pytest.warns(UserWarning, match=r"88% of the model's parameters are outside Conv/Linear layers and are left "
+                                         r"as they are \(_Experts 48%, 3-D weights; Embedding 38%\), so the model "
+                                         r"keeps 0\.94x its parameters") as got:
+        gm = lrd_fx.compile(_EmbedExperts().eval(), (torch.randint(0, 100, (2, 5)),), ratio=0.5, min_channels=1,
+                            progress=False)
+    assert got[0].filename == __file__
+    assert gm.lrd.params_after / gm.lrd.params_before == pytest.approx(0.94, abs=0.005)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lrd_fx.compile(small_cnn(), (torch.randn(1, 3, 8, 8),), ratio=0.25, progress=False)

@@ -5,13 +5,12 @@ import os
 import platform
 import sqlite3
 import time
-import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import torch
 
-from ..errors import CacheError
+from ..errors import CacheError, warn
 from .timer import Measurement
 
 FORMAT = "lrd_fx-timings/3"   # /2: min_s column; /3: scale column (timings rescaled into another frame)
@@ -226,7 +225,7 @@ class TimingCache:
         # one warning per cache object (one compile), however many look-ups and writes follow
         if not self._warned:
             self._warned = True
-            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+            warn(msg, RuntimeWarning)
 
     def _disable(self, why: str) -> None:
         self.disabled = True
