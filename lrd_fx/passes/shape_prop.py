@@ -16,7 +16,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..context import CompileContext
 from ..errors import LRDError
-from ..pipeline import PassResult, graph_modules
+from ..pipeline import PassResult, graph_modules, restore_training_flags, training_flags
 from ..trace import _FACTORIZABLE, PartFailed, attributes_kept
 
 
@@ -145,7 +145,7 @@ def capture_shapes(root: nn.Module, args: tuple, kwargs: dict, *, fake: bool = F
         # an instance attribute shadows the class's generated forward for this one run
         part.forward = _record_once(part, failed, prefix[:-1] or "<root>")
         patched.append(part)
-    modes = {m: m.training for m in root.modules()}
+    modes = training_flags(root)
     root.eval()   # shapes only: keep BatchNorm statistics of the copy untouched
     try:
         with contextlib.ExitStack() as stack:
@@ -158,8 +158,7 @@ def capture_shapes(root: nn.Module, args: tuple, kwargs: dict, *, fake: bool = F
                 stack.enter_context(counter)
             root(*args, **kwargs)
     finally:
-        for m, mode in modes.items():
-            m.training = mode
+        restore_training_flags(modes)
         for h in handles:
             h.remove()
         for part in patched:
