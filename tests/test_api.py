@@ -221,10 +221,12 @@ def test_inference_mode_at_compile_load_or_fuse_gives_a_trainable_model(tmp_path
     assert all(p.grad is not None for p in gm.parameters() if p.requires_grad)
     path = str(tmp_path / "m.safetensors")
     lrd_fx.save(ref, path)
+    gated = lrd_fx.compile(model, (x,), ratio=0.5, freeze="sequential", progress=False)
     with torch.inference_mode():
         loaded = lrd_fx.load(model, path)
         fused = lrd_fx.fuse(ref)
-    assert not any(p.is_inference() for p in [*loaded.parameters(), *fused.parameters()])
+        stripped = lrd_fx.strip_gates(gated)
+    assert not any(p.is_inference() for m in (loaded, fused, stripped) for p in m.parameters())
     loaded.train()(x).sum().backward()
     torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
     with torch.inference_mode():

@@ -6,7 +6,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..api import copy_model
+from ..api import copy_model, outside_inference_mode
 from ..errors import FreezeError
 from ..freezing import FREEZER_NAME, FreezeController, FreezerLink, grad_gate, ungate_module_
 
@@ -99,6 +99,7 @@ def ungate_graph(part: fx.GraphModule) -> bool:
     return changed
 
 
+@outside_inference_mode
 def strip_gates(model: nn.Module) -> nn.Module:
     """A copy of a gated model without gates or controller: factor calls are call_module nodes again.
 
