@@ -3,16 +3,22 @@ afresh (no timing cache) and reports the layers whose ranks differ, the paramete
 
     python -m bench.search_stability --model resnet50 --batch 8 --size 160 --runs 3 --threads 2
     python -m bench.search_stability --model resnet18 --runs 2 --out /tmp/stab
+    python -m bench.search_stability --layers 'layer3.*.conv2,layer4.0.conv1' --runs 3   # a few layers only
 
 Each run is its own child process (so one run's warm caches and allocator do not help the next), with
-lrd_fx.compile(model, (randn(batch, 3, size, size),), ratio=R, rank_search=MODE, cache=False). Results:
-a summary on stdout and bench/results/search_stability-<model>-<date>.json (or --out PREFIX). Run it on
-an otherwise idle machine: the search's own report says how busy it found the machine.
+lrd_fx.compile(model, (randn(batch, 3, size, size),), ratio=R, rank_search=MODE, cache=False); --layers
+(comma-separated globs of layer names) factorizes and searches only those layers, which takes a fraction
+of the time (each layer is timed on its own, so its decision does not depend on the others). Results:
+a summary on stdout (with each run's reason for the layers that differ) and
+bench/results/search_stability-<model>-<date>.json (or --out PREFIX; per run and layer also the reason
+and every timed candidate). Run it on an otherwise idle machine: the search's own report says how busy
+it found the machine.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import json
 import os
 import subprocess
@@ -31,11 +37,17 @@ def _child(args) -> dict:
     torch.manual_seed(args.seed)
     model = make_model(args.model, args.size).eval()
     x = torch.randn(args.batch, 3, args.size, args.size)
+    kw = {}
+    if args.layers:
+        patterns = [g for g in args.layers.split(",") if g]
+        kw["filter_fn"] = lambda name, m: any(fnmatch.fnmatchcase(name, g) for g in patterns)
     t0 = time.perf_counter()
-    gm = lrd_fx.compile(model, (x,), ratio=args.ratio, rank_search=args.mode, cache=False, progress=False)
+    gm = lrd_fx.compile(model, (x,), ratio=args.ratio, rank_search=args.mode, cache=False, progress=False, **kw)
+    plan = {n: r for n, r in gm.lrd.plan.items() if r.get("decision") != "skipped" or not args.layers}
     return {"seconds": time.perf_counter() - t0,
             "params": sum(p.numel() for p in gm.parameters()),
-            "plan": {n: [r.get("ranks"), r.get("decision")] for n, r in gm.lrd.plan.items()},
+            "plan": {n: [r.get("ranks"), r.get("decision")] for n, r in plan.items()},
+            "details": {n: {"reason": r.get("reason"), "candidates": r.get("candidates")} for n, r in plan.items()},
             "notes": [n for n in gm.lrd.notes if n.startswith("rank search")]}
 
 
@@ -54,8 +66,10 @@ def summary(runs: list) -> list:
     seconds = ", ".join("%.1f" % r["seconds"] for r in runs)
     lines = [f"{len(runs)} runs: parameters {params}; seconds {seconds}",
              f"layers not given the same ranks in every run: {len(diff)} of {total}"]
-    lines += [f"  {n}: {' | '.join(str(e[0]) + ('' if e and e[1] != 'reverted' else ' (reverted)') for e in es)}"
-              for n, es in diff.items()]
+    for n, es in diff.items():
+        lines.append(f"  {n}: {' | '.join(str(e[0]) + ('' if e and e[1] != 'reverted' else ' (reverted)') for e in es)}")
+        lines += [f"    run {i + 1}: {r['details'][n]['reason']}" for i, r in enumerate(runs)
+                  if n in r.get("details", {})]
     for i, r in enumerate(runs):
         lines += [f"run {i + 1}: " + note.replace("\n", " / ") for note in r["notes"]]
     return lines
@@ -72,6 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=["infer", "train"], default="infer")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", default="", help="comma-separated globs of layer names: search only these")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--out", default=None, help="results prefix (default bench/results/search_stability-...)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -83,7 +98,8 @@ def main(argv=None) -> int:
         return 0
     child = [sys.executable, "-m", "bench.search_stability", "--child", "--model", args.model, "--batch",
              str(args.batch), "--size", str(args.size), "--ratio", str(args.ratio), "--mode", args.mode,
-             "--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
+             "--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else []) + (
+                ["--layers", args.layers] if args.layers else [])
     runs = []
     for i in range(args.runs):
         got = subprocess.run(child, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)

@@ -363,12 +363,20 @@ def test_search_stability_lists_the_layers_that_differ_between_runs(tmp_path, ca
     assert st.differing(plans[:1] * 3) == {}
     # end to end on a tiny model: two fresh searches in child processes, a summary and a results file
     assert st.main(["--model", "tiny_cnn", "--batch", "2", "--size", "16", "--runs", "2", "--threads", "1",
-                    "--out", str(tmp_path / "stab")]) == 0
+                    "--layers", "3,6,1?", "--out", str(tmp_path / "stab")]) == 0
     out = capsys.readouterr().out
     assert "2 runs: parameters" in out and "layers not given the same ranks in every run:" in out
     saved = json.loads((tmp_path / "stab.json").read_text())
     assert len(saved["runs"]) == 2 and all(r["plan"] for r in saved["runs"])
     assert saved["differing"] == st.differing([r["plan"] for r in saved["runs"]])
+    for r in saved["runs"]:     # each layer's reason and timed curve, for telling why a decision moved
+        assert set(r["details"]) == set(r["plan"]) == {"3", "6", "12"}     # --layers: only those searched
+        assert all(d["reason"] and d["candidates"] for n, d in r["details"].items() if r["plan"][n][1] == "searched")
+    # the summary gives each run's reason for a layer that differs
+    runs = [{"params": 1, "seconds": 1, "notes": [], "plan": p, "details": {"b": {"reason": f"why {i}"}}}
+            for i, p in enumerate(plans)]
+    text = "\n".join(st.summary(runs))
+    assert "  b: [4] | None (reverted)\n    run 1: why 0\n    run 2: why 1" in text
 
 
 @pytest.mark.parametrize("amp", [None, "bf16"])
