@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError, InputError
+from .pipeline import restore_training_flags, training_flags
 
 
 def _forward(model: nn.Module, batch, device):
@@ -57,7 +58,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, *, momentum: Optional[fl
     except StopIteration:
         raise InputError("recalibrate_bn: `batches` yielded no batch; pass at least one input batch") from None
     device = next((p.device for p in model.parameters()), None)
-    modes = {m: m.training for m in model.modules()}
+    modes = training_flags(model)
     saved_momentum = {m: m.momentum for m in bns}
     # a failing batch must not leave half-reset statistics behind
     saved_stats = {m: {k: b.clone() for k, b in m._buffers.items() if b is not None} for m in bns}
@@ -81,8 +82,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, *, momentum: Optional[fl
                 for m, stats in saved_stats.items():
                     for k, b in stats.items():
                         m._buffers[k].copy_(b)
-        for m, mode in modes.items():
-            m.training = mode
+        restore_training_flags(modes)
         for m, mom in saved_momentum.items():
             m.momentum = mom
     return model

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .errors import TraceError
 from .factorize.modules import HFConv1D
+from .pipeline import restore_training_flags, training_flags
 from .registry import Registry
 
 _FX_DIR = os.path.dirname(fx.__file__)
@@ -292,17 +293,17 @@ def _trace_both_modes(module: nn.Module, leaf_modules, leaf_names,
     tracing, so a graph must hold for both modes: constants that differ become by_mode nodes; a
     structure that differs is returned with a reason (the caller keeps that module eager)."""
     gm = _trace_once(module, leaf_modules, leaf_names, concrete_args)
-    flags = {m: m.training for m in module.modules()}
+    flags = training_flags(module)
+    was = module.training
     try:
-        module.train(not module.training)
+        module.train(not was)
         try:
             other = _trace_once(module, leaf_modules, leaf_names, concrete_args)
         except Exception as e:  # noqa: BLE001 - traces in one mode only: keep it eager
-            return gm, (f"forward traces in {'train' if flags[module] else 'eval'} mode only "
+            return gm, (f"forward traces in {'train' if was else 'eval'} mode only "
                         f"({type(e).__name__}: {str(e)[:120]})")
     finally:
-        for m, t in flags.items():
-            m.training = t
+        restore_training_flags(flags)
     if gm.code == other.code:
         return _copy_modes(gm, module), None
     train_gm, eval_gm = (gm, other) if module.training else (other, gm)
