@@ -5,6 +5,8 @@ import collections
 import contextlib
 import dataclasses
 import os
+import sys
+import threading
 import traceback
 from typing import Callable, Iterable, Optional
 
@@ -19,6 +21,7 @@ from .registry import Registry
 
 _FX_DIR = os.path.dirname(fx.__file__)
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_STDLIB_DIR = os.path.dirname(os.__file__)
 
 
 def _qualified(obj) -> str:
@@ -75,8 +78,8 @@ class LRDTracer(fx.Tracer):
             return True
         if self.leaf_classes and isinstance(m, self.leaf_classes):
             return True
-        if isinstance(m, _FACTORIZABLE):
-            return True
+        if isinstance(m, _FACTORIZABLE) or call_reason(m) is not None:
+            return True     # hooked modules: called as modules, so their hooks run (trace() opens them)
         return super().is_leaf_module(m, qualname)
 
     def create_arg(self, a):
@@ -108,10 +111,12 @@ class LRDTracer(fx.Tracer):
 
 
 def _user_line(exc: BaseException) -> str:
-    """The last frame of the traceback outside torch: the user's line that broke tracing."""
+    """The last frame of the traceback outside torch, lrd_fx and Python's own library (random.uniform's
+    frame): the user's line that broke tracing."""
     frames = traceback.extract_tb(exc.__traceback__)
     for fr in reversed(frames):
-        if not fr.filename.startswith(_TORCH_DIR) and "lrd_fx" not in fr.filename:
+        stdlib = fr.filename.startswith(_STDLIB_DIR) and "-packages" not in fr.filename
+        if not fr.filename.startswith(_TORCH_DIR) and "lrd_fx" not in fr.filename and not stdlib:
             return f'{fr.filename}:{fr.lineno} in {fr.name}: {fr.line}'
     if frames:
         fr = frames[-1]
@@ -152,10 +157,105 @@ def _assigned(now: dict, before: dict) -> set:
     return (now.keys() ^ before.keys()) | {k for k, v in before.items() if k in now and now[k] is not v}
 
 
+class CheckpointInTrace(TraceError):
+    """A forward called torch.utils.checkpoint while being traced: the graph would run the checkpointed
+    code inline and drop the checkpoint (the memory it saves in training), so that module stays eager."""
+
+
+class RandomInTrace(TraceError):
+    """A forward drew Python or NumPy random numbers while being traced: the graph would keep the numbers
+    drawn then (a LayerDrop decision fixed for good), so that module stays eager."""
+
+
+# What every torch.utils.checkpoint.checkpoint call goes through, whichever name the caller bound it to
+# (torch 2.11: CheckpointFunction / _checkpoint_without_reentrant_generator; later: _checkpoint_impl).
+_CHECKPOINT_ENTRIES = ("_checkpoint_impl", "CheckpointFunction", "_checkpoint_without_reentrant_generator")
+# Python's random: every module-level function and Random method draws through these two.
+_PY_RANDOM_ENTRIES = ("random", "getrandbits")
+_NUMPY_RANDOM_ENTRIES = ("random", "random_sample", "rand", "randn", "randint", "uniform", "normal",
+                         "standard_normal", "choice", "permutation", "shuffle", "binomial", "beta")
+_CHECKPOINT_WHY = ("calls torch.utils.checkpoint (gradient checkpointing), which a traced graph would drop: "
+                   "kept eager so it still checkpoints")
+_RANDOM_WHY = ("draws Python or NumPy random numbers (random.uniform, np.random.random), which a traced graph "
+               "would fix at the numbers drawn while tracing: kept eager so it draws them on every call")
+_refusing = threading.local()
+_patch_lock = threading.Lock()
+_patched: list = []      # (owner, attribute, original, owner had it in its own __dict__), while any thread traces
+_patch_users = [0]
+
+
+def _refused_entries() -> list:
+    """(owner, attribute, exception class, message) of what a forward may not call while being traced."""
+    import random
+
+    import torch.utils.checkpoint as ckpt
+    out = [(ckpt, n, CheckpointInTrace, _CHECKPOINT_WHY) for n in _CHECKPOINT_ENTRIES if hasattr(ckpt, n)]
+    out += [(random.Random, n, RandomInTrace, _RANDOM_WHY) for n in _PY_RANDOM_ENTRIES]
+    np = sys.modules.get("numpy")
+    if np is not None:
+        out += [(np.random, n, RandomInTrace, _RANDOM_WHY) for n in _NUMPY_RANDOM_ENTRIES
+                if hasattr(np.random, n)]
+    return out
+
+
+def _refuse_in_trace(orig, exc: type, why: str):
+    """`orig` that raises exc(why) while this thread traces and is itself otherwise."""
+    def refuse():
+        raise exc(why)
+
+    if isinstance(orig, type):       # CheckpointFunction: called as CheckpointFunction.apply(...)
+        class Refused:
+            @staticmethod
+            def apply(*args, **kwargs):
+                if getattr(_refusing, "on", False):
+                    refuse()
+                return orig.apply(*args, **kwargs)
+        return Refused
+
+    def stub(*args, **kwargs):
+        if getattr(_refusing, "on", False):
+            refuse()
+        return orig(*args, **kwargs)
+    return stub
+
+
+@contextlib.contextmanager
+def refused_while_tracing():
+    """While tracing (in this thread only), a call of torch.utils.checkpoint raises CheckpointInTrace and a
+    draw of Python or NumPy random numbers raises RandomInTrace: a graph would drop the one and freeze the
+    other, so the module that calls them stays eager (trace's fallback)."""
+    if getattr(_refusing, "on", False):
+        yield
+        return
+    with _patch_lock:
+        if not _patch_users[0]:
+            for owner, name, exc, why in _refused_entries():
+                orig = getattr(owner, name)
+                _patched.append((owner, name, orig, name in vars(owner)))
+                setattr(owner, name, _refuse_in_trace(orig, exc, why))
+        _patch_users[0] += 1
+    _refusing.on = True
+    try:
+        yield
+    finally:
+        _refusing.on = False
+        with _patch_lock:
+            _patch_users[0] -= 1
+            if not _patch_users[0]:
+                for owner, name, orig, own in reversed(_patched):
+                    if own:
+                        setattr(owner, name, orig)
+                    else:
+                        delattr(owner, name)     # it was inherited (random.Random.random)
+                _patched.clear()
+
+
 def _trace_once(module: nn.Module, leaf_modules, leaf_names, concrete_args: Optional[dict] = None) -> fx.GraphModule:
     tracer = LRDTracer(leaf_modules, leaf_names)
     changed: list = []
-    with attributes_kept(module, changed):
+    # grad enabled: code that checkpoints only when gradients are on (transformers' checkpointing layers)
+    # must show it even when compile runs under torch.no_grad()
+    with attributes_kept(module, changed), refused_while_tracing(), torch.enable_grad():
         graph = tracer.trace(module, concrete_args=concrete_args or None)
         name = module.__class__.__name__
         gm = fx.GraphModule(tracer.root, graph, name)
@@ -338,6 +438,22 @@ def _has_factorizable(m: nn.Module) -> bool:
     return any(isinstance(x, _FACTORIZABLE) for x in m.modules())
 
 
+def call_reason(m: nn.Module) -> Optional[str]:
+    """Why module `m` must be called as a module, or None: it has forward or backward hooks (nn.Module.__call__
+    runs them) or its class overrides __call__ (transformers 4's checkpointing layers); a graph traced
+    through it, or the module replaced by its own graph, would skip them."""
+    kinds = [k for k, d in (("forward", m._forward_hooks), ("forward pre", m._forward_pre_hooks),
+                            ("backward", m._backward_hooks), ("backward pre", m._backward_pre_hooks)) if d]
+    if kinds:
+        return (f"has {'/'.join(kinds)} hooks, which a traced graph would not run: kept eager so they still "
+                f"run (its children are traced)")
+    call = type(m).__call__
+    if call is not nn.Module.__call__ and not isinstance(m, fx.GraphModule):
+        return (f"{type(m).__name__} overrides __call__ ({getattr(call, '__qualname__', call)}), which a traced "
+                f"graph would not run: kept eager (its children are traced)")
+    return None
+
+
 def _is_torch_builtin(m: nn.Module) -> bool:
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     return type(m).__module__.startswith("torch.nn") and not isinstance(m, containers + _FACTORIZABLE)
@@ -380,20 +496,33 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
     forced: dict[str, str] = {}   # relative path -> reason, children that broke tracing
     kept = keep_eager_parts if keep_eager_parts is not None else {}
 
+    def trace_children(module: nn.Module, path: str) -> None:
+        for cname, child in list(module.named_children()):
+            if isinstance(child, _FACTORIZABLE) or not _has_factorizable(child):
+                continue   # a single layer needs no graph: the decompose pass swaps it directly
+            cpath = _join(path, cname)
+            if isinstance(child, nn.Sequential) and call_reason(child) is None:
+                # the eager parent may iterate, index or slice it (timm's checkpoint_seq and
+                # forward_intermediates, torch's checkpoint_sequential), which a GraphModule does not
+                # allow: it stays an nn.Sequential (subclasses too) and its layers are traced one by one
+                eager.add(cpath)
+                trace_children(child, cpath)
+                continue
+            setattr(module, cname, trace(child, leaf_modules=leaf_modules, fallback=True,
+                                         fallback_parts=parts, eager_parts=eager, keep_eager_parts=kept,
+                                         _path=cpath))
+
     def keep_eager(reason: str) -> nn.Module:
         # this module's own forward does not trace (or not for both modes): keep it eager, trace each child apart
         parts[_path or "<root>"] = reason
         eager.add(_path)
-        for cname, child in list(model.named_children()):
-            if isinstance(child, _FACTORIZABLE) or not _has_factorizable(child):
-                continue   # a single layer needs no graph: the decompose pass swaps it directly
-            setattr(model, cname, trace(child, leaf_modules=leaf_modules, fallback=True,
-                                        fallback_parts=parts, eager_parts=eager, keep_eager_parts=kept,
-                                        _path=_join(_path, cname)))
+        trace_children(model, _path)
         return model
 
     if _path in kept:
         return keep_eager(kept[_path])
+    if call_reason(model) is not None:
+        return keep_eager(call_reason(model))
     while True:
         try:
             gm, mode_reason = _trace_both_modes(model, classes, local_names | set(forced), concrete_args)
@@ -440,4 +569,12 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
         new = trace(sub, leaf_modules=leaf_modules, fallback=True, fallback_parts=parts,
                     eager_parts=eager, keep_eager_parts=kept, _path=full)
         gm.set_submodule(rel, new)
+    hooked = {n.target for n in gm.graph.nodes if n.op == "call_module" and n.target not in forced}
+    for rel in sorted(hooked):
+        sub = gm.get_submodule(rel)
+        if isinstance(sub, _FACTORIZABLE) or call_reason(sub) is None or not _has_factorizable(sub):
+            continue
+        # a leaf for its hooks: kept as it is (trace() keeps it eager), its children traced
+        trace(sub, leaf_modules=leaf_modules, fallback=True, fallback_parts=parts, eager_parts=eager,
+              keep_eager_parts=kept, _path=_join(_path, rel))
     return gm

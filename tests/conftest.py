@@ -25,12 +25,40 @@ def state_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+class ResidualMLP(nn.Module):
+    """x + fc2(relu(fc1(x))): a block of two factorizable Linears."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.fc1 = nn.Linear(c, 2 * c)
+        self.fc2 = nn.Linear(2 * c, c)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Stack(nn.Module):
+    """Layers named 0, 1, ... applied in order by a forward of its own: not an nn.Sequential, so under an
+    eager parent it is traced as one nested graph (an nn.Sequential there stays a Sequential, its layers
+    traced one by one)."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            self.add_module(str(i), layer)
+
+    def forward(self, x):
+        for layer in self.children():
+            x = layer(x)
+        return x
+
+
 class Branchy(nn.Module):
     """Its forward branches on data: fx cannot trace it, its children can be."""
 
     def __init__(self):
         super().__init__()
-        self.inner = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.inner = Stack(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
         self.head = nn.Linear(32, 32)
 
     def forward(self, x):

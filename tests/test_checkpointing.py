@@ -1,0 +1,302 @@
+"""Gradient checkpointing survives compile: a forward that calls torch.utils.checkpoint stays eager (a graph
+would run the checkpointed code inline and drop the checkpoint), and an nn.Sequential under an eager module
+stays an nn.Sequential its parent can iterate (timm's checkpoint_seq)."""
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+import lrd_fx
+from conftest import ResidualMLP as Block
+from lrd_fx import trace as lt
+from lrd_fx.factorize import FactorChain
+
+ckpt = torch.utils.checkpoint.checkpoint     # bound once, as `from torch.utils.checkpoint import checkpoint` does
+
+
+class CheckpointedNet(nn.Module):
+    """Checkpoints each block in training, the way timm's and Hugging Face's models do."""
+
+    def __init__(self, reentrant: bool = False, bound: bool = False):
+        super().__init__()
+        self.stem = nn.Linear(16, 32)
+        self.blocks = nn.Sequential(Block(32), Block(32), Block(32))
+        self.head = nn.Linear(32, 10)
+        self.reentrant, self.bound = reentrant, bound
+
+    def forward(self, x):
+        x = self.stem(x)
+        fn = ckpt if self.bound else torch.utils.checkpoint.checkpoint
+        for blk in self.blocks:                   # iterates the Sequential
+            x = fn(blk, x, use_reentrant=self.reentrant)
+        return self.head(x)
+
+
+def _count_checkpoint_calls(monkeypatch, model, x) -> int:
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    monkeypatch.setattr(sys.modules[__name__], "ckpt", counting)
+    model(x).sum().backward()
+    return len(calls)
+
+
+@pytest.mark.parametrize("reentrant, bound", [(False, False), (True, False), (False, True)])
+def test_checkpointed_forward_stays_eager_and_still_checkpoints(monkeypatch, reentrant, bound):
+    torch.manual_seed(0)
+    model = CheckpointedNet(reentrant, bound).train()
+    x = torch.randn(4, 16, requires_grad=reentrant)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    reason = gm.lrd.fallback_parts["<root>"]
+    assert "CheckpointInTrace" in reason and "gradient checkpointing" in reason
+    # the blocks are still an nn.Sequential (the root iterates it), each block traced and factorized
+    assert isinstance(gm.blocks, nn.Sequential) and len(gm.blocks) == 3
+    assert all(isinstance(b, torch.fx.GraphModule) for b in gm.blocks)
+    assert isinstance(gm.blocks[0].fc1, FactorChain) and isinstance(gm.stem, FactorChain)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    assert _count_checkpoint_calls(monkeypatch, gm, x) == 3
+    assert all(p.grad is not None for n, p in gm.named_parameters() if "blocks" in n)
+
+
+def test_refused_entries_are_restored_after_compile_and_after_a_failed_trace():
+    import random
+
+    import numpy as np
+    import torch.utils.checkpoint as c
+    entries = lt._refused_entries()
+    assert any(owner is c for owner, *_ in entries), "torch.utils.checkpoint has none of the entries watched"
+    before = [(owner, name, getattr(owner, name), name in vars(owner)) for owner, name, *_ in entries]
+    lrd_fx.compile(CheckpointedNet().train(), (torch.randn(2, 16),), ratio=0.5, progress=False)
+    with pytest.raises(lrd_fx.LRDError):
+        lrd_fx.compile(CheckpointedNet().train(), (torch.randn(2, 16),), ratio=0.5, fallback=False,
+                       progress=False)
+    assert [(o, n, getattr(o, n), n in vars(o)) for o, n, *_ in entries] == before
+    assert "random" not in vars(random.Random)           # inherited again, not left as an attribute
+    # outside tracing a checkpoint runs and random numbers are drawn as usual
+    y = c.checkpoint(lambda t: t * 2, torch.ones(2, requires_grad=True), use_reentrant=False)
+    assert torch.equal(y, torch.full((2,), 2.0))
+    assert 0 <= random.uniform(0, 1) <= 1 and 0 <= np.random.random() < 1
+
+
+class LayerDrop(nn.Module):
+    """LayerDrop decided with Python or NumPy random numbers (Hugging Face wav2vec2's adapter, MusicGen)."""
+
+    def __init__(self, use_numpy):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(16, 16) for _ in range(4)])
+        self.use_numpy = use_numpy
+
+    def forward(self, x):
+        import random
+
+        import numpy as np
+        for layer in self.layers:
+            p = np.random.random() if self.use_numpy else random.uniform(0, 1)
+            if not self.training or p > 0.5:
+                x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("use_numpy", [True, False])
+def test_python_random_numbers_in_forward_keep_the_module_eager(use_numpy):
+    import random
+
+    import numpy as np
+    torch.manual_seed(0)
+    model = LayerDrop(use_numpy).train()
+    x = torch.randn(2, 16)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    reason = gm.lrd.fallback_parts["<root>"]
+    assert reason.startswith("RandomInTrace: draws Python or NumPy random numbers")
+    assert "test_checkpointing.py" in reason                  # the user's line, not random.py's
+    assert all(isinstance(layer, FactorChain) for layer in gm.layers)
+    random.seed(0), np.random.seed(0)
+    got = [gm(x) for _ in range(6)]
+    random.seed(0), np.random.seed(0)
+    want = [model(x) for _ in range(6)]
+    for g, w in zip(got, want):                              # the same layers dropped, call by call
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert len({round(float(g.sum()), 4) for g in got}) > 1  # and not the same decision every call
+
+
+def test_checkpointing_model_saves_and_loads_without_inputs(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = CheckpointedNet().train()
+    x = torch.randn(4, 16)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, freeze="sequential", progress=False)
+    lrd_fx.save(gm, tmp_path / "m.safetensors")
+    loaded = lrd_fx.load(model, tmp_path / "m.safetensors")
+    assert isinstance(loaded.blocks, nn.Sequential)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), gm(x))
+    assert _count_checkpoint_calls(monkeypatch, loaded, x) == 3
+
+
+class IndexingNet(nn.Module):
+    """An eager root (data-dependent branch) that indexes, slices and takes len() of its Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(Block(16), Block(16), Block(16), nn.Sequential(nn.Linear(16, 16)))
+
+    def forward(self, x):
+        for blk in self.blocks[: len(self.blocks) - 1]:
+            x = blk(x)
+        if x.sum() > -1e9:
+            x = self.blocks[-1](x)
+        return x
+
+
+def test_sequential_under_an_eager_module_can_be_indexed_sliced_and_iterated():
+    torch.manual_seed(0)
+    model = IndexingNet().eval()
+    x = torch.randn(3, 16)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    assert type(gm.blocks) is nn.Sequential and type(gm.blocks[3]) is nn.Sequential
+    assert isinstance(gm.blocks[3][0], FactorChain)       # a layer directly in a kept Sequential
+    assert "blocks" not in gm.lrd.fallback_parts          # not a failure: only the root is reported
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    small = lrd_fx.compile(model, (x,), ratio=0.5, progress=False)
+    assert small.lrd.report().count("decomposed") >= 6
+
+
+def test_timm_model_with_grad_checkpointing_keeps_it(monkeypatch):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=5)
+    model.set_grad_checkpointing(True)
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    assert "CheckpointInTrace" in gm.lrd.fallback_parts["<root>"]
+    assert all(isinstance(getattr(gm, f"layer{i}"), nn.Sequential) for i in range(1, 5))
+    assert _count_checkpoint_calls(monkeypatch, gm, x) == _count_checkpoint_calls(monkeypatch, model, x) > 0
+    gm.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class CallCheckpointBlock(Block):
+    """Checkpoints in __call__, as transformers 4's GradientCheckpointingLayer did."""
+
+    def __call__(self, *args, **kwargs):
+        if self.training:
+            return torch.utils.checkpoint.checkpoint(super().__call__, *args, use_reentrant=False, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class GradGatedNet(nn.Module):
+    """Checkpoints only while gradients are on (transformers 5's layers check torch.is_grad_enabled())."""
+
+    def __init__(self, block=Block):
+        super().__init__()
+        self.layers = nn.ModuleList([block(16), block(16)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for layer in self.layers:
+            if self.training and torch.is_grad_enabled() and block_checkpoints(layer):
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        return self.head(x)
+
+
+def block_checkpoints(layer) -> bool:
+    return not isinstance(layer, CallCheckpointBlock)     # that one checkpoints itself
+
+
+@pytest.mark.parametrize("block, no_grad", [(CallCheckpointBlock, False), (Block, True)])
+def test_checkpointing_in_call_or_only_with_grad_enabled_is_kept(monkeypatch, block, no_grad):
+    torch.manual_seed(0)
+    model = GradGatedNet(block).train()
+    x = torch.randn(3, 16)
+    with torch.no_grad() if no_grad else torch.enable_grad():        # compile itself under no_grad
+        gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    if block is CallCheckpointBlock:
+        assert "overrides __call__" in gm.lrd.fallback_parts["layers.0"]
+        assert type(gm.layers[0]) is CallCheckpointBlock
+    assert _count_checkpoint_calls(monkeypatch, gm, x) == _count_checkpoint_calls(monkeypatch, model, x) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(gm.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+class OwnForwardSequential(nn.Sequential):
+    def forward(self, x):
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+class SequentialCheckpointNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = OwnForwardSequential(Block(16), Block(16), Block(16))
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint_sequential(self.blocks, 2, x, use_reentrant=False)
+
+
+def test_sequential_subclass_under_an_eager_module_stays_a_container(monkeypatch):
+    torch.manual_seed(0)
+    model = SequentialCheckpointNet().train()
+    x = torch.randn(3, 16)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, progress=False)
+    assert type(gm.blocks) is OwnForwardSequential and len(gm.blocks) == 3
+    assert isinstance(gm.blocks[0].fc1, FactorChain)
+    assert _count_checkpoint_calls(monkeypatch, gm, x) == _count_checkpoint_calls(monkeypatch, model, x) > 0
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 16)
+
+    def forward(self, x, bias=None):
+        a = self.qkv(x)
+        if bias is not None:          # traced apart, fx takes `bias` as given: this branch fails on None
+            a = a + bias
+        return a
+
+
+class BiasBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.fc = Attn(), nn.Linear(16, 16)
+
+    def forward(self, x, bias=None):
+        return x + self.fc(self.attn(x, bias=bias))
+
+
+class CheckpointedBlocksWithNone(nn.Module):
+    """BEiT's pattern: every block checkpointed and called with rel_pos_bias=None."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.blocks = nn.ModuleList([BiasBlock() for _ in range(n)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(b, x, bias=None, use_reentrant=False)
+        return x
+
+
+def test_parts_of_the_same_class_are_kept_eager_together():
+    torch.manual_seed(0)
+    model = CheckpointedBlocksWithNone(12).train()      # one part kept eager per retrace would need 24 > 8
+    x = torch.randn(2, 16)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    kept = gm.lrd.kept_eager
+    assert set(kept) == {f"blocks.{i}" for i in range(12)} | {f"blocks.{i}.attn" for i in range(12)}
+    assert kept["blocks.5"].startswith("kept eager like 'blocks.0', a module of the same class")
+    assert isinstance(gm.blocks[11].attn.qkv, FactorChain)
+    with torch.no_grad():
+        torch.testing.assert_close(gm.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-5)
