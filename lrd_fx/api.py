@@ -17,6 +17,7 @@ from .config import Calibration, Config
 from .context import CompileContext
 from .errors import ConfigError, InputError, TraceError, warn
 from .flops import count_flops
+from .passes.shape_prop import DIFFERS
 from .pipeline import PassManager, PassTimer, default_instruments, eval_mode, graph_modules
 from .plan import LayerRecord
 from .report import outside_layers
@@ -512,10 +513,13 @@ def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False
     Hugging Face MobileBERT's embeddings). When shape_prop finds a part's graph failing on the inputs while
     the eager model runs them (PartFailed), the model is copied and traced again with that part kept eager
     (its children traced apart; the reason in the report's kept-eager parts), at most MAX_RETRACES times.
+    The other traced parts of the same class are kept eager with it (the same code traced the same way:
+    BEiT's 12 blocks, each traced apart with an argument that is None, would otherwise take 12 retraces).
     kept_eager: such parts known already ({path: reason}; load() takes them from the file, so a model
     loaded without example inputs is rebuilt the same way).
     """
     kept: dict[str, str] = dict(kept_eager or {})
+    retraces = 0
     while True:
         ctx = new_ctx()
         work = copy_model(model, share_layer_weights=share_layer_weights)
@@ -523,21 +527,49 @@ def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False
         try:
             return _run(work, ctx, counted, kept)
         except PartFailed as e:
+            same = _same_class_parts(model, work, e.part)
             del work
             where = e.part or "<root>"
+            differs = e.reason.startswith(DIFFERS)
+            what = (f": {e.reason}" if differs else
+                    f" fails on example_inputs although the model runs eagerly on them ({e.reason})")
             if not ctx.config.fallback:
                 raise TraceError(
-                    f"traced part '{where}' fails on example_inputs although the model runs eagerly on them "
-                    f"({e.reason}): its graph is not what its real call runs. Allow fallback=True to keep it "
-                    f"eager, or mark it a leaf (leaf_modules=[...])") from e
-            if e.part in kept or len(kept) >= MAX_RETRACES:
+                    f"traced part '{where}'{what}: its graph is not what its real call runs. Allow "
+                    f"fallback=True to keep it eager, or mark it a leaf (leaf_modules=[...])") from e
+            if e.part in kept or retraces >= MAX_RETRACES:
                 raise TraceError(
                     f"the traced model fails on example_inputs although the model runs eagerly on them: traced "
                     f"part '{where}': {e.reason} (parts kept eager for this already: {sorted(kept) or 'none'}). "
                     f"Mark that module a leaf (leaf_modules=[...]) so it is not traced, and please report it"
                 ) from e
-            kept[e.part] = (f"kept eager: its traced graph failed on the example inputs, which the module "
+            retraces += 1
+            kept[e.part] = (f"kept eager: {e.reason[:240]}" if differs else
+                            f"kept eager: its traced graph failed on the example inputs, which the module "
                             f"runs eagerly ({e.reason[:160]})")
+            for path in same:
+                kept.setdefault(path, f"kept eager like '{where}', a module of the same class "
+                                      f"({kept[e.part][len('kept eager: '):][:160]})")
+
+
+def _same_class_parts(model: nn.Module, work: nn.Module, part: str) -> list[str]:
+    """The paths of `work`'s traced parts other than `part` whose module in `model` has part's class."""
+    try:
+        cls = type(model.get_submodule(part) if part else model)
+    except AttributeError:
+        return []
+    out = []
+    for prefix, _ in graph_modules(work):
+        path = prefix[:-1]
+        if path == part:
+            continue
+        try:
+            m = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        if type(m) is cls:
+            out.append(path)
+    return out
 
 
 def _early_check(work: nn.Module, cfg: Config, inputs: Optional[tuple], device, dtype) -> Optional[tuple]:
@@ -565,6 +597,11 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
             # on an eager copy of the caller's model (weights shared, read only): `work` is traced in place
             ctx.input_check = lambda: _check_inputs(copy_model(ctx.model, share_layer_weights=True),
                                                     ctx.example_inputs, ctx.device, ctx.dtype)
+            if _lazy_layers(ctx.model):   # the weights the forward before tracing gave them, not new ones
+                reference = copy_model(work, share_layer_weights=True)
+                ctx.reference = lambda: reference
+            else:
+                ctx.reference = lambda: copy_model(ctx.model, share_layer_weights=True)
     eager: set = set()
     leaves = tuple(cfg.leaf_modules)
     gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,
@@ -577,7 +614,7 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
     pm = PassManager(build_passes(ctx), instruments=default_instruments(cfg.debug, cfg.dump_dir) + [timer])
     gm = pm.run(gm).graph_module
     ctx.pass_times.update(timer.times)
-    ctx.input_check = None
+    ctx.input_check = ctx.reference = None
     if ctx.count_flops:
         ctx.flops_before = _flops_or_note(work, ctx, "before compiling", ctx.flops_counted or (None, "not counted"))
     if ctx.example_inputs is not None and ctx.flops_before is not None:

@@ -223,7 +223,7 @@ class Config:
     progress: bool = True                  # tqdm progress bars (factorization, calibration, search)
     debug: bool = False                    # print the graph after every pass
     dump_dir: Optional[str] = None         # write each stage's code into this directory
-    check_inputs: bool = True              # check example_inputs fit (device, dtype; shapes: the eager model when the first forward fails)
+    check_inputs: bool = True              # check example_inputs fit (device, dtype; shapes: the eager model when the first forward fails) and that each traced part computes what its module does on them
 
     def __init__(self, **options) -> None:
         """Config(field=..., shorthand=...): every field of the dataclass plus the SHORTHAND keywords."""

@@ -33,6 +33,7 @@ class CompileContext:
     count_flops: bool = False                           # shape_prop counts the FLOPs in its forward. W: api._run. R: shape_prop
     flops_counted: Optional[tuple] = None               # (FLOPs or None, counter error or None). W: shape_prop. R: api._run
     input_check: Optional[Callable] = None              # the eager model on the inputs: InputError if it fails. W: api._run. R: shape_prop
+    reference: Optional[Callable] = None                # () -> an eager copy of the caller's model, to check traced parts. W: api._run. R: shape_prop
     empty_init: bool = False                            # factors filled from a file, not factorized. W: serialize.load. R: decompose, materialize.defers
     freezer: Optional[nn.Module] = None                 # the FreezeController. W: freeze. R: LRDInfo
     autocast: Optional[str] = None                      # the caller's active autocast. W: api.compile. R: cost.timer.setting_of

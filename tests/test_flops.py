@@ -152,14 +152,16 @@ class _Counted(nn.Module):
 
 @pytest.mark.parametrize("check_inputs", [True, False])
 def test_compile_runs_the_model_once_and_counts_its_flops_in_that_forward(monkeypatch, check_inputs):
-    """shape_prop's forward checks the input shapes and counts the FLOPs (one forward of the model in all,
-    with or without the input check), and the compiled model's FLOPs come from the records."""
+    """shape_prop's forward checks the input shapes and counts the FLOPs (one forward of the model; the
+    input check adds the eager forward that checks the traced graph), and the compiled model's FLOPs come
+    from the records."""
     counts = []
     monkeypatch.setattr(lrd_fx.api, "count_flops", lambda *a: counts.append(1) or count_flops(*a))
     x = torch.randn(2, 32)
     model = _Counted()
     gm = lrd_fx.compile(model, (x,), ratio=0.25, progress=False, check_inputs=check_inputs)
-    assert len(model.runs) == 1 and counts == []      # (the copy's hook is the same function: it appends here)
+    # (the copies' hook is the same function: it appends here)
+    assert len(model.runs) == (2 if check_inputs else 1) and counts == []
     assert gm.lrd.flops_before == count_flops(model, (x,))
     assert gm.lrd.flops_after == count_flops(gm, (x,)) < gm.lrd.flops_before
     # fused models are counted after the passes

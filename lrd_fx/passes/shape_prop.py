@@ -78,10 +78,11 @@ class RecordShapes(fx.Interpreter):
         raise TypeError(f"no value for input '{name}' of traced part {type(self.module).__name__}")
 
 
-def _record_once(part: fx.GraphModule, failed: dict, name: str):
+def _record_once(part: fx.GraphModule, failed: dict, name: str, calls: Optional[dict] = None):
     """A forward for `part` that records shapes on its first call and runs the plain forward after. An
     exception out of the part's graph is tagged with the part's path (`_lrd_traced_part`, the innermost
-    part first), so that shape_prop can name the graph that failed."""
+    part first), so that shape_prop can name the graph that failed. `calls`: where to keep a copy of
+    the first call's (args, kwargs, output), for check_parts."""
     plain = type(part).forward.__get__(part)
     state = {"done": False}
 
@@ -89,11 +90,15 @@ def _record_once(part: fx.GraphModule, failed: dict, name: str):
         if state["done"]:
             return plain(*args, **kwargs)
         state["done"] = True
+        kept = _copied((args, kwargs)) if calls is not None else None
         try:
-            return RecordShapes(part).call(args, kwargs)
+            out = RecordShapes(part).call(args, kwargs)
         except Exception as e:   # noqa: BLE001 - shapes are annotations: run the part plainly instead
             failed[name] = f"{type(e).__name__}: {e}"
-            return plain(*args, **kwargs)
+            out = plain(*args, **kwargs)
+        if kept is not None:
+            calls[name] = (*kept, _copied(out))
+        return out
 
     def forward(*args, **kwargs):
         try:
@@ -103,6 +108,80 @@ def _record_once(part: fx.GraphModule, failed: dict, name: str):
                 e._lrd_traced_part = "" if name == "<root>" else name
             raise
     return forward
+
+
+def _copied(obj):
+    """A copy of a call's inputs or output as they are now (the model may change them in place later),
+    or None when it cannot be copied."""
+    import copy
+    try:
+        return copy.deepcopy(obj)
+    except Exception:  # noqa: BLE001 - an object that does not copy: that part is not checked
+        return None
+
+
+def _difference(got, want, where: str = "output") -> Optional[str]:
+    """What differs between a traced part's output (`got`) and its module's (`want`), or None: the same
+    structure (sequence lengths, dict keys, types), tensor shapes and dtypes, and values within float
+    reordering (rtol 1e-3, atol 1e-4 of the largest magnitude)."""
+    if isinstance(want, torch.Tensor) or isinstance(got, torch.Tensor):
+        if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)):
+            return f"{where} is a {type(got).__name__}, the module's a {type(want).__name__}"
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return (f"{where} is {got.dtype} {tuple(got.shape)}, the module's {want.dtype} "
+                    f"{tuple(want.shape)}")
+        if want.is_floating_point() or want.is_complex():
+            scale = float(want.detach().abs().nan_to_num().max()) if want.numel() else 0.0
+            ok = torch.allclose(got.detach(), want.detach(), rtol=1e-3, atol=1e-4 * scale + 1e-12,
+                                equal_nan=True)
+        else:
+            ok = torch.equal(got, want)
+        return None if ok else f"{where} has other values than the module's"
+    if isinstance(want, dict) and isinstance(got, dict):
+        if list(got) != list(want):
+            return f"{where} has keys {list(got)[:6]}, the module's {list(want)[:6]}"
+        for k in want:
+            why = _difference(got[k], want[k], f"{where}[{k!r}]")
+            if why:
+                return why
+        return None
+    if isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
+        if len(got) != len(want):
+            return f"{where} has {len(got)} items, the module's {len(want)}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            why = _difference(g, w, f"{where}[{i}]")
+            if why:
+                return why
+        return None
+    if type(got) is not type(want):
+        return f"{where} is a {type(got).__name__}, the module's a {type(want).__name__}"
+    if isinstance(want, (int, float, bool, str)) and got != want:
+        return f"{where} is {got!r}, the module's {want!r}"
+    return None
+
+
+DIFFERS = "its traced graph computes something else than the module on the example inputs"
+
+
+def check_parts(calls: dict, reference: nn.Module) -> Optional[tuple]:
+    """(part, why) for the first traced part whose recorded call gives another output than the same module
+    of `reference` (an eager copy of the caller's model) on the same inputs, eval mode, no grad; None when
+    all agree. A graph can trace without error and still compute something else: timm's FeatureHookNet
+    reads what forward hooks collected, and its traced graph returned an empty list."""
+    from ..pipeline import eval_mode
+    for name, (args, kwargs, got) in calls.items():
+        if args is None or kwargs is None or got is None:
+            continue
+        module = reference if name == "<root>" else reference.get_submodule(name)
+        try:
+            with torch.no_grad(), eval_mode(module):
+                want = module(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - the module itself fails on these inputs: nothing to compare
+            continue
+        why = _difference(got, want)
+        if why is not None:
+            return name, why
+    return None
 
 
 # shape_prop runs models holding at least this many bytes of parameters and buffers on fake tensors
@@ -122,11 +201,14 @@ def fake_pays(root: nn.Module) -> bool:
 
 
 def capture_shapes(root: nn.Module, args: tuple, kwargs: dict, *, fake: bool = False,
-                   counter=None) -> tuple[dict, dict]:
+                   counter=None, calls: Optional[dict] = None) -> tuple[dict, dict]:
     """Run root once on (args, kwargs), eval mode, no grad. Every traced part records its nodes'
     tensor_meta on its first call; every Conv/Linear records its input/output shapes and call count.
     The attributes forward assigns are restored after (attributes_kept). fake: on fake tensors. counter:
     a TorchDispatchMode (torch's FLOP counter) entered for the forward, inside the fake mode.
+
+    calls: receives {part: (args, kwargs, output)} of the first call of every outermost traced part (no
+    traced part above it), for check_parts.
 
     Returns ({layer name: {in, out, calls}}, {part name: why its shapes were not recorded}).
     """
@@ -141,9 +223,12 @@ def capture_shapes(root: nn.Module, args: tuple, kwargs: dict, *, fake: bool = F
                                                "out": _shape(out), "calls": 0})
                 rec["calls"] += 1
             handles.append(m.register_forward_hook(hook))
+    prefixes = [prefix for prefix, _ in graph_modules(root)]
     for prefix, part in graph_modules(root):
+        outermost = not any(other != prefix and prefix.startswith(other) for other in prefixes)
         # an instance attribute shadows the class's generated forward for this one run
-        part.forward = _record_once(part, failed, prefix[:-1] or "<root>")
+        part.forward = _record_once(part, failed, prefix[:-1] or "<root>",
+                                    calls if (outermost and calls is not None) else None)
         patched.append(part)
     modes = training_flags(root)
     root.eval()   # shapes only: keep BatchNorm statistics of the copy untouched
@@ -166,18 +251,21 @@ def capture_shapes(root: nn.Module, args: tuple, kwargs: dict, *, fake: bool = F
     return layers, failed
 
 
-def capture_counting(root: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, dict, Optional[int], Optional[str]]:
+def capture_counting(root: nn.Module, args: tuple, kwargs: dict,
+                     calls: Optional[dict] = None) -> tuple[dict, dict, Optional[int], Optional[str]]:
     """capture_shapes under torch's FLOP counter, so that one forward gives both: (layers, failed, FLOPs,
     None), or (layers, failed, None, what went wrong) when the counter fails on a model that runs without
     it (the run is then repeated without it; a failure of that one is the model's and is raised)."""
     from torch.utils.flop_counter import FlopCounterMode
     try:
         fc = FlopCounterMode(display=False)
-        layers, failed = capture_shapes(root, args, kwargs, counter=fc)
+        layers, failed = capture_shapes(root, args, kwargs, counter=fc, calls=calls)
         return layers, failed, int(fc.get_total_flops()), None
     except Exception as e:  # noqa: BLE001 - the counter's failure or the model's: a plain run tells
         counter_error = f"{type(e).__name__}: {str(e)[:200]}"
-    layers, failed = capture_shapes(root, args, kwargs)
+    if calls is not None:
+        calls.clear()
+    layers, failed = capture_shapes(root, args, kwargs, calls=calls)
     return layers, failed, None, counter_error
 
 
@@ -215,11 +303,28 @@ def _stderr_kept_unless_failing():
     sys.stderr.write(held.getvalue())
 
 
+def _raise_if_a_part_differs(calls: dict, ctx: CompileContext) -> None:
+    """check_parts against ctx.reference(): a part whose graph computes something else is kept eager (the
+    model traced again: PartFailed), or a TraceError where compile cannot trace again."""
+    from ..errors import TraceError
+    found = check_parts(calls, ctx.reference())
+    calls.clear()
+    if found is None:
+        return
+    part, why = found
+    reason = f"{DIFFERS}: {why}"
+    if ctx.retrace:
+        raise PartFailed("" if part == "<root>" else part, reason)
+    raise TraceError(f"traced part '{part}': {reason}. Mark that module a leaf (leaf_modules=[...]) so it "
+                     f"is not traced")
+
+
 def shape_prop(ctx: CompileContext):
     def run(root):
         if ctx.example_inputs is None:
             return PassResult(root, False)
         args, kwargs = ctx.example_inputs, ctx.example_kwargs
+        calls: Optional[dict] = None
         try:
             with _stderr_kept_unless_failing():
                 got = capture_fake(root, args, kwargs, ctx.count_flops) if fake_pays(root) else None
@@ -227,7 +332,9 @@ def shape_prop(ctx: CompileContext):
                     ctx.notes.append(f"shape_prop: the forward on fake tensors failed ({got[:160]}); ran the real one")
                     got = None
                 if got is None:
-                    got = capture_counting(root, args, kwargs) if ctx.count_flops else capture_shapes(root, args, kwargs)
+                    calls = {} if ctx.reference is not None else None
+                    got = (capture_counting(root, args, kwargs, calls) if ctx.count_flops
+                           else capture_shapes(root, args, kwargs, calls=calls))
             layers, failed = got[:2]
             if ctx.count_flops:
                 ctx.flops_counted = tuple(got[2:])
@@ -244,6 +351,8 @@ def shape_prop(ctx: CompileContext):
                 # inputs (e.g. an argument traced as given that is None here); compile/load keep it eager
                 raise PartFailed(part, f"{type(e).__name__}: {str(e)[:200]}") from e
             raise                         # it runs eagerly: the traced model does not
+        if calls:
+            _raise_if_a_part_differs(calls, ctx)
         ctx.layer_io = layers
         for part_name, why in failed.items():
             ctx.notes.append(f"shape_prop: shapes of traced part '{part_name}' not recorded ({why[:120]})")
