@@ -310,14 +310,30 @@ def test_quick_command_runs_end_to_end(tmp_path):
     assert proc.stdout.startswith("machine: ")
 
 
+def _dynamo_compiles_tltorch() -> bool:
+    """tltorch's CP layers call einsum(..., *factors) on a FactorList module; torch 2.11's dynamo cannot
+    star-unpack an nn.Module (InternalTorchDynamoError: NotImplementedError), later releases can."""
+    import tltorch
+    layer = tltorch.FactorizedLinear(in_tensorized_features=(4,), out_tensorized_features=(4,),
+                                     factorization="cp", rank=2, implementation="factorized")
+    try:
+        torch.compile(layer, backend="eager")(torch.randn(2, 4))
+        return True
+    except Exception:
+        return False
+
+
 def test_compiled_variants_do_not_recompile_while_timed(tmp_path):
     """--compile: every graph is built by the untimed first calls; the timed rounds (inference, then training
     at both freezing states) compile nothing. The eager backend has dynamo's guards without codegen."""
+    variants = ["original", "lrd", "lrd+search", "lrd+search+seqfreeze", "lrd+fuse", "tltorch", "composer"]
+    if not _dynamo_compiles_tltorch():       # torch 2.11: the tltorch row fails under --compile, not lrd_fx's
+        variants.remove("tltorch")
     before = harness.dynamo_graphs()
     with use_cost_fn(_fake_cost):
         results = harness.run(harness.settings_from_args(harness.build_parser().parse_args(
             TINY + ["--compile", "--compile-backend", "eager", "--rounds", "2",
-                    "--variants", "original,lrd,lrd+search,lrd+search+seqfreeze,lrd+fuse,tltorch,composer"])))
+                    "--variants", ",".join(variants)])))
     rows = {r["variant"]: r for r in results["rows"]}
     assert all(r["status"] == "ok" for r in rows.values()), {n: r.get("error") for n, r in rows.items()}
     assert harness.dynamo_graphs() > before                      # the variants were compiled
