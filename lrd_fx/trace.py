@@ -170,7 +170,8 @@ class RandomInTrace(TraceError):
 # What every torch.utils.checkpoint.checkpoint call goes through, whichever name the caller bound it to
 # (torch 2.11: CheckpointFunction / _checkpoint_without_reentrant_generator; later: _checkpoint_impl).
 _CHECKPOINT_ENTRIES = ("_checkpoint_impl", "CheckpointFunction", "_checkpoint_without_reentrant_generator")
-# Python's random: every module-level function and Random method draws through these two.
+# Python's random: every Random method draws through these two (the module's own random.random and
+# random.getrandbits are bound to a hidden instance, and are refused as module attributes).
 _PY_RANDOM_ENTRIES = ("random", "getrandbits")
 _NUMPY_RANDOM_ENTRIES = ("random", "random_sample", "rand", "randn", "randint", "uniform", "normal",
                          "standard_normal", "choice", "permutation", "shuffle", "binomial", "beta")
@@ -191,6 +192,8 @@ def _refused_entries() -> list:
     import torch.utils.checkpoint as ckpt
     out = [(ckpt, n, CheckpointInTrace, _CHECKPOINT_WHY) for n in _CHECKPOINT_ENTRIES if hasattr(ckpt, n)]
     out += [(random.Random, n, RandomInTrace, _RANDOM_WHY) for n in _PY_RANDOM_ENTRIES]
+    # random.random() itself is the hidden instance's bound builtin method, which the class entry misses
+    out += [(random, n, RandomInTrace, _RANDOM_WHY) for n in ("random", "getrandbits")]
     np = sys.modules.get("numpy")
     if np is not None:
         out += [(np.random, n, RandomInTrace, _RANDOM_WHY) for n in _NUMPY_RANDOM_ENTRIES

@@ -139,3 +139,38 @@ def test_timm_hook_feature_net_returns_its_features(tmp_path):
 def test_output_difference(got, want, expected):
     why = _difference(got, want)
     assert (why is None) if expected is None else why.startswith(expected)
+
+
+class _Sampler(nn.Module):
+    """A graph that is right but draws torch random numbers in eval mode (a VAE's sampling, SpeechT5's
+    decoder prenet's consistent dropout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mu, self.logvar = nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x):
+        mu = self.mu(x)
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * self.logvar(x))
+
+
+class _AutocastParent(nn.Module):
+    """An eager parent (data-dependent branch) that runs its traced child under bf16 autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = Block(16)
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.b(x).float()
+        return x
+
+
+@pytest.mark.parametrize("make, x", [(lambda: nn.Sequential(nn.Linear(4, 16), _Sampler()), torch.randn(2, 4)),
+                                     (_AutocastParent, torch.randn(2, 16))])
+def test_random_numbers_and_the_callers_autocast_are_not_a_difference(make, x):
+    torch.manual_seed(0)
+    gm = lrd_fx.compile(make().eval(), (x,), rank="full", progress=False)
+    assert gm.lrd.kept_eager == {}

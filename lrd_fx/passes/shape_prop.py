@@ -91,13 +91,18 @@ def _record_once(part: fx.GraphModule, failed: dict, name: str, calls: Optional[
             return plain(*args, **kwargs)
         state["done"] = True
         kept = _copied((args, kwargs)) if calls is not None else None
+        env = _ambient() if calls is not None else None
+        if env is not None:
+            # the part's buffers as its graph reads them: its eager caller may have written them in this
+            # forward (a cache reset in place); the fresh reference copy would not have them
+            env["buffers"] = _copied(dict(part.named_buffers()))
         try:
             out = RecordShapes(part).call(args, kwargs)
         except Exception as e:   # noqa: BLE001 - shapes are annotations: run the part plainly instead
             failed[name] = f"{type(e).__name__}: {e}"
             out = plain(*args, **kwargs)
         if kept is not None:
-            calls[name] = (*kept, _copied(out))
+            calls[name] = (*kept, _copied(out), env)
         return out
 
     def forward(*args, **kwargs):
@@ -108,6 +113,52 @@ def _record_once(part: fx.GraphModule, failed: dict, name: str, calls: Optional[
                 e._lrd_traced_part = "" if name == "<root>" else name
             raise
     return forward
+
+
+def _ambient() -> dict:
+    """What a part's call depends on besides its inputs and its module, as it is when the call starts: the
+    random number generators' states (a graph that draws torch random numbers, e.g. a VAE's sampling or
+    MC dropout, draws the same ones in the eager check) and the autocast its eager caller runs it under."""
+    env = {"rng": torch.random.get_rng_state(), "cuda_rng": None, "autocast": {}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        env["cuda_rng"] = torch.cuda.get_rng_state_all()
+    for dev in ("cpu", "cuda"):
+        try:
+            if torch.is_autocast_enabled(dev):
+                env["autocast"][dev] = torch.get_autocast_dtype(dev)
+        except (RuntimeError, TypeError, AttributeError):  # older torch: no per-device query
+            pass
+    return env
+
+
+@contextlib.contextmanager
+def _replayed(env: Optional[dict]):
+    """Run a block with the random states and autocast of `env` (_ambient), the caller's restored after."""
+    if env is None:
+        yield
+        return
+    devices = list(range(len(env["cuda_rng"]))) if env["cuda_rng"] is not None else []
+    with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
+        torch.random.set_rng_state(env["rng"])
+        if env["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(env["cuda_rng"])
+        for dev, dtype in env["autocast"].items():
+            stack.enter_context(torch.autocast(dev, dtype=dtype))
+        yield
+
+
+def _load_buffers(module: nn.Module, buffers: Optional[dict]) -> None:
+    """Copy the buffers a traced part had when its graph ran into the same-named buffers of its reference
+    module (the reference is a fresh copy of the caller's model; its buffers are its own)."""
+    if not buffers:
+        return
+    for name, value in buffers.items():
+        try:
+            mine = module.get_buffer(name)
+        except AttributeError:
+            continue
+        if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor) and mine.shape == value.shape:
+            mine.copy_(value)
 
 
 def _copied(obj):
@@ -169,12 +220,14 @@ def check_parts(calls: dict, reference: nn.Module) -> Optional[tuple]:
     all agree. A graph can trace without error and still compute something else: timm's FeatureHookNet
     reads what forward hooks collected, and its traced graph returned an empty list."""
     from ..pipeline import eval_mode
-    for name, (args, kwargs, got) in calls.items():
+    for name, (args, kwargs, got, env) in calls.items():
         if args is None or kwargs is None or got is None:
             continue
         module = reference if name == "<root>" else reference.get_submodule(name)
         try:
-            with torch.no_grad(), eval_mode(module):
+            with torch.no_grad():
+                _load_buffers(module, (env or {}).get("buffers"))
+            with torch.no_grad(), eval_mode(module), _replayed(env):
                 want = module(*args, **kwargs)
         except Exception:  # noqa: BLE001 - the module itself fails on these inputs: nothing to compare
             continue
