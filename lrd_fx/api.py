@@ -544,12 +544,11 @@ def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False
                     f"Mark that module a leaf (leaf_modules=[...]) so it is not traced, and please report it"
                 ) from e
             retraces += 1
-            kept[e.part] = (f"kept eager: {e.reason[:240]}" if differs else
-                            f"kept eager: its traced graph failed on the example inputs, which the module "
-                            f"runs eagerly ({e.reason[:160]})")
+            why = (e.reason[:240] if differs else
+                   f"its traced graph failed on the example inputs, which the module runs eagerly ({e.reason[:160]})")
+            kept[e.part] = f"kept eager: {why}"
             for path in same:
-                kept.setdefault(path, f"kept eager like '{where}', a module of the same class "
-                                      f"({kept[e.part][len('kept eager: '):][:160]})")
+                kept.setdefault(path, f"kept eager like '{where}', a module of the same class ({why[:160]})")
 
 
 def _same_class_parts(model: nn.Module, work: nn.Module, part: str) -> list[str]:
@@ -594,14 +593,15 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
         else:
             ctx.count_flops = True
         if cfg.check_inputs:
-            # on an eager copy of the caller's model (weights shared, read only): `work` is traced in place
-            ctx.input_check = lambda: _check_inputs(copy_model(ctx.model, share_layer_weights=True),
-                                                    ctx.example_inputs, ctx.device, ctx.dtype)
-            if _lazy_layers(ctx.model):   # the weights the forward before tracing gave them, not new ones
+            # an eager copy of the caller's model (weights shared, read only; `work` is traced in place), for
+            # the input check and shape_prop's check of the traced parts; with lazy layers, of `work` before
+            # tracing: the weights the forward before tracing gave them, not new ones
+            if _lazy_layers(ctx.model):
                 reference = copy_model(work, share_layer_weights=True)
                 ctx.reference = lambda: reference
             else:
                 ctx.reference = lambda: copy_model(ctx.model, share_layer_weights=True)
+            ctx.input_check = lambda: _check_inputs(ctx.reference(), ctx.example_inputs, ctx.device, ctx.dtype)
     eager: set = set()
     leaves = tuple(cfg.leaf_modules)
     gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,

@@ -524,8 +524,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
 
     if _path in kept:
         return keep_eager(kept[_path])
-    if call_reason(model) is not None:
-        return keep_eager(call_reason(model))
+    if (why := call_reason(model)) is not None:
+        return keep_eager(why)
     while True:
         try:
             gm, mode_reason = _trace_both_modes(model, classes, local_names | set(forced), concrete_args)
@@ -563,21 +563,19 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
                 f"reproduce both modes. Allow fallback=True (that module then stays eager, its children are "
                 f"traced), or mark it a leaf (leaf_modules=[...]).")
         return keep_eager(mode_reason)
-    for rel, reason in forced.items():
+    # leaves to trace apart: those that broke tracing (with their reason), and those called as modules for
+    # their hooks or __call__ (trace() keeps them eager, with the reason, and traces their children)
+    apart: dict[str, Optional[str]] = dict(forced)
+    apart.update((rel, None) for rel in sorted({n.target for n in gm.graph.nodes if n.op == "call_module"})
+                 if rel not in forced and call_reason(gm.get_submodule(rel)) is not None)
+    for rel, reason in apart.items():
         full = _join(_path, rel)
-        parts[full] = reason
+        if reason is not None:
+            parts[full] = reason
         sub = gm.get_submodule(rel)
         if isinstance(sub, _FACTORIZABLE) or not _has_factorizable(sub):
             continue
         new = trace(sub, leaf_modules=leaf_modules, fallback=True, fallback_parts=parts,
                     eager_parts=eager, keep_eager_parts=kept, _path=full)
         gm.set_submodule(rel, new)
-    hooked = {n.target for n in gm.graph.nodes if n.op == "call_module" and n.target not in forced}
-    for rel in sorted(hooked):
-        sub = gm.get_submodule(rel)
-        if isinstance(sub, _FACTORIZABLE) or call_reason(sub) is None or not _has_factorizable(sub):
-            continue
-        # a leaf for its hooks: kept as it is (trace() keeps it eager), its children traced
-        trace(sub, leaf_modules=leaf_modules, fallback=True, fallback_parts=parts, eager_parts=eager,
-              keep_eager_parts=kept, _path=_join(_path, rel))
     return gm

@@ -91,11 +91,7 @@ def _record_once(part: fx.GraphModule, failed: dict, name: str, calls: Optional[
             return plain(*args, **kwargs)
         state["done"] = True
         kept = _copied((args, kwargs)) if calls is not None else None
-        env = _ambient() if calls is not None else None
-        if env is not None:
-            # the part's buffers as its graph reads them: its eager caller may have written them in this
-            # forward (a cache reset in place); the fresh reference copy would not have them
-            env["buffers"] = _copied(dict(part.named_buffers()))
+        env = _ambient(part) if kept is not None else None
         try:
             out = RecordShapes(part).call(args, kwargs)
         except Exception as e:   # noqa: BLE001 - shapes are annotations: run the part plainly instead
@@ -115,11 +111,14 @@ def _record_once(part: fx.GraphModule, failed: dict, name: str, calls: Optional[
     return forward
 
 
-def _ambient() -> dict:
-    """What a part's call depends on besides its inputs and its module, as it is when the call starts: the
-    random number generators' states (a graph that draws torch random numbers, e.g. a VAE's sampling or
-    MC dropout, draws the same ones in the eager check) and the autocast its eager caller runs it under."""
-    env = {"rng": torch.random.get_rng_state(), "cuda_rng": None, "autocast": {}}
+def _ambient(part: nn.Module) -> dict:
+    """What a part's call depends on besides its inputs and its parameters, as it is when the call starts:
+    the random number generators' states (a graph that draws torch random numbers, e.g. a VAE's sampling or
+    MC dropout, draws the same ones in the eager check), the autocast its eager caller runs it under, and
+    the part's buffers (its eager caller may have written them in this forward, a cache reset in place;
+    the fresh reference copy would not have them)."""
+    env = {"rng": torch.random.get_rng_state(), "cuda_rng": None, "autocast": {},
+           "buffers": _copied(dict(part.named_buffers()))}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         env["cuda_rng"] = torch.cuda.get_rng_state_all()
     for dev in ("cpu", "cuda"):
