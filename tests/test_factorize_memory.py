@@ -231,3 +231,35 @@ def test_float32_factors_skip_the_float64_sweep_and_keep_the_projection(monkeypa
     tucker.tucker2(w.double(), *ranks)
     tucker.tucker2(w, *ranks, dtype=torch.float64)
     assert calls == [False, True, True]
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+def test_split64_converts_the_weight_by_blocks_and_gives_the_optimal_factors(monkeypatch, shape):
+    # The exact path makes the float64 Gram and projection block by block: no float64 copy of the whole
+    # weight, and the same answer as the SVD.
+    torch.manual_seed(0)
+    a = torch.randn(*shape)
+    whole = svd._split64(a, 10, "x")
+    monkeypatch.setattr(svd, "BLOCK_NUMEL", 100)
+    monkeypatch.setattr(svd, "BLOCK_MIN_STEP", 2)
+    made, real_empty = [], torch.empty
+
+    def empty(*size, **kw):
+        t = real_empty(*size, **kw)
+        made.append((t.numel(), t.dtype))
+        return t
+    monkeypatch.setattr(svd.torch, "empty", empty)
+    converted, real_work = [], svd._work                 # no float64 copy of the weight made whole
+    monkeypatch.setattr(svd, "_work", lambda t, *x: converted.append(t.numel()) or real_work(t, *x))
+    left, right = svd._split64(a, 10, "x")
+    assert converted and max(converted) == 1
+    monkeypatch.setattr(svd.torch, "empty", real_empty)
+    blocks = [n for n, dtype in made if dtype == torch.float64 and n <= max(100, *shape)]
+    assert len(blocks) == 2 and max(n for n, _ in made) < a.numel()
+    assert left.dtype == right.dtype == torch.float64
+    torch.testing.assert_close(left @ right, whole[0] @ whole[1], rtol=0, atol=1e-10)
+    s = torch.linalg.svdvals(a.double())
+    assert float((a.double() - left @ right).norm()) == pytest.approx(float(s[10:].pow(2).sum().sqrt()), rel=1e-9)
+    k = min(shape)                                   # full rank: exact
+    left, right = svd._split64(a, k, "x")
+    torch.testing.assert_close(left @ right, a.double(), rtol=0, atol=1e-10)
