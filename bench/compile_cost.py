@@ -18,6 +18,12 @@ off), so one model's memory does not count in the next one's peak. The child rep
   before it (/proc/self/clear_refs; where that is refused, VmHWM since the start, which is never less);
 - model MB: parameter + buffer bytes; overhead = (peak - rss_import) / model MB, the issue's target
   being <= 2.5 (the caller's model counts as 1);
+- with --warm, the model first runs once eagerly on the example input (eval, no_grad), as a user's model
+  runs before or after compiling anyway; freed memory is then handed back (gc, malloc_trim) and
+  rss_warm taken. What that forward leaves resident (first_forward_mb: the runtime's per-process
+  state, allocator arenas and library caches, which any first run of the model pays) is then not
+  counted as compile's,
+  and overhead = (peak - rss_warm) / model MB + 1 (the caller's model again counts as 1);
 - the svd paths taken for big weights (lrd_fx.factorize.svd.path_counts);
 - where the seconds went: the decompose pass (factorization), the whole-model runs (shape_prop's one
   forward, which counts the FLOPs too and is on fake tensors for models of 256 MB or more; an eager
@@ -52,7 +58,7 @@ def _mb(kb: int) -> float:
     return kb / 1024.0
 
 
-def child(name: str, ratio: float, size: int, threads: int | None) -> dict:
+def child(name: str, ratio: float, size: int, threads: int | None, warm: bool = False) -> dict:
     """Compile one model in this process and return its measurements (run by the parent in a subprocess)."""
     import torch
     import torchvision
@@ -71,6 +77,14 @@ def child(name: str, ratio: float, size: int, threads: int | None) -> dict:
     rss_model = _status_kb("VmRSS")
     model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     x = torch.randn(1, 3, size, size)
+    rss_warm = None
+    if warm:
+        import gc
+        with torch.no_grad():
+            model(x)
+        gc.collect()
+        svd.release_free_memory()
+        rss_warm = _status_kb("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")                      # reset VmHWM to the current RSS
@@ -91,11 +105,16 @@ def child(name: str, ratio: float, size: int, threads: int | None) -> dict:
               "other": round(max(seconds - decompose - model_runs, 0.0), 2)}
     peak = _status_kb("VmHWM")
     params_after = sum(p.numel() for p in gm.parameters())
+    model_mb = max(model_bytes / 2 ** 20, 1e-9)
+    overhead = ((_mb(peak) - _mb(rss_import)) / model_mb if rss_warm is None
+                else (_mb(peak) - _mb(rss_warm)) / model_mb + 1)
     return {"model": name, "ratio": ratio, "size": size, "seconds": round(seconds, 2),
             "rss_import_mb": round(_mb(rss_import), 1), "rss_model_mb": round(_mb(rss_model), 1),
             "peak_mb": round(_mb(peak), 1), "hwm_reset": hwm_reset,
             "model_mb": round(model_bytes / 2 ** 20, 1),
-            "overhead_x": round((_mb(peak) - _mb(rss_import)) / max(model_bytes / 2 ** 20, 1e-9), 2),
+            "overhead_x": round(overhead, 2), "warm": warm,
+            "rss_warm_mb": None if rss_warm is None else round(_mb(rss_warm), 1),
+            "first_forward_mb": None if rss_warm is None else round(_mb(rss_warm - rss_model), 1),
             "params_before": sum(p.numel() for p in model.parameters()), "params_after": params_after,
             "svd_paths": dict(counts or {}), "torch_threads": torch.get_num_threads(), "stage_s": stages}
 
@@ -155,7 +174,8 @@ def misses(rows: list, max_seconds: float, max_overhead: float) -> list[str]:
 
 def run_child(name: str, args) -> dict:
     cmd = [sys.executable, "-m", "bench.compile_cost", "--child", name, "--ratio", str(args.ratio),
-           "--size", str(args.size)] + (["--threads", str(args.threads)] if args.threads else [])
+           "--size", str(args.size)] + (["--threads", str(args.threads)] if args.threads else []) + \
+        (["--warm"] if args.warm else [])
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
@@ -170,7 +190,7 @@ def run_child(name: str, args) -> dict:
 
 
 COLUMNS = ("model", "ratio", "compile s", "decompose s", "model runs s", "other s", "peak RSS MB",
-           "RSS before MB", "model MB", "(peak-before)/model", "params after/before", "svd paths")
+           "RSS before MB", "first fwd MB", "model MB", "peak/model", "params after/before", "svd paths")
 
 
 def table(rows: list) -> str:
@@ -178,13 +198,15 @@ def table(rows: list) -> str:
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["model"], r["ratio"], "failed"] + ["-"] * 8 + [r["error"][:80]])
+            body.append([r["model"], r["ratio"], "failed"] + ["-"] * 9 + [r["error"][:80]])
             continue
         paths = ", ".join(f"{k} {v}" for k, v in sorted(r["svd_paths"].items())) or "-"
         st = r.get("stage_s") or {}      # rows of files written before the stage split have none
         stages = [f"{st[k]:.1f}" if k in st else "-" for k in ("decompose", "model_runs", "other")]
         body.append([r["model"], r["ratio"], f"{r['seconds']:.1f}"] + stages + [f"{r['peak_mb']:.0f}",
-                     f"{r['rss_import_mb']:.0f}", f"{r['model_mb']:.0f}", f"{r['overhead_x']:.2f}",
+                     f"{r['rss_import_mb']:.0f}",
+                     "-" if r.get("first_forward_mb") is None else f"{r['first_forward_mb']:.0f}",
+                     f"{r['model_mb']:.0f}", f"{r['overhead_x']:.2f}",
                      f"{r['params_after'] / r['params_before']:.3f}", paths])
     return tabulate(body, headers=COLUMNS, tablefmt="github")
 
@@ -202,10 +224,12 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per model before it is reported failed")
     p.add_argument("--out", default=None, help="path prefix of the .json/.txt (default "
                                                "bench/results/compile_cost-<date>)")
+    p.add_argument("--warm", action="store_true",
+                   help="run each model once eagerly before compiling; overhead counted above that state")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.ratio, args.size, args.threads)))
+        print(json.dumps(child(args.child, args.ratio, args.size, args.threads, args.warm)))
         return 0
 
     sys.path.insert(0, ROOT)
@@ -239,7 +263,10 @@ def write(prefix: str, machine: dict, args, rows: list, final: bool) -> str:
     missed = misses(rows, args.max_seconds, args.max_overhead)
     text = "\n".join([machine_line(machine),
                       f"lrd_fx.compile(model, (randn(1, 3, {args.size}, {args.size}),), ratio={args.ratio}, "
-                      f"progress=False), torchvision weights=None, one child process per model", "",
+                      f"progress=False), torchvision weights=None, one child process per model",
+                      "peak/model: (peak RSS - RSS before) / model MB" if not args.warm else
+                      "--warm: each model ran once eagerly first (first fwd MB: what that left resident); "
+                      "peak/model: (peak RSS - RSS after that forward) / model MB + 1", "",
                       table(rows), "",
                       f"{len(rows)} models; missing the targets (<= {args.max_seconds:g} s, <= "
                       f"{args.max_overhead:g}x): {len(missed)}" + ("" if final else " (sweep in progress)")]

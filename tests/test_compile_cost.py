@@ -223,3 +223,31 @@ def test_bench_compile_cost_all_classification_lists_misses_and_timeouts(monkeyp
     assert "missing the targets (<= 30 s, <= 2.5x): 3" in text and "- fat: 3.00x > 2.5x" in text
     assert "load_avg_end" in saved["machine"]
     assert cc.misses([rows["fast"]], 2.0, 1.5) == ["fast: 3.0 s > 2 s, 2.00x > 1.5x"]
+
+
+def test_bench_compile_cost_warm_counts_the_peak_above_a_model_that_ran_once(monkeypatch, tmp_path):
+    import json
+    import subprocess
+
+    from bench import compile_cost as cc
+    row = cc.child("squeezenet1_1", 0.25, 32, None, warm=True)   # a real child, tiny input
+    assert row["warm"] is True and row["rss_warm_mb"] is not None and row["first_forward_mb"] is not None
+    assert row["overhead_x"] == pytest.approx((row["peak_mb"] - row["rss_warm_mb"]) / row["model_mb"] + 1,
+                                              abs=0.05)
+    cold = cc.child("squeezenet1_1", 0.25, 32, None)
+    assert cold["warm"] is False and cold["rss_warm_mb"] is None and cold["first_forward_mb"] is None
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(dict(row, first_forward_mb=21.4)) + "\n",
+                                           stderr="")
+    monkeypatch.setattr(cc.subprocess, "run", fake_run)
+    assert cc.main(["--models", "squeezenet1_1", "--warm", "--out", str(tmp_path / "w")]) == 0
+    assert "--warm" in seen[0]
+    text = (tmp_path / "w.txt").read_text()
+    assert "--warm: each model ran once eagerly first" in text
+    header = next(line for line in text.splitlines() if line.startswith("| model"))
+    line = next(line for line in text.splitlines() if line.startswith("| squeezenet1_1"))
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
+    assert cells["first fwd MB"] == "21" and cells["peak/model"] == f"{row['overhead_x']:.2f}"
