@@ -317,14 +317,60 @@ def copy_model(model: nn.Module, *, share_layer_weights: bool = False) -> nn.Mod
                              f"torch.nn.utils.remove_weight_norm) first") from e
     for _, old in model.named_modules():
         part = memo.get(id(old)) if isinstance(old, fx.GraphModule) else None
-        if part is None:
-            continue
-        for cname, child in old._modules.items():
-            part._modules[cname] = copy.deepcopy(child, memo)
-        for k, v in old.__dict__.items():
-            if k not in part.__dict__:
-                part.__dict__[k] = copy.deepcopy(v, memo)
+        if part is not None:
+            _repair_copy(old, part, memo)
     return new
+
+
+def _repair_copy(old: fx.GraphModule, part: fx.GraphModule, memo: dict) -> None:
+    """Put back in `part`, GraphModule.__deepcopy__'s copy of `old`, what that copy drops: the faithful
+    copies of old's submodules (from the memo of the same deepcopy), old's other attributes (`.lrd`,
+    a Hugging Face model's `.config`, ...) and its class name."""
+    for cname, child in old._modules.items():
+        part._modules[cname] = copy.deepcopy(child, memo)
+    for k, v in old.__dict__.items():
+        if k not in part.__dict__:
+            part.__dict__[k] = copy.deepcopy(v, memo)
+    if type(part) is not type(old) and type(part).__name__ != type(old).__name__:
+        type(part).__name__ = type(old).__name__
+
+
+def _graph_module_deepcopy(self, memo):
+    res = fx.GraphModule.__deepcopy__(self, memo)
+    _repair_copy(self, res, memo)
+    keep_on_copy_(res)
+    return res
+
+
+def _graph_module_copy(self):
+    res = fx.GraphModule.__copy__(self)
+    for cname, child in self._modules.items():
+        res._modules[cname] = child
+    for k, v in self.__dict__.items():
+        if k not in res.__dict__:
+            res.__dict__[k] = v
+    if type(res) is not type(self):
+        type(res).__name__ = type(self).__name__
+    keep_on_copy_(res)
+    return res
+
+
+def keep_on_copy_(root: nn.Module) -> None:
+    """Make `copy.deepcopy` / `copy.copy` of every graph part of `root` faithful (see _repair_copy).
+
+    fx's GraphModule.__deepcopy__ rebuilds a GraphModule from the attributes its graph reads, so a
+    user's `copy.deepcopy(gm)` (an EMA or reference model, a best-checkpoint copy) lost `.lrd` (report,
+    freezer, save), the model's own attributes (`.config`) and its class name. Each GraphModule
+    instance has a class of its own (fx makes one per instance), so the fix is set on that class and
+    touches no other GraphModule; the copies get it too. A model pickled whole (torch.save) comes back
+    as fx rebuilds it, with `.lrd` and its attributes, and without this fix for its own copies."""
+    for _, part in graph_modules(root):
+        cls = type(part)
+        if cls is fx.GraphModule or cls.__dict__.get("__deepcopy__") is _graph_module_deepcopy:
+            continue
+        cls.__deepcopy__ = _graph_module_deepcopy
+        if hasattr(fx.GraphModule, "__copy__"):
+            cls.__copy__ = _graph_module_copy
 
 
 def _shared_layer_weights(model: nn.Module) -> dict:
@@ -446,6 +492,7 @@ def fuse(model: nn.Module, *, debug: bool = False) -> nn.Module:
     fused = pm.run(work).graph_module
     from .fastcalls import fast_module_calls_
     fast_module_calls_(fused)
+    keep_on_copy_(fused)
     return fused
 
 
@@ -624,6 +671,7 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
     from .fastcalls import fast_module_calls_
     fast_module_calls_(gm)     # module calls without nn.Module.__getattr__ (after the passes: their dumps stay plain)
     gm.lrd = LRDInfo(gm, ctx)
+    keep_on_copy_(gm)
     if not _warn_if_nothing_factorized(ctx):
         _warn_if_mostly_outside(gm.lrd, ctx)
     return gm
