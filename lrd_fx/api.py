@@ -355,8 +355,27 @@ def _graph_module_copy(self):
     return res
 
 
+def _prepare_scriptable(self):
+    """What torch.jit.script compiles in place of this graph part (TorchScript calls it on every
+    submodule): the same part sharing its submodules and parameters, with fx's plain generated code
+    instead of fastcalls' `self._modules[...]` look-ups, which TorchScript cannot compile. A part with
+    freezing gates is refused: the gates read Python state per call."""
+    from .errors import FreezeError
+    from .fastcalls import plain_codegen_
+    from .freezing import FreezeController, FreezerLink
+    if any(isinstance(m, (FreezeController, FreezerLink)) for m in self.modules()):
+        raise FreezeError("a model with freezing gates cannot be scripted (the gates read Python state on "
+                          "every call): script lrd_fx.strip_gates(model) (same outputs and parameter names), "
+                          "or use torch.jit.trace or torch.export")
+    graph = copy.deepcopy(self.graph)
+    if not plain_codegen_(graph):
+        return self
+    return fx.GraphModule(self, graph, class_name=type(self).__name__)
+
+
 def keep_on_copy_(root: nn.Module) -> None:
-    """Make `copy.deepcopy` / `copy.copy` of every graph part of `root` faithful (see _repair_copy).
+    """Make `copy.deepcopy` / `copy.copy` of every graph part of `root` faithful (see _repair_copy), and
+    `torch.jit.script` of it possible (_prepare_scriptable).
 
     fx's GraphModule.__deepcopy__ rebuilds a GraphModule from the attributes its graph reads, so a
     user's `copy.deepcopy(gm)` (an EMA or reference model, a best-checkpoint copy) lost `.lrd` (report,
@@ -369,6 +388,7 @@ def keep_on_copy_(root: nn.Module) -> None:
         if cls is fx.GraphModule or cls.__dict__.get("__deepcopy__") is _graph_module_deepcopy:
             continue
         cls.__deepcopy__ = _graph_module_deepcopy
+        cls.__prepare_scriptable__ = _prepare_scriptable
         if hasattr(fx.GraphModule, "__copy__"):
             cls.__copy__ = _graph_module_copy
 

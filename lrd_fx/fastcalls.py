@@ -37,9 +37,22 @@ def rewrite_module_calls(body: list) -> list:
 
 
 def _chain(previous):
-    if previous is None:
-        return rewrite_module_calls
-    return lambda body: rewrite_module_calls(previous(body))
+    def transform(body):
+        return rewrite_module_calls(previous(body) if previous is not None else body)
+    transform.previous = previous          # what plain_codegen_ puts back
+    return transform
+
+
+def plain_codegen_(graph) -> bool:
+    """Take the rewrite off `graph`'s code generator (its earlier transformer, if any, stays): fx's own
+    `getattr` form, which TorchScript compiles and `self._modules[...]` it does not. True if it was there."""
+    codegen = getattr(graph, "_codegen", None)
+    fn = getattr(codegen, "_body_transformer", None)
+    if codegen is None or not getattr(codegen, MARK, False) or not hasattr(fn, "previous"):
+        return False
+    codegen._body_transformer = fn.previous
+    setattr(codegen, MARK, False)
+    return True
 
 
 def fast_module_calls_(root) -> int:

@@ -69,3 +69,46 @@ def test_onnx_export_matches_eager(model_and_input, tmp_path):
         ref = ReferenceEvaluator(str(path))
         got = ref.run(None, {ref.input_names[0]: x2.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("freeze", [None, "sequential"])
+def test_torch_jit_script_of_a_compiled_model(freeze, tmp_path):
+    # fastcalls' `self._modules[...]` code is not TorchScript: each graph part hands TorchScript the same
+    # part with fx's plain code (__prepare_scriptable__); the caller's compiled model keeps its own code.
+    import io
+
+    from lrd_fx.errors import FreezeError
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    gm = lrd_fx.compile(resnet18(), (x,), ratio=0.5, freeze=freeze, progress=False).eval()
+    code = gm.code
+    if freeze:
+        with pytest.raises(FreezeError, match="strip_gates"):
+            torch.jit.script(gm)
+        gm = lrd_fx.strip_gates(gm)
+    for model in (gm, lrd_fx.fuse(gm)):
+        scripted = torch.jit.script(model)
+        buf = io.BytesIO()
+        torch.jit.save(scripted, buf)
+        buf.seek(0)
+        loaded = torch.jit.load(buf)
+        with torch.no_grad():
+            ref = model(x)
+            torch.testing.assert_close(scripted(x), ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(loaded(x), ref, rtol=1e-5, atol=1e-6)
+    assert '._modules["' in code and (freeze or gm.code == code)
+
+
+def test_torch_jit_script_leaves_an_eager_roots_parts_equivalent():
+    from conftest import Branchy
+    torch.manual_seed(0)
+    x = torch.randn(4, 32)
+    gm = lrd_fx.compile(Branchy(), (x,), ratio=0.5, progress=False)
+    before = {n: p for n, p in gm.named_parameters()}
+    with torch.no_grad():
+        ref = gm(x)
+    scripted = torch.jit.script(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gm(x), ref, rtol=0, atol=0)
+    assert {n: p for n, p in gm.named_parameters()} == before

@@ -87,6 +87,12 @@ class FactorChain(nn.Sequential):
     weights that do not compute the source.
     """
 
+    # The replaced layer's face is for Python code: torch.jit.script leaves these properties out (it
+    # would compile each one, and the spatial ones are lambdas it cannot compile).
+    __jit_unused_properties__ = ["pending", "in_features", "out_features", "nx", "nf", "in_channels",
+                                 "out_channels", "kernel_size", "stride", "padding", "dilation",
+                                 "padding_mode", "output_padding", "groups", "transposed", "bias", "weight"]
+
     # Pending state lives in instance attributes set by defer_ and removed once filled; a filled chain
     # carries none of them (these class defaults answer for it).
     _pending: Optional[Pending] = None
