@@ -260,3 +260,25 @@ def test_part_kept_eager_after_its_graph_failed_is_rebuilt_by_load_without_input
         assert set(loaded.lrd.kept_eager) == {"embeddings"}
         with torch.no_grad():
             torch.testing.assert_close(getattr(loaded(*x), field), getattr(gm(*x), field), rtol=0, atol=0)
+
+
+def test_save_pretrained_checkpoint_resumes_into_the_same_compiled_model(tmp_path):
+    # what the Trainer's checkpoints hold: the compiled model's state_dict, factors included; it loads into
+    # a model compiled the same way (from_pretrained on the original class cannot rebuild the factors)
+    import safetensors.torch
+    torch.manual_seed(0)
+    build, inputs, field, _ = MODELS["bert"]
+    model = build().eval()
+    x = inputs()
+    gm = lrd_fx.compile(model, x, ratio=0.5, progress=False)
+    gm.save_pretrained(tmp_path)
+    state = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    assert any(".first." in k for k in state)
+    again = lrd_fx.compile(model, x, ratio=0.5, progress=False)
+    with torch.no_grad():
+        for p in again.parameters():
+            p.mul_(0.5)
+    missing, unexpected = again.load_state_dict(state, strict=False)
+    assert not missing and not unexpected
+    with torch.no_grad():
+        torch.testing.assert_close(getattr(again(*x), field), getattr(gm(*x), field), rtol=0, atol=0)
