@@ -250,4 +250,4 @@ def test_bench_compile_cost_warm_counts_the_peak_above_a_model_that_ran_once(mon
     header = next(line for line in text.splitlines() if line.startswith("| model"))
     line = next(line for line in text.splitlines() if line.startswith("| squeezenet1_1"))
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
-    assert cells["first fwd MB"] == "21" and cells["peak/model"] == f"{row['overhead_x']:.2f}"
+    assert cells["first fwd MB"] == "21" and float(cells["peak/model"]) == pytest.approx(row["overhead_x"], abs=0.006)
