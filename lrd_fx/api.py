@@ -355,6 +355,21 @@ def _graph_module_copy(self):
     return res
 
 
+def _graph_module_reduce(self):
+    fn, args = fx.GraphModule.__reduce__(self)[:2]
+    return _unpickled_part, (fn, args, type(self).__name__)
+
+
+def _unpickled_part(fn, args, class_name: str):
+    """How pickle (torch.save of a whole model) rebuilds a graph part lrd_fx returned: fx's own rebuild,
+    then the part's class name and keep_on_copy_, which fx's plain GraphModule would not have."""
+    part = fn(*args)
+    if isinstance(part, fx.GraphModule) and type(part) is not fx.GraphModule:
+        type(part).__name__ = class_name
+        keep_on_copy_(part)
+    return part
+
+
 def _prepare_scriptable(self):
     """What torch.jit.script compiles in place of this graph part (TorchScript calls it on every
     submodule): the same part sharing its submodules and parameters, with fx's plain generated code
@@ -381,13 +396,14 @@ def keep_on_copy_(root: nn.Module) -> None:
     user's `copy.deepcopy(gm)` (an EMA or reference model, a best-checkpoint copy) lost `.lrd` (report,
     freezer, save), the model's own attributes (`.config`) and its class name. Each GraphModule
     instance has a class of its own (fx makes one per instance), so the fix is set on that class and
-    touches no other GraphModule; the copies get it too. A model pickled whole (torch.save) comes back
-    as fx rebuilds it, with `.lrd` and its attributes, and without this fix for its own copies."""
+    touches no other GraphModule; the copies get it too, and so does a part pickled whole (torch.save
+    of the model), through _unpickled_part."""
     for _, part in graph_modules(root):
         cls = type(part)
         if cls is fx.GraphModule or cls.__dict__.get("__deepcopy__") is _graph_module_deepcopy:
             continue
         cls.__deepcopy__ = _graph_module_deepcopy
+        cls.__reduce__ = _graph_module_reduce
         cls.__prepare_scriptable__ = _prepare_scriptable
         if hasattr(fx.GraphModule, "__copy__"):
             cls.__copy__ = _graph_module_copy

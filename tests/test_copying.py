@@ -107,3 +107,21 @@ def test_other_graph_modules_keep_fx_copy_behaviour(gated):
     plain = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
     plain.extra = "not kept by fx"
     assert not hasattr(copy.deepcopy(plain), "extra")
+
+
+def test_a_model_pickled_whole_comes_back_with_its_class_name_and_faithful_copies(gated):
+    import io
+    import pickle
+    gm, x = gated
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    for back in (torch.load(buf, weights_only=False), pickle.loads(pickle.dumps(gm))):
+        _same(gm, back, x)
+        assert isinstance(back.lrd, LRDInfo) and back.lrd._root is back and back.inplanes == gm.inplanes
+        c = copy.deepcopy(back)
+        _same(gm, c, x)
+        assert isinstance(c.lrd, LRDInfo) and c.lrd._root is c
+    eager = lrd_fx.compile(Branchy(), (torch.randn(4, 32),), ratio=0.5, progress=False)
+    back = pickle.loads(pickle.dumps(eager))
+    _same(eager, back, torch.randn(4, 32))
