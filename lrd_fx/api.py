@@ -382,8 +382,20 @@ def _prepare_scriptable(self):
         raise FreezeError("a model with freezing gates cannot be scripted (the gates read Python state on "
                           "every call): script lrd_fx.strip_gates(model) (same outputs and parameter names), "
                           "or use torch.jit.trace or torch.export")
+    from .trace import BY_MODE_TYPED, by_mode
     graph = copy.deepcopy(self.graph)
-    if not plain_codegen_(graph):
+    changed = plain_codegen_(graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is by_mode:
+            a, b = node.args[1:]
+            typed = BY_MODE_TYPED.get(type(a)) if type(a) is type(b) else None
+            if typed is None:
+                raise TraceError(f"graph part {type(self).__name__}: a value that depends on train/eval mode "
+                                 f"({a!r} in training, {b!r} in eval) has a type TorchScript cannot switch; use "
+                                 f"torch.jit.trace or torch.export on the model in the mode it will run in")
+            node.target = typed
+            changed = True
+    if not changed:
         return self
     return fx.GraphModule(self, graph, class_name=type(self).__name__)
 

@@ -296,6 +296,28 @@ def by_mode(training: bool, if_training, if_eval):
     return if_training if training else if_eval
 
 
+# by_mode for TorchScript, which needs one type per function (api._prepare_scriptable retargets by_mode
+# nodes whose two values share one of these types).
+def by_mode_bool(training: bool, if_training: bool, if_eval: bool) -> bool:
+    return if_training if training else if_eval
+
+
+def by_mode_int(training: bool, if_training: int, if_eval: int) -> int:
+    return if_training if training else if_eval
+
+
+def by_mode_float(training: bool, if_training: float, if_eval: float) -> float:
+    return if_training if training else if_eval
+
+
+BY_MODE_TYPED = {bool: by_mode_bool, int: by_mode_int, float: by_mode_float}
+
+
+# Re-tracing a graph that holds by_mode nodes (fx rebuilds a pickled GraphModule by tracing its code with
+# the graph's tracer class) keeps them as nodes: their `training` input is a Proxy there.
+register_leaf_function(by_mode)
+
+
 class TrainingFlag(nn.Module):
     """Returns its own `training` flag, which .train()/.eval() on the model set: lets a graph read the mode."""
 

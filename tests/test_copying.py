@@ -125,3 +125,18 @@ def test_a_model_pickled_whole_comes_back_with_its_class_name_and_faithful_copie
     eager = lrd_fx.compile(Branchy(), (torch.randn(4, 32),), ratio=0.5, progress=False)
     back = pickle.loads(pickle.dumps(eager))
     _same(eager, back, torch.randn(4, 32))
+
+
+def test_pickling_a_graph_with_train_eval_dependent_values():
+    # fx rebuilds a pickled GraphModule by tracing its code: the mode-dependent values stay nodes
+    import pickle
+
+    from test_export import _ModeDependent
+    torch.manual_seed(0)
+    x = torch.randn(8, 32)
+    gm = lrd_fx.compile(_ModeDependent(), (x,), ratio=0.5, progress=False)
+    back = pickle.loads(pickle.dumps(gm))
+    _same(gm, back, x)
+    back.train()
+    with torch.no_grad():
+        assert not torch.equal(back(x), back(x))

@@ -112,3 +112,28 @@ def test_torch_jit_script_leaves_an_eager_roots_parts_equivalent():
         torch.testing.assert_close(scripted(x), ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gm(x), ref, rtol=0, atol=0)
     assert {n: p for n, p in gm.named_parameters()} == before
+
+
+class _ModeDependent(nn.Module):
+    """Dropout by its training flag, in the forward: the traced graph holds a train/eval-dependent value."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.dropout(self.a(x), 0.5, self.training))
+
+
+def test_torch_jit_script_keeps_train_and_eval_behaviour_of_mode_dependent_graphs():
+    from lrd_fx.trace import by_mode
+    torch.manual_seed(0)
+    x = torch.randn(8, 32)
+    gm = lrd_fx.compile(_ModeDependent(), (x,), ratio=0.5, progress=False)
+    assert any(n.target is by_mode for n in gm.graph.nodes)
+    scripted = torch.jit.script(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted.eval()(x), gm.eval()(x), rtol=1e-5, atol=1e-6)
+        scripted.train()
+        assert not torch.equal(scripted(x), scripted(x))          # dropout is on in training
+    assert any(n.target is by_mode for n in gm.graph.nodes)      # the compiled model's own graph is untouched
