@@ -338,7 +338,7 @@ def _repair_copy(old: fx.GraphModule, part: fx.GraphModule, memo: dict) -> None:
 def _graph_module_deepcopy(self, memo):
     res = fx.GraphModule.__deepcopy__(self, memo)
     _repair_copy(self, res, memo)
-    keep_on_copy_(res)
+    fix_graph_part_protocols_(res)
     return res
 
 
@@ -351,7 +351,7 @@ def _graph_module_copy(self):
             res.__dict__[k] = v
     if type(res) is not type(self):
         type(res).__name__ = type(self).__name__
-    keep_on_copy_(res)
+    fix_graph_part_protocols_(res)
     return res
 
 
@@ -362,11 +362,11 @@ def _graph_module_reduce(self):
 
 def _unpickled_part(fn, args, class_name: str):
     """How pickle (torch.save of a whole model) rebuilds a graph part lrd_fx returned: fx's own rebuild,
-    then the part's class name and keep_on_copy_, which fx's plain GraphModule would not have."""
+    then the part's class name and fix_graph_part_protocols_, which fx's plain GraphModule would not have."""
     part = fn(*args)
     if isinstance(part, fx.GraphModule) and type(part) is not fx.GraphModule:
         type(part).__name__ = class_name
-        keep_on_copy_(part)
+        fix_graph_part_protocols_(part)
     return part
 
 
@@ -400,7 +400,7 @@ def _prepare_scriptable(self):
     return fx.GraphModule(self, graph, class_name=type(self).__name__)
 
 
-def keep_on_copy_(root: nn.Module) -> None:
+def fix_graph_part_protocols_(root: nn.Module) -> None:
     """Make `copy.deepcopy` / `copy.copy` of every graph part of `root` faithful (see _repair_copy), and
     `torch.jit.script` of it possible (_prepare_scriptable).
 
@@ -540,7 +540,7 @@ def fuse(model: nn.Module, *, debug: bool = False) -> nn.Module:
     fused = pm.run(work).graph_module
     from .fastcalls import fast_module_calls_
     fast_module_calls_(fused)
-    keep_on_copy_(fused)
+    fix_graph_part_protocols_(fused)
     return fused
 
 
@@ -719,7 +719,7 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
     from .fastcalls import fast_module_calls_
     fast_module_calls_(gm)     # module calls without nn.Module.__getattr__ (after the passes: their dumps stay plain)
     gm.lrd = LRDInfo(gm, ctx)
-    keep_on_copy_(gm)
+    fix_graph_part_protocols_(gm)
     if not _warn_if_nothing_factorized(ctx):
         _warn_if_mostly_outside(gm.lrd, ctx)
     return gm
