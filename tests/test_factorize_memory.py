@@ -263,3 +263,28 @@ def test_split64_converts_the_weight_by_blocks_and_gives_the_optimal_factors(mon
     k = min(shape)                                   # full rank: exact
     left, right = svd._split64(a, k, "x")
     torch.testing.assert_close(left @ right, a.double(), rtol=0, atol=1e-10)
+
+
+def test_mid_size_near_square_weights_try_the_float32_gram_with_torchs_eigensolver(monkeypatch):
+    # From SQUARE32_MIN_N on the smaller side, svd_split tries split32 (certified within 1% of the optimal
+    # error) with torch.linalg.eigh, which runs in factorize_many's worker threads; what it declines
+    # (near-low-rank weights, full rank) takes the float64 path as before.
+    torch.manual_seed(0)
+    monkeypatch.setattr(svd, "SQUARE32_MIN_N", 24)
+    subsets, real_eigh = [], svd._gram_top_eigh
+    monkeypatch.setattr(svd, "_gram_top_eigh", lambda w, r, subset=True: subsets.append(subset) or real_eigh(w, r, subset))
+    exact, real64 = [], svd._split64
+    monkeypatch.setattr(svd, "_split64", lambda a, r, name: exact.append(r) or real64(a, r, name))
+    flat = torch.randn(30, 40)
+    left, right = svd.svd_split(flat, 8)
+    assert subsets == [False] and exact == []
+    s = torch.linalg.svdvals(flat.double())
+    err = float((flat.double() - (left @ right).double()).norm())
+    assert err <= 1.01 * float(s[8:].pow(2).sum().sqrt())
+    low = torch.randn(30, 3) @ torch.randn(3, 40) + 1e-6 * torch.randn(30, 40)   # tiny tail: declined
+    svd.svd_split(low, 3)
+    svd.svd_split(flat, 30)                                                       # full rank: float64
+    assert exact == [3, 30]
+    small = torch.randn(20, 40)                                                   # below SQUARE32_MIN_N
+    svd.svd_split(small, 5)
+    assert exact == [3, 30, 5] and len(subsets) == 2

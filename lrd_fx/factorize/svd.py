@@ -212,6 +212,9 @@ def svd_split(matrix: Tensor, rank: int, *, name: str = "",
                 with serial_math(a):
                     split = split32(a, r, name=name, total=total)
                 _count("exact32" if split is not None else "float32_declined")
+    if split is None and not big and min(m, n) >= SQUARE32_MIN_N and a.device.type == "cpu":
+        with serial_math(a):
+            split = split32(a, r, name=name, subset=False)
     if split is None:
         with serial_math(a):
             split = _split64(a, r, name)
@@ -241,6 +244,10 @@ def _rows_small(a: Tensor) -> Tensor:
     return w if w.shape[0] <= w.shape[1] else w.T
 
 
+# Mid-size weights whose smaller side is at least this also try split32 first (torch's eigensolver, not
+# scipy's: it runs in factorize_many's worker threads, and scipy's holds the GIL): the float64 Gram's
+# eigendecomposition of a 1000 x 1024 classifier peaks at 35 MB for 4 MB of weight, the float32 one at half.
+SQUARE32_MIN_N = 1000
 # Big weights: at least this many elements try the float32 Gram path (split32) before float64.
 FLOAT32_MIN_NUMEL = 1 << 22
 FLOAT32_TOL = 0.01             # accepted when its error is certified within 1% of the optimal one
@@ -350,7 +357,7 @@ def _float32_hopeless(total: float, ritz: Tensor, shape, r: int, device) -> bool
     return 2.0 * r * delta > _float32_tol_energy(FLOAT32_TOL) * max(total - float(ritz.sum()), 0.0)
 
 
-def _gram_top_eigh(w: Tensor, r: int) -> tuple[Tensor, Tensor]:
+def _gram_top_eigh(w: Tensor, r: int, subset: bool = True) -> tuple[Tensor, Tensor]:
     """The r largest eigenvalues (descending) and their eigenvectors of the float32 Gram w w^T.
 
     On CPU through scipy (which comes with tensorly): the Gram's lower triangle by BLAS ssyrk (half
@@ -360,7 +367,7 @@ def _gram_top_eigh(w: Tensor, r: int) -> tuple[Tensor, Tensor]:
     Elsewhere, or without scipy, w @ w.T and torch.linalg.eigh.
     """
     n = w.shape[0]
-    if w.device.type == "cpu" and r < n:
+    if subset and w.device.type == "cpu" and r < n:
         try:
             import scipy.linalg
             from scipy.linalg import blas
@@ -380,7 +387,7 @@ def _gram_top_eigh(w: Tensor, r: int) -> tuple[Tensor, Tensor]:
 
 
 def split32(matrix: Tensor, rank: int, *, name: str = "", tol: float = FLOAT32_TOL,
-            total: Optional[float] = None) -> Optional[tuple[Tensor, Tensor]]:
+            total: Optional[float] = None, subset: bool = True) -> Optional[tuple[Tensor, Tensor]]:
     """svd_split from a float32 Gram matrix and float32 eigh, or None when that is not certified.
 
     Cheaper than the float64 path (a 4096 x 9216 weight on 2 threads: float32 Gram 2.5 s + eigh 9.5 s,
@@ -413,7 +420,7 @@ def split32(matrix: Tensor, rank: int, *, name: str = "", tol: float = FLOAT32_T
     if r >= n_s or total == 0.0:
         return None
     try:
-        mu, vecs = _gram_top_eigh(w, r)
+        mu, vecs = _gram_top_eigh(w, r, subset=subset)
     except (RuntimeError, ValueError) as e:  # LinAlgError (torch's is a RuntimeError, scipy's a ValueError)
         raise FactorizationError(f"{_label(name)}: eigendecomposition failed for shape {list(a.shape)}: {e}") from e
     mu = mu.double()
