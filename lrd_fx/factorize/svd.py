@@ -1,4 +1,4 @@
-"""Truncated SVD of weight matrices (float64 Gram eigensolver; certified float32 Gram and randomized SVD for big weights), with rank/finite checks."""
+"""Truncated SVD of weight matrices (float64 Gram eigensolver; certified float32 Gram for big and near-square weights, randomized SVD for big ones), with rank/finite checks."""
 from __future__ import annotations
 
 import collections
@@ -183,8 +183,10 @@ def svd_split(matrix: Tensor, rank: int, *, name: str = "",
     would cost less than the Gram path (sketch_pays: a low rank), a cheap spectrum probe
     (spectrum_probe) and the randomized path unless the probe finds the spectrum flat (a sketch on a
     flat spectrum would be declined after paying for it); the float32 Gram path when its certificate
-    holds (split32); the float64 Gram path otherwise. Every result is within 1% of the optimal rank-r
-    error or is the float64 answer. `path_counts` counts the paths.
+    holds (split32); the float64 Gram path otherwise. Smaller CPU weights whose smaller side is at least
+    SQUARE32_MIN_N try split32 with torch's eigensolver before the float64 path (memory; not counted in
+    `path_counts`). Every result is within 1% of the optimal rank-r error or is the float64 answer.
+    `path_counts` counts the paths of big weights.
     """
     a = _as_matrix(matrix, name)
     m, n = a.shape
@@ -364,7 +366,8 @@ def _gram_top_eigh(w: Tensor, r: int, subset: bool = True) -> tuple[Tensor, Tens
     the flops of w @ w.T: 3.1-3.5 s against 5.0-5.5 s for a 4096 x 9216 weight on a busy 2-core
     machine; no copy of w) and LAPACK's MRRR driver for the index subset (it skips the full
     eigenvector back-transformation: about half the time of torch.linalg.eigh for r = n/6).
-    Elsewhere, or without scipy, w @ w.T and torch.linalg.eigh.
+    Elsewhere, without scipy, or with subset=False (callers in worker threads: scipy's call holds the
+    GIL), w @ w.T and torch.linalg.eigh.
     """
     n = w.shape[0]
     if subset and w.device.type == "cpu" and r < n:
