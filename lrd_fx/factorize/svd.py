@@ -65,11 +65,14 @@ def _as_matrix(matrix: Tensor, name: str) -> Tensor:
     return a
 
 
+def _work_device(a: Tensor) -> torch.device:
+    """Where `a`'s factorization math runs: its own device, or the CPU for MPS (no float64, no eigh) and meta."""
+    return a.device if a.device.type not in ("mps", "meta") else torch.device("cpu")
+
+
 def _work(a: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """float64 (or `dtype`) copy on a device that has float64 (MPS has none: use the CPU there); `a`
-    itself when it already is that."""
-    dev = a.device if a.device.type not in ("mps", "meta") else torch.device("cpu")
-    return a.to(device=dev, dtype=dtype)
+    """float64 (or `dtype`) copy on _work_device(a); `a` itself when it already is that."""
+    return a.to(device=_work_device(a), dtype=dtype)
 
 
 _TRIM = []
@@ -241,8 +244,7 @@ def _count(path: str) -> None:
 
 def _rows_small(a: Tensor) -> Tensor:
     """`a` (or its transpose, a view) as float32 with the smaller side as rows, on a device with eigh."""
-    dev = a.device if a.device.type not in ("mps", "meta") else torch.device("cpu")
-    w = a.to(device=dev, dtype=torch.float32)      # no copy for a float32 weight
+    w = a.to(device=_work_device(a), dtype=torch.float32)      # no copy for a float32 weight
     return w if w.shape[0] <= w.shape[1] else w.T
 
 
@@ -514,7 +516,7 @@ def _blocks64(a: Tensor, dim: int):
     are one buffer, refilled: use each before taking the next."""
     size, other = a.shape[dim], a.shape[1 - dim]
     step = min(size, max(BLOCK_MIN_STEP, BLOCK_NUMEL // max(other, 1)))
-    dev = _work(a[:1, :1]).device
+    dev = _work_device(a)
     direct = a.dtype == torch.float64 and a.device == dev
     buf = None if direct else torch.empty((other, step) if dim == 1 else (step, other), dtype=torch.float64,
                                           device=dev)
@@ -538,7 +540,7 @@ def _split64(a: Tensor, r: int, name: str) -> tuple[Tensor, Tensor]:
     1000 x 1024 classifier still at 35 MB, all of it the eigensolver's)."""
     m, n = a.shape
     wide = m <= n
-    dev = _work(a[:1, :1]).device
+    dev = _work_device(a)
     k = min(m, n)
     gram = torch.zeros(k, k, dtype=torch.float64, device=dev)
     for _, b in _blocks64(a, 1 if wide else 0):
