@@ -318,39 +318,35 @@ def copy_model(model: nn.Module, *, share_layer_weights: bool = False) -> nn.Mod
     for _, old in model.named_modules():
         part = memo.get(id(old)) if isinstance(old, fx.GraphModule) else None
         if part is not None:
-            _repair_copy(old, part, memo)
+            _repair_copy(old, part, lambda v: copy.deepcopy(v, memo))
     return new
 
 
-def _repair_copy(old: fx.GraphModule, part: fx.GraphModule, memo: dict) -> None:
-    """Put back in `part`, GraphModule.__deepcopy__'s copy of `old`, what that copy drops: the faithful
-    copies of old's submodules (from the memo of the same deepcopy), old's other attributes (`.lrd`,
-    a Hugging Face model's `.config`, ...) and its class name."""
+def _repair_copy(old: fx.GraphModule, part: fx.GraphModule, copy_value) -> None:
+    """Put back in `part`, fx's copy of `old` (GraphModule.__deepcopy__ / __copy__), what that copy drops:
+    old's submodules and other attributes (`.lrd`, a Hugging Face model's `.config`, ...), each through
+    `copy_value` (a deep copy with the memo of the same deepcopy, which holds the faithful copies of the
+    submodules; the value itself for a shallow copy), and its class name (fx makes one class per
+    instance; fx's own class is never renamed)."""
     for cname, child in old._modules.items():
-        part._modules[cname] = copy.deepcopy(child, memo)
+        part._modules[cname] = copy_value(child)
     for k, v in old.__dict__.items():
         if k not in part.__dict__:
-            part.__dict__[k] = copy.deepcopy(v, memo)
-    if type(part) is not type(old) and type(part).__name__ != type(old).__name__:
+            part.__dict__[k] = copy_value(v)
+    if type(part) not in (type(old), fx.GraphModule):
         type(part).__name__ = type(old).__name__
 
 
 def _graph_module_deepcopy(self, memo):
     res = fx.GraphModule.__deepcopy__(self, memo)
-    _repair_copy(self, res, memo)
+    _repair_copy(self, res, lambda v: copy.deepcopy(v, memo))
     fix_graph_part_protocols_(res)
     return res
 
 
 def _graph_module_copy(self):
     res = fx.GraphModule.__copy__(self)
-    for cname, child in self._modules.items():
-        res._modules[cname] = child
-    for k, v in self.__dict__.items():
-        if k not in res.__dict__:
-            res.__dict__[k] = v
-    if type(res) is not type(self):
-        type(res).__name__ = type(self).__name__
+    _repair_copy(self, res, lambda v: v)
     fix_graph_part_protocols_(res)
     return res
 
