@@ -174,7 +174,8 @@ _CHECKPOINT_ENTRIES = ("_checkpoint_impl", "CheckpointFunction", "_checkpoint_wi
 # random.getrandbits are bound to a hidden instance, and are refused as module attributes).
 _PY_RANDOM_ENTRIES = ("random", "getrandbits")
 _NUMPY_RANDOM_ENTRIES = ("random", "random_sample", "rand", "randn", "randint", "uniform", "normal",
-                         "standard_normal", "choice", "permutation", "shuffle", "binomial", "beta")
+                         "standard_normal", "choice", "permutation", "shuffle", "binomial", "beta",
+                         "default_rng")   # a generator made inside forward (its draws cannot be patched)
 _CHECKPOINT_WHY = ("calls torch.utils.checkpoint (gradient checkpointing), which a traced graph would drop: "
                    "kept eager so it still checkpoints")
 _RANDOM_WHY = ("draws Python or NumPy random numbers (random.uniform, np.random.random), which a traced graph "
@@ -253,15 +254,90 @@ def refused_while_tracing():
                 _patched.clear()
 
 
+def _rng_fingerprint(state):
+    """A comparable form of a NumPy generator's state (nested dicts, tuples, ints and arrays)."""
+    if isinstance(state, dict):
+        return tuple((k, _rng_fingerprint(v)) for k, v in sorted(state.items()))
+    if isinstance(state, (list, tuple)):
+        return tuple(_rng_fingerprint(v) for v in state)
+    if hasattr(state, "tobytes") and hasattr(state, "dtype"):
+        return (str(state.dtype), tuple(getattr(state, "shape", ())), state.tobytes())
+    return state
+
+
+def _rng_get(obj):
+    import numpy as np
+    if isinstance(obj, np.random.Generator):
+        return obj.bit_generator.state
+    if isinstance(obj, np.random.RandomState):
+        return obj.get_state(legacy=False)
+    return obj.state                      # a BitGenerator
+
+
+def _rng_set(obj, state) -> None:
+    import numpy as np
+    if isinstance(obj, np.random.Generator):
+        obj.bit_generator.state = state
+    elif isinstance(obj, np.random.RandomState):
+        obj.set_state(state)
+    else:
+        obj.state = state
+
+
+def numpy_generators(module: nn.Module) -> list:
+    """(module path, how it is reached, generator) for every NumPy random generator a forward may draw from
+    through an object (np.random.Generator, RandomState, BitGenerator), which refused_while_tracing cannot
+    patch: those held as module attributes (self.rng) and the globals a module's forward names (_RNG)."""
+    np = sys.modules.get("numpy")
+    if np is None:
+        return []
+    kinds = (np.random.Generator, np.random.RandomState, np.random.BitGenerator)
+    out, seen = [], set()
+    for path, m in module.named_modules():
+        found = [(f"self.{k}", v) for k, v in vars(m).items() if isinstance(v, kinds)]
+        fn = getattr(type(m), "forward", None)
+        code, glob = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
+        if code is not None and glob is not None:
+            found += [(f"global {n}", glob[n]) for n in code.co_names if isinstance(glob.get(n), kinds)]
+        for how, gen in found:
+            if id(gen) not in seen:
+                seen.add(id(gen))
+                out.append((path, how, gen))
+    return out
+
+
+@contextlib.contextmanager
+def numpy_draws_watched(module: nn.Module, drew: list):
+    """Record in `drew` (module path, how it is reached) for each NumPy generator (numpy_generators) that
+    was drawn from inside the block, and put every generator's state back as it was: a traced graph
+    would keep the numbers drawn while tracing, and tracing must not use up the caller's numbers."""
+    gens = [(path, how, gen, _rng_get(gen)) for path, how, gen in numpy_generators(module)]
+    try:
+        yield
+    finally:
+        for path, how, gen, state in gens:
+            if _rng_fingerprint(_rng_get(gen)) != _rng_fingerprint(state):
+                drew.append((path, how))
+                _rng_set(gen, state)
+
+
 def _trace_once(module: nn.Module, leaf_modules, leaf_names, concrete_args: Optional[dict] = None) -> fx.GraphModule:
     tracer = LRDTracer(leaf_modules, leaf_names)
     changed: list = []
     # grad enabled: code that checkpoints only when gradients are on (transformers' checkpointing layers)
     # must show it even when compile runs under torch.no_grad()
-    with attributes_kept(module, changed), refused_while_tracing(), torch.enable_grad():
+    drew: list = []
+    with attributes_kept(module, changed), refused_while_tracing(), torch.enable_grad(), \
+            numpy_draws_watched(module, drew):
         graph = tracer.trace(module, concrete_args=concrete_args or None)
         name = module.__class__.__name__
         gm = fx.GraphModule(tracer.root, graph, name)
+    if drew:
+        path, how = drew[0]
+        err = RandomInTrace(f"{_RANDOM_WHY} (a NumPy generator, {how} of "
+                            f"{repr(path) if path else 'the module'}, was drawn from while tracing)")
+        err._lrd_module_path = path
+        raise err
     # fx stores tensor constants on the traced module (_tensor_constant0, ...); the GraphModule has its own
     # reference, and the module is left as it was, so a second trace names them the same way. Anything
     # else the forward assigned (self.cache = x, self.count = self.count + 1) is state a graph cannot

@@ -128,6 +128,132 @@ def test_python_random_numbers_in_forward_keep_the_module_eager(use_numpy):
     assert len({round(float(g.sum()), 4) for g in got}) > 1  # and not the same decision every call
 
 
+import numpy as np  # noqa: E402
+
+_GLOBAL_RNG = np.random.default_rng(7)
+
+
+class GeneratorDrop(nn.Module):
+    """LayerDrop decided by a NumPy generator object: held by the module (a Generator or a legacy
+    RandomState), a module-level global, or made inside forward. Its draws go through a C type that
+    cannot be patched, so tracing them is caught by the generator's state."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(16, 16) for _ in range(4)])
+        self.source = source
+        if source == "generator":
+            self.rng = np.random.default_rng(0)
+        elif source == "random_state":
+            self.rng = np.random.RandomState(0)
+
+    def forward(self, x):
+        for layer in self.layers:
+            if self.source == "global":
+                p = _GLOBAL_RNG.random()
+            elif self.source == "made_in_forward":
+                p = np.random.default_rng().random()
+            else:
+                p = self.rng.random_sample() if self.source == "random_state" else self.rng.random()
+            if not self.training or p > 0.5:
+                x = layer(x)
+        return x
+
+
+class Outer(nn.Module):
+    def __init__(self, source):
+        super().__init__()
+        self.stem = nn.Linear(16, 16)
+        self.drop = GeneratorDrop(source)
+
+    def forward(self, x):
+        return self.drop(self.stem(x).relu())
+
+
+@pytest.mark.parametrize("source", ["generator", "random_state", "global"])
+def test_numpy_generator_draws_keep_the_drawing_module_eager(source):
+    torch.manual_seed(0)
+    model = Outer(source).train()
+    x = torch.randn(2, 16)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    reason = gm.lrd.fallback_parts["drop"]
+    assert reason.startswith("RandomInTrace: draws Python or NumPy random numbers"), reason
+    assert "NumPy generator" in reason and ("global _GLOBAL_RNG" if source == "global" else "self.rng") in reason
+    assert isinstance(gm.stem, FactorChain) and all(isinstance(layer, FactorChain) for layer in gm.drop.layers)
+    # the compiled model draws on every call, as the original does: the same numbers from the same state
+    if source == "global":
+        get, put = (lambda m: _GLOBAL_RNG.bit_generator.state), (lambda m, st: setattr(_GLOBAL_RNG.bit_generator,
+                                                                                      "state", st))
+    elif source == "random_state":
+        assert gm.drop.rng is not model.drop.rng                 # the caller's generator is not shared
+        get, put = (lambda m: m.drop.rng.get_state()), (lambda m, st: m.drop.rng.set_state(st))
+    else:
+        assert gm.drop.rng is not model.drop.rng
+        get, put = (lambda m: m.drop.rng.bit_generator.state), (lambda m, st: setattr(m.drop.rng.bit_generator,
+                                                                                     "state", st))
+    state = get(gm)
+    got = [gm(x) for _ in range(6)]
+    put(model, state)
+    want = [model(x) for _ in range(6)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert len({round(float(g.sum()), 4) for g in got}) > 1  # and not the same decision every call
+
+
+@pytest.mark.parametrize("kind", ["generator", "random_state", "bit_generator"])
+def test_tracing_puts_numpy_generators_back_as_they_were(kind):
+    """numpy_draws_watched names what was drawn from and restores its state: tracing uses up no numbers."""
+    make = {"generator": lambda: np.random.default_rng(3), "random_state": lambda: np.random.RandomState(3),
+            "bit_generator": lambda: np.random.PCG64(3)}[kind]
+    draw = {"generator": lambda g: g.random(), "random_state": lambda g: g.random_sample(),
+            "bit_generator": lambda g: g.random_raw()}[kind]
+    model = Outer("generator")
+    model.drop.rng = make()
+    expected = draw(make())                                      # the first number of a fresh generator
+    drew: list = []
+    with lt.numpy_draws_watched(model, drew):
+        draw(model.drop.rng), draw(model.drop.rng)
+    assert drew == [("drop", "self.rng")]
+    assert draw(model.drop.rng) == expected
+    drew.clear()
+    with lt.numpy_draws_watched(model, drew):
+        pass
+    assert drew == []
+
+
+def test_numpy_generator_made_in_forward_is_refused_while_tracing():
+    own = np.random.default_rng
+    model = Outer("made_in_forward").train()
+    gm = lrd_fx.compile(model, (torch.randn(2, 16),), rank="full", progress=False)
+    assert gm.lrd.fallback_parts["drop"].startswith("RandomInTrace"), gm.lrd.fallback_parts
+    assert np.random.default_rng is own                         # numpy's own function again after compile
+
+
+def test_numpy_draws_in_train_mode_only_keep_the_module_eager():
+    """Traced in eval mode the forward draws nothing; its train-mode trace draws, so the module stays eager
+    (one graph cannot do both), with the generator named in the reason."""
+
+    class TrainSkip(GeneratorDrop):
+        def forward(self, x):
+            for layer in self.layers:
+                if self.training and self.rng.random() < 0.5:
+                    continue
+                x = layer(x)
+            return x
+
+    model = Outer("generator").eval()
+    model.drop = TrainSkip("generator").eval()
+    x = torch.randn(2, 16)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    reason = gm.lrd.fallback_parts["drop"]
+    assert reason.startswith("forward traces in eval mode only") and "RandomInTrace" in reason, reason
+    gm.train(), model.train()
+    state = gm.drop.rng.bit_generator.state
+    got = gm(x)
+    model.drop.rng.bit_generator.state = state
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_checkpointing_model_saves_and_loads_without_inputs(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = CheckpointedNet().train()
