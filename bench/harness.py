@@ -21,6 +21,10 @@ Variants (rows per model):
                         (lrd_fx.compile(rank={layer: ranks}, skip=<the rest>))
   lrd+fuse              lrd with fuse_inference=True: BatchNorm folded, adjacent linear maps merged, no-op
                         nodes dropped; inference only (its training columns stay empty)
+  lrd+search+budget+fuse
+                        lrd_fx.fuse of the lrd+search+budget row's model (compiled with the whole-model plan
+                        and fuse_inference=True when that row is not run): the fastest inference model;
+                        inference only
   lrd+search+seqfreeze  the lrd+search plan and weights with freeze="sequential" (lrd_fx.save, then
                         lrd_fx.load(..., freeze="sequential"): no second search, so the row differs from
                         lrd+search by the gates alone); training speed = mean step time over the
@@ -75,7 +79,8 @@ from bench import peers  # noqa: E402
 
 FORMAT = "lrd_fx-bench/1"
 # the default rows, in the order they are built and printed (a variant may reuse one built before it)
-VARIANTS = ("original", "traced", "lrd", "lrd+search", "lrd+search+budget", "lrd+round8", "lrd+search+seqfreeze", "lrd+fuse", "tltorch", "composer")
+VARIANTS = ("original", "traced", "lrd", "lrd+search", "lrd+search+budget", "lrd+round8", "lrd+search+seqfreeze", "lrd+fuse",
+            "lrd+search+budget+fuse", "tltorch", "composer")
 DEFAULT_MODELS = ("resnet18", "resnet50", "vit_small_patch16_224", "convnext_tiny")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -630,6 +635,21 @@ def _build_lrd_fuse(model, x, s, built) -> Variant:
     return v
 
 
+@register_variant("lrd+search+budget+fuse", inference_only=True)
+def _build_lrd_search_budget_fuse(model, x, s, built) -> Variant:
+    src = built.get("lrd+search+budget")
+    if not _usable(src):      # no planned row to reuse: plan and fuse in one compile
+        gm, t = _timed(lrd_fx.compile, model, (x,), **_lrd_kwargs(s, search=True, budget=True), fuse_inference=True)
+        how = "compile(rank_budget=..., fuse_inference=True)"
+    else:
+        fused, t = _timed(lrd_fx.fuse, src.module)
+        gm, t = fused, (src.compile_s or 0.0) + t
+        how = "lrd_fx.fuse of the lrd+search+budget model"
+    v = _lrd_variant(gm, t)
+    v.notes = [how] + [n.replace("fuse (inference only): ", "") for n in gm.lrd.notes if n.startswith("fuse")]
+    return v
+
+
 @register_variant("tltorch")
 def _build_tltorch(model, x, s, built) -> Variant:
     plan = _lrd_reference(built, model, x, s).module.lrd.plan
@@ -1042,7 +1062,8 @@ def legend(s: Settings) -> list:
         f"lrd+round8: the lrd estimates scaled to lrd+search+budget's parameter count (lrd+search's without it) "
         f"and rounded down to a multiple of "
         f"{s.round_multiple} (the divisor rule at equal params); lrd+fuse: lrd with fuse_inference=True "
-        f"(BatchNorm folded, adjacent linear maps merged, no-op nodes dropped), inference only.",
+        f"(BatchNorm folded, adjacent linear maps merged, no-op nodes dropped), inference only; "
+        "lrd+search+budget+fuse: lrd_fx.fuse of the lrd+search+budget model, inference only.",
         "tltorch: tensorly-torch layers (implementation='factorized') at the lrd row's ranks on the same layers: "
         "Tucker (r_out, r_in, kh, kw) for kxk convs, CP rank r for 1x1 convs and Linear.",
         f"composer: Composer-style Factorize, every Conv2d/Linear with min(in, out) >= {s.composer_min_channels} "

@@ -155,7 +155,8 @@ def test_every_variant_in_the_table_builds_on_its_own(name):
 
 def test_variants_built_in_order_reuse_earlier_rows():
     """In VARIANTS order, lrd+round8 is scaled to lrd+search+budget's parameters and lrd+search+seqfreeze reloads the
-    searched plan instead of searching again; tltorch takes the lrd row's ranks."""
+    searched plan instead of searching again; lrd+search+budget+fuse fuses the planned model; tltorch takes the
+    lrd row's ranks."""
     model, x, s = harness.tiny_cnn().eval(), torch.randn(2, 3, 16, 16), _tiny_settings()
     built = {}
     with use_cost_fn(_fake_cost):
@@ -170,6 +171,13 @@ def test_variants_built_in_order_reuse_earlier_rows():
     assert {n: p[1] for n, p in built["lrd+search+seqfreeze"].plan.items() if p[1]} == searched
     assert {n: p[1] for n, p in built["tltorch"].plan.items()} == \
         {n: p[1] for n, p in built["lrd"].plan.items() if p[2] == "decomposed"}
+    # the fused row is the planned model fused: same ranks, same outputs in eval mode, no BatchNorm left
+    fused, planned = built["lrd+search+budget+fuse"], built["lrd+search+budget"]
+    assert fused.notes[0] == "lrd_fx.fuse of the lrd+search+budget model"
+    assert fused.plan == planned.plan and fused.module.lrd.config.fuse_inference
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.module.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fused.module(x), planned.module.eval()(x), rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_variant_is_an_error_listing_the_known_ones():
