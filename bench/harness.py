@@ -154,6 +154,7 @@ class Settings:
     search_mode: str = "infer"           # rank_search of lrd+search and lrd+search+seqfreeze
     search_budget_s: Optional[float] = None
     search_repeats: Optional[int] = None
+    search_window: Optional[float] = None  # rank_search_window of the search rows (None: lrd_fx's default)
     composer_fraction: float = 0.25      # Composer latent size = int(fraction * min(in, out))
     composer_min_channels: int = 8       # layers narrower than this stay (lrd_fx's min_channels default)
     threads: Optional[int] = None        # torch.set_num_threads for the run (None: torch's default)
@@ -202,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank_search_budget_s: seconds of measuring per compile (default: unlimited; --quick 5)")
     p.add_argument("--search-repeats", type=_positive_int, default=None,
                    help="rank_search_repeats (default: lrd_fx's; --quick 3)")
+    p.add_argument("--search-window", type=float, default=None,
+                   help="rank_search_window of the search rows: candidates within +-this fraction of the "
+                        "estimate (default: lrd_fx's, 0.25)")
     p.add_argument("--composer-fraction", type=float, default=0.25,
                    help="Composer latent fraction of min(in, out) (default 0.25, Composer's default)")
     p.add_argument("--composer-min-channels", type=_positive_int, default=8,
@@ -231,6 +235,9 @@ def settings_from_args(args) -> Settings:
         raise ConfigError(f"--ratio {args.ratio}: must be in (0, 1]")
     if not 0 < args.composer_fraction < 1:
         raise ConfigError(f"--composer-fraction {args.composer_fraction}: must be in (0, 1)")
+    if args.search_window is not None and not 0 <= args.search_window <= 1:
+        raise ConfigError(f"--search-window {args.search_window}: must be in [0, 1] (e.g. 0.5: ranks within "
+                          f"+-50% of the estimate)")
     if args.warmup is not None and args.warmup < 0:
         raise ConfigError(f"--warmup {args.warmup}: must be >= 0")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -249,7 +256,7 @@ def settings_from_args(args) -> Settings:
         round_multiple=args.round_multiple, train=not args.no_train, variants=variants,
         ratio=args.ratio, search_mode=args.search_mode,
         search_budget_s=args.search_budget if args.search_budget is not None else base["search_budget_s"],
-        search_repeats=args.search_repeats or base["search_repeats"],
+        search_repeats=args.search_repeats or base["search_repeats"], search_window=args.search_window,
         composer_fraction=args.composer_fraction, composer_min_channels=args.composer_min_channels,
         threads=args.threads, seed=args.seed, quick=args.quick, out=args.out, progress=not args.no_progress)
 
@@ -435,6 +442,8 @@ def _lrd_kwargs(s: Settings, search: bool = False, freeze: bool = False, budget:
             kw["rank_search_budget_s"] = s.search_budget_s
         if s.search_repeats is not None:
             kw["rank_search_repeats"] = s.search_repeats
+        if s.search_window is not None:
+            kw["rank_search_window"] = s.search_window
     if freeze:
         kw["freeze"] = "sequential"
     return kw
@@ -1055,6 +1064,7 @@ def legend(s: Settings) -> list:
         f"lrd: ratio={s.ratio}; lrd+search: rank_search='{s.search_mode}'"
         + (f", rank_search_budget_s={s.search_budget_s:g}" if s.search_budget_s is not None else "")
         + (f", rank_search_repeats={s.search_repeats}" if s.search_repeats is not None else "")
+        + (f", rank_search_window={s.search_window:g}" if s.search_window is not None else "")
         + f"; lrd+search+budget: also rank_budget={s.ratio} (the whole-model plan)"
         + "; seqfreeze: the lrd+search plan with freeze='sequential' (lrd_fx.save/load, or compile at the "
         "searched ranks when load fails), "

@@ -460,3 +460,13 @@ def test_hf_sweep_runs_architectures_in_child_processes(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bench.hf_sweep", "no_such_model"], cwd=root,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown architectures" in bad.stderr
+
+
+def test_search_window_reaches_the_search_rows_only():
+    """--search-window is the search rows' rank_search_window; out of range is refused before anything runs."""
+    s = harness.settings_from_args(harness.build_parser().parse_args(TINY + ["--search-window", "0.5"]))
+    assert harness._lrd_kwargs(s, search=True, budget=True)["rank_search_window"] == 0.5
+    assert "rank_search_window" not in harness._lrd_kwargs(s)
+    assert "rank_search_window" not in harness._lrd_kwargs(harness.Settings(), search=True)
+    with pytest.raises(ConfigError, match="--search-window 1.5"):
+        harness.settings_from_args(harness.build_parser().parse_args(TINY + ["--search-window", "1.5"]))
