@@ -23,8 +23,8 @@ Variants (rows per model):
                         nodes dropped; inference only (its training columns stay empty)
   lrd+search+budget+fuse
                         lrd_fx.fuse of the lrd+search+budget row's model (compiled with the whole-model plan
-                        and fuse_inference=True when that row is not run): the fastest inference model;
-                        inference only
+                        and fuse_inference=True when that row is not run): the whole-model plan fused for
+                        inference; inference only
   lrd+search+seqfreeze  the lrd+search plan and weights with freeze="sequential" (lrd_fx.save, then
                         lrd_fx.load(..., freeze="sequential"): no second search, so the row differs from
                         lrd+search by the gates alone); training speed = mean step time over the
