@@ -113,6 +113,9 @@ class LRDTracer(fx.Tracer):
 def _user_line(exc: BaseException) -> str:
     """The last frame of the traceback outside torch, lrd_fx and Python's own library (random.uniform's
     frame): the user's line that broke tracing."""
+    where = getattr(exc, "_lrd_user_line", None)      # set where the failure is found after the user's code ran
+    if where:
+        return where
     frames = traceback.extract_tb(exc.__traceback__)
     for fr in reversed(frames):
         stdlib = fr.filename.startswith(_STDLIB_DIR) and "-packages" not in fr.filename
@@ -337,6 +340,10 @@ def _trace_once(module: nn.Module, leaf_modules, leaf_names, concrete_args: Opti
         err = RandomInTrace(f"{_RANDOM_WHY} (a NumPy generator, {how} of "
                             f"{repr(path) if path else 'the module'}, was drawn from while tracing)")
         err._lrd_module_path = path
+        forward = getattr(type(module.get_submodule(path) if path else module), "forward", None)
+        code = getattr(forward, "__code__", None)
+        if code is not None:            # the drawing forward, not this function, is the user's line
+            err._lrd_user_line = f"{code.co_filename}:{code.co_firstlineno} in {forward.__qualname__}"
         raise err
     # fx stores tensor constants on the traced module (_tensor_constant0, ...); the GraphModule has its own
     # reference, and the module is left as it was, so a second trace names them the same way. Anything

@@ -179,6 +179,8 @@ def test_numpy_generator_draws_keep_the_drawing_module_eager(source):
     reason = gm.lrd.fallback_parts["drop"]
     assert reason.startswith("RandomInTrace: draws Python or NumPy random numbers"), reason
     assert "NumPy generator" in reason and ("global _GLOBAL_RNG" if source == "global" else "self.rng") in reason
+    assert reason.endswith("test_checkpointing.py:" f"{GeneratorDrop.forward.__code__.co_firstlineno} in "
+                           "GeneratorDrop.forward)"), reason               # where it draws, not lrd_fx's line
     assert isinstance(gm.stem, FactorChain) and all(isinstance(layer, FactorChain) for layer in gm.drop.layers)
     # the compiled model draws on every call, as the original does: the same numbers from the same state
     if source == "global":
