@@ -562,6 +562,11 @@ def call_reason(m: nn.Module) -> Optional[str]:
     return None
 
 
+def _no_forward(m: nn.Module) -> bool:
+    """True for a container that cannot be called (nn.ModuleList, nn.ModuleDict: no forward of its own)."""
+    return getattr(type(m), "forward", None) is getattr(nn.Module, "forward", None)
+
+
 def _is_torch_builtin(m: nn.Module) -> bool:
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     return type(m).__module__.startswith("torch.nn") and not isinstance(m, containers + _FACTORIZABLE)
@@ -609,6 +614,13 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
             if isinstance(child, _FACTORIZABLE) or not _has_factorizable(child):
                 continue   # a single layer needs no graph: the decompose pass swaps it directly
             cpath = _join(path, cname)
+            if _no_forward(child):
+                # a ModuleList / ModuleDict (or any module without a forward of its own): nothing to trace,
+                # and no failure to report; it stays as it is (its own layers are swapped in place, see
+                # decompose.collect_sites) and its children are traced apart
+                eager.add(cpath)
+                trace_children(child, cpath)
+                continue
             if isinstance(child, nn.Sequential) and call_reason(child) is None:
                 # the eager parent may iterate, index or slice it (timm's checkpoint_seq and
                 # forward_intermediates, torch's checkpoint_sequential), which a GraphModule does not

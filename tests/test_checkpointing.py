@@ -119,6 +119,9 @@ def test_python_random_numbers_in_forward_keep_the_module_eager(use_numpy):
     assert reason.startswith("RandomInTrace: draws Python or NumPy random numbers")
     assert "test_checkpointing.py" in reason                  # the user's line, not random.py's
     assert all(isinstance(layer, FactorChain) for layer in gm.layers)
+    # the ModuleList under the eager root has no forward: walked into, not reported as a failed trace
+    assert list(gm.lrd.fallback_parts) == ["<root>"] and isinstance(gm.layers, nn.ModuleList)
+    assert all(gm.lrd.plan[f"layers.{i}"]["fallback"] == "<root>" for i in range(4))
     random.seed(0), np.random.seed(0)
     got = [gm(x) for _ in range(6)]
     random.seed(0), np.random.seed(0)
