@@ -325,7 +325,26 @@ def numpy_draws_watched(module: nn.Module, drew: list):
 
 
 def _trace_once(module: nn.Module, leaf_modules, leaf_names, concrete_args: Optional[dict] = None) -> fx.GraphModule:
+    """One trace of `module`. Its buffers are traced as graph reads (proxy_buffer_attributes), so what
+    forward computes from them alone (`self.scale.float()`, `self.inv_freq[None, :, None]`) is computed
+    on every call: read as values (fx's default), it would be kept as a constant of the graph, the buffer
+    dropped from the compiled model and later changes to it (load_state_dict, a cache written in place)
+    ignored. Where that trace fails (Python logic on a buffer's value: `if self.count > 0:`, `.item()`,
+    a shape taken as an int), the module is traced again with its buffers read as values, as before."""
+    if not any(True for _ in module.buffers()):
+        return _trace_once_with(module, leaf_modules, leaf_names, concrete_args, proxy_buffers=False)
+    try:
+        return _trace_once_with(module, leaf_modules, leaf_names, concrete_args, proxy_buffers=True)
+    except (RandomInTrace, CheckpointInTrace):
+        raise                       # not about buffers: the second trace would refuse it the same way
+    except Exception:  # noqa: BLE001 - retried below; the second trace's failure is the one reported
+        return _trace_once_with(module, leaf_modules, leaf_names, concrete_args, proxy_buffers=False)
+
+
+def _trace_once_with(module: nn.Module, leaf_modules, leaf_names, concrete_args: Optional[dict],
+                     proxy_buffers: bool) -> fx.GraphModule:
     tracer = LRDTracer(leaf_modules, leaf_names)
+    tracer.proxy_buffer_attributes = proxy_buffers
     changed: list = []
     # grad enabled: code that checkpoints only when gradients are on (transformers' checkpointing layers)
     # must show it even when compile runs under torch.no_grad()
