@@ -640,8 +640,13 @@ def _build_lrd_search_seqfreeze(model, x, s, built) -> Variant:
 def _build_lrd_fuse(model, x, s, built) -> Variant:
     gm, t = _timed(lrd_fx.compile, model, (x,), **_lrd_kwargs(s), fuse_inference=True)
     v = _lrd_variant(gm, t)
-    v.notes += [n.replace("fuse (inference only): ", "") for n in gm.lrd.notes if n.startswith("fuse")]
+    v.notes += _fuse_notes(gm)
     return v
+
+
+def _fuse_notes(gm) -> list:
+    """The fuse pass's notes of a fused model (what was folded, merged, dropped), without their prefix."""
+    return [n.replace("fuse (inference only): ", "") for n in gm.lrd.notes if n.startswith("fuse")]
 
 
 @register_variant("lrd+search+budget+fuse", inference_only=True)
@@ -651,11 +656,11 @@ def _build_lrd_search_budget_fuse(model, x, s, built) -> Variant:
         gm, t = _timed(lrd_fx.compile, model, (x,), **_lrd_kwargs(s, search=True, budget=True), fuse_inference=True)
         how = "compile(rank_budget=..., fuse_inference=True)"
     else:
-        fused, t = _timed(lrd_fx.fuse, src.module)
-        gm, t = fused, (src.compile_s or 0.0) + t
+        gm, fuse_s = _timed(lrd_fx.fuse, src.module)
+        t = (src.compile_s or 0.0) + fuse_s
         how = "lrd_fx.fuse of the lrd+search+budget model"
     v = _lrd_variant(gm, t)
-    v.notes = [how] + [n.replace("fuse (inference only): ", "") for n in gm.lrd.notes if n.startswith("fuse")]
+    v.notes = [how] + _fuse_notes(gm)
     return v
 
 
