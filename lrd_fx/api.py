@@ -333,8 +333,14 @@ def _repair_copy(old: fx.GraphModule, part: fx.GraphModule, copy_value) -> None:
     for k, v in old.__dict__.items():
         if k not in part.__dict__:
             part.__dict__[k] = copy_value(v)
-    if type(part) not in (type(old), fx.GraphModule):
-        type(part).__name__ = type(old).__name__
+    _name_class(part, type(old).__name__)
+
+
+def _name_class(part: fx.GraphModule, name: str) -> None:
+    """Give `part`'s own class (fx makes one per instance) the name `name`; fx's GraphModule class itself is
+    never renamed."""
+    if type(part) is not fx.GraphModule:
+        type(part).__name__ = name
 
 
 def _graph_module_deepcopy(self, memo):
@@ -361,7 +367,7 @@ def _unpickled_part(fn, args, class_name: str):
     then the part's class name and fix_graph_part_protocols_, which fx's plain GraphModule would not have."""
     part = fn(*args)
     if isinstance(part, fx.GraphModule) and type(part) is not fx.GraphModule:
-        type(part).__name__ = class_name
+        _name_class(part, class_name)
         fix_graph_part_protocols_(part)
     return part
 
