@@ -32,6 +32,7 @@ class LRDInfo:
         self.config = ctx.config
         self.fallback_parts = dict(ctx.fallback_parts)
         self.kept_eager = dict(ctx.kept_eager)   # parts whose traced graph failed on the inputs (save keeps them)
+        self.traced_none = list(ctx.traced_none or [])   # root inputs traced as None (save keeps them)
         self.pass_times = dict(ctx.pass_times)
         self.notes = list(ctx.notes)
         self.freezer = ctx.freezer
@@ -132,7 +133,7 @@ def _none_inputs(model: nn.Module, inputs: Optional[tuple]) -> dict:
     """{name: None} for the parameters of model.forward that are None in the example inputs, given so or
     left out with a None default (e.g. `mask=None`): traced as None. fx would otherwise trace them as
     given, through `if mask is not None:`, and the graph would fail or differ when called without them.
-    A call that passes one later is stopped by fx's check that it is None."""
+    A call that passes one later is an InputError (trace.traced_as_none)."""
     if inputs is None:
         return {}
     try:
@@ -701,8 +702,10 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
             ctx.input_check = lambda: _check_inputs(ctx.reference(), ctx.example_inputs, ctx.device, ctx.dtype)
     eager: set = set()
     leaves = tuple(cfg.leaf_modules)
+    if ctx.traced_none is None:
+        ctx.traced_none = sorted(_none_inputs(work, ctx.example_inputs))
     gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,
-               eager_parts=eager, concrete_args=_none_inputs(work, ctx.example_inputs),
+               eager_parts=eager, concrete_args=dict.fromkeys(ctx.traced_none),
                keep_eager_parts=keep_eager_parts)
     ctx.eager_parts = eager
     ctx.kept_eager = dict(keep_eager_parts or {})

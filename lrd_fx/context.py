@@ -28,6 +28,7 @@ class CompileContext:
     # State handed from pass to pass. Each field has one writer; its readers are named.
     eager_parts: set = field(default_factory=set)       # modules left eager by tracing. W: api._run. R: decompose, calibrate
     kept_eager: dict = field(default_factory=dict)      # {path: reason} kept eager after their graph failed. W: api._run. R: LRDInfo (save)
+    traced_none: Optional[list] = None                 # root forward inputs traced as None (given: load's, from the file). W: api._run, serialize.load. R: trace, LRDInfo (save)
     retrace: bool = False                               # shape_prop raises PartFailed for a failing part's graph. W: api._run. R: shape_prop
     layer_io: dict = field(default_factory=dict)        # {layer: {in, out, calls}}. W: shape_prop. R: decompose, search_ranks
     count_flops: bool = False                           # shape_prop counts the FLOPs in its forward. W: api._run. R: shape_prop

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import re
@@ -64,6 +65,7 @@ def save(gm: nn.Module, path) -> None:
     header["aliases"] = aliases
     header["freezer_keys"] = _freezer_keys(gm)
     header["kept_eager"] = dict(getattr(info, "kept_eager", {}))
+    header["traced_none"] = list(getattr(info, "traced_none", []))
     try:
         text = json.dumps(header)
     except (TypeError, ValueError) as e:
@@ -249,10 +251,14 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     cfg = _rebuild_config(header, plan, overrides, where)
     inputs = api._as_tuple(example_inputs, model)
     device, dtype = api._model_device_dtype(model)
+    # without example inputs, the inputs compile traced as None; with them, those they leave None (the
+    # plan and weights fit either graph: compiled with labels for training, loaded with (x,) for inference)
+    traced_none = _traced_none(header, where, model) if inputs is None else None
 
     def new_ctx() -> CompileContext:
         ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
         ctx.empty_init = True     # the factors are filled from the file, not factorized
+        ctx.traced_none = traced_none
         return ctx
 
     try:
@@ -268,6 +274,26 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     gm.lrd.notes.append(f"loaded from '{where}' ({header.get('format')}, saved by lrd_fx "
                         f"{header.get('lrd_fx_version', '?')}, torch {header.get('torch_version', '?')})")
     return gm
+
+
+def _traced_none(header: dict, where: str, model: nn.Module) -> Optional[list]:
+    """The root forward parameters compile traced as None (the graph has only their None branch), so that
+    a model loaded without example inputs is the graph that was saved. None for files written before
+    they were saved (every input is then traced as given)."""
+    names = header.get("traced_none")
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise LoadError(f"'{where}': the header's traced_none entry is not a JSON list of strings; the file is damaged")
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    unknown = [n for n in names if n not in params]
+    if params and unknown:
+        raise LoadError(f"'{where}' was compiled from a model whose forward takes {unknown[0]!r}, which "
+                        f"{type(model).__name__}.forward does not; load onto the model the file was compiled from")
+    return names
 
 
 def _kept_eager(header: dict, where: str) -> dict:

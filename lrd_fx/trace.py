@@ -8,13 +8,13 @@ import os
 import sys
 import threading
 import traceback
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import TraceError
+from .errors import InputError, TraceError
 from .factorize.modules import HFConv1D
 from .pipeline import restore_training_flags, training_flags
 from .registry import Registry
@@ -324,6 +324,58 @@ def numpy_draws_watched(module: nn.Module, drew: list):
                 _rng_set(gen, state)
 
 
+def traced_as_none(value: Optional[Any], name: str) -> None:
+    """In a graph traced with input `name` fixed to None: stop a call that gives it."""
+    if value is not None:
+        raise InputError(
+            f"input '{name}' was traced as None (it was None or left out in example_inputs), so the compiled "
+            f"graph has only its None branch and cannot take a value for it: give it in example_inputs to "
+            f"lrd_fx.compile (a part whose Python code branches on it then stays eager)")
+
+
+def _forward_annotations(module: nn.Module) -> dict:
+    import inspect
+    forward = inspect.unwrap(type(module).forward)
+    try:
+        params = inspect.signature(forward, eval_str=True).parameters
+    except Exception:  # noqa: BLE001 - an annotation that does not evaluate: treated as none
+        return {}
+    return {k: p.annotation for k, p in params.items() if p.annotation is not inspect.Parameter.empty}
+
+
+def _optional_type(annotation):
+    """Optional[X] for a parameter annotated X, X | None or Optional[X] with X a tensor or a Python
+    scalar type (Optional[Tensor] when unannotated): TorchScript then sees that None is allowed."""
+    import types
+    import typing
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    args = [a for a in args if a is not type(None)]
+    if len(args) == 1 and args[0] in (bool, int, float, str, torch.Tensor):
+        return Optional[args[0]]
+    return Optional[torch.Tensor]
+
+
+def _name_fixed_inputs(graph: fx.Graph, fixed: dict, module: nn.Module) -> None:
+    """fx names the placeholder of a parameter fixed by concrete_args `{name}_1`, so the graph's forward
+    no longer takes it by its name. A keyword call then raised TypeError, or, where forward has **kwargs,
+    was swallowed by them and silently ignored (a Hugging Face ResNetModel called with
+    output_hidden_states=True returned no hidden states). The placeholders get their names back, and fx's
+    None check becomes traced_as_none, which says what to do."""
+    holders = [n for n in graph.nodes if n.op == "placeholder"]
+    taken = {n.target for n in holders}
+    hints = _forward_annotations(module) if fixed else {}
+    for n in holders:
+        for name in fixed:
+            if n.target == f"{name}_1" and name not in taken:
+                n.target = name
+                n.type = _optional_type(hints.get(name))   # torch.jit.script: None, or a value stopped here
+                for user in list(n.users):
+                    if user.op == "call_function" and user.target is fx._symbolic_trace._assert_is_none:
+                        user.target, user.args = traced_as_none, (n, name)
+    graph.lint()
+
+
 def _trace_once(module: nn.Module, leaf_modules, leaf_names, concrete_args: Optional[dict] = None) -> fx.GraphModule:
     """One trace of `module`. Its buffers are traced as graph reads (proxy_buffer_attributes), so what
     forward computes from them alone (`self.scale.float()`, `self.inv_freq[None, :, None]`) is computed
@@ -352,6 +404,7 @@ def _trace_once_with(module: nn.Module, leaf_modules, leaf_names, concrete_args:
     with attributes_kept(module, changed), refused_while_tracing(), torch.enable_grad(), \
             numpy_draws_watched(module, drew):
         graph = tracer.trace(module, concrete_args=concrete_args or None)
+        _name_fixed_inputs(graph, concrete_args or {}, module)
         name = module.__class__.__name__
         gm = fx.GraphModule(tracer.root, graph, name)
     if drew:

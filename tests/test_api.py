@@ -4,6 +4,7 @@ import inspect
 import io
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -331,19 +332,60 @@ class _OptionalMask(nn.Module):
         return y
 
 
+class _OptionalMaskKwargs(_OptionalMask):
+    def forward(self, x, mask=None, **kwargs):   # Hugging Face forwards take **kwargs like this
+        return super().forward(x, mask)
+
+
 def test_inputs_left_none_are_traced_as_none():
     """forward(x, mask=None) compiled with (x,) or (x, None): the graph is the mask-less branch (it used
     to trace `mask.view` and fail in shape_prop with a PassError, as timm's Hiera did); with a mask given,
-    the mask branch. Passing a mask to the mask-less graph is stopped by fx's None check."""
-    model = _OptionalMask().eval()
+    the mask branch. Passing a mask to the mask-less graph, by position or by keyword, is an InputError
+    naming it: fx had renamed the input `mask_1`, so a keyword call was a TypeError, or, where forward
+    takes **kwargs, silently ignored (the output without the mask)."""
     x, mask = torch.randn(4, 16), torch.rand(4, 16)
-    for inputs in ((x,), (x, None)):
-        gm = lrd_fx.compile(model, inputs, rank="full", progress=False)
-        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
-        with pytest.raises(AssertionError, match="specialized to have value None"):
-            gm(x, mask)
+    for model in (_OptionalMask().eval(), _OptionalMaskKwargs().eval()):
+        for inputs in ((x,), (x, None)):
+            gm = lrd_fx.compile(model, inputs, rank="full", progress=False)
+            torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(gm(x, mask=None), model(x), rtol=1e-4, atol=1e-5)
+            for call in (lambda: gm(x, mask), lambda: gm(x, mask=mask)):
+                with pytest.raises(lrd_fx.InputError, match="input 'mask' was traced as None"):
+                    call()
     gm = lrd_fx.compile(model, (x, mask), rank="full", progress=False)
     torch.testing.assert_close(gm(x, mask), model(x, mask), rtol=1e-4, atol=1e-5)
+
+
+def test_input_traced_as_none_survives_save_load_and_torchscript(tmp_path):
+    """The file records which inputs were traced as None: load() without example inputs rebuilds that
+    graph (it traced the mask branch, which fails without a mask), and torch.jit.script takes the graph
+    (the input is annotated Optional) and still stops a mask."""
+    model = _OptionalMask().eval()
+    x, mask = torch.randn(4, 16), torch.rand(4, 16)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, progress=False)
+    assert gm.lrd.traced_none == ["mask"]
+    path = tmp_path / "m.lrd"
+    lrd_fx.save(gm, path)
+    for loaded in (lrd_fx.load(model, path), lrd_fx.load(model, path, (x,))):
+        assert loaded.lrd.traced_none == ["mask"]
+        torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
+        with pytest.raises(lrd_fx.InputError, match="'mask'"):
+            loaded(x, mask=mask)
+    # compiled with a mask (its graph needs one), loaded without inputs: the same; loaded with (x,): the
+    # mask-less graph, with the same weights
+    masked = lrd_fx.compile(model, (x, mask), ratio=0.5, progress=False)
+    assert masked.lrd.traced_none == []
+    lrd_fx.save(masked, path)
+    torch.testing.assert_close(lrd_fx.load(model, path)(x, mask), masked(x, mask), rtol=0, atol=0)
+    plain = lrd_fx.load(model, path, (x,))
+    assert plain.lrd.traced_none == ["mask"]
+    torch.testing.assert_close(plain(x), masked(x, torch.ones_like(mask)), rtol=1e-6, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(lrd_fx.strip_gates(gm))
+    torch.testing.assert_close(scripted(x), gm(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(Exception, match="traced as None"):
+        scripted(x, mask)
 
 
 def test_compile_warns_when_it_factorizes_nothing():

@@ -282,3 +282,53 @@ def test_save_pretrained_checkpoint_resumes_into_the_same_compiled_model(tmp_pat
     assert not missing and not unexpected
     with torch.no_grad():
         torch.testing.assert_close(getattr(again(*x), field), getattr(gm(*x), field), rtol=0, atol=0)
+
+
+def _resnet():
+    torch.manual_seed(0)
+    return tf.ResNetModel(tf.ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                                          layer_type="bottleneck")).eval()
+
+
+def test_output_flags_left_out_are_refused_not_ignored_and_work_when_given():
+    """HF ResNetModel's root traces whole, with output_hidden_states / return_dict (left out of the
+    example inputs) traced as None. The graph's forward takes **kwargs, and fx had renamed those inputs,
+    so output_hidden_states=True went into **kwargs and the output silently had no hidden states. Now
+    such a call is an InputError naming the input; compiled with output_hidden_states=True in the example
+    inputs, the model gives the hidden states (the parts that branch on it stay eager), and a call
+    without it still works."""
+    model = _resnet()
+    x = torch.randn(B, 3, 32, 32)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    assert isinstance(gm, torch.fx.GraphModule) and gm.lrd.traced_none == ["output_hidden_states", "return_dict"]
+    with pytest.raises(lrd_fx.InputError, match="'output_hidden_states' was traced as None"):
+        gm(x, output_hidden_states=True)
+    with pytest.raises(lrd_fx.InputError, match="'return_dict'"):
+        gm(x, return_dict=False)
+    gm = lrd_fx.compile(model, {"pixel_values": x, "output_hidden_states": True}, rank="full", progress=False)
+    with torch.no_grad():
+        want, got = model(x, output_hidden_states=True), gm(x, output_hidden_states=True)
+        assert len(got.hidden_states) == len(want.hidden_states) == 3
+        for a, b in zip(got.hidden_states, want.hidden_states):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        got = gm(x)
+        assert got.hidden_states is None
+        torch.testing.assert_close(got.last_hidden_state, model(x).last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_hidden_states_and_attentions_match_the_original(name):
+    """Output capture (transformers' hooks on layers of given classes) still finds every layer."""
+    model, x, field, _ = _build(name)
+    if name == "bert":
+        model.config._attn_implementation = "eager"
+    else:
+        model.set_attn_implementation("eager")
+    gm = lrd_fx.compile(model, x, rank="full", progress=False)
+    with torch.no_grad():
+        want = model(*x, output_hidden_states=True, output_attentions=True)
+        got = gm(*x, output_hidden_states=True, output_attentions=True)
+    for key in ("hidden_states", "attentions"):
+        assert len(got[key]) == len(want[key]) > 0
+        for a, b in zip(got[key], want[key]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
