@@ -7,6 +7,10 @@
 Each architecture is built from a small random config (hidden size 32, 1-3 layers, vocabulary 99, images
 32-64 px), in eval mode, and run in its own process (one torch thread, --timeout seconds) through:
 1. compile(rank="full"): the output equals the original's within 1e-4 relative (max |diff| / max |out|);
+   called with output_hidden_states=True and output_attentions=True (where forward takes them), every
+   tensor of the output equals the original's, or the call is an LRDError (the graph traced them as None),
+   never silently fewer or different (outputs_asked); compiled with them in the example inputs (where
+   forward names them), equal (outputs_given);
 2. compile(ratio=0.5): finite output of the same shape, fewer parameters;
 3. save, then load(model, path) without example inputs: the loaded output equals the compiled one;
 4. the ratio=0.5 model in train mode: a backward pass of every floating-point output runs and gives finite
@@ -354,10 +358,10 @@ def run_one(name):
         if gm is not None:
             res["report"] = failing_report(gm)
 
-    def compile_step(step, **opt):
+    def compile_step(step, inputs=None, **opt):
         t0 = time.time()
         try:
-            gm = lrd_fx.compile(model, x, progress=False, **opt)
+            gm = lrd_fx.compile(model, x if inputs is None else inputs, progress=False, **opt)
         except LRDError as e:
             fail(step, "CLEAR-ERROR", f"{type(e).__module__}.{type(e).__name__}: {str(e)[:600]}", e)
             return None
@@ -398,7 +402,50 @@ def run_one(name):
         fail("full", "BUG", f"rank='full' output differs: max abs diff / max|out| = {rel:.3e} "
                             f"(shape {list(got.shape)} vs {list(want.shape)})", gm=gm)
         return res
+
+    # 1b. hidden states / attentions asked for at call time: the original's, or an InputError (the graph
+    # traced them as None), never silently fewer; compiled with them among the inputs, the original's
+    flags, named = _output_flags(model)
+    want_all = None
+    if flags:
+        try:
+            with torch.no_grad():
+                want_all = _tensors_by_path(model(*x, **flags))
+        except Exception:   # noqa: BLE001 - the model itself does not take them: nothing to compare
+            want_all = None
+    if want_all:
+        try:
+            with torch.no_grad():
+                diff = _differs(want_all, _tensors_by_path(gm(*x, **flags)))
+        except LRDError as e:
+            res["steps"]["outputs_asked"] = f"refused: {type(e).__name__}"
+        except Exception as e:
+            fail("outputs", "BUG", f"calling the compiled model with {flags}: {type(e).__name__}: {str(e)[:300]}",
+                 e, gm)
+            return res
+        else:
+            if diff:
+                fail("outputs", "BUG", f"called with {flags}: {diff}", gm=gm)
+                return res
+            res["steps"]["outputs_asked"] = f"equal ({len(want_all)} tensors)"
     del gm
+    if want_all and named:
+        given = dict(kw, **{k: v for k, v in flags.items() if k in named})
+        gm = compile_step("outputs", inputs=given, rank="full")
+        if gm is None:
+            return res
+        try:
+            with torch.no_grad():
+                diff = _differs(want_all, _tensors_by_path(gm(*x, **flags)))
+        except Exception as e:
+            fail("outputs", "BUG", f"compiled with {sorted(named)} given, then called with them: {type(e).__name__}: "
+                                   f"{str(e)[:300]}", e, gm)
+            return res
+        if diff:
+            fail("outputs", "BUG", f"compiled with {sorted(named)} given: {diff}", gm=gm)
+            return res
+        res["steps"]["outputs_given"] = f"equal ({len(want_all)} tensors)"
+        del gm
 
     # 2. ratio 0.5: smaller, finite, same shape
     gm = compile_step("ratio", ratio=0.5)
@@ -465,6 +512,51 @@ def run_one(name):
     if not got or not all(bool(torch.isfinite(g).all()) for g in got) or not any(bool(g.abs().sum() > 0) for g in got):
         fail("train", "BUG", f"factor gradients missing, zero or not finite ({len(got)} of {len(grads)} set)", gm=gm)
     return res
+
+
+def _output_flags(model) -> tuple[dict, set]:
+    """({output_hidden_states: True, output_attentions: True} for those the forward takes by name or
+    through **kwargs, {those it names})."""
+    import inspect
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}, set()
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    keys = ("output_hidden_states", "output_attentions")
+    named = {k for k in keys if k in params and params[k].kind == params[k].POSITIONAL_OR_KEYWORD}
+    return {k: True for k in keys if k in params or var_kw}, named
+
+
+def _tensors_by_path(out, path="") -> dict:
+    """{path: tensor} for every tensor of a model output (tuples of hidden states included)."""
+    import torch
+    if isinstance(out, torch.Tensor):
+        return {path: out}
+    items = (out.items() if isinstance(out, dict) else enumerate(out) if isinstance(out, (tuple, list)) else ())
+    found = {}
+    for k, v in items:
+        found.update(_tensors_by_path(v, f"{path}.{k}" if isinstance(k, str) else f"{path}[{k}]"))
+    return found
+
+
+def _differs(want: dict, got: dict):
+    """What differs between two _tensors_by_path results (None: same keys, values within 1e-4)."""
+    import torch
+    if want.keys() != got.keys():
+        return (f"outputs differ: only in the original {sorted(set(want) - set(got))[:6]}, only in the compiled "
+                f"model {sorted(set(got) - set(want))[:6]}")
+    for k, a in want.items():
+        b = got[k]
+        if a.shape != b.shape:
+            return f"{k}: shape {list(b.shape)}, the original's {list(a.shape)}"
+        if a.is_floating_point():
+            rel = (a - b).abs().max().item() / (a.abs().max().item() or 1.0) if a.numel() else 0.0
+            if not rel <= 1e-4:
+                return f"{k}: max abs diff / max|out| = {rel:.3e}"
+        elif not bool(torch.equal(a, b)):
+            return f"{k}: values differ"
+    return None
 
 
 def _float_tensors(out) -> list:
