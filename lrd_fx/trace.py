@@ -377,20 +377,25 @@ def _name_fixed_inputs(graph: fx.Graph, fixed: dict, module: nn.Module) -> None:
 
 
 def _trace_once(module: nn.Module, leaf_modules, leaf_names, concrete_args: Optional[dict] = None) -> fx.GraphModule:
-    """One trace of `module`. Its buffers are traced as graph reads (proxy_buffer_attributes), so what
-    forward computes from them alone (`self.scale.float()`, `self.inv_freq[None, :, None]`) is computed
-    on every call: read as values (fx's default), it would be kept as a constant of the graph, the buffer
-    dropped from the compiled model and later changes to it (load_state_dict, a cache written in place)
-    ignored. Where that trace fails (Python logic on a buffer's value: `if self.count > 0:`, `.item()`,
-    a shape taken as an int), the module is traced again with its buffers read as values, as before."""
-    if not any(True for _ in module.buffers()):
-        return _trace_once_with(module, leaf_modules, leaf_names, concrete_args, proxy_buffers=False)
+    """One trace of `module`. fx reads buffers as values, so what forward computes from them alone
+    (`self.scale.float()`, `self.inv_freq[None, :, None]`) would be kept as a constant of the graph
+    (`_tensor_constant0`), the buffer dropped from the compiled model and later changes to it
+    (load_state_dict, a cache written in place) ignored. Where the graph holds such constants and the
+    module has buffers, it is traced again with its buffers as graph reads (proxy_buffer_attributes), so
+    those values are computed on every call. Where that second trace fails (Python logic on a buffer's
+    value: `if self.count > 0:`, `.item()`, a shape taken as an int), the first graph is kept. A module
+    whose first trace fails is traced once only."""
+    gm = _trace_once_with(module, leaf_modules, leaf_names, concrete_args, proxy_buffers=False)
+    if not _holds_constants(gm) or not any(True for _ in module.buffers()):
+        return gm
     try:
         return _trace_once_with(module, leaf_modules, leaf_names, concrete_args, proxy_buffers=True)
-    except (RandomInTrace, CheckpointInTrace):
-        raise                       # not about buffers: the second trace would refuse it the same way
-    except Exception:  # noqa: BLE001 - retried below; the second trace's failure is the one reported
-        return _trace_once_with(module, leaf_modules, leaf_names, concrete_args, proxy_buffers=False)
+    except Exception:  # noqa: BLE001 - the buffers' values steer Python code: keep the first graph
+        return gm
+
+
+def _holds_constants(gm: fx.GraphModule) -> bool:
+    return any(n.op == "get_attr" and str(n.target).startswith("_tensor_constant") for n in gm.graph.nodes)
 
 
 def _trace_once_with(module: nn.Module, leaf_modules, leaf_names, concrete_args: Optional[dict],
