@@ -21,7 +21,7 @@ from .passes.shape_prop import DIFFERS
 from .pipeline import PassManager, PassTimer, default_instruments, eval_mode, graph_modules
 from .plan import LayerRecord
 from .report import outside_layers
-from .trace import PartFailed, trace
+from .trace import PartFailed, install_output_recorders, trace
 
 
 class LRDInfo:
@@ -531,6 +531,7 @@ def fuse(model: nn.Module, *, debug: bool = False) -> nn.Module:
         raise ConfigError(f"fuse() takes a torch.nn.Module, got {type(model).__name__}")
     work = strip_gates(model) if is_gated(model) else copy_model(model)
     if not graph_modules(work):
+        install_output_recorders(work)
         work = trace(work, fallback=True)
     info = getattr(work, "lrd", None)
     if isinstance(info, LRDInfo):
@@ -621,6 +622,7 @@ def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False
     while True:
         ctx = new_ctx()
         work = copy_model(model, share_layer_weights=share_layer_weights)
+        install_output_recorders(work)
         counted = _early_check(work, ctx.config, ctx.example_inputs, ctx.device, ctx.dtype)
         try:
             return _run(work, ctx, counted, kept)

@@ -639,6 +639,37 @@ def call_reason(m: nn.Module) -> Optional[str]:
     return None
 
 
+def install_output_recorders(model: nn.Module) -> int:
+    """Install transformers' output-recording hooks on `model` (a copy about to be traced), where
+    transformers would install them; returns how many PreTrainedModels got them.
+
+    transformers 5 records `output_hidden_states` / `output_attentions` with forward hooks that it
+    installs, on the first call that asks for them, on the modules of given classes (`isinstance`) or
+    names. A module traced into a graph is no longer of its class: hooks installed after compile missed
+    it, and the output silently lacked those hidden states (HF ConvNeXt and YOLOS). Installed before
+    tracing, the hooks keep those modules eager (call_reason) and are there when a call asks; they do
+    nothing until then."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    modeling = sys.modules.get("transformers.modeling_utils")
+    install = getattr(capturing, "maybe_install_capturing_hooks", None)
+    base = getattr(modeling, "PreTrainedModel", None)
+    if install is None or not isinstance(base, type):
+        return 0                    # no transformers 5 model can be here
+    count = 0
+
+    def walk(m: nn.Module) -> None:
+        nonlocal count
+        if isinstance(m, base):
+            install(m)              # transformers walks its submodels itself, with their own records
+            count += 1
+            return
+        for child in m.children():
+            walk(child)
+
+    walk(model)
+    return count
+
+
 def _no_forward(m: nn.Module) -> bool:
     """True for a container that cannot be called (nn.ModuleList, nn.ModuleDict: no forward of its own)."""
     return getattr(type(m), "forward", None) is getattr(nn.Module, "forward", None)

@@ -332,3 +332,25 @@ def test_hidden_states_and_attentions_match_the_original(name):
         assert len(got[key]) == len(want[key]) > 0
         for a, b in zip(got[key], want[key]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["convnext", "yolos"])
+def test_hidden_states_asked_for_after_compile_are_all_there(name):
+    """transformers installs its output-recording hooks on the first call that asks for hidden states, on
+    modules found by class. ConvNeXt's stages and YOLOS's layers trace into graphs, which are no longer of
+    that class: compiled first and asked after, the output had no hidden states at all. The hooks are
+    installed on the copy before tracing now, so those modules stay eager and are found."""
+    if name == "yolos":
+        model, x, _, _ = _build("yolos")
+    else:
+        torch.manual_seed(0)
+        model = tf.ConvNextModel(tf.ConvNextConfig(num_channels=3, hidden_sizes=[16, 32], depths=[1, 1],
+                                                          num_stages=2)).eval()
+        x = (torch.randn(B, 3, 32, 32),)
+    gm = lrd_fx.compile(model, x, rank="full", progress=False)
+    assert not getattr(model, "_output_capturing_hooks_installed", False)   # the caller's model untouched
+    with torch.no_grad():
+        got, want = gm(*x, output_hidden_states=True), model(*x, output_hidden_states=True)
+    assert len(got.hidden_states) == len(want.hidden_states) >= 3
+    for a, b in zip(got.hidden_states, want.hidden_states):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
