@@ -4,10 +4,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import inspect
 import os
 import sys
 import threading
 import traceback
+import types
+import typing
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -334,7 +337,6 @@ def traced_as_none(value: Optional[Any], name: str) -> None:
 
 
 def _forward_annotations(module: nn.Module) -> dict:
-    import inspect
     forward = inspect.unwrap(type(module).forward)
     try:
         params = inspect.signature(forward, eval_str=True).parameters
@@ -346,8 +348,6 @@ def _forward_annotations(module: nn.Module) -> dict:
 def _optional_type(annotation):
     """Optional[X] for a parameter annotated X, X | None or Optional[X] with X a tensor or a Python
     scalar type (Optional[Tensor] when unannotated): TorchScript then sees that None is allowed."""
-    import types
-    import typing
     args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
         else (annotation,)
     args = [a for a in args if a is not type(None)]
@@ -554,7 +554,6 @@ def _merge_modes(gm_train: fx.GraphModule, gm_eval: fx.GraphModule) -> bool:
 
 def _mode_leaf_candidates(model: nn.Module, leaf_classes, leaf_names) -> set:
     """Submodules (relative names) with no factorizable layer whose forward reads self.training."""
-    import inspect
     out = set()
     for qn, m in model.named_modules():
         if not qn or qn in leaf_names or any(qn.startswith(n + ".") for n in leaf_names | out):
@@ -639,9 +638,9 @@ def call_reason(m: nn.Module) -> Optional[str]:
     return None
 
 
-def install_output_recorders(model: nn.Module) -> int:
+def install_output_recorders(model: nn.Module) -> None:
     """Install transformers' output-recording hooks on `model` (a copy about to be traced), where
-    transformers would install them; returns how many PreTrainedModels got them.
+    transformers would install them.
 
     transformers 5 records `output_hidden_states` / `output_attentions` with forward hooks that it
     installs, on the first call that asks for them, on the modules of given classes (`isinstance`) or
@@ -654,20 +653,16 @@ def install_output_recorders(model: nn.Module) -> int:
     install = getattr(capturing, "maybe_install_capturing_hooks", None)
     base = getattr(modeling, "PreTrainedModel", None)
     if install is None or not isinstance(base, type):
-        return 0                    # no transformers 5 model can be here
-    count = 0
+        return                      # no transformers 5 model can be here
 
     def walk(m: nn.Module) -> None:
-        nonlocal count
         if isinstance(m, base):
             install(m)              # transformers walks its submodels itself, with their own records
-            count += 1
             return
         for child in m.children():
             walk(child)
 
     walk(model)
-    return count
 
 
 def _no_forward(m: nn.Module) -> bool:
