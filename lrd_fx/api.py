@@ -17,7 +17,7 @@ from .config import Calibration, Config
 from .context import CompileContext
 from .errors import ConfigError, InputError, TraceError, warn
 from .flops import count_flops
-from .passes.shape_prop import DIFFERS
+from .passes.shape_prop import DIFFERS, NEEDS_GIVEN
 from .pipeline import PassManager, PassTimer, default_instruments, eval_mode, graph_modules
 from .plan import LayerRecord
 from .report import outside_layers
@@ -630,7 +630,7 @@ def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False
             same = _same_class_parts(model, work, e.part)
             del work
             where = e.part or "<root>"
-            differs = e.reason.startswith(DIFFERS)
+            differs = e.reason.startswith((DIFFERS, NEEDS_GIVEN))   # a reason of its own, not a failure on the inputs
             what = (f": {e.reason}" if differs else
                     f" fails on example_inputs although the model runs eagerly on them ({e.reason})")
             if not ctx.config.fallback:

@@ -356,6 +356,56 @@ def test_inputs_left_none_are_traced_as_none():
     torch.testing.assert_close(gm(x, mask), model(x, mask), rtol=1e-4, atol=1e-5)
 
 
+class _MaskOrScale(nn.Module):
+    """forward(x, mask=None): the mask branch fails without a mask (mask.view), the scale branch computes
+    something else with None than the eager None branch (scale or 1.0)."""
+
+    def __init__(self, fails: bool):
+        super().__init__()
+        self.fc, self.fails = nn.Linear(16, 16), fails
+
+    def forward(self, x, mask=None):
+        y = self.fc(x)
+        if self.fails:
+            return y * mask.view(-1, 16) if mask is not None else y
+        return y * 2 if mask is not None else y
+
+
+@pytest.mark.parametrize("fails", [True, False])
+def test_root_traced_with_an_optional_input_given_also_takes_it_left_out(fails):
+    """Compiled with the mask given, the whole-model graph takes the mask branch only: called without it,
+    it failed inside its own code (or would compute the mask branch). Compile calls it once without the
+    mask; where the eager model runs and the graph fails or differs, the root stays eager with the reason,
+    and the compiled model takes both calls."""
+    model = _MaskOrScale(fails).eval()
+    x, mask = torch.randn(4, 16), torch.rand(4, 16)
+    gm = lrd_fx.compile(model, (x, mask), rank="full", progress=False)
+    assert not isinstance(gm, torch.fx.GraphModule) and "optional input given in example_inputs ('mask')" in \
+        gm.lrd.fallback_parts["<root>"]
+    assert isinstance(gm.fc, FactorChain)
+    for args in ((x,), (x, None), (x, mask)):
+        torch.testing.assert_close(gm(*args), model(*args), rtol=1e-4, atol=1e-5)
+
+
+class _MaskIgnored(nn.Module):
+    """forward(x, mask=None): both branches compute the same (the None branch adds a dropout of p=0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, mask=None):
+        return F.dropout(self.fc(x), p=0.0, training=False) if mask is None else self.fc(x)
+
+
+def test_root_graph_that_gives_the_same_without_the_given_input_stays_a_graph():
+    """The check keeps the root eager only where the graph fails or differs without the input."""
+    model, x = _MaskIgnored().eval(), torch.randn(4, 16)
+    gm = lrd_fx.compile(model, (x, torch.ones(4, 16)), rank="full", progress=False)
+    assert isinstance(gm, torch.fx.GraphModule) and "<root>" not in gm.lrd.fallback_parts
+    torch.testing.assert_close(gm(x, None), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_input_traced_as_none_survives_save_load_and_torchscript(tmp_path):
     """The file records which inputs were traced as None: load() without example inputs rebuilds that
     graph (it traced the mask branch, which fails without a mask), and torch.jit.script takes the graph
@@ -371,8 +421,8 @@ def test_input_traced_as_none_survives_save_load_and_torchscript(tmp_path):
         torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
         with pytest.raises(lrd_fx.InputError, match="'mask'"):
             loaded(x, mask=mask)
-    # compiled with a mask (its graph needs one), loaded without inputs: the same; loaded with (x,): the
-    # mask-less graph, with the same weights
+    # compiled with a mask, loaded without inputs: the same; loaded with (x,): the mask-less graph, with the
+    # same weights
     masked = lrd_fx.compile(model, (x, mask), ratio=0.5, progress=False)
     assert masked.lrd.traced_none == []
     lrd_fx.save(masked, path)

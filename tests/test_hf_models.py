@@ -354,3 +354,23 @@ def test_hidden_states_asked_for_after_compile_are_all_there(name):
     assert len(got.hidden_states) == len(want.hidden_states) >= 3
     for a, b in zip(got.hidden_states, want.hidden_states):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_deberta_compiled_with_a_mask_takes_calls_without_one():
+    """DeBERTa-v2's root traces whole; compiled with an attention mask, its graph failed inside its own
+    code when called without one ('NoneType' object has no attribute 'dim'). Compile now keeps the root
+    eager there (the report says why), and both calls give the original's output."""
+    torch.manual_seed(0)
+    model = tf.DebertaV2Model(tf.DebertaV2Config(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=4, intermediate_size=64,
+                                                 max_position_embeddings=40, relative_attention=True,
+                                                 position_buckets=8, pos_att_type=["p2c", "c2p"])).eval()
+    ids, mask = _ids(), _mask()
+    gm = lrd_fx.compile(model, {"input_ids": ids, "attention_mask": mask}, ratio=0.5, progress=False)
+    assert "('attention_mask')" in gm.lrd.fallback_parts["<root>"]
+    full = lrd_fx.compile(model, {"input_ids": ids, "attention_mask": mask}, rank="full", progress=False)
+    with torch.no_grad():
+        for kw in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}):
+            assert torch.isfinite(gm(**kw).last_hidden_state).all()
+            torch.testing.assert_close(full(**kw).last_hidden_state, model(**kw).last_hidden_state,
+                                       rtol=1e-4, atol=1e-5)

@@ -371,6 +371,54 @@ def _raise_if_a_part_differs(calls: dict, ctx: CompileContext) -> None:
                      f"is not traced")
 
 
+NEEDS_GIVEN = "its traced graph took the branch of an optional input given in example_inputs"
+
+
+def _optional_given(model: nn.Module, args: tuple) -> list:
+    """(position, name) of the parameters of model.forward that default to None and that `args` (the
+    example inputs, in forward's positional order) give a value."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [(i, p.name) for i, p in enumerate(positional[:len(args)])
+            if p.default is None and args[i] is not None]
+
+
+def _raise_if_root_needs_given_inputs(root: fx.GraphModule, ctx: CompileContext) -> None:
+    """A root traced whole took the branch of every optional input the example inputs give (`if mask is not
+    None:`). Called without one (None), as the model allows, its graph failed inside its own code (HF
+    DeBERTa compiled with an attention mask: "'NoneType' object has no attribute 'dim'"), or could compute
+    something else. Each such input is tried once as None on the graph and on the eager model; where the
+    model runs and the graph fails or differs, the root is kept eager (PartFailed), so the compiled model
+    takes both calls."""
+    from ..pipeline import eval_mode
+    args = ctx.example_inputs
+    given = _optional_given(ctx.model, args)
+    if not given:
+        return
+    reference = ctx.reference()
+    for i, name in given:
+        without = args[:i] + (None,) + args[i + 1:]
+        try:
+            with torch.no_grad(), eval_mode(reference):
+                want = reference(*without, **ctx.example_kwargs)
+        except Exception:  # noqa: BLE001 - the model itself needs it: the graph may too
+            continue
+        try:
+            with torch.no_grad(), eval_mode(root):
+                got = root(*without, **ctx.example_kwargs)
+        except Exception as e:  # noqa: BLE001 - reported as the reason the root stays eager
+            why = f"fails: {type(e).__name__}: {str(e)[:160]}"
+        else:
+            why = _difference(got, want)
+            why = None if why is None else f"computes something else: {why}"
+        if why is not None:
+            raise PartFailed("", f"{NEEDS_GIVEN} ({name!r}): called without it (None), as the model allows, that "
+                                 f"graph {why}")
+
+
 def shape_prop(ctx: CompileContext):
     def run(root):
         if ctx.example_inputs is None:
@@ -405,6 +453,8 @@ def shape_prop(ctx: CompileContext):
             raise                         # it runs eagerly: the traced model does not
         if calls:
             _raise_if_a_part_differs(calls, ctx)
+        if ctx.retrace and ctx.reference is not None and isinstance(root, fx.GraphModule):
+            _raise_if_root_needs_given_inputs(root, ctx)
         ctx.layer_io = layers
         for part_name, why in failed.items():
             ctx.notes.append(f"shape_prop: shapes of traced part '{part_name}' not recorded ({why[:120]})")
