@@ -320,7 +320,23 @@ def copy_model(model: nn.Module, *, share_layer_weights: bool = False) -> nn.Mod
         part = memo.get(id(old)) if isinstance(old, fx.GraphModule) else None
         if part is not None:
             _repair_copy(old, part, lambda v: copy.deepcopy(v, memo))
+    _restore_modes(model, new, memo)
     return new
+
+
+def _restore_modes(model: nn.Module, new: nn.Module, memo: dict) -> None:
+    """Give every module of the copy its original's mode. copy.deepcopy of torchvision's DualGraphModule
+    (create_feature_extractor) returns every module in train mode, running its train graph, whatever
+    the original's mode: an eval-mode feature extractor was compiled into a train-mode model (BatchNorm
+    on batch statistics, outputs far off). A GraphModule with a train() of its own is switched first,
+    so that it runs the graph of its mode."""
+    pairs = [(old, memo.get(id(old))) for old in model.modules()]
+    pairs = [(old, cp) for old, cp in pairs if isinstance(cp, nn.Module)]
+    for old, cp in pairs:
+        if cp.training != old.training and isinstance(cp, fx.GraphModule) and type(cp).train is not nn.Module.train:
+            cp.train(old.training)
+    for old, cp in pairs:
+        cp.training = old.training
 
 
 def _repair_copy(old: fx.GraphModule, part: fx.GraphModule, copy_value) -> None:

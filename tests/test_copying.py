@@ -140,3 +140,24 @@ def test_pickling_a_graph_with_train_eval_dependent_values():
     back.train()
     with torch.no_grad():
         assert not torch.equal(back(x), back(x))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_torchvision_feature_extractor_compiles_in_its_mode(train):
+    """copy.deepcopy of torchvision's create_feature_extractor model (a DualGraphModule, one graph per mode)
+    returns it in train mode with its train graph. The eval-mode extractor compiled into a train-mode
+    model: BatchNorm on batch statistics, outputs 94% off at rank="full". The copy now takes every
+    module's mode, and the graph of that mode."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    torch.manual_seed(0)
+    model = create_feature_extractor(torchvision.models.resnet18(), {"layer2": "mid", "layer4": "out"})
+    model.train(train)
+    x = torch.randn(2, 3, 64, 64)
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    assert [m.training for m in gm.modules()] == [train] * len(list(gm.modules()))
+    gm.eval(), model.eval()
+    with torch.no_grad():
+        got, want = gm(x), model(x)
+    assert list(got) == ["mid", "out"]
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
