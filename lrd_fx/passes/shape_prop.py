@@ -406,12 +406,14 @@ def _raise_if_root_needs_given_inputs(root: fx.GraphModule, ctx: CompileContext)
                 want = reference(*without, **ctx.example_kwargs)
         except Exception:  # noqa: BLE001 - the model itself needs it: the graph may too
             continue
+        held = io.StringIO()    # torch.fx prints a failing graph's code and traceback to stderr
         try:
-            with torch.no_grad(), eval_mode(root):
+            with torch.no_grad(), eval_mode(root), contextlib.redirect_stderr(held):
                 got = root(*without, **ctx.example_kwargs)
-        except Exception as e:  # noqa: BLE001 - reported as the reason the root stays eager
+        except Exception as e:  # noqa: BLE001 - the reason the root stays eager (report), not printed
             why = f"fails: {type(e).__name__}: {str(e)[:160]}"
         else:
+            sys.stderr.write(held.getvalue())
             why = _difference(got, want)
             why = None if why is None else f"computes something else: {why}"
         if why is not None:
