@@ -367,7 +367,7 @@ def _name_fixed_inputs(graph: fx.Graph, fixed: dict, module: nn.Module) -> None:
     hints = _forward_annotations(module) if fixed else {}
     for n in holders:
         for name in fixed:
-            if n.target == f"{name}_1" and name not in taken:
+            if n.target == name or (n.target == f"{name}_1" and name not in taken):
                 n.target = name
                 n.type = _optional_type(hints.get(name))   # torch.jit.script: None, or a value stopped here
                 for user in list(n.users):
