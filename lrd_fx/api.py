@@ -21,7 +21,7 @@ from .passes.shape_prop import DIFFERS, NEEDS_GIVEN
 from .pipeline import PassManager, PassTimer, default_instruments, eval_mode, graph_modules
 from .plan import LayerRecord
 from .report import outside_layers
-from .trace import PartFailed, install_output_recorders, trace
+from .trace import PartFailed, install_output_recorders, mark_graph_holders, trace
 
 
 class LRDInfo:
@@ -738,6 +738,7 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
     if ctx.example_inputs is not None and ctx.flops_before is not None:
         ctx.flops_after = _flops_after(gm, ctx)
     ctx.originals.clear()
+    mark_graph_holders(gm)     # a forward hook registered later on a block the graph does not call warns
     unshare(gm, ctx.model)     # layers kept as they were get their own weights (copy_model may have shared them)
     from .fastcalls import fast_module_calls_
     fast_module_calls_(gm)     # module calls without nn.Module.__getattr__ (after the passes: their dumps stay plain)

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import InputError, TraceError
+from .errors import InputError, TraceError, warn
 from .factorize.modules import HFConv1D
 from .pipeline import restore_training_flags, training_flags
 from .registry import Registry
@@ -663,6 +663,37 @@ def install_output_recorders(model: nn.Module) -> None:
             walk(child)
 
     walk(model)
+
+
+class HookOnHolder:
+    """Stands in, as an instance attribute, for `register_forward_hook` / `register_forward_pre_hook` of a
+    module that a traced graph holds but does not call (a block whose layers the graph calls one by one:
+    `gm.layer3`). A hook registered on it after compile never runs, which no error showed (Grad-CAM and
+    feature hooks on a compiled model collected nothing). It warns, then registers the hook as asked."""
+
+    def __init__(self, module: nn.Module, method: str, path: str):
+        self.module, self.method, self.path = module, method, path
+
+    def __call__(self, *args, **kwargs):
+        kind = "forward pre-hook" if self.method == "register_forward_pre_hook" else "forward hook"
+        warn(f"module '{self.path}' ({type(self.module).__name__}) is not called by the compiled model's graph, "
+             f"which calls its layers one by one, so this {kind} will never run. Register it on the model "
+             f"before lrd_fx.compile (that module then stays a module and runs its hooks), or on a module "
+             f"the graph calls (print(gm.code) shows them)")
+        return getattr(nn.Module, self.method)(self.module, *args, **kwargs)
+
+
+def mark_graph_holders(root: nn.Module) -> None:
+    """Give every module that a traced graph holds but does not call (see HookOnHolder) the warning
+    stand-ins for its hook registration."""
+    for prefix, part in ((f"{n}." if n else "", m) for n, m in root.named_modules() if isinstance(m, fx.GraphModule)):
+        called = {n.target for n in part.graph.nodes if n.op == "call_module"}
+        for rel, m in part.named_modules():
+            if (not rel or isinstance(m, fx.GraphModule) or rel in called
+                    or any(rel.startswith(c + ".") for c in called) or not any(True for _ in m.children())):
+                continue
+            for method in ("register_forward_hook", "register_forward_pre_hook"):
+                object.__setattr__(m, method, HookOnHolder(m, method, prefix + rel))
 
 
 def _no_forward(m: nn.Module) -> bool:

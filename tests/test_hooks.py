@@ -174,3 +174,32 @@ def test_random_numbers_and_the_callers_autocast_are_not_a_difference(make, x):
     torch.manual_seed(0)
     gm = lrd_fx.compile(make().eval(), (x,), rank="full", progress=False)
     assert gm.lrd.kept_eager == {}
+
+
+def test_hook_registered_after_compile_on_a_module_the_graph_does_not_call_warns():
+    """The compiled graph calls a block's layers (and a factor chain's factors) one by one, so a forward
+    hook registered on the block after compile never ran, silently (Grad-CAM on `gm.layer4` collected
+    nothing). Registering one there warns now, naming the module; it is still registered (the handle
+    removes it). A hook on a module the graph calls (a BatchNorm) runs, without a warning."""
+    import warnings
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, progress=False)
+    seen = []
+    block, bn = gm.get_submodule("layer4"), gm.get_submodule("layer4.1.bn2")
+    chain = gm.get_submodule("layer4.1.conv2")
+    assert isinstance(chain, FactorChain)
+    for module, path in ((block, "layer4"), (chain, "layer4.1.conv2")):
+        with pytest.warns(UserWarning, match=f"module '{path}' .* will never run"):
+            handle = module.register_forward_hook(lambda m, i, o: seen.append(path))
+        assert len(module._forward_hooks) == 1
+        handle.remove()
+    with pytest.warns(UserWarning, match="forward pre-hook will never run"):
+        block.register_forward_pre_hook(lambda m, i: None).remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bn.register_forward_hook(lambda m, i, o: seen.append("bn"))
+    gm(x)
+    assert seen == ["bn"]
