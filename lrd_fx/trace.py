@@ -336,6 +336,10 @@ def traced_as_none(value: Optional[Any], name: str) -> None:
             f"lrd_fx.compile (a part whose Python code branches on it then stays eager)")
 
 
+if hasattr(fx.node, "has_side_effect"):     # a graph pass's eliminate_dead_code keeps the check (no users)
+    fx.node.has_side_effect(traced_as_none)
+
+
 def _forward_annotations(module: nn.Module) -> dict:
     forward = inspect.unwrap(type(module).forward)
     try:

@@ -352,6 +352,10 @@ def test_inputs_left_none_are_traced_as_none():
             for call in (lambda: gm(x, mask), lambda: gm(x, mask=mask)):
                 with pytest.raises(lrd_fx.InputError, match="input 'mask' was traced as None"):
                     call()
+            gm.graph.eliminate_dead_code()         # a user's own graph pass keeps the check
+            gm.recompile()
+            with pytest.raises(lrd_fx.InputError):
+                gm(x, mask=mask)
     gm = lrd_fx.compile(model, (x, mask), rank="full", progress=False)
     torch.testing.assert_close(gm(x, mask), model(x, mask), rtol=1e-4, atol=1e-5)
 
