@@ -458,6 +458,10 @@ def test_foreign_truncated_and_damaged_files(tmp_path, saved):
                          ("fallback", 1.5), ("time_chosen_s", "fast"), ("estimate", [0])):
         rewrite_header(good, tmp_path / f"bad_{field}", lambda h, f=field, v=value: h["plan"]["0"].update({f: v}))
         cases[f"bad_{field}"] = f"{field}=.*wrong type"
+    rewrite_header(good, tmp_path / "badnone", lambda h: h.update(traced_none="mask"))
+    cases["badnone"] = "traced_none entry is not a JSON list"
+    rewrite_header(good, tmp_path / "othernone", lambda h: h.update(traced_none=["mask"]))
+    cases["othernone"] = "forward takes 'mask'"
     deep = tmp_path / "deep"
     save_file({"w": torch.zeros(1)}, str(deep), metadata={"lrd_fx": "[" * 200_000})
     cases["deep"] = "not valid JSON"
