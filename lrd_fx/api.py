@@ -21,7 +21,7 @@ from .passes.shape_prop import DIFFERS, NEEDS_GIVEN
 from .pipeline import PassManager, PassTimer, default_instruments, eval_mode, graph_modules
 from .plan import LayerRecord
 from .report import outside_layers
-from .trace import PartFailed, install_output_recorders, mark_graph_holders, trace
+from .trace import PartFailed, install_output_recorders, is_hf_model, mark_graph_holders, trace
 
 
 class LRDInfo:
@@ -696,6 +696,16 @@ def _early_check(work: nn.Module, cfg: Config, inputs: Optional[tuple], device, 
     return _check_inputs(work, inputs, device, dtype) if _lazy_layers(work) else None
 
 
+# A Hugging Face model's root takes, at call time, keyword options that the example inputs leave None
+# (labels=, output_hidden_states=, output_attentions=, return_dict=). One graph would have the None branch of
+# each only, and every call giving one would be an InputError (a Trainer's first step, with labels); the
+# root stays eager instead, its parts traced, as the roots of most HF models are anyway (their forward
+# does not trace).
+_HF_ROOT_EAGER = ("kept eager: a Hugging Face model, whose forward takes options the example inputs leave None "
+                  "({names}); one graph would have their None branch only, so calls that give them "
+                  "(labels=, output_hidden_states=, return_dict=) would fail")
+
+
 def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
          keep_eager_parts: Optional[dict] = None) -> nn.Module:
     """The passes on `work` (the caller's model's copy). counted: (FLOPs, error) of the model from a
@@ -722,11 +732,13 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
     leaves = tuple(cfg.leaf_modules)
     if ctx.traced_none is None:
         ctx.traced_none = sorted(_none_inputs(work, ctx.example_inputs))
+    kept = dict(keep_eager_parts or {})
+    if ctx.traced_none and is_hf_model(work) and "" not in kept:
+        kept[""] = _HF_ROOT_EAGER.format(names=", ".join(ctx.traced_none[:4]) + (", …" if len(ctx.traced_none) > 4 else ""))
     gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,
-               eager_parts=eager, concrete_args=dict.fromkeys(ctx.traced_none),
-               keep_eager_parts=keep_eager_parts)
+               eager_parts=eager, concrete_args=dict.fromkeys(ctx.traced_none), keep_eager_parts=kept)
     ctx.eager_parts = eager
-    ctx.kept_eager = dict(keep_eager_parts or {})
+    ctx.kept_eager = kept
     ctx.retrace = True         # copy_and_run traces again when shape_prop finds a part's graph failing
     timer = PassTimer()
     pm = PassManager(build_passes(ctx), instruments=default_instruments(cfg.debug, cfg.dump_dir) + [timer])

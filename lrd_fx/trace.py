@@ -642,6 +642,12 @@ def call_reason(m: nn.Module) -> Optional[str]:
     return None
 
 
+def is_hf_model(model: nn.Module) -> bool:
+    """True for a transformers PreTrainedModel (only when transformers is already imported)."""
+    base = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+    return isinstance(base, type) and isinstance(model, base)
+
+
 def install_output_recorders(model: nn.Module) -> None:
     """Install transformers' output-recording hooks on `model` (a copy about to be traced), where
     transformers would install them.
@@ -653,14 +659,12 @@ def install_output_recorders(model: nn.Module) -> None:
     tracing, the hooks keep those modules eager (call_reason) and are there when a call asks; they do
     nothing until then."""
     capturing = sys.modules.get("transformers.utils.output_capturing")
-    modeling = sys.modules.get("transformers.modeling_utils")
     install = getattr(capturing, "maybe_install_capturing_hooks", None)
-    base = getattr(modeling, "PreTrainedModel", None)
-    if install is None or not isinstance(base, type):
+    if install is None:
         return                      # no transformers 5 model can be here
 
     def walk(m: nn.Module) -> None:
-        if isinstance(m, base):
+        if is_hf_model(m):
             install(m)              # transformers walks its submodels itself, with their own records
             return
         for child in m.children():

@@ -250,14 +250,14 @@ def test_part_kept_eager_after_its_graph_failed_is_rebuilt_by_load_without_input
     same model (the weights fit) and gives the same outputs."""
     model, x, field, _ = _build("mobilebert")
     gm = lrd_fx.compile(model, x, ratio=0.5, progress=False)
-    assert set(gm.lrd.kept_eager) == {"embeddings"}
+    assert set(gm.lrd.kept_eager) == {"", "embeddings"}     # the root: a Hugging Face model
     assert "kept eager: its traced graph failed" in gm.lrd.fallback_parts["embeddings"]
     assert "NoneType" in gm.lrd.report()
     assert isinstance(gm.get_submodule("embeddings.embedding_transformation"), FactorChain)
     path = tmp_path / "mobilebert.lrd"
     lrd_fx.save(gm, path)
     for loaded in (lrd_fx.load(model, path), lrd_fx.load(model, path, x)):
-        assert set(loaded.lrd.kept_eager) == {"embeddings"}
+        assert set(loaded.lrd.kept_eager) == {"", "embeddings"}
         with torch.no_grad():
             torch.testing.assert_close(getattr(loaded(*x), field), getattr(gm(*x), field), rtol=0, atol=0)
 
@@ -290,30 +290,33 @@ def _resnet():
                                           layer_type="bottleneck")).eval()
 
 
-def test_output_flags_left_out_are_refused_not_ignored_and_work_when_given():
-    """HF ResNetModel's root traces whole, with output_hidden_states / return_dict (left out of the
-    example inputs) traced as None. The graph's forward takes **kwargs, and fx had renamed those inputs,
-    so output_hidden_states=True went into **kwargs and the output silently had no hidden states. Now
-    such a call is an InputError naming the input; compiled with output_hidden_states=True in the example
-    inputs, the model gives the hidden states (the parts that branch on it stay eager), and a call
-    without it still works."""
+def test_keyword_options_left_out_of_the_inputs_work_at_call_time():
+    """HF ResNetModel's forward traces whole. Traced with output_hidden_states / return_dict left out (None),
+    one graph had their None branch only: output_hidden_states=True went into its **kwargs and the output
+    silently had no hidden states (later, an InputError). A Hugging Face root whose forward takes options
+    the inputs leave None now stays eager (its parts traced), so calls that give them work; the labels
+    of ResNetForImageClassification too."""
     model = _resnet()
     x = torch.randn(B, 3, 32, 32)
     gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
-    assert isinstance(gm, torch.fx.GraphModule) and gm.lrd.traced_none == ["output_hidden_states", "return_dict"]
-    with pytest.raises(lrd_fx.InputError, match="'output_hidden_states' was traced as None"):
-        gm(x, output_hidden_states=True)
-    with pytest.raises(lrd_fx.InputError, match="'return_dict'"):
-        gm(x, return_dict=False)
-    gm = lrd_fx.compile(model, {"pixel_values": x, "output_hidden_states": True}, rank="full", progress=False)
+    assert not isinstance(gm, torch.fx.GraphModule) and "a Hugging Face model" in gm.lrd.fallback_parts["<root>"]
+    assert gm.lrd.traced_none == ["output_hidden_states", "return_dict"]
     with torch.no_grad():
         want, got = model(x, output_hidden_states=True), gm(x, output_hidden_states=True)
         assert len(got.hidden_states) == len(want.hidden_states) == 3
         for a, b in zip(got.hidden_states, want.hidden_states):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        got = gm(x)
-        assert got.hidden_states is None
-        torch.testing.assert_close(got.last_hidden_state, model(x).last_hidden_state, rtol=1e-4, atol=1e-5)
+        as_tuple = gm(x, return_dict=False)
+        assert isinstance(as_tuple, tuple)
+        torch.testing.assert_close(as_tuple[0], model(x).last_hidden_state, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(0)
+    head = tf.ResNetForImageClassification(tf.ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32],
+                                                           depths=[1, 1], layer_type="bottleneck",
+                                                           num_labels=3)).eval()
+    labels = torch.tensor([0, 2])
+    gm = lrd_fx.compile(head, (x,), rank="full", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, labels=labels).loss, head(x, labels=labels).loss, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
@@ -358,8 +361,9 @@ def test_hidden_states_asked_for_after_compile_are_all_there(name):
 
 def test_deberta_compiled_with_a_mask_takes_calls_without_one():
     """DeBERTa-v2's root traces whole; compiled with an attention mask, its graph failed inside its own
-    code when called without one ('NoneType' object has no attribute 'dim'). Compile now keeps the root
-    eager there (the report says why), and both calls give the original's output."""
+    code when called without one ('NoneType' object has no attribute 'dim'). Its root is kept eager now
+    (a Hugging Face model; the optional-input check would keep it eager too), and both calls give the
+    original's output."""
     torch.manual_seed(0)
     model = tf.DebertaV2Model(tf.DebertaV2Config(vocab_size=V, hidden_size=32, num_hidden_layers=2,
                                                  num_attention_heads=4, intermediate_size=64,
@@ -367,7 +371,7 @@ def test_deberta_compiled_with_a_mask_takes_calls_without_one():
                                                  position_buckets=8, pos_att_type=["p2c", "c2p"])).eval()
     ids, mask = _ids(), _mask()
     gm = lrd_fx.compile(model, {"input_ids": ids, "attention_mask": mask}, ratio=0.5, progress=False)
-    assert "('attention_mask')" in gm.lrd.fallback_parts["<root>"]
+    assert "<root>" in gm.lrd.fallback_parts and not isinstance(gm, torch.fx.GraphModule)
     full = lrd_fx.compile(model, {"input_ids": ids, "attention_mask": mask}, rank="full", progress=False)
     with torch.no_grad():
         for kw in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}):
