@@ -734,7 +734,8 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
         ctx.traced_none = sorted(_none_inputs(work, ctx.example_inputs))
     kept = dict(keep_eager_parts or {})
     if ctx.traced_none and is_hf_model(work) and "" not in kept:
-        kept[""] = _HF_ROOT_EAGER.format(names=", ".join(ctx.traced_none[:4]) + (", …" if len(ctx.traced_none) > 4 else ""))
+        names = ", ".join(ctx.traced_none[:4]) + (", …" if len(ctx.traced_none) > 4 else "")
+        kept[""] = _HF_ROOT_EAGER.format(names=names)
     gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,
                eager_parts=eager, concrete_args=dict.fromkeys(ctx.traced_none), keep_eager_parts=kept)
     ctx.eager_parts = eager
