@@ -374,33 +374,38 @@ def _raise_if_a_part_differs(calls: dict, ctx: CompileContext) -> None:
 NEEDS_GIVEN = "its traced graph took the branch of an optional input given in example_inputs"
 
 
-def _optional_given(model: nn.Module, args: tuple) -> list:
-    """(position, name) of the parameters of model.forward that default to None and that `args` (the
-    example inputs, in forward's positional order) give a value."""
+def _left_out(model: nn.Module, args: tuple) -> list:
+    """(what, args without it) for each thing the model may be called without: a parameter of
+    model.forward that defaults to None and that `args` (the example inputs, in forward's positional
+    order) give a value (passed as None), and a key of a dict input (left out of the dict)."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        return []
+        params = []
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return [(i, p.name) for i, p in enumerate(positional[:len(args)])
-            if p.default is None and args[i] is not None]
+    out = [(repr(p.name), args[:i] + (None,) + args[i + 1:]) for i, p in enumerate(positional[:len(args)])
+           if p.default is None and args[i] is not None]
+    for i, a in enumerate(args):
+        if type(a) is dict and len(a) > 1:
+            out += [(f"key {k!r} of input {i}", args[:i] + ({j: v for j, v in a.items() if j != k},) + args[i + 1:])
+                    for k in a]
+    return out
 
 
 def _raise_if_root_needs_given_inputs(root: fx.GraphModule, ctx: CompileContext) -> None:
     """A root traced whole took the branch of every optional input the example inputs give (`if mask is not
-    None:`). Called without one (None), as the model allows, its graph failed inside its own code (HF
-    DeBERTa compiled with an attention mask: "'NoneType' object has no attribute 'dim'"), or could compute
-    something else. Each such input is tried once as None on the graph and on the eager model; where the
-    model runs and the graph fails or differs, the root is kept eager (PartFailed), so the compiled model
-    takes both calls."""
+    None:`, `if batch.get("mask") is not None:`). Called without one, as the model allows, its graph failed inside its
+    own code (HF DeBERTa compiled with an attention mask: "'NoneType' object has no attribute 'dim'"; a
+    dict input without a key: KeyError), or could compute something else. Each such input is tried once
+    left out (None, or the dict without that key) on the graph and on the eager model; where the model
+    runs and the graph fails or differs, the root is kept eager (PartFailed), so the compiled model takes
+    both calls."""
     from ..pipeline import eval_mode
-    args = ctx.example_inputs
-    given = _optional_given(ctx.model, args)
+    given = _left_out(ctx.model, ctx.example_inputs)
     if not given:
         return
     reference = ctx.reference()
-    for i, name in given:
-        without = args[:i] + (None,) + args[i + 1:]
+    for name, without in given:
         try:
             with torch.no_grad(), eval_mode(reference):
                 want = reference(*without, **ctx.example_kwargs)
@@ -417,8 +422,7 @@ def _raise_if_root_needs_given_inputs(root: fx.GraphModule, ctx: CompileContext)
             why = _difference(got, want)
             why = None if why is None else f"computes something else: {why}"
         if why is not None:
-            raise PartFailed("", f"{NEEDS_GIVEN} ({name!r}): called without it (None), as the model allows, that "
-                                 f"graph {why}")
+            raise PartFailed("", f"{NEEDS_GIVEN} ({name}): called without it, as the model allows, that graph {why}")
 
 
 def shape_prop(ctx: CompileContext):
