@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .errors import InputError, TraceError, warn
 from .factorize.modules import HFConv1D
-from .pipeline import restore_training_flags, training_flags
+from .pipeline import graph_modules, restore_training_flags, training_flags
 from .registry import Registry
 
 _FX_DIR = os.path.dirname(fx.__file__)
@@ -694,12 +694,13 @@ class HookOnHolder:
 def mark_graph_holders(root: nn.Module) -> None:
     """Give every module that a traced graph holds but does not call (see HookOnHolder) the warning
     stand-ins for its hook registration."""
-    for prefix, part in ((f"{n}." if n else "", m) for n, m in root.named_modules() if isinstance(m, fx.GraphModule)):
+    for prefix, part in graph_modules(root):
         called = {n.target for n in part.graph.nodes if n.op == "call_module"}
         for rel, m in part.named_modules():
-            if (not rel or isinstance(m, fx.GraphModule) or rel in called
-                    or any(rel.startswith(c + ".") for c in called) or not any(True for _ in m.children())):
-                continue
+            atoms = rel.split(".")
+            if (not rel or isinstance(m, fx.GraphModule) or not any(True for _ in m.children())
+                    or any(".".join(atoms[:i]) in called for i in range(1, len(atoms) + 1))):
+                continue        # the part itself, a graph, a layer, or a module called (or inside one)
             for method in ("register_forward_hook", "register_forward_pre_hook"):
                 object.__setattr__(m, method, HookOnHolder(m, method, prefix + rel))
 
