@@ -360,15 +360,17 @@ def _optional_type(annotation):
     return Optional[torch.Tensor]
 
 
-def _name_fixed_inputs(graph: fx.Graph, fixed: dict, module: nn.Module) -> None:
+def _name_fixed_inputs(graph: fx.Graph, fixed: Optional[dict], module: nn.Module) -> None:
     """fx names the placeholder of a parameter fixed by concrete_args `{name}_1`, so the graph's forward
     no longer takes it by its name. A keyword call then raised TypeError, or, where forward has **kwargs,
     was swallowed by them and silently ignored (a Hugging Face ResNetModel called with
     output_hidden_states=True returned no hidden states). The placeholders get their names back, and fx's
     None check becomes traced_as_none, which says what to do."""
+    if not fixed:
+        return
     holders = [n for n in graph.nodes if n.op == "placeholder"]
     taken = {n.target for n in holders}
-    hints = _forward_annotations(module) if fixed else {}
+    hints = _forward_annotations(module)
     for n in holders:
         for name in fixed:
             if n.target == name or (n.target == f"{name}_1" and name not in taken):
@@ -413,7 +415,7 @@ def _trace_once_with(module: nn.Module, leaf_modules, leaf_names, concrete_args:
     with attributes_kept(module, changed), refused_while_tracing(), torch.enable_grad(), \
             numpy_draws_watched(module, drew):
         graph = tracer.trace(module, concrete_args=concrete_args or None)
-        _name_fixed_inputs(graph, concrete_args or {}, module)
+        _name_fixed_inputs(graph, concrete_args, module)
         name = module.__class__.__name__
         gm = fx.GraphModule(tracer.root, graph, name)
     if drew:
