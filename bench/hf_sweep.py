@@ -562,14 +562,7 @@ def _differs(want: dict, got: dict):
 def _float_tensors(out) -> list:
     """The floating-point tensors that require grad in a model output (tensors, tuples/lists, dicts and
     ModelOutputs; caches and other objects are passed over)."""
-    import torch
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() and out.requires_grad else []
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _float_tensors(v)]
-    return []
+    return [t for t in _tensors_by_path(out).values() if t.is_floating_point() and t.requires_grad]
 
 
 # ---------------------------------------------------------------------------------------------- driver
