@@ -16,7 +16,7 @@ import torch.nn as nn
 from .config import Calibration, Config
 from .context import CompileContext
 from .errors import ConfigError, InputError, TraceError, warn
-from .flops import count_flops
+from .flops import count_flops, fused_attention_off
 from .passes.shape_prop import DIFFERS, NEEDS_GIVEN
 from .pipeline import PassManager, PassTimer, default_instruments, eval_mode, graph_modules
 from .plan import LayerRecord
@@ -191,7 +191,7 @@ def _check_inputs(model: nn.Module, inputs: tuple, device, dtype) -> tuple:
     try:
         with torch.no_grad(), eval_mode(model):
             try:
-                with FlopCounterMode(display=False) as fc:
+                with fused_attention_off(), FlopCounterMode(display=False) as fc:
                     model(*inputs)
                 return int(fc.get_total_flops()), None
             except Exception as e:  # noqa: BLE001 - the counter's failure or the model's: a plain run tells

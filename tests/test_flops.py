@@ -193,3 +193,17 @@ def test_flop_counter_failure_in_the_input_check_is_a_note_not_an_error(monkeypa
     gm = lrd_fx.compile(nn.Sequential(nn.Linear(32, 32)), (torch.randn(2, 32),), ratio=0.25, progress=False)
     assert gm.lrd.flops_before is None
     assert any("FLOPs unknown" in n and "counter broke" in n for n in gm.lrd.notes)
+
+
+def test_flops_of_torch_fused_attention_are_counted():
+    # torch's counter has no formula for the fused eval kernels of nn.MultiheadAttention and
+    # nn.TransformerEncoderLayer: counted with them off, the projections and attention are in the total
+    torch.manual_seed(0)
+    n, t, e, ff = 2, 10, 64, 256
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(e, 4, ff, batch_first=True), 2).eval()
+    layers = 2 * n * t * (2 * e * ff + 4 * e * e)      # MLP and the four projections (the attention's own
+    scores = 2 * 2 * n * t * t * e                        # matmuls: counted where torch's counter has a formula)
+    assert 2 * layers <= count_flops(enc, (torch.randn(n, t, e),)) <= 2 * (layers + scores)
+    assert torch.backends.mha.get_fastpath_enabled()
+    gm = lrd_fx.compile(enc, (torch.randn(n, t, e),), rank="full")
+    assert 2 * layers <= gm.lrd.flops_before <= 2 * (layers + scores)

@@ -16,6 +16,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..context import CompileContext
 from ..errors import LRDError
+from ..flops import fused_attention_off
 from ..pipeline import PassResult, graph_modules, restore_training_flags, training_flags
 from ..trace import _FACTORIZABLE, PartFailed, attributes_kept
 
@@ -292,6 +293,7 @@ def capture_shapes(root: nn.Module, args: tuple, kwargs: dict, *, fake: bool = F
                 from torch._subclasses.fake_tensor import FakeTensorMode
                 stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
             if counter is not None:
+                stack.enter_context(fused_attention_off())   # the counter has no formula for those kernels
                 stack.enter_context(counter)
             root(*args, **kwargs)
     finally:
