@@ -21,6 +21,7 @@ from .passes.shape_prop import DIFFERS, NEEDS_GIVEN
 from .pipeline import PassManager, PassTimer, default_instruments, eval_mode, graph_modules
 from .plan import LayerRecord
 from .report import outside_layers
+from .torch_modules import use_stand_ins_
 from .trace import PartFailed, install_output_recorders, is_hf_model, mark_graph_holders, trace
 
 
@@ -33,6 +34,7 @@ class LRDInfo:
         self.fallback_parts = dict(ctx.fallback_parts)
         self.kept_eager = dict(ctx.kept_eager)   # parts whose traced graph failed on the inputs (save keeps them)
         self.traced_none = list(ctx.traced_none or [])   # root inputs traced as None (save keeps them)
+        self.stand_ins = list(ctx.stand_ins or [])   # nn.MultiheadAttention paths given stand-ins (save keeps them)
         self.pass_times = dict(ctx.pass_times)
         self.notes = list(ctx.notes)
         self.freezer = ctx.freezer
@@ -416,7 +418,10 @@ def _prepare_scriptable(self):
             changed = True
     if not changed:
         return self
-    return fx.GraphModule(self, graph, class_name=type(self).__name__)
+    from .trace import keep_plain_attributes
+    scriptable = fx.GraphModule(self, graph, class_name=type(self).__name__)
+    keep_plain_attributes(scriptable, self)    # eager code around the part may read them (batch_first)
+    return scriptable
 
 
 def fix_graph_part_protocols_(root: nn.Module) -> None:
@@ -639,6 +644,9 @@ def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False
         ctx = new_ctx()
         work = copy_model(model, share_layer_weights=share_layer_weights)
         install_output_recorders(work)
+        # torch.nn's attention and transformer layers get stand-ins whose projections factorize
+        use = ctx.config.decompose_linear and not ctx.stand_ins_off
+        ctx.stand_ins = use_stand_ins_(work, ctx.stand_ins) if use else []
         counted = _early_check(work, ctx.config, ctx.example_inputs, ctx.device, ctx.dtype)
         try:
             return _run(work, ctx, counted, kept)

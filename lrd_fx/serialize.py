@@ -66,6 +66,7 @@ def save(gm: nn.Module, path) -> None:
     header["freezer_keys"] = _freezer_keys(gm)
     header["kept_eager"] = dict(getattr(info, "kept_eager", {}))
     header["traced_none"] = list(getattr(info, "traced_none", []))
+    header["stand_ins"] = list(getattr(info, "stand_ins", []))
     try:
         text = json.dumps(header)
     except (TypeError, ValueError) as e:
@@ -254,11 +255,14 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     # without example inputs, the inputs compile traced as None; with them, those they leave None (the
     # plan and weights fit either graph: compiled with labels for training, loaded with (x,) for inference)
     traced_none = _traced_none(header, where, model) if inputs is None else None
+    stand_ins = _stand_ins(header, where)
 
     def new_ctx() -> CompileContext:
         ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
         ctx.empty_init = True     # the factors are filled from the file, not factorized
         ctx.traced_none = traced_none
+        ctx.stand_ins = stand_ins
+        ctx.stand_ins_off = stand_ins is None
         return ctx
 
     try:
@@ -268,6 +272,11 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     except LRDError as e:
         raise LoadError(f"the model does not match the plan in '{where}': {e}; load onto the model the file "
                         f"was compiled from") from e
+    missing = sorted(set(stand_ins or ()) - set(gm.lrd.stand_ins))
+    if missing:
+        raise LoadError(f"'{where}' was compiled from a model with an nn.MultiheadAttention at '{missing[0]}', which "
+                        f"the given model does not have (or has hooks on); load onto the model the file was "
+                        f"compiled from")
     _check_rebuilt(gm, plan, where)
     _load_weights(gm, header, tensors, where)
     _restore_records(gm, plan)
@@ -294,6 +303,17 @@ def _traced_none(header: dict, where: str, model: nn.Module) -> Optional[list]:
         raise LoadError(f"'{where}' was compiled from a model whose forward takes {unknown[0]!r}, which "
                         f"{type(model).__name__}.forward does not; load onto the model the file was compiled from")
     return names
+
+
+def _stand_ins(header: dict, where: str) -> Optional[list]:
+    """The paths of the nn.MultiheadAttention modules compile gave stand-ins (torch_modules). None for files
+    written before them: those models are rebuilt with torch's modules, as they were saved."""
+    paths = header.get("stand_ins")
+    if paths is None:
+        return None
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise LoadError(f"'{where}': the header's stand_ins entry is not a JSON list of strings; the file is damaged")
+    return paths
 
 
 def _kept_eager(header: dict, where: str) -> dict:

@@ -448,7 +448,19 @@ def _trace_once_with(module: nn.Module, leaf_modules, leaf_names, concrete_args:
 
 def keep_plain_attributes(gm: nn.Module, module: nn.Module) -> None:
     """Copy module's plain attributes (not modules, tensors or private names; e.g. a HF `config`, RAFT's
-    `hidden_state_size`) onto its traced replacement, so code outside the graph that reads them still works."""
+    `hidden_state_size`) onto its traced replacement, so code outside the graph that reads them still works.
+    The same for the bare containers fx builds for the submodules traced into the graph (an eager
+    nn.TransformerDecoder reads `layers[0].self_attn.batch_first`)."""
+    _copy_plain_attributes(gm, module)
+    for name, sub in gm.named_modules():
+        if name and type(sub) is nn.Module:
+            try:
+                _copy_plain_attributes(sub, module.get_submodule(name))
+            except AttributeError:
+                continue
+
+
+def _copy_plain_attributes(gm: nn.Module, module: nn.Module) -> None:
     for key, value in vars(module).items():
         if key.startswith("_") or key == "training" or isinstance(value, (nn.Module, torch.Tensor)):
             continue

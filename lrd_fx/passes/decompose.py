@@ -160,9 +160,8 @@ def account_layers(gm: nn.Module, ctx: CompileContext) -> None:
                 read[prefix + node.target] = prefix[:-1] or "<root>"
     layer_io = ctx.layer_io
     eager = set(ctx.eager_parts)
-    for name, m in ctx.model.named_modules():
-        if not fm.is_layer_like(m):
-            continue
+    stand_ins = set(ctx.stand_ins or ())
+    for name, m in _layers_to_account(gm, ctx.model, stand_ins):
         if isinstance(m, nn.MultiheadAttention):
             key = f"{name}.in_proj" if name else "in_proj"
             if key not in ctx.records:
@@ -178,17 +177,41 @@ def account_layers(gm: nn.Module, ctx: CompileContext) -> None:
         flops = layer_flops(m, io) if isinstance(m, _FACTORIZABLE) else 0
         n = weight_params(m)
         ctx.records[name] = LayerRecord(
-            name=name, kind=type(m).__name__, reason=_unreached_reason(name, m, gm, ctx.model, called, read, eager),
+            name=name, kind=type(m).__name__,
+            reason=_unreached_reason(name, m, gm, ctx.model, called, read, eager, stand_ins),
             in_shape=io["in"] if io else None, out_shape=io["out"] if io else None,
             params_before=n, params_after=n, flops_before=flops, flops_after=flops,
             fallback=_fallback_of(name, ctx.fallback_parts))
 
 
+def _layers_to_account(gm: nn.Module, model: nn.Module, stand_ins: set):
+    """(path, layer) of every Conv/Linear-like layer of the caller's model; for an nn.MultiheadAttention the
+    compile's copy gave a stand-in (torch_modules), its input projection layers (in_proj, or q/k/v_proj
+    where kdim/vdim differ) in place of its weights."""
+    for name, m in model.named_modules():
+        if not fm.is_layer_like(m):
+            continue
+        if isinstance(m, nn.MultiheadAttention) and name in stand_ins:
+            e, bias = m.embed_dim, m.in_proj_bias is not None
+            projections = ([("in_proj", e, 3 * e)] if m._qkv_same_embed_dim else
+                           [("q_proj", e, e), ("k_proj", m.kdim, e), ("v_proj", m.vdim, e)])
+            for proj, fan_in, fan_out in projections:
+                path = f"{name}.{proj}"
+                try:
+                    layer = gm.get_submodule(path)
+                except AttributeError:
+                    layer = nn.Linear(fan_in, fan_out, bias=bias, device="meta")
+                yield path, layer
+            continue
+        yield name, m
+
+
 def _unreached_reason(name: str, m: nn.Module, gm: nn.Module, model: nn.Module, called: dict, read: dict,
-                      eager: set) -> str:
+                      eager: set, stand_ins: set = frozenset()) -> str:
     parts = name.split(".")
     ancestors = [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]   # nearest first
-    if ancestors and isinstance(model.get_submodule(ancestors[0]), nn.MultiheadAttention):
+    if ancestors and ancestors[0] not in stand_ins and isinstance(model.get_submodule(ancestors[0]),
+                                                                   nn.MultiheadAttention):
         return _MHA_REASON
     why = fm.unsupported_reason(m)
     if why is not None:
