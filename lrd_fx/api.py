@@ -487,13 +487,17 @@ def unshare(model: nn.Module, original: nn.Module) -> int:
     return len(done)
 
 
-def build_passes(ctx: CompileContext) -> list:
-    """The pass list for a config: shape_prop, [calibration_stats], decompose, [allocate], [search_ranks], [calibrate],
-    [materialize], [guard], [freeze], [fuse], [check_speed]."""
+def build_passes(ctx: CompileContext, gm: Optional[nn.Module] = None) -> list:
+    """The pass list for a config (and the traced model `gm`): [layer_calls], shape_prop, [calibration_stats],
+    decompose, [allocate], [search_ranks], [calibrate], [materialize], [guard], [freeze], [fuse], [check_speed]."""
     from .passes.decompose import decompose
+    from .passes.layer_calls import layer_calls, wants_layer_calls
     from .passes.shape_prop import shape_prop
     calibrated = ctx.calibration is not None
-    passes = [shape_prop(ctx)]
+    passes = []
+    if ctx.config.decompose_linear and gm is not None and wants_layer_calls(gm, ctx.model):
+        passes.append(layer_calls(ctx))   # F.linear(x, layer.weight, b) -> layer(x) + b
+    passes.append(shape_prop(ctx))
     if calibrated:   # data-aware factorization (compile(..., calibration=batches))
         from .passes.calibrate import calibrate, calibration_stats
         passes.append(calibration_stats(ctx))
@@ -750,7 +754,7 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
     ctx.kept_eager = kept
     ctx.retrace = True         # copy_and_run traces again when shape_prop finds a part's graph failing
     timer = PassTimer()
-    pm = PassManager(build_passes(ctx), instruments=default_instruments(cfg.debug, cfg.dump_dir) + [timer])
+    pm = PassManager(build_passes(ctx, gm), instruments=default_instruments(cfg.debug, cfg.dump_dir) + [timer])
     gm = pm.run(gm).graph_module
     ctx.pass_times.update(timer.times)
     ctx.input_check = ctx.reference = None

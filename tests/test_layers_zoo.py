@@ -203,8 +203,8 @@ ZOO = {
 QKV = {
     "torchvision_vit": ("decomposed", "ratio=0.5"),      # nn.MultiheadAttention: torch_modules' stand-in
     "timm_swin": ("decomposed", "ratio=0.5"),
-    "timm_beit": ("skipped", "read directly by the traced forward"),   # F.linear(x, qkv.weight, q/k/v biases)
-    "timm_eva02": ("skipped", "read directly by the traced forward"),
+    "timm_beit": ("decomposed", "ratio=0.5"),   # F.linear(x, qkv.weight, q/k/v biases): passes/layer_calls
+    "timm_eva02": ("decomposed", "ratio=0.5"),
 }
 
 
