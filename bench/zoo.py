@@ -193,6 +193,10 @@ def check_model(source: str, name: str) -> dict:
         # random models can have outputs that ignore the weights, e.g. zero-initialised heads)
         full = lrd_fx.compile(model, (x,), rank="full").eval()
         fact_names = [n for n, r in full.lrd.records().items() if r.factorized]
+        # only layers the original calls as modules have an activation to compare (not one whose weight the
+        # original passes to F.linear itself, which compile's layer_calls pass made a call: timm's EVA qkv)
+        called = set(_activations(model, x, fact_names)[1])
+        fact_names = [n for n in fact_names if n in called]
         inner = [n for n, m in model.named_modules() if n and not list(m.children())]
         step = max(1, len(inner) // 12)
         names = list(dict.fromkeys(inner[::step] + fact_names[::max(1, len(fact_names) // 12)]))

@@ -650,7 +650,7 @@ def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False
         install_output_recorders(work)
         # torch.nn's attention and transformer layers get stand-ins whose projections factorize
         use = ctx.config.decompose_linear and not ctx.stand_ins_off
-        ctx.stand_ins = use_stand_ins_(work, ctx.stand_ins) if use else []
+        ctx.stand_ins = use_stand_ins_(work, ctx.stand_ins, ctx.config.leaf_modules) if use else []
         counted = _early_check(work, ctx.config, ctx.example_inputs, ctx.device, ctx.dtype)
         try:
             return _run(work, ctx, counted, kept)

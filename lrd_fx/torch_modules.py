@@ -372,17 +372,26 @@ def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
-def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None) -> list:
+def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None, leaf_modules: Iterable = ()) -> list:
     """Give `model` (compile's copy) the stand-ins, in place: every nn.MultiheadAttention without hooks or
     parametrizations (those at the paths `only` names, where given: load's, from the file) becomes a
     MultiheadAttention (MultiheadAttentionKV) above; torch's transformer layers and containers get the
-    subclasses above (their state and hooks as they are). Returns the paths of the attention modules
-    replaced."""
+    subclasses above (their state and hooks as they are). Modules the caller keeps as leaves
+    (`leaf_modules`: classes, or paths and what is under them) keep torch's classes. Returns the paths of
+    the attention modules replaced."""
     wanted = None if only is None else set(only)
+    leaf_classes = tuple(x for x in leaf_modules if isinstance(x, type))
+    leaf_paths = [x for x in leaf_modules if isinstance(x, str)]
+
+    def left_alone(name: str, m: nn.Module) -> bool:
+        return isinstance(m, leaf_classes) or any(name == p or name.startswith(p + ".") for p in leaf_paths)
+
     from torch.nn.utils import parametrize
     replaced: dict[int, nn.Module] = {}
     paths = []
     for name, m in list(model.named_modules(remove_duplicate=False)):
+        if left_alone(name, m):
+            continue
         if type(m) in _CLASSES:
             m.__class__ = _CLASSES[type(m)]
         if (not name or type(m) is not nn.MultiheadAttention or _has_hooks(m)

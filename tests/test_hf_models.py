@@ -378,3 +378,24 @@ def test_deberta_compiled_with_a_mask_takes_calls_without_one():
             assert torch.isfinite(gm(**kw).last_hidden_state).all()
             torch.testing.assert_close(full(**kw).last_hidden_state, model(**kw).last_hidden_state,
                                        rtol=1e-4, atol=1e-5)
+
+
+def test_siglip_pooling_head_attention_is_factorized(tmp_path):
+    # SigLIP's vision pooling head is an nn.MultiheadAttention: compile gives it lrd_fx's stand-in
+    torch.manual_seed(0)
+    cfg = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    model = tf.SiglipVisionModel(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    full = lrd_fx.compile(model, (x,), rank="full")
+    with torch.no_grad():
+        torch.testing.assert_close(full(x).pooler_output, model(x).pooler_output, rtol=1e-4, atol=1e-5)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5)
+    for name in ("head.attention.in_proj", "head.attention.out_proj"):
+        assert gm.lrd.plan[name]["decision"] == "decomposed", gm.lrd.plan[name]
+    with torch.no_grad():
+        assert len(gm(x, output_hidden_states=True).hidden_states) == 3
+    lrd_fx.save(gm, tmp_path / "siglip.lrd")
+    loaded = lrd_fx.load(tf.SiglipVisionModel(cfg).eval(), tmp_path / "siglip.lrd")     # other random weights
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).pooler_output, gm(x).pooler_output, rtol=0, atol=0)

@@ -204,6 +204,13 @@ def test_attention_kept_as_torch_module_where_it_must_be():
     x = torch.randn(3, 9, 32)
     gm = lrd_fx.compile(model, (x,), ratio=0.5, decompose_linear=False)
     assert type(gm.enc.layers[0].self_attn) is nn.MultiheadAttention
+    # kept as leaves, by class or by path: torch's modules as they are
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, leaf_modules=[nn.MultiheadAttention])
+    assert type(gm.enc.layers[0].self_attn) is nn.MultiheadAttention
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, leaf_modules=["enc.layers.1"])
+    assert type(gm.enc.layers[1]) is nn.TransformerEncoderLayer
+    assert type(gm.enc.layers[1].self_attn) is nn.MultiheadAttention
+    assert gm.lrd.plan["enc.layers.0.self_attn.in_proj"]["decision"] == "decomposed"
     # a hook on it must keep running: it stays torch's module, its projections skipped with the reason
     seen = []
     model.enc.layers[1].self_attn.register_forward_hook(lambda m, i, o: seen.append(o[0].shape))
@@ -241,7 +248,7 @@ def test_files_saved_before_the_stand_ins_load_as_they_were(tmp_path, monkeypatc
     model = EncoderModel().eval()
     x = torch.randn(3, 9, 32)
     with monkeypatch.context() as patch:       # compile as it was before the stand-ins
-        patch.setattr(lrd_fx.api, "use_stand_ins_", lambda work, only=None: [])
+        patch.setattr(lrd_fx.api, "use_stand_ins_", lambda *args, **kwargs: [])
         old = lrd_fx.compile(model, (x,), ratio=0.5)
     assert old.lrd.plan["enc.layers.0.self_attn.in_proj"]["decision"] == "skipped"
     assert old.lrd.plan["head"]["decision"] == "decomposed"
