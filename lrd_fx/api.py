@@ -651,6 +651,10 @@ def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False
         # torch.nn's attention and transformer layers get stand-ins whose projections factorize
         use = ctx.config.decompose_linear and not ctx.stand_ins_off
         ctx.stand_ins = use_stand_ins_(work, ctx.stand_ins, ctx.config.leaf_modules) if use else []
+        if ctx.stand_ins:
+            ctx.notes.append(f"{len(ctx.stand_ins)} nn.MultiheadAttention module(s) ('{ctx.stand_ins[0]}', ...) run as "
+                             f"lrd_fx.torch_modules.MultiheadAttention, their projections as layers (in_proj, "
+                             f"out_proj) that can be factorized")
         counted = _early_check(work, ctx.config, ctx.example_inputs, ctx.device, ctx.dtype)
         try:
             return _run(work, ctx, counted, kept)

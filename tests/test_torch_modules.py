@@ -137,6 +137,7 @@ def test_transformer_encoder_compiles_exactly_and_factorizes_attention_and_mlp(n
         for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2"):
             assert plan[f"enc.layers.{i}.{name}"]["decision"] == "decomposed", (name, plan.get(f"enc.layers.{i}.{name}"))
     assert sum(p.numel() for p in gm.parameters()) < sum(p.numel() for p in model.parameters())
+    assert "2 nn.MultiheadAttention module(s) ('enc.layers.0.self_attn', ...) run as" in gm.lrd.report()
     assert isinstance(gm.enc, nn.TransformerEncoder)      # eager (its forward does not trace), its layers traced
     # the caller's model is as it was: torch's classes, its weights
     assert type(model.enc) is nn.TransformerEncoder and type(model.enc.layers[0].self_attn) is nn.MultiheadAttention
