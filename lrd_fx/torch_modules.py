@@ -148,8 +148,8 @@ class MultiheadAttention(nn.Module):
     """nn.MultiheadAttention with its packed input projection as an nn.Linear child, `in_proj` (embed_dim ->
     3 x embed_dim; out_proj as before): the same forward (arguments, masks, batch_first, need_weights,
     dropout, bias_k/bias_v, add_zero_attn), computed as torch's non-fused path computes it. Self-attention
-    (query, key and value one tensor) projects once and splits, as torch does; otherwise each input goes
-    through the projection and keeps its third. `in_proj_weight` / `in_proj_bias` are computed from the child
+    (query, key and value one tensor) projects once and splits, as torch does; otherwise each distinct input
+    goes through the projection once and keeps its part (query and key one tensor: two projections). `in_proj_weight` / `in_proj_bias` are computed from the child
     on each read, for code that reads them, and a state dict of the original module loads into it.
     MultiheadAttentionKV is the kdim/vdim variant."""
 
@@ -176,6 +176,9 @@ class MultiheadAttention(nn.Module):
         if query is key and key is value:
             qkv = self.in_proj(query).chunk(3, dim=-1)
             return qkv[0], qkv[1], qkv[2]
+        if query is key:                 # DETR: positions added to the queries and keys, not to the values
+            qk = self.in_proj(query)
+            return qk[..., :e], qk[..., e:2 * e], self.in_proj(value)[..., 2 * e:]
         q = self.in_proj(query)[..., :e]
         if key is value:
             kv = self.in_proj(key)[..., e:].chunk(2, dim=-1)

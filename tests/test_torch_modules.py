@@ -36,6 +36,7 @@ def _mha_calls():
         ({"batch_first": True}, "self", {"attn_mask": causal(L), "key_padding_mask": torch.zeros(N, L, dtype=torch.bool)}),
         ({"batch_first": False}, "unbatched", {}),
         ({"batch_first": True}, "memory", {"key_padding_mask": kpm}),      # key is value (a decoder's memory)
+        ({"batch_first": False}, "detr", {"attn_mask": torch.randn(L, L)}),  # query is key, value apart
         ({"batch_first": True, "kdim": 12, "vdim": 10}, "kv_dims", {"need_weights": False}),
         ({"batch_first": True, "add_bias_kv": True}, "cross", {"key_padding_mask": kpm}),
         ({"batch_first": True, "add_zero_attn": True}, "cross", {"attn_mask": torch.randn(L, S)}),
@@ -49,6 +50,9 @@ def _mha_calls():
             x = torch.randn(N, L, E) if batch_first else torch.randn(L, N, E)
             return x, x, x
         shape = (lambda n: (N, n, E)) if batch_first else (lambda n: (n, N, E))
+        if kind == "detr":
+            x = torch.randn(*shape(L))
+            return x, x, torch.randn(*shape(L))
         if kind == "memory":
             memory = torch.randn(*shape(S))
             return torch.randn(*shape(L)), memory, memory
