@@ -450,3 +450,28 @@ def test_uninitialised_lazy_layer_gets_its_shapes_from_an_eager_forward_before_t
     lrd_fx.save(gm, tmp_path / "m.lrd")
     back = lrd_fx.load(model, tmp_path / "m.lrd", (x,))
     assert torch.equal(back(x), gm(x)) and model[lazy_at].has_uninitialized_params()
+
+
+# --- timm's Conv2dSame (TensorFlow 'SAME' padding, the tf_* models) ---------------------------------
+
+@pytest.mark.parametrize("scheme", ["tucker2", "conv_svd"])
+def test_timm_same_padding_conv_is_factorized_exactly(scheme, tmp_path):
+    from timm.layers.conv2d_same import Conv2dSame
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dSame(16, 32, 3, stride=2), nn.ReLU(), Conv2dSame(32, 32, 5, dilation=2),
+                          Conv2dSame(32, 64, 1, stride=2)).eval()
+    x = torch.randn(2, 16, 17, 17)
+    gm = lrd_fx.compile(model, (x,), rank="full", conv_scheme=scheme)
+    assert [r["decision"] for r in gm.lrd.plan.values()] == ["decomposed"] * 3
+    spatial = gm.get_submodule("0")[1 if scheme == "tucker2" else 0]
+    assert type(spatial) is Conv2dSame                  # it pads as the layer does, from each input's size
+    with torch.no_grad():
+        for shape in ((2, 16, 17, 17), (1, 16, 20, 23)):     # the padding differs with the input size
+            y = torch.randn(*shape)
+            torch.testing.assert_close(gm(y), model(y), rtol=1e-4, atol=1e-5)
+    small = lrd_fx.compile(model, (x,), ratio=0.5, conv_scheme=scheme)
+    lrd_fx.save(small, tmp_path / "same.lrd")
+    loaded = lrd_fx.load(model, tmp_path / "same.lrd")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+        torch.testing.assert_close(lrd_fx.fuse(small)(x), small(x), rtol=1e-4, atol=1e-5)

@@ -48,6 +48,15 @@ def _is_timm_linear_class(cls) -> bool:
     return cls.__name__ == "Linear" and cls.__module__.startswith("timm.layers")
 
 
+def same_padding_conv(module: nn.Module) -> bool:
+    """timm's Conv2dSame (TensorFlow 'SAME' padding, computed from the input size on every call; the `tf_*`
+    models): exactly that class, recognised by name and module, so lrd_fx never imports timm. Its forward
+    pads the input, then convolves with padding 0: a factor chain reproduces it with its spatial factor of
+    the same class (pointwise factors commute with zero padding)."""
+    cls = type(module)
+    return cls.__name__ == "Conv2dSame" and cls.__module__.startswith("timm.layers") and isinstance(module, nn.Conv2d)
+
+
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear (and subclasses) or HF Conv1D: factorized by SVD into two nn.Linear layers."""
     return isinstance(module, (nn.Linear, HFConv1D))
@@ -178,6 +187,8 @@ def forward_reason(module: nn.Module) -> Optional[str]:
             return None
         return (f"{cls.__name__} overrides Linear.forward, and its forward differs from F.linear (or holds "
                 f"more than weight and bias): factors would not reproduce it")
+    if same_padding_conv(module) and cls._conv_forward is nn.Conv2d._conv_forward:
+        return None
     for base in _CONVS.values():
         if isinstance(module, base):
             if cls.forward is not base.forward or cls._conv_forward is not base._conv_forward:
@@ -313,17 +324,21 @@ def _make_layers(module: nn.Module, ranks: tuple, eff: str, device, dtype, init:
     # factors commute with zero/reflect/replicate/circular padding, so the result is unchanged.
     spatial = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
                    padding_mode=module.padding_mode)
+    spatial_conv = conv
+    if same_padding_conv(module):   # the spatial factor pads as the layer does (a class of the same forward)
+        spatial_conv = type(module)
+        spatial = dict(stride=module.stride, dilation=module.dilation)
     if eff == "svd":        # 1x1 conv: first 1x1 carries stride/padding
         r, = ranks
-        return OrderedDict([(ROLE_FIRST, make(conv, inp, r, one, bias=False, **spatial)),
+        return OrderedDict([(ROLE_FIRST, make(spatial_conv, inp, r, one, bias=False, **spatial)),
                             (ROLE_LAST, make(conv, r, out, one, bias=has_bias))])
     if eff == "conv_svd":
         r, = ranks
-        return OrderedDict([(ROLE_FIRST, make(conv, inp, r, module.kernel_size, bias=False, **spatial)),
+        return OrderedDict([(ROLE_FIRST, make(spatial_conv, inp, r, module.kernel_size, bias=False, **spatial)),
                             (ROLE_LAST, make(conv, r, out, one, bias=has_bias))])
     r_in, r_out = ranks
     return OrderedDict([(ROLE_FIRST, make(conv, inp, r_in, one, bias=False)),
-                        (ROLE_CORE, make(conv, r_in, r_out, module.kernel_size, bias=False, **spatial)),
+                        (ROLE_CORE, make(spatial_conv, r_in, r_out, module.kernel_size, bias=False, **spatial)),
                         (ROLE_LAST, make(conv, r_out, out, one, bias=has_bias))])
 
 
