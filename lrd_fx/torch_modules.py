@@ -371,10 +371,6 @@ _CLASSES = {nn.TransformerEncoderLayer: TransformerEncoderLayer, nn.TransformerE
             nn.Transformer: Transformer}
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
 def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None, leaf_modules: Iterable = ()) -> list:
     """Give `model` (compile's copy) the stand-ins, in place: every nn.MultiheadAttention without hooks or
     parametrizations (those at the paths `only` names, where given: load's, from the file) becomes a
@@ -390,6 +386,8 @@ def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None, leaf_
         return isinstance(m, leaf_classes) or any(name == p or name.startswith(p + ".") for p in leaf_paths)
 
     from torch.nn.utils import parametrize
+
+    from .trace import call_reason       # hooks a traced graph would not run
     replaced: dict[int, nn.Module] = {}
     paths = []
     for name, m in list(model.named_modules(remove_duplicate=False)):
@@ -397,7 +395,7 @@ def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None, leaf_
             continue
         if type(m) in _CLASSES:
             m.__class__ = _CLASSES[type(m)]
-        if (not name or type(m) is not nn.MultiheadAttention or _has_hooks(m)
+        if (not name or type(m) is not nn.MultiheadAttention or call_reason(m) is not None
                 or parametrize.is_parametrized(m) or (wanted is not None and name not in wanted)):
             continue
         if id(m) not in replaced:

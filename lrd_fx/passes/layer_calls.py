@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..context import CompileContext
 from ..pipeline import PassResult, graph_modules
+from ..trace import call_reason
 
 _LINEAR = (F.linear, torch._C._nn.linear)
 
@@ -48,8 +49,8 @@ def _calls_of(part: fx.GraphModule, prefix: str, model: nn.Module, weight: fx.No
         original = model.get_submodule(prefix + path)
     except AttributeError:
         return None
-    if type(original) is not nn.Linear or original._forward_hooks or original._forward_pre_hooks:
-        return None
+    if type(original) is not nn.Linear or call_reason(original) is not None:
+        return None      # its hooks never ran (F.linear is no call of the layer): a call would start them
     for user in weight.users:
         ops = _operands(user) if user.op == "call_function" and user.target in _LINEAR else None
         if ops is None or ops[1] is not weight or ops[0] is weight or ops[2] is weight:
