@@ -22,7 +22,8 @@ from .pipeline import PassManager, PassTimer, default_instruments, eval_mode, gr
 from .plan import LayerRecord
 from .report import outside_layers
 from .torch_modules import use_stand_ins_
-from .trace import PartFailed, install_output_recorders, is_hf_model, mark_graph_holders, trace
+from .trace import (FIXABLE_DEFAULTS, PartFailed, install_output_recorders, is_hf_model, mark_graph_holders, trace,
+                    traced_defaults)
 
 
 class LRDInfo:
@@ -34,6 +35,7 @@ class LRDInfo:
         self.fallback_parts = dict(ctx.fallback_parts)
         self.kept_eager = dict(ctx.kept_eager)   # parts whose traced graph failed on the inputs (save keeps them)
         self.traced_none = list(ctx.traced_none or [])   # root inputs traced as None (save keeps them)
+        self.traced_defaults = dict(ctx.traced_defaults or {})   # root inputs traced at their default (save keeps them)
         self.stand_ins = list(ctx.stand_ins or [])   # nn.MultiheadAttention paths given stand-ins (save keeps them)
         self.pass_times = dict(ctx.pass_times)
         self.notes = list(ctx.notes)
@@ -131,26 +133,31 @@ def _keyword_inputs(model: nn.Module, kw: Mapping) -> tuple:
     return tuple(out)
 
 
-def _none_inputs(model: nn.Module, inputs: Optional[tuple]) -> dict:
-    """{name: None} for the parameters of model.forward that are None in the example inputs, given so or
-    left out with a None default (e.g. `mask=None`): traced as None. fx would otherwise trace them as
-    given, through `if mask is not None:`, and the graph would fail or differ when called without them.
-    A call that passes one later is an InputError (trace.traced_as_none)."""
+def _left_out_inputs(model: nn.Module, inputs: Optional[tuple]) -> tuple[list, dict]:
+    """The parameters of model.forward that the example inputs do not give a tensor or value for:
+    - [names] of those None in them, given so or left out with a None default (e.g. `mask=None`): traced
+      as None. fx would otherwise trace them as given, through `if mask is not None:`, and the graph would
+      fail or differ when called without them. A call that passes one later is an InputError
+      (trace.traced_as_none).
+    - {name: default} of those left out with a bool/int/float/str default (timm's `is_causal=False`):
+      trace fixes them at it only where the forward does not trace otherwise (trace's `defaults`)."""
     if inputs is None:
-        return {}
+        return [], {}
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        return {}
-    out, pos = {}, 0
+        return [], {}
+    none, defaults, pos = [], {}, 0
     for p in params:
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            if (inputs[pos] is None) if pos < len(inputs) else (p.default is None):
-                out[p.name] = None
-            pos += 1
-        elif p.kind == p.KEYWORD_ONLY and p.default is None:
-            out[p.name] = None
-    return out
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            given = p.kind != p.KEYWORD_ONLY and pos < len(inputs)
+            value = inputs[pos] if given else p.default
+            pos += p.kind != p.KEYWORD_ONLY
+            if value is None:
+                none.append(p.name)
+            elif not given and type(value) in FIXABLE_DEFAULTS:
+                defaults[p.name] = value
+    return sorted(none), defaults
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -746,14 +753,23 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
             ctx.input_check = lambda: _check_inputs(ctx.reference(), ctx.example_inputs, ctx.device, ctx.dtype)
     eager: set = set()
     leaves = tuple(cfg.leaf_modules)
+    none, defaults = _left_out_inputs(work, ctx.example_inputs)
     if ctx.traced_none is None:
-        ctx.traced_none = sorted(_none_inputs(work, ctx.example_inputs))
+        ctx.traced_none = none
+    if ctx.traced_defaults is None:
+        ctx.traced_defaults = defaults
     kept = dict(keep_eager_parts or {})
     if ctx.traced_none and is_hf_model(work) and "" not in kept:
         names = ", ".join(ctx.traced_none[:4]) + (", …" if len(ctx.traced_none) > 4 else "")
         kept[""] = _HF_ROOT_EAGER.format(names=names)
     gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,
-               eager_parts=eager, concrete_args=dict.fromkeys(ctx.traced_none), keep_eager_parts=kept)
+               eager_parts=eager, concrete_args=dict.fromkeys(ctx.traced_none), keep_eager_parts=kept,
+               defaults=ctx.traced_defaults)
+    ctx.traced_defaults = traced_defaults(gm)      # those that were fixed
+    if ctx.traced_defaults:
+        ctx.notes.append(f"input(s) {', '.join(f'{k}={v!r}' for k, v in ctx.traced_defaults.items())} left out of "
+                         f"example_inputs: traced at that default, which the model's code branches on (a call "
+                         f"giving another value is an InputError; give it in example_inputs to compile for it)")
     ctx.eager_parts = eager
     ctx.kept_eager = kept
     ctx.retrace = True         # copy_and_run traces again when shape_prop finds a part's graph failing

@@ -31,6 +31,7 @@ class CompileContext:
     stand_ins_off: bool = False                         # a file saved before the stand-ins: torch's modules stay as they are. W: serialize.load. R: api.copy_and_run
     kept_eager: dict = field(default_factory=dict)      # {path: reason} kept eager after their graph failed. W: api._run. R: LRDInfo (save)
     traced_none: Optional[list] = None                 # root forward inputs traced as None (given: load's, from the file). W: api._run, serialize.load. R: trace, LRDInfo (save)
+    traced_defaults: Optional[dict] = None             # root forward inputs left out with a bool/int/float/str default, {name: value}: trace fixes them where the forward does not trace otherwise (given: load's, from the file); after tracing, those it fixed. W: api._run, serialize.load. R: trace, LRDInfo (save)
     retrace: bool = False                               # shape_prop raises PartFailed for a failing part's graph. W: api._run. R: shape_prop
     layer_io: dict = field(default_factory=dict)        # {layer: {in, out, calls}}. W: shape_prop. R: decompose, search_ranks
     count_flops: bool = False                           # shape_prop counts the FLOPs in its forward. W: api._run. R: shape_prop

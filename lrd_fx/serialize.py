@@ -18,6 +18,7 @@ from .config import Config, Freeze
 from .context import CompileContext
 from .errors import InputError, LoadError, LRDError, SaveError
 from .plan import DECOMPOSED, REVERTED, SEARCHED, SKIPPED, LayerRecord
+from .trace import FIXABLE_DEFAULTS
 
 FORMAT = "lrd_fx/2"
 FORMAT_VERSION = 2
@@ -66,6 +67,7 @@ def save(gm: nn.Module, path) -> None:
     header["freezer_keys"] = _freezer_keys(gm)
     header["kept_eager"] = dict(getattr(info, "kept_eager", {}))
     header["traced_none"] = list(getattr(info, "traced_none", []))
+    header["traced_defaults"] = dict(getattr(info, "traced_defaults", {}))
     header["stand_ins"] = list(getattr(info, "stand_ins", []))
     try:
         text = json.dumps(header)
@@ -255,12 +257,14 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
     # without example inputs, the inputs compile traced as None; with them, those they leave None (the
     # plan and weights fit either graph: compiled with labels for training, loaded with (x,) for inference)
     traced_none = _traced_none(header, where, model) if inputs is None else None
+    traced_defaults = _traced_defaults(header, where, model) if inputs is None else None
     stand_ins = _stand_ins(header, where)
 
     def new_ctx() -> CompileContext:
         ctx = CompileContext(config=cfg, model=model, example_inputs=inputs, device=device, dtype=dtype)
         ctx.empty_init = True     # the factors are filled from the file, not factorized
         ctx.traced_none = traced_none
+        ctx.traced_defaults = traced_defaults
         ctx.stand_ins = stand_ins
         ctx.stand_ins_off = stand_ins is None
         return ctx
@@ -294,6 +298,23 @@ def _traced_none(header: dict, where: str, model: nn.Module) -> Optional[list]:
         return None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise LoadError(f"'{where}': the header's traced_none entry is not a JSON list of strings; the file is damaged")
+    _check_inputs_known(names, model, where)
+    return names
+
+
+def _traced_defaults(header: dict, where: str, model: nn.Module) -> dict:
+    """{input: default} compile fixed in the root's graph ({} for files written before they were saved: the
+    inputs are then left open, as they were traced then)."""
+    values = header.get("traced_defaults", {})
+    if not isinstance(values, dict) or not all(isinstance(k, str) and type(v) in FIXABLE_DEFAULTS
+                                               for k, v in values.items()):
+        raise LoadError(f"'{where}': the header's traced_defaults entry is not a JSON object of names to "
+                        f"booleans, numbers or strings; the file is damaged")
+    _check_inputs_known(values, model, where)
+    return values
+
+
+def _check_inputs_known(names, model: nn.Module, where: str) -> None:
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -302,7 +323,6 @@ def _traced_none(header: dict, where: str, model: nn.Module) -> Optional[list]:
     if params and unknown:
         raise LoadError(f"'{where}' was compiled from a model whose forward takes {unknown[0]!r}, which "
                         f"{type(model).__name__}.forward does not; load onto the model the file was compiled from")
-    return names
 
 
 def _stand_ins(header: dict, where: str) -> Optional[list]:

@@ -5,6 +5,7 @@ import collections
 import contextlib
 import dataclasses
 import inspect
+import operator
 import os
 import sys
 import threading
@@ -336,8 +337,53 @@ def traced_as_none(value: Optional[Any], name: str) -> None:
             f"lrd_fx.compile (a part whose Python code branches on it then stays eager)")
 
 
+def _fixed_value_message(name: str, expected: str) -> str:
+    return (f"input '{name}' was traced at its default {expected} (it was left out of example_inputs, and the "
+            f"model's Python code branches on it), so the compiled graph has only that branch and cannot take "
+            f"another value: give the value in example_inputs to lrd_fx.compile (the part whose code branches on "
+            f"it then stays eager and takes any value)")
+
+
+# One check per type of default, typed so that torch.jit.script compiles the graph that calls it
+def traced_as_bool(value: bool, name: str, expected: bool) -> None:
+    """In a graph traced with input `name` fixed at its default `expected`: stop a call that gives another."""
+    if value != expected:
+        raise InputError(_fixed_value_message(name, str(expected)))
+
+
+def traced_as_int(value: int, name: str, expected: int) -> None:
+    """In a graph traced with input `name` fixed at its default `expected`: stop a call that gives another."""
+    if value != expected:
+        raise InputError(_fixed_value_message(name, str(expected)))
+
+
+def traced_as_float(value: float, name: str, expected: float) -> None:
+    """In a graph traced with input `name` fixed at its default `expected`: stop a call that gives another."""
+    if value != expected:
+        raise InputError(_fixed_value_message(name, str(expected)))
+
+
+def traced_as_str(value: str, name: str, expected: str) -> None:
+    """In a graph traced with input `name` fixed at its default `expected`: stop a call that gives another."""
+    if value != expected:
+        raise InputError(_fixed_value_message(name, "'" + expected + "'"))
+
+
+_VALUE_CHECKS = {bool: traced_as_bool, int: traced_as_int, float: traced_as_float, str: traced_as_str}
+FIXABLE_DEFAULTS = tuple(_VALUE_CHECKS)     # types of a forward default that tracing can fix (api._left_out)
+
 if hasattr(fx.node, "has_side_effect"):     # a graph pass's eliminate_dead_code keeps the check (no users)
-    fx.node.has_side_effect(traced_as_none)
+    for _check in (traced_as_none, *_VALUE_CHECKS.values()):
+        fx.node.has_side_effect(_check)
+
+
+def traced_defaults(gm: nn.Module) -> dict:
+    """{input: value} of the root inputs a graph was traced with fixed at their defaults (trace's
+    `defaults`), read from its checks; {} for a module that is not a graph."""
+    if not isinstance(gm, fx.GraphModule):
+        return {}
+    checks = set(_VALUE_CHECKS.values())
+    return {n.args[1]: n.args[2] for n in gm.graph.nodes if n.op == "call_function" and n.target in checks}
 
 
 def _forward_annotations(module: nn.Module) -> dict:
@@ -365,21 +411,39 @@ def _name_fixed_inputs(graph: fx.Graph, fixed: Optional[dict], module: nn.Module
     no longer takes it by its name. A keyword call then raised TypeError, or, where forward has **kwargs,
     was swallowed by them and silently ignored (a Hugging Face ResNetModel called with
     output_hidden_states=True returned no hidden states). The placeholders get their names back, and fx's
-    None check becomes traced_as_none, which says what to do."""
+    checks become traced_as_none (None) or traced_as_<type> (a default), which say what to do."""
     if not fixed:
         return
     holders = [n for n in graph.nodes if n.op == "placeholder"]
     taken = {n.target for n in holders}
     hints = _forward_annotations(module)
     for n in holders:
-        for name in fixed:
+        for name, value in fixed.items():
             if n.target == name or (n.target == f"{name}_1" and name not in taken):
                 n.target = name
-                n.type = _optional_type(hints.get(name))   # torch.jit.script: None, or a value stopped here
-                for user in list(n.users):
-                    if user.op == "call_function" and user.target is fx._symbolic_trace._assert_is_none:
-                        user.target, user.args = traced_as_none, (n, name)
+                if value is None:
+                    n.type = _optional_type(hints.get(name))   # torch.jit.script: None, or a value stopped here
+                    for user in list(n.users):
+                        if user.op == "call_function" and user.target is fx._symbolic_trace._assert_is_none:
+                            user.target, user.args = traced_as_none, (n, name)
+                else:
+                    n.type = type(value)
+                    _check_value(graph, n, name, value)
     graph.lint()
+
+
+def _check_value(graph: fx.Graph, holder: fx.Node, name: str, value) -> None:
+    """fx checks an input fixed at a value with `torch._assert(x == value, msg)`, an AssertionError that
+    names no way out: the check becomes traced_as_<type>, an InputError that does."""
+    check = _VALUE_CHECKS[type(value)]
+    for eq in list(holder.users):
+        if not (eq.op == "call_function" and eq.target is operator.eq and eq.args == (holder, value)):
+            continue
+        for user in list(eq.users):
+            if user.op == "call_function" and user.target is torch._assert:
+                user.target, user.args, user.kwargs = check, (holder, name, value), {}
+        if not eq.users:
+            graph.erase_node(eq)
 
 
 def _trace_once(module: nn.Module, leaf_modules, leaf_names, concrete_args: Optional[dict] = None) -> fx.GraphModule:
@@ -743,7 +807,7 @@ class PartFailed(TraceError):
 def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = True,
           fallback_parts: Optional[dict] = None, eager_parts: Optional[set] = None,
           concrete_args: Optional[dict] = None, keep_eager_parts: Optional[dict] = None,
-          _path: str = "") -> nn.Module:
+          defaults: Optional[dict] = None, _path: str = "") -> nn.Module:
     """Trace `model` (which the caller owns: it is rewired, not copied).
 
     Returns a GraphModule when the model traces. Where a submodule breaks tracing, that submodule is
@@ -752,6 +816,10 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
     separately. `fallback_parts` receives {module path: reason} for every part that fell back.
     `concrete_args` ({forward parameter: None}) fixes inputs of this module's forward that will be None
     (fx would trace them as given, e.g. through `if mask is not None:`); not passed to parts traced apart.
+    `defaults` ({forward parameter: its bool/int/float/str default}, inputs the example inputs leave out):
+    where this module's trace fails, it is traced again with them fixed too (timm's ViT branches on
+    `is_causal=False`); they stay fixed where that gets further (a graph, or a failure elsewhere), and the
+    graph then stops a call that gives another value (traced_as_<type>; `traced_defaults` reads them back).
     `keep_eager_parts` ({module path: reason}, "" for the root): modules kept eager whatever their trace
     gives (parts whose graph failed on the example inputs, see PartFailed), their children traced apart.
     Raises TraceError when fallback is off, or when nothing at all could be traced.
@@ -800,6 +868,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
         return keep_eager(kept[_path])
     if (why := call_reason(model)) is not None:
         return keep_eager(why)
+    trigger, tried, plain = None, set(), concrete_args   # trigger: the failure that made `defaults` fixed
     while True:
         try:
             gm, mode_reason = _trace_both_modes(model, classes, local_names | set(forced), concrete_args)
@@ -809,6 +878,15 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
             line = _user_line(e)
             full = _join(_path, where) or "<root>"
             reason = f"{type(e).__name__}: {e} (at {line})"
+            if defaults:
+                if trigger is None and (where, reason) not in tried:
+                    # once more with the left-out inputs fixed at their defaults
+                    trigger, plain = (where, reason), concrete_args
+                    tried.add(trigger)
+                    concrete_args = {**(concrete_args or {}), **defaults}
+                    continue
+                if (where, reason) == trigger:     # fixing them changed nothing: keep the graph general
+                    trigger, concrete_args = None, plain
             if not fallback:
                 raise TraceError(
                     f"torch.fx cannot trace module '{full}' ({type(model.get_submodule(where)).__name__ if where else type(model).__name__}): "

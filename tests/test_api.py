@@ -465,6 +465,96 @@ def test_input_traced_as_none_survives_save_load_and_torchscript(tmp_path):
         scripted(x, mask)
 
 
+def _flagged(default):
+    """forward(x, flag=<default>): the root's Python code branches on a plain default (timm's ViT, DeiT and
+    EVA take `is_causal=False` and branch on it), so fx cannot trace it as an input."""
+    class Flagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x, flag=default):
+            y = self.fc(x)
+            return y * 2 if flag == default else y
+    return Flagged().eval()
+
+
+@pytest.mark.parametrize("default", [False, 3, 0.5, "mean"])
+def test_left_out_default_the_root_branches_on_is_traced_at_it(default, tmp_path):
+    """Compiled with (x,), a root whose code branches on a left-out bool/int/float/str default was kept
+    eager (fx traced the input and failed on the branch). It is traced at the default now: one graph,
+    the same outputs, and another value is an InputError naming the input, also after save/load without
+    example inputs and in TorchScript. Given in example_inputs, the input stays open (the root eager)."""
+    model, x = _flagged(default), torch.randn(4, 16)
+    other = {False: True, 3: 4, 0.5: 1.5, "mean": "sum"}[default]
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    assert isinstance(gm, torch.fx.GraphModule) and "<root>" not in gm.lrd.fallback_parts
+    assert gm.lrd.traced_defaults == {"flag": default}
+    assert any(f"flag={default!r}" in n for n in gm.lrd.notes)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gm(x, flag=default), model(x), rtol=1e-4, atol=1e-5)
+    for call in (lambda: gm(x, other), lambda: gm(x, flag=other)):
+        with pytest.raises(lrd_fx.InputError, match=f"input 'flag' was traced at its default {default!r}"
+                           if isinstance(default, str) else f"input 'flag' was traced at its default {default}"):
+            call()
+    gm.graph.eliminate_dead_code()          # a user's own graph pass keeps the check
+    gm.recompile()
+    with pytest.raises(lrd_fx.InputError):
+        gm(x, flag=other)
+    path = tmp_path / "m.lrd"
+    lrd_fx.save(gm, path)
+    loaded = lrd_fx.load(model, path)
+    assert isinstance(loaded, torch.fx.GraphModule) and loaded.lrd.traced_defaults == {"flag": default}
+    torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
+    with pytest.raises(lrd_fx.InputError, match="'flag'"):
+        loaded(x, flag=other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(lrd_fx.strip_gates(gm))
+    torch.testing.assert_close(scripted(x), gm(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(Exception, match="traced at its default"):
+        scripted(x, other)
+    given = lrd_fx.compile(model, (x, other), rank="full", progress=False)
+    assert "<root>" in given.lrd.fallback_parts and given.lrd.traced_defaults == {}
+    for flag in (default, other):
+        torch.testing.assert_close(given(x, flag), model(x, flag), rtol=1e-4, atol=1e-5)
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, scale: float = 2.0, mode: str = "plain"):
+        return self.fc(x) * scale          # traces as an input: no branch on it
+
+
+class _DataBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, flag: bool = False):
+        y = self.fc(x)
+        if y.sum() > 0:                    # data-dependent: no default makes this trace
+            y = y * 2
+        return -y if flag else y
+
+
+def test_defaults_stay_inputs_where_fixing_them_is_not_needed_or_does_not_help():
+    """A default that traces as an input stays one (any value works); where fixing the defaults does not
+    get the root's trace further, they are left open too, and the eager root takes any value."""
+    x = torch.randn(4, 16)
+    model = _Scaled().eval()
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    assert isinstance(gm, torch.fx.GraphModule) and gm.lrd.traced_defaults == {}
+    torch.testing.assert_close(gm(x, scale=3.0), model(x, scale=3.0), rtol=1e-4, atol=1e-5)
+    model = _DataBranch().eval()
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    assert "<root>" in gm.lrd.fallback_parts and gm.lrd.traced_defaults == {}
+    torch.testing.assert_close(gm(x, flag=True), model(x, flag=True), rtol=1e-4, atol=1e-5)
+
+
 def test_compile_warns_when_it_factorizes_nothing():
     import warnings
     small = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))

@@ -196,6 +196,7 @@ ZOO = {
                                window_size=4, patch_size=2),
     "timm_beit": lambda: _timm("beit_base_patch16_224", 32, embed_dim=32, depth=1, num_heads=2, patch_size=16),
     "timm_eva02": lambda: _timm("eva02_tiny_patch14_224", 28, embed_dim=32, depth=1, num_heads=2, patch_size=14),
+    "timm_vit": lambda: _timm("vit_tiny_patch16_224", 32, embed_dim=32, depth=1, num_heads=2, patch_size=16),
 }
 
 
@@ -205,6 +206,7 @@ QKV = {
     "timm_swin": ("decomposed", "ratio=0.5"),
     "timm_beit": ("decomposed", "ratio=0.5"),   # F.linear(x, qkv.weight, q/k/v biases): passes/layer_calls
     "timm_eva02": ("decomposed", "ratio=0.5"),
+    "timm_vit": ("decomposed", "ratio=0.5"),
 }
 
 
@@ -223,6 +225,20 @@ def test_attention_models_account_for_every_layer(name):
     if name == "torchvision_vit":
         assert sorted(n.rpartition(".")[2] for n in plan if "self_attention" in n) == ["in_proj", "out_proj"]
     assert torch.isfinite(gm(x)).all()
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_timm_vit_is_one_graph(name):
+    """timm's ViT and DeiT branch on `is_causal=False` in forward_features: the root stayed eager, with a
+    TraceError in the report. Left out of the example inputs, it is traced at its default: one graph, the
+    original's outputs at full rank, and is_causal=True is an InputError that names it."""
+    model, x = _timm(name, 32, embed_dim=32, depth=2, num_heads=2, patch_size=16)
+    gm = lrd_fx.compile(model, (x,), rank="full")
+    assert isinstance(gm, torch.fx.GraphModule) and gm.lrd.fallback_parts == {}
+    assert gm.lrd.traced_defaults == {"is_causal": False}
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(lrd_fx.InputError, match="'is_causal'"):
+        gm(x, is_causal=True)
 
 
 # --- tied weights --------------------------------------------------------------------------------

@@ -462,6 +462,10 @@ def test_foreign_truncated_and_damaged_files(tmp_path, saved):
     cases["badnone"] = "traced_none entry is not a JSON list"
     rewrite_header(good, tmp_path / "othernone", lambda h: h.update(traced_none=["mask"]))
     cases["othernone"] = "forward takes 'mask'"
+    rewrite_header(good, tmp_path / "baddefaults", lambda h: h.update(traced_defaults={"flag": [1]}))
+    cases["baddefaults"] = "traced_defaults entry is not a JSON object"
+    rewrite_header(good, tmp_path / "otherdefaults", lambda h: h.update(traced_defaults={"flag": True}))
+    cases["otherdefaults"] = "forward takes 'flag'"
     deep = tmp_path / "deep"
     save_file({"w": torch.zeros(1)}, str(deep), metadata={"lrd_fx": "[" * 200_000})
     cases["deep"] = "not valid JSON"
