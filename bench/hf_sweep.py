@@ -191,6 +191,16 @@ def models():
     M["cohere"] = (lambda: tf.CohereForCausalLM(tf.CohereConfig(**llama_like)), text, "logits")
     M["olmo2"] = (lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**llama_like)), text, "logits")
     M["nemotron"] = (lambda: tf.NemotronForCausalLM(tf.NemotronConfig(**llama_like)), text, "logits")
+    M["qwen3_moe"] = (lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**llama_like, head_dim=8, num_experts=4,
+                                                                      num_experts_per_tok=2, moe_intermediate_size=32)),
+                      text, "logits")
+    M["gpt_oss"] = (lambda: tf.GptOssForCausalLM(tf.GptOssConfig(**llama_like, head_dim=8, num_local_experts=4,
+                                                                num_experts_per_tok=2, sliding_window=4)),
+                    text, "logits")
+    M["deepseek_v3"] = (lambda: tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+        **{**llama_like, "num_key_value_heads": 4}, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, moe_intermediate_size=32, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)), text, "logits")
     M["olmoe"] = (lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(**llama_like, num_experts=4, num_experts_per_tok=2)),
                   text, "logits")
     M["rwkv"] = (lambda: tf.RwkvModel(tf.RwkvConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,

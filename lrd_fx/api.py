@@ -36,7 +36,7 @@ class LRDInfo:
         self.kept_eager = dict(ctx.kept_eager)   # parts whose traced graph failed on the inputs (save keeps them)
         self.traced_none = list(ctx.traced_none or [])   # root inputs traced as None (save keeps them)
         self.traced_defaults = dict(ctx.traced_defaults or {})   # root inputs traced at their default (save keeps them)
-        self.stand_ins = list(ctx.stand_ins or [])   # nn.MultiheadAttention paths given stand-ins (save keeps them)
+        self.stand_ins = list(ctx.stand_ins or [])   # nn.MultiheadAttention / MoE experts paths given stand-ins (save keeps them)
         self.pass_times = dict(ctx.pass_times)
         self.notes = list(ctx.notes)
         self.freezer = ctx.freezer
@@ -49,7 +49,7 @@ class LRDInfo:
         self.setting = ctx.setting           # precision / layout / execution form timed in
         self._eager_records = {n: r for n, r in ctx.records.items()}
         # parameters no Conv/Linear layer holds, by module type (report); read from the caller's model
-        self.outside = outside_layers(ctx.model, ctx.records)
+        self.outside = outside_layers(ctx.model, ctx.records, ctx.stand_ins or ())
 
     def records(self) -> dict[str, LayerRecord]:
         """Per-layer records, read from the graph's node.meta["lrd"] (layers in eager parts from the
@@ -658,10 +658,7 @@ def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False
         # torch.nn's attention and transformer layers get stand-ins whose projections factorize
         use = ctx.config.decompose_linear and not ctx.stand_ins_off
         ctx.stand_ins = use_stand_ins_(work, ctx.stand_ins, ctx.config.leaf_modules) if use else []
-        if ctx.stand_ins:
-            ctx.notes.append(f"{len(ctx.stand_ins)} nn.MultiheadAttention module(s) ('{ctx.stand_ins[0]}', ...) run as "
-                             f"lrd_fx.torch_modules.MultiheadAttention, their projections as layers (in_proj, "
-                             f"out_proj) that can be factorized")
+        _note_stand_ins(work, ctx)
         counted = _early_check(work, ctx.config, ctx.example_inputs, ctx.device, ctx.dtype)
         try:
             return _run(work, ctx, counted, kept)
@@ -688,6 +685,22 @@ def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False
             kept[e.part] = f"kept eager: {why}"
             for path in same:
                 kept.setdefault(path, f"kept eager like '{where}', a module of the same class ({why[:160]})")
+
+
+def _note_stand_ins(work: nn.Module, ctx: CompileContext) -> None:
+    from .moe import Experts
+    experts = [p for p in ctx.stand_ins if isinstance(work.get_submodule(p), Experts)]
+    attention = [p for p in ctx.stand_ins if p not in experts]
+    if attention:
+        ctx.notes.append(f"{len(attention)} nn.MultiheadAttention module(s) ('{attention[0]}', ...) run as "
+                         f"lrd_fx.torch_modules.MultiheadAttention, their projections as layers (in_proj, "
+                         f"out_proj) that can be factorized")
+    if experts:
+        m = work.get_submodule(experts[0])
+        ctx.notes.append(f"{len(experts)} mixture-of-experts module(s) ('{experts[0]}', {m.experts_class.rpartition('.')[2]}, "
+                         f"{len(m.down_proj)} experts) run as lrd_fx.moe.Experts: each expert's projections are "
+                         f"layers ({m._up_name}.<expert>, down_proj.<expert>) that can be factorized, and the "
+                         f"experts run in a loop over those the router picked")
 
 
 def _same_class_parts(model: nn.Module, work: nn.Module, part: str) -> list[str]:

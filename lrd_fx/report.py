@@ -84,16 +84,18 @@ def totals(info) -> dict:
     }
 
 
-def outside_layers(root: nn.Module, records) -> tuple[int, list]:
+def outside_layers(root: nn.Module, records, stand_ins=()) -> tuple[int, list]:
     """Parameters of `root` (the caller's model: a traced graph has lost the classes of the modules it
-    traced through) outside every Conv/Linear layer (factorized or not) and factor chain, each
+    traced through) outside every Conv/Linear layer (factorized or not), factor chain and module given a
+    stand-in whose weights are layers (`stand_ins`: paths; a mixture-of-experts module's 3-D weights), each
     tensor counted once: (their total, [(module class, count, name of its largest tensor, its shape)] by
     count, largest first)."""
     from .factorize.chain import FactorChain
     from .factorize.modules import is_layer_like
     inside: set = set()
+    stand_ins = set(stand_ins)
     for name, m in root.named_modules():
-        if name in records or isinstance(m, FactorChain) or is_layer_like(m):
+        if name in records or name in stand_ins or isinstance(m, FactorChain) or is_layer_like(m):
             inside.update(id(p) for p in m.parameters())
     counted: set = set()
     kinds: dict = defaultdict(lambda: [0, None, None, 0])   # class -> [count, example, shape, its numel]

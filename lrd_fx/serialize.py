@@ -278,9 +278,9 @@ def load(model: nn.Module, path, example_inputs=None, *, trust_file: bool = Fals
                         f"was compiled from") from e
     missing = sorted(set(stand_ins or ()) - set(gm.lrd.stand_ins))
     if missing:
-        raise LoadError(f"'{where}' was compiled from a model with an nn.MultiheadAttention at '{missing[0]}', which "
-                        f"the given model does not have (or has hooks on); load onto the model the file was "
-                        f"compiled from")
+        raise LoadError(f"'{where}' was compiled from a model with an nn.MultiheadAttention or mixture-of-experts "
+                        f"module at '{missing[0]}', which the given model does not have (or has hooks on); load "
+                        f"onto the model the file was compiled from")
     _check_rebuilt(gm, plan, where)
     _load_weights(gm, header, tensors, where)
     _restore_records(gm, plan)

@@ -375,9 +375,10 @@ def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None, leaf_
     """Give `model` (compile's copy) the stand-ins, in place: every nn.MultiheadAttention without hooks or
     parametrizations (those at the paths `only` names, where given: load's, from the file) becomes a
     MultiheadAttention (MultiheadAttentionKV) above; torch's transformer layers and containers get the
-    subclasses above (their state and hooks as they are). Modules the caller keeps as leaves
+    subclasses above (their state and hooks as they are); a transformers mixture-of-experts module with 3-D
+    expert weights becomes a moe.Experts. Modules the caller keeps as leaves
     (`leaf_modules`: classes, or paths and what is under them) keep torch's classes. Returns the paths of
-    the attention modules replaced."""
+    the attention and experts modules replaced."""
     wanted = None if only is None else set(only)
     leaf_classes = tuple(x for x in leaf_modules if isinstance(x, type))
     leaf_paths = [x for x in leaf_modules if isinstance(x, str)]
@@ -387,6 +388,7 @@ def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None, leaf_
 
     from torch.nn.utils import parametrize
 
+    from .moe import Experts, experts_names
     from .trace import call_reason       # hooks a traced graph would not run
     replaced: dict[int, nn.Module] = {}
     paths = []
@@ -395,11 +397,13 @@ def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None, leaf_
             continue
         if type(m) in _CLASSES:
             m.__class__ = _CLASSES[type(m)]
-        if (not name or type(m) is not nn.MultiheadAttention or call_reason(m) is not None
+        attention = type(m) is nn.MultiheadAttention
+        if (not name or not (attention or experts_names(m) is not None) or call_reason(m) is not None
                 or parametrize.is_parametrized(m) or (wanted is not None and name not in wanted)):
             continue
         if id(m) not in replaced:
-            replaced[id(m)] = (MultiheadAttention if m._qkv_same_embed_dim else MultiheadAttentionKV)(m)
+            replaced[id(m)] = ((MultiheadAttention if m._qkv_same_embed_dim else MultiheadAttentionKV)(m)
+                               if attention else Experts(m))
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, replaced[id(m)])
         paths.append(name)

@@ -82,7 +82,7 @@ class LRDTracer(fx.Tracer):
             return True
         if self.leaf_classes and isinstance(m, self.leaf_classes):
             return True
-        if isinstance(m, _FACTORIZABLE) or call_reason(m) is not None:
+        if isinstance(m, _FACTORIZABLE) or call_reason(m) is not None or _eager_by_design(m):
             return True     # hooked modules: called as modules, so their hooks run (trace() opens them)
         return super().is_leaf_module(m, qualname)
 
@@ -783,6 +783,12 @@ def mark_graph_holders(root: nn.Module) -> None:
                 object.__setattr__(m, method, HookOnHolder(m, method, prefix + rel))
 
 
+def _eager_by_design(m: nn.Module) -> bool:
+    """lrd_fx's own stand-ins that run eagerly (moe.Experts: data-dependent routing); their layers are
+    swapped in place, like those of an nn.ModuleList."""
+    return getattr(type(m), "_lrd_eager", False)
+
+
 def _no_forward(m: nn.Module) -> bool:
     """True for a container that cannot be called (nn.ModuleList, nn.ModuleDict: no forward of its own)."""
     return getattr(type(m), "forward", None) is getattr(nn.Module, "forward", None)
@@ -839,7 +845,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
             if isinstance(child, _FACTORIZABLE) or not _has_factorizable(child):
                 continue   # a single layer needs no graph: the decompose pass swaps it directly
             cpath = _join(path, cname)
-            if _no_forward(child):
+            if _no_forward(child) or _eager_by_design(child):
                 # a ModuleList / ModuleDict (or any module without a forward of its own): nothing to trace,
                 # and no failure to report; it stays as it is (its own layers are swapped in place, see
                 # decompose.collect_sites) and its children are traced apart
@@ -866,6 +872,10 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
 
     if _path in kept:
         return keep_eager(kept[_path])
+    if _eager_by_design(model):
+        eager.add(_path)
+        trace_children(model, _path)
+        return model
     if (why := call_reason(model)) is not None:
         return keep_eager(why)
     trigger, tried, plain = None, set(), concrete_args   # trigger: the failure that made `defaults` fixed
@@ -919,7 +929,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
     # their hooks or __call__ (trace() keeps them eager, with the reason, and traces their children)
     apart: dict[str, Optional[str]] = dict(forced)
     apart.update((rel, None) for rel in sorted({n.target for n in gm.graph.nodes if n.op == "call_module"})
-                 if rel not in forced and call_reason(gm.get_submodule(rel)) is not None)
+                 if rel not in forced and (call_reason(gm.get_submodule(rel)) is not None
+                                           or _eager_by_design(gm.get_submodule(rel))))
     for rel, reason in apart.items():
         full = _join(_path, rel)
         if reason is not None:

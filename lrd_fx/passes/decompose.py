@@ -136,10 +136,22 @@ def site_notes(gm: nn.Module, sites: dict, layer_io: dict, ran: bool) -> dict[st
                                f"{', as its ' + attr if attr != 'weight' else ''}): a factor chain would "
                                f"untie them; kept as is")
                 break
-        if name not in notes and ran and site.eager and not site.nodes and name not in layer_io:
+        if name not in notes and ran and site.eager and not site.nodes and name not in layer_io \
+                and not _expert_layer(gm, name):
             notes[name] = ("not called as a layer on the example inputs (its eager parent may read its "
                            "weight directly): kept as is")
     return notes
+
+
+def _expert_layer(gm: nn.Module, name: str) -> bool:
+    """An expert's projection in a moe.Experts stand-in (its forward calls every layer the router picks:
+    one the example inputs routed no token to is still called as a layer)."""
+    from ..moe import Experts
+    owner = name.rpartition(".")[0].rpartition(".")[0]
+    try:
+        return isinstance(gm.get_submodule(owner), Experts)
+    except AttributeError:
+        return False
 
 
 _MHA_REASON = ("nn.MultiheadAttention reads its projection weights directly (F.multi_head_attention_forward), "

@@ -1,0 +1,143 @@
+"""A stand-in for Hugging Face mixture-of-experts blocks, whose experts keep their weights as 3-D tensors.
+
+transformers 5 stores a MoE block's experts as one module holding `gate_up_proj` (or `up_proj`) and
+`down_proj` as [experts, out, in] tensors ([experts, in, out] where `is_transposed`), and dispatches its
+forward to an experts implementation (`use_experts_implementation`: eager loop, batched or grouped matmul).
+No Conv/Linear layer holds those weights, so nothing there could be factorized, though they are most of
+the model's parameters (Mixtral, Qwen-MoE, OLMoE, DeepSeek, GPT-OSS). compile's copy gives such a module
+the stand-in below: the same computation, with each expert's projections as `nn.Linear` layers in
+`nn.ModuleList`s under the same names, which the decompose pass factorizes like any other layer, one
+expert at a time. lrd_fx never imports transformers: the module is recognised by what the decorator
+gives it.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .torch_modules import _linear
+
+# the attributes transformers' use_experts_implementation gives every experts module it decorates
+_LAYOUT = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
+_MODULE_STATE = frozenset(vars(nn.Module()))
+
+
+def _decorated(m: nn.Module) -> bool:
+    # the decorator's forward (functools.wraps gives it the class forward's name; its code keeps its own)
+    code = getattr(getattr(type(m), "forward", None), "__code__", None)
+    return "use_experts_implementation" in getattr(code, "co_qualname", "")
+
+
+def experts_names(m: nn.Module) -> Optional[tuple]:
+    """(up projection, down projection) parameter names of a transformers experts module the stand-in can
+    take (`use_experts_implementation`'s forward and layout flags, 3-D weights of one experts count, no
+    other parameters of its own, not split across devices for expert parallelism), else None."""
+    if not _decorated(m) or not all(hasattr(m, a) for a in _LAYOUT) or getattr(m, "_is_expert_parallel", False):
+        return None
+    if len(_call_names(m)) != 3:
+        return None                   # not (hidden states, expert indices, expert weights)
+    up = "gate_up_proj" if m.has_gate else "up_proj"
+    names = [up, "down_proj"] + ([f"{up}_bias", "down_proj_bias"] if m.has_bias else [])
+    own = dict(m.named_parameters(recurse=False))
+    if set(own) != set(names):
+        return None
+    weights = [own[up], own["down_proj"]]
+    if any(w.dim() != 3 or not w.is_floating_point() for w in weights) or weights[0].shape[0] != weights[1].shape[0]:
+        return None
+    if m.has_bias and any(own[n].dim() != 2 or own[n].shape[0] != weights[0].shape[0] for n in names[2:]):
+        return None
+    return up, "down_proj"
+
+
+def _call_names(m: nn.Module) -> list:
+    """The names of the experts class's own forward parameters (after self)."""
+    forward = inspect.unwrap(type(m).forward)
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
+        return []
+    return [p.name for p in params]
+
+
+class Experts(nn.Module):
+    """A transformers experts module with each expert's projections as nn.Linear layers: `gate_up_proj[e]`
+    (or `up_proj[e]`) and `down_proj[e]`, in `nn.ModuleList`s. Its forward is the experts' eager loop: each
+    expert that the router picked runs its tokens through its up projection, the gate (the module's own
+    `_apply_gate`: SwiGLU, GPT-OSS's clamped gate) or activation, its down projection and any post-expert
+    norm, weighted by the router and added up. The module's other attributes (act_fn, config, a gate's
+    constants) are kept as they are."""
+
+    _lrd_eager = True      # routing is data-dependent: trace keeps it eager and swaps its layers in place
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        up, down = experts_names(experts)
+        for k, v in vars(experts).items():
+            if k not in _MODULE_STATE:
+                self.__dict__[k] = v
+        for k, v in experts._buffers.items():
+            self.register_buffer(k, v, persistent=k not in experts._non_persistent_buffers_set)
+        for k, v in experts._modules.items():
+            self.add_module(k, v)
+        self.training = experts.training
+        self.experts_class = f"{type(experts).__module__}.{type(experts).__qualname__}"
+        self._gate_fn = type(experts)._apply_gate if experts.has_gate else None
+        self._up_name = up
+        self._call_names = _call_names(experts)      # e.g. GPT-OSS: router_indices, routing_weights
+        for name in (up, down):
+            w = getattr(experts, name)
+            b = getattr(experts, f"{name}_bias") if experts.has_bias else None
+            layers = [_linear(w[e].T if experts.is_transposed else w[e], None if b is None else b[e], experts,
+                              w.requires_grad) for e in range(w.shape[0])]
+            setattr(self, name, nn.ModuleList(layers))
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        # called as the original: positionally, or by its forward's parameter names
+        names = self._call_names
+        if len(args) > 3 or set(kwargs) != set(names[len(args):]):
+            raise TypeError(f"{self.experts_class}.forward takes ({', '.join(names)}), got {len(args)} positional "
+                            f"argument(s) and {sorted(kwargs)}")
+        hidden_states, top_k_index, top_k_weights = list(args) + [kwargs[n] for n in names[len(args):]]
+        up, down = getattr(self, self._up_name), self.down_proj
+        n = len(down)
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            # [experts (+1: index n is expert parallelism's "not here"), top_k, tokens]
+            mask = F.one_hot(top_k_index, num_classes=n + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
+        for e in hit:
+            if e == n:
+                continue
+            pos, tokens = torch.where(mask[e])
+            h = up[e](hidden_states[tokens])
+            h = self._gate_fn(self, h) if self._gate_fn is not None else self.act_fn(h)
+            h = down[e](h)
+            if self.has_post_expert_norm:
+                h = self.post_expert_norm(h)
+            h = h * top_k_weights[tokens, pos, None]
+            out.index_add_(0, tokens, h.to(out.dtype))
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the original module's 3-D keys (a state dict of the caller's model) go to the experts' layers
+        for name in (self._up_name, "down_proj"):
+            for kind, key in (("weight", f"{prefix}{name}"), ("bias", f"{prefix}{name}_bias")):
+                packed = state_dict.get(key)
+                if not isinstance(packed, torch.Tensor) or f"{prefix}{name}.0.{kind}" in state_dict:
+                    continue
+                del state_dict[key]
+                for e in range(packed.shape[0]):
+                    part = packed[e].T if kind == "weight" and self.is_transposed else packed[e]
+                    state_dict[f"{prefix}{name}.{e}.{kind}"] = part
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"{self.experts_class}, experts={len(self.down_proj)}"

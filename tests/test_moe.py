@@ -1,0 +1,126 @@
+"""Hugging Face mixture-of-experts blocks: the experts' 3-D weights are factorized, expert by expert, through
+lrd_fx.moe.Experts (compile's copy only)."""
+import pytest
+import torch
+
+import lrd_fx
+from lrd_fx.factorize.chain import FactorChain
+from lrd_fx.moe import Experts, experts_names
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA_LIKE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def _mixtral(experts=8):
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(**LLAMA_LIKE, num_local_experts=experts, num_experts_per_tok=2)
+    return transformers.MixtralForCausalLM(cfg).eval()
+
+
+def _gpt_oss():
+    # weights stored [experts, in, out] (is_transposed), biases, a clamped gate on interleaved columns
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(**LLAMA_LIKE, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                                    sliding_window=4)
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.normal_(0, 0.2)      # HF zero-initialises the biases: give them something to get right
+    return model
+
+
+def _ids(n=8):
+    return torch.randint(3, 64, (2, n), generator=torch.Generator().manual_seed(1))
+
+
+def _expert_records(gm):
+    return {n: r for n, r in gm.lrd.records().items() if ".experts." in n}
+
+
+@pytest.mark.parametrize("make", [_mixtral, _gpt_oss], ids=["mixtral", "gpt_oss"])
+def test_experts_are_factorized_exactly_at_full_rank(make):
+    """Before, the experts' 3-D weights (90% of a Mixtral) were outside every layer and left as they were.
+    Each expert's projections are layers now: at full rank the model computes what the original does, every
+    expert of every MoE block is factorized (also those the example tokens were not routed to), and the
+    report no longer lists the experts among the parameters outside layers."""
+    model, ids = make(), _ids(2)
+    want = model(ids).logits
+    gm = lrd_fx.compile(model, (ids,), rank="full", progress=False)
+    torch.testing.assert_close(gm(ids).logits, want, rtol=1e-4, atol=1e-5)
+    experts = [m for _, m in gm.named_modules() if isinstance(m, Experts)]
+    assert len(experts) == 2 and len(gm.lrd.stand_ins) == 2
+    n = len(experts[0].down_proj)
+    recs = _expert_records(gm)
+    assert len(recs) == 2 * 2 * n and all(r.decision == "decomposed" for r in recs.values())
+    if n == 8:
+        assert any(r.in_shape is None for r in recs.values())      # an expert no example token went to
+    assert all(isinstance(layer, FactorChain) for e in experts for layer in e.down_proj)
+    assert not any("Experts" in cls for cls, *_ in gm.lrd.outside[1])
+    assert any("mixture-of-experts" in note for note in gm.lrd.notes)
+    assert all(type(m).__name__ != "Experts" for m in model.modules())        # the caller's model is untouched
+
+
+def test_experts_shrink_the_model_and_train_and_load(tmp_path):
+    """At ratio=0.25 the model keeps well under half its parameters (attention alone could not get there);
+    it trains with sequential freezing, and a file loads without example inputs to the same outputs."""
+    model, ids = _mixtral(), _ids()
+    before = sum(p.numel() for p in model.parameters())
+    gm = lrd_fx.compile(model, (ids,), ratio=0.25, freeze="sequential", progress=False)
+    assert sum(p.numel() for p in gm.parameters()) < 0.45 * before
+    gm.train()
+    out = gm(ids, labels=ids)
+    out.loss.backward()
+    grads = [p.grad for m in gm.modules() if isinstance(m, Experts) for p in m.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    gm.eval()
+    path = tmp_path / "moe.lrd"
+    lrd_fx.save(gm, path)
+    loaded = lrd_fx.load(model, path)
+    assert loaded.lrd.stand_ins == gm.lrd.stand_ins
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, gm(ids).logits, rtol=0, atol=0)
+
+
+def test_experts_stand_in_takes_the_original_call_and_state_dict():
+    """The stand-in is called as the original (GPT-OSS by keyword: router_indices, routing_weights), and the
+    original's state dict (3-D keys, stored transposed) loads into it."""
+    model = _gpt_oss()
+    orig = model.model.layers[0].mlp.experts
+    assert experts_names(orig) == ("gate_up_proj", "down_proj")
+    stand_in = Experts(orig)
+    h = torch.randn(6, 32)
+    idx = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [0, 2], [1, 3]])
+    w = torch.rand(6, 2)
+    with torch.no_grad():
+        want = orig(h, idx, w)
+        torch.testing.assert_close(stand_in(h, router_indices=idx, routing_weights=w), want, rtol=1e-5, atol=1e-6)
+        for layer in stand_in.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.zero_()
+        stand_in.load_state_dict(orig.state_dict())
+        torch.testing.assert_close(stand_in(h, idx, w), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="router_indices"):
+        stand_in(h, idx, top_k_weights=w)
+
+
+def test_experts_with_hooks_or_kept_as_leaves_stay_as_they_are():
+    model, ids = _mixtral(4), _ids()
+    hooked = _mixtral(4)
+    hooked.model.layers[1].mlp.experts.register_forward_hook(lambda *a: None)
+    gm = lrd_fx.compile(hooked, (ids,), ratio=0.5, progress=False)
+    assert gm.lrd.stand_ins == ["model.layers.0.mlp.experts"]
+    leaf = lrd_fx.compile(model, (ids,), ratio=0.5, leaf_modules=[type(model.model.layers[0].mlp.experts)],
+                          progress=False)
+    assert leaf.lrd.stand_ins == [] and not _expert_records(leaf)
+    assert "3-D weights" in leaf.lrd.report()
+
+
+def test_bf16_moe_model_keeps_its_dtype():
+    model, ids = _mixtral(4).to(torch.bfloat16), _ids()
+    gm = lrd_fx.compile(model, (ids,), rank="full", progress=False)
+    out, want = gm(ids).logits, model(ids).logits
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - want.float()).abs().max() <= 0.05 * want.float().abs().max()
