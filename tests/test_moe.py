@@ -124,3 +124,52 @@ def test_bf16_moe_model_keeps_its_dtype():
     out, want = gm(ids).logits, model(ids).logits
     assert out.dtype == torch.bfloat16
     assert (out.float() - want.float()).abs().max() <= 0.05 * want.float().abs().max()
+
+
+def _experts_module(cls_path, **cfg):
+    """A transformers experts module built on its own (its config as a namespace), weights drawn at random."""
+    import importlib
+    import types
+    module, _, name = cls_path.rpartition(".")
+    cls = getattr(importlib.import_module(f"transformers.models.{module}"), name)
+    torch.manual_seed(0)
+    experts = cls(types.SimpleNamespace(_experts_implementation="eager", **cfg))
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.3)
+    return experts
+
+
+LAYOUTS = {   # each layout use_experts_implementation knows, as a model family has it
+    "gated": ("mixtral.modeling_mixtral.MixtralExperts",
+              dict(num_local_experts=4, hidden_size=16, intermediate_size=24, hidden_act="silu")),
+    "ungated": ("nemotron_h.modeling_nemotron_h.NemotronHExperts",
+                dict(n_routed_experts=4, hidden_size=16, moe_intermediate_size=24, moe_latent_size=None,
+                     mlp_hidden_act="relu2")),
+    "post_norm": ("muse_spark.modeling_muse_spark.MuseSparkExperts",
+                  dict(num_local_experts=4, moe_hidden_size=16, moe_intermediate_size=24, hidden_act="silu",
+                       post_norm_eps=1e-6)),
+    "transposed": ("aria.modeling_aria.AriaExperts",
+                   dict(moe_num_experts=4, hidden_size=16, intermediate_size=24)),
+    "transposed_bias_gate": ("gpt_oss.modeling_gpt_oss.GptOssExperts",
+                             dict(num_local_experts=4, hidden_size=16, intermediate_size=24, swiglu_alpha=1.702,
+                                  swiglu_limit=7.0)),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_stand_in_computes_what_each_experts_layout_computes(layout):
+    """Every layout transformers' use_experts_implementation describes (gated or not, a post-expert norm,
+    weights stored transposed, biases, a model's own gate), against the module's own eager forward."""
+    path, cfg = LAYOUTS[layout]
+    try:
+        orig = _experts_module(path, **cfg)
+    except (ImportError, AttributeError) as e:      # a transformers without this family
+        pytest.skip(f"{path}: {e}")
+    stand_in = Experts(orig)
+    assert isinstance(stand_in.down_proj[0], torch.nn.Linear)
+    h = torch.randn(10, 16)
+    idx = torch.randint(0, 4, (10, 2), generator=torch.Generator().manual_seed(2))
+    w = torch.rand(10, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(stand_in(h, idx, w), orig(h, idx, w).to(h.dtype), rtol=1e-5, atol=1e-6)
