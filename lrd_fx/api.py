@@ -155,7 +155,7 @@ def _left_out_inputs(model: nn.Module, inputs: Optional[tuple]) -> tuple[list, d
             pos += p.kind != p.KEYWORD_ONLY
             if value is None:
                 none.append(p.name)
-            elif not given and type(value) in FIXABLE_DEFAULTS:
+            elif not given and type(value) in FIXABLE_DEFAULTS and value == value:     # NaN equals nothing
                 defaults[p.name] = value
     return sorted(none), defaults
 
