@@ -796,6 +796,8 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
     if ctx.example_inputs is not None and ctx.flops_before is not None:
         ctx.flops_after = _flops_after(gm, ctx)
     ctx.originals.clear()
+    from .moe import restore_unfactorized_
+    restore_unfactorized_(gm, ctx)
     mark_graph_holders(gm)     # a forward hook registered later on a block the graph does not call warns
     unshare(gm, ctx.model)     # layers kept as they were get their own weights (copy_model may have shared them)
     from .fastcalls import fast_module_calls_

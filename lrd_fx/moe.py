@@ -65,6 +65,35 @@ def _call_names(m: nn.Module) -> list:
     return [p.name for p in params]
 
 
+_OWN = frozenset(("experts_class", "_orig_class", "_gate_fn", "_up_name", "_call_names"))
+
+
+def restore_unfactorized_(root: nn.Module, ctx) -> list:
+    """Put the original module back (Experts.original) wherever none of a stand-in's layers ended up
+    factorized (skipped, reverted by the search or the whole-model guard): the stand-in would only run
+    transformers' experts as a Python loop. Their layers' records go (the report lists the module's 3-D
+    weights outside the layers again), and ctx.stand_ins no longer names them (save writes the module's own
+    3-D weights). Returns the paths put back."""
+    from .factorize.chain import FactorChain
+    back, done = [], {}
+    for path in list(ctx.stand_ins or ()):
+        m = root.get_submodule(path)
+        if not isinstance(m, Experts) or any(isinstance(x, FactorChain) for x in m.modules()):
+            continue
+        if id(m) not in done:
+            done[id(m)] = m.original()
+        parent, _, attr = path.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, attr, done[id(m)])
+        back.append(path)
+    if back:
+        ctx.stand_ins = [p for p in ctx.stand_ins if p not in back]
+        for name in [n for n in ctx.records if any(n.startswith(p + ".") for p in back)]:
+            del ctx.records[name]
+        ctx.notes.append(f"{len(back)} mixture-of-experts module(s) ('{back[0]}', ...) had no expert factorized: "
+                         f"put back as the original module, which runs transformers' own experts implementation")
+    return back
+
+
 class Experts(nn.Module):
     """A transformers experts module with each expert's projections as nn.Linear layers: `gate_up_proj[e]`
     (or `up_proj[e]`) and `down_proj[e]`, in `nn.ModuleList`s. Its forward is the experts' eager loop: each
@@ -87,6 +116,7 @@ class Experts(nn.Module):
             self.add_module(k, v)
         self.training = experts.training
         self.experts_class = f"{type(experts).__module__}.{type(experts).__qualname__}"
+        self._orig_class = type(experts)
         self._gate_fn = type(experts)._apply_gate if experts.has_gate else None
         self._up_name = up
         self._call_names = _call_names(experts)      # e.g. GPT-OSS: router_indices, routing_weights
@@ -138,6 +168,32 @@ class Experts(nn.Module):
                     state_dict[f"{prefix}{name}.{e}.{kind}"] = part
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def original(self) -> nn.Module:
+        """The module as transformers has it (its class, its 3-D weights stacked from the layers), for a
+        stand-in none of whose layers was factorized: transformers' own experts implementation (grouped or
+        batched matmul) is then as fast as the loop or faster."""
+        cls = self._orig_class
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        for k, v in vars(self).items():
+            if k not in _MODULE_STATE and k not in _OWN:
+                m.__dict__[k] = v
+        for k, v in self._buffers.items():
+            m.register_buffer(k, v, persistent=k not in self._non_persistent_buffers_set)
+        for k, v in self._modules.items():
+            if k not in (self._up_name, "down_proj"):
+                m.add_module(k, v)
+        for name in (self._up_name, "down_proj"):
+            layers = getattr(self, name)
+            grad = layers[0].weight.requires_grad
+            w = torch.stack([x.weight.detach().T if self.is_transposed else x.weight.detach() for x in layers])
+            m.register_parameter(name, nn.Parameter(w.contiguous(), requires_grad=grad))
+            if self.has_bias:
+                b = torch.stack([x.bias.detach() for x in layers])
+                m.register_parameter(f"{name}_bias", nn.Parameter(b, requires_grad=grad))
+        m.training = self.training
+        return m
 
     def extra_repr(self) -> str:
         return f"{self.experts_class}, experts={len(self.down_proj)}"

@@ -173,3 +173,37 @@ def test_stand_in_computes_what_each_experts_layout_computes(layout):
     w = torch.rand(10, 2)
     with torch.no_grad():
         torch.testing.assert_close(stand_in(h, idx, w), orig(h, idx, w).to(h.dtype), rtol=1e-5, atol=1e-6)
+        back = stand_in.original()        # what restore_unfactorized_ puts back
+        assert type(back) is type(orig) and back.state_dict().keys() == orig.state_dict().keys()
+        for k, v in orig.state_dict().items():
+            torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
+        torch.testing.assert_close(back(h, idx, w), orig(h, idx, w), rtol=0, atol=0)
+
+
+def test_experts_with_no_layer_factorized_are_put_back(tmp_path):
+    """An experts module whose layers all stay as they are (skip=, or reverted by a search) would only run
+    transformers' experts as the stand-in's loop: it is put back as the original module, with its 3-D
+    weights, and the report lists them outside the layers again. The other block's experts keep the
+    stand-in; save/load rebuilds the same."""
+    model, ids = _mixtral(4), _ids()
+    gm = lrd_fx.compile(model, (ids,), ratio=0.5, skip=["model.layers.1.mlp.experts.*"], progress=False)
+    kept = gm.model.layers[1].mlp.experts
+    assert type(kept) is type(model.model.layers[1].mlp.experts) and kept.gate_up_proj.dim() == 3
+    assert isinstance(gm.model.layers[0].mlp.experts, Experts)
+    assert gm.lrd.stand_ins == ["model.layers.0.mlp.experts"]
+    assert not any(n.startswith("model.layers.1.mlp.experts.") for n in gm.lrd.records())
+    assert any("put back as the original module" in note for note in gm.lrd.notes)
+    assert any("Experts" in cls for cls, *_ in gm.lrd.outside[1])
+    torch.testing.assert_close(kept.down_proj, model.model.layers[1].mlp.experts.down_proj, rtol=0, atol=0)
+    with torch.no_grad():
+        want = gm(ids).logits
+        path = tmp_path / "m.lrd"
+        lrd_fx.save(gm, path)
+        loaded = lrd_fx.load(model, path)
+        assert type(loaded.model.layers[1].mlp.experts) is type(kept)
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=0)
+    none = lrd_fx.compile(model, (ids,), ratio=0.5, skip=["*.experts.*"], progress=False)
+    assert none.lrd.stand_ins == [] and not any(isinstance(m, Experts) for m in none.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(none(ids).logits, lrd_fx.compile(model, (ids,), ratio=0.5,
+                                   leaf_modules=[type(kept)], progress=False)(ids).logits, rtol=1e-5, atol=1e-6)
