@@ -207,3 +207,27 @@ def test_experts_with_no_layer_factorized_are_put_back(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(none(ids).logits, lrd_fx.compile(model, (ids,), ratio=0.5,
                                    leaf_modules=[type(kept)], progress=False)(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_rank_search_times_unreached_experts_like_their_siblings():
+    """A rank search could not time an expert the example inputs routed no token to (no input shape): it
+    kept the estimate while its siblings were reverted, so the module kept the stand-in's loop for a few
+    factorized experts. Such an expert is timed at a sibling's input shape now, and decided like it: here
+    every expert is reverted (the original layers cost less), and both modules are put back whole."""
+    from lrd_fx.cost.timer import use_cost_fn
+
+    def cost(module, shape, mode):
+        return 2.0 if isinstance(module, FactorChain) else 1.0     # factor chains never pay
+    model, ids = _mixtral(8), _ids(2)
+    with use_cost_fn(cost):
+        gm = lrd_fx.compile(model, (ids,), ratio=0.5, rank_search="infer", progress=False)
+    assert gm.lrd.stand_ins == [] and not any(isinstance(m, Experts) for m in gm.modules())
+    assert type(gm.model.layers[0].mlp.experts) is type(model.model.layers[0].mlp.experts)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    with use_cost_fn(lambda module, shape, mode: 1.0 if isinstance(module, FactorChain) else 2.0):
+        gm = lrd_fx.compile(model, (ids,), ratio=0.5, rank_search="infer", progress=False)
+    recs = _expert_records(gm)
+    unreached = [r for r in recs.values() if r.in_shape is None]
+    assert unreached and all(r.decision == "searched" and "timed at the input shape of expert" in r.reason
+                             for r in unreached)

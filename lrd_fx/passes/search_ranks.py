@@ -695,16 +695,32 @@ def search_ranks(ctx: CompileContext, *, cost_fn: Optional[Callable] = None, cos
     return run
 
 
+def _sibling_expert(gm, ctx: CompileContext, name: str) -> Optional[str]:
+    """For an expert's projection in a moe.Experts stand-in that the example inputs routed no token to: the
+    same projection of the expert that got the median number of tokens (same weight shape), so that it is
+    timed, and decided, like its siblings. None for other layers, or when no sibling ran."""
+    from .decompose import _expert_layer
+    if not _expert_layer(gm, name):
+        return None
+    prefix = name.rpartition(".")[0] + "."
+    ran = sorted((r.in_shape[0] if r.in_shape else 0, n) for n, r in ctx.records.items()
+                 if n.startswith(prefix) and n[len(prefix):].isdigit() and r.in_shape)
+    return ran[len(ran) // 2][1] if ran else None
+
+
 def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict, str]:
     cfg = ctx.config
     setting = setting_of(ctx)
     groups: dict = {}
     by_name: dict = {}
     no_shape = []
+    lent: dict = {}          # expert layer no example token reached -> the sibling expert whose shape it is timed at
     for name in names:
         rec = ctx.records[name]
         orig = ctx.originals[name]
         shape = tuple(rec.in_shape) if rec.in_shape else _first_input_shape(gm, rec)
+        if not shape and (sibling := _sibling_expert(gm, ctx, name)) is not None:
+            lent[name], shape = sibling, tuple(ctx.records[sibling].in_shape)
         if not shape:
             no_shape.append(name)
             by_name[name] = None
@@ -755,6 +771,10 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
                 # errors decide, from the last measurement
                 settled = g.settled is not None and cfg.rank_search.objective == "time"
                 plan[name] = dict(g.settled) if settled else _choose(g, name, ctx, model)
+    for name, sibling in lent.items():
+        if name in plan and "reason" in plan[name] and not plan[name].get("keep"):
+            plan[name] = {**plan[name], "reason": f"{plan[name]['reason']}; timed at the input shape of expert "
+                                                  f"'{sibling}' (the example inputs routed no token to this one)"}
     for name in names:
         if name not in plan:
             why = ("no input shape (the layer did not run on the example inputs)" if name in no_shape
