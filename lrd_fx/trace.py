@@ -749,6 +749,50 @@ def install_output_recorders(model: nn.Module) -> None:
             walk(child)
 
     walk(model)
+    _picklable_capture_hooks(model, capturing)
+
+
+_CAPTURE_HOOK = "install_output_capuring_hook.<locals>.output_capturing_hook"
+
+
+class CaptureHook:
+    """transformers' output-capturing forward hook, which is a closure: pickle cannot store it, so a compiled
+    Hugging Face model (its hooks installed up front, above) could not be pickled whole or sent to another
+    process. This holds what the closure holds (key, index, whether to capture the initial hidden state) and
+    rebuilds it with transformers' own installer on first use, also after unpickling."""
+
+    def __init__(self, key: str, index: int, capture_initial: bool):
+        self.key, self.index, self.capture_initial = key, index, capture_initial
+        self._hook = None
+
+    def __call__(self, module, args, output):
+        if self._hook is None:
+            from transformers.utils import output_capturing
+            holder = nn.Module()
+            output_capturing.install_output_capuring_hook(holder, self.key, self.index, self.capture_initial)
+            self._hook = next(iter(holder._forward_hooks.values()))
+        return self._hook(module, args, output)
+
+    def __getstate__(self):
+        return {"key": self.key, "index": self.index, "capture_initial": self.capture_initial}
+
+    def __setstate__(self, state):
+        self.__init__(state["key"], state["index"], state["capture_initial"])
+
+
+def _picklable_capture_hooks(model: nn.Module, capturing) -> None:
+    """Swap each of transformers' capturing closures on `model` for a CaptureHook (the same call), where the
+    closure is the one this transformers installs (its name, and the values it holds)."""
+    if not hasattr(capturing, "install_output_capuring_hook"):
+        return
+    for m in model.modules():
+        for hid, hook in list(m._forward_hooks.items()):
+            code = getattr(hook, "__code__", None)
+            if getattr(code, "co_qualname", "") != _CAPTURE_HOOK or hook.__closure__ is None:
+                continue
+            held = dict(zip(code.co_freevars, (c.cell_contents for c in hook.__closure__)))
+            if {"key", "index", "capture_initial_hidden_state"} <= set(held):
+                m._forward_hooks[hid] = CaptureHook(held["key"], held["index"], held["capture_initial_hidden_state"])
 
 
 class HookOnHolder:

@@ -359,6 +359,26 @@ def test_hidden_states_asked_for_after_compile_are_all_there(name):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["llama", "yolos"])
+def test_compiled_model_pickles_whole_with_its_output_hooks(name):
+    """Compile installs transformers' output-capturing hooks on its copy up front (above). Those hooks are
+    closures, so torch.save(gm) failed ("Can't pickle local object ... output_capturing_hook") where the
+    original pickles. They are swapped for picklable hooks that make the same call: the model saves, loads
+    and still returns every hidden state, equal to the original's."""
+    import io
+    model, x, field, _ = _build(name)
+    gm = lrd_fx.compile(model, x, rank="full", progress=False)
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        want, got = model(*x, output_hidden_states=True), back(*x, output_hidden_states=True)
+    assert len(got.hidden_states) == len(want.hidden_states) >= 2
+    for a, b in zip(got.hidden_states, want.hidden_states):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_deberta_compiled_with_a_mask_takes_calls_without_one():
     """DeBERTa-v2's root traces whole; compiled with an attention mask, its graph failed inside its own
     code when called without one ('NoneType' object has no attribute 'dim'). Its root is kept eager now
