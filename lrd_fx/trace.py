@@ -372,9 +372,12 @@ def traced_as_str(value: str, name: str, expected: str) -> None:
 _VALUE_CHECKS = {bool: traced_as_bool, int: traced_as_int, float: traced_as_float, str: traced_as_str}
 FIXABLE_DEFAULTS = tuple(_VALUE_CHECKS)     # types of a forward default that tracing can fix (api._left_out)
 
-if hasattr(fx.node, "has_side_effect"):     # a graph pass's eliminate_dead_code keeps the check (no users)
-    for _check in (traced_as_none, *_VALUE_CHECKS.values()):
+for _check in (traced_as_none, *_VALUE_CHECKS.values()):
+    if hasattr(fx.node, "has_side_effect"):     # a graph pass's eliminate_dead_code keeps the check (no users)
         fx.node.has_side_effect(_check)
+    # fx rebuilds a pickled graph by tracing its code with the graph's tracer class: the check stays a node
+    # (run on a Proxy, it raised, and the model could not be unpickled)
+    register_leaf_function(_check)
 
 
 def traced_defaults(gm: nn.Module) -> dict:

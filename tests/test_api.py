@@ -3,6 +3,7 @@ import contextlib
 import inspect
 import io
 import os
+import pickle
 import re
 import warnings
 
@@ -463,6 +464,11 @@ def test_input_traced_as_none_survives_save_load_and_torchscript(tmp_path):
     torch.testing.assert_close(scripted(x), gm(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(Exception, match="traced as None"):
         scripted(x, mask)
+    # pickled whole: fx rebuilds the graph by tracing its code, which ran the check on a Proxy and raised
+    back = pickle.loads(pickle.dumps(gm))
+    torch.testing.assert_close(back(x), gm(x), rtol=0, atol=0)
+    with pytest.raises(lrd_fx.InputError, match="'mask'"):
+        back(x, mask=mask)
 
 
 def _flagged(default):
@@ -501,6 +507,10 @@ def test_left_out_default_the_root_branches_on_is_traced_at_it(default, tmp_path
     gm.recompile()
     with pytest.raises(lrd_fx.InputError):
         gm(x, flag=other)
+    back = pickle.loads(pickle.dumps(gm))   # fx rebuilds it by tracing its code: the check stays a node
+    torch.testing.assert_close(back(x), gm(x), rtol=0, atol=0)
+    with pytest.raises(lrd_fx.InputError):
+        back(x, flag=other)
     path = tmp_path / "m.lrd"
     lrd_fx.save(gm, path)
     loaded = lrd_fx.load(model, path)
