@@ -1,6 +1,6 @@
 """Time a Mixtral-shaped mixture-of-experts model against its compiled forms (inference, this machine).
 
-    python bench/moe_speed.py [--experts-impl grouped_mm|eager] [--ratio 0.25] [--rounds 7] [--threads 2]
+    python bench/moe_speed.py [--experts-impl grouped_mm|eager] [--ratio 0.25] [--rounds 7] [--threads 2] [--train]
 
 Random weights (transformers' MixtralForCausalLM: hidden 512, 8 experts of width 1024, top-2, 2 layers),
 batch 2 x 128 tokens. Variants, timed interleaved, medians of the rounds, ratios against the original in
@@ -8,6 +8,8 @@ the same run:
 - original: transformers' model, with the experts implementation asked for;
 - stand-in kept: compiled with every layer kept (`skip=["*"]`), i.e. what lrd_fx.moe.Experts' loop costs;
 - lrd: compiled at `--ratio`, the experts factorized expert by expert.
+With --train, a training step (forward with labels, backward, an SGD step) instead, and a fourth variant:
+- lrd+seqfreeze: `lrd` with `freeze="sequential"` (in the epoch where its first group of factor layers is frozen).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train", action="store_true", help="time a training step instead of inference")
     args = ap.parse_args(argv)
     import transformers
 
@@ -44,16 +47,33 @@ def main(argv=None) -> int:
         "stand-in kept": lrd_fx.compile(model, (ids,), ratio=args.ratio, skip=["*"], progress=False),
         "lrd": lrd_fx.compile(model, (ids,), ratio=args.ratio, progress=False),
     }
-    times: dict = {k: [] for k in variants}
-    with torch.no_grad():
-        for v in variants.values():
-            v(ids)
-        for _ in range(args.rounds):
-            for k, v in variants.items():
-                t = time.perf_counter()
+    if args.train:
+        variants["lrd+seqfreeze"] = lrd_fx.compile(model, (ids,), ratio=args.ratio, freeze="sequential",
+                                                   progress=False)
+        opts = {}
+        for k, v in variants.items():
+            v.train()
+            opts[k] = torch.optim.SGD([p for p in v.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(k, v):
+        if not args.train:
+            with torch.no_grad():
                 v(ids)
-                times[k].append(time.perf_counter() - t)
-    print(f"experts implementation: {model.config._experts_implementation}; torch {torch.__version__}, "
+            return
+        v(ids, labels=ids).loss.backward()
+        opts[k].step()
+        opts[k].zero_grad(set_to_none=True)
+
+    times: dict = {k: [] for k in variants}
+    for k, v in variants.items():
+        step(k, v)
+    for _ in range(args.rounds):
+        for k, v in variants.items():
+            t = time.perf_counter()
+            step(k, v)
+            times[k].append(time.perf_counter() - t)
+    print(f"{'training step' if args.train else 'inference'}; "
+          f"experts implementation: {model.config._experts_implementation}; torch {torch.__version__}, "
           f"transformers {transformers.__version__}, {args.threads} threads, {args.rounds} rounds")
     base = statistics.median(times["original"])
     for k, v in variants.items():
