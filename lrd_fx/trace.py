@@ -770,9 +770,10 @@ class CaptureHook:
 
     def __call__(self, module, args, output):
         if self._hook is None:
-            from transformers.utils import output_capturing
+            # loaded by the Hugging Face model this hook sits on (lrd_fx itself never imports transformers)
+            capturing = sys.modules["transformers.utils.output_capturing"]
             holder = nn.Module()
-            output_capturing.install_output_capuring_hook(holder, self.key, self.index, self.capture_initial)
+            capturing.install_output_capuring_hook(holder, self.key, self.index, self.capture_initial)
             self._hook = next(iter(holder._forward_hooks.values()))
         return self._hook(module, args, output)
 
