@@ -347,24 +347,32 @@ def _fixed_value_message(name: str, expected: str) -> str:
 # One check per type of default, typed so that torch.jit.script compiles the graph that calls it
 def traced_as_bool(value: bool, name: str, expected: bool) -> None:
     """In a graph traced with input `name` fixed at its default `expected`: stop a call that gives another."""
+    if torch.jit.is_tracing():
+        return        # torch.jit.trace (the legacy ONNX exporter) hands the default in as a tensor
     if value != expected:
         raise InputError(_fixed_value_message(name, str(expected)))
 
 
 def traced_as_int(value: int, name: str, expected: int) -> None:
     """In a graph traced with input `name` fixed at its default `expected`: stop a call that gives another."""
+    if torch.jit.is_tracing():
+        return        # torch.jit.trace (the legacy ONNX exporter) hands the default in as a tensor
     if value != expected:
         raise InputError(_fixed_value_message(name, str(expected)))
 
 
 def traced_as_float(value: float, name: str, expected: float) -> None:
     """In a graph traced with input `name` fixed at its default `expected`: stop a call that gives another."""
+    if torch.jit.is_tracing():
+        return        # torch.jit.trace (the legacy ONNX exporter) hands the default in as a tensor
     if value != expected:
         raise InputError(_fixed_value_message(name, str(expected)))
 
 
 def traced_as_str(value: str, name: str, expected: str) -> None:
     """In a graph traced with input `name` fixed at its default `expected`: stop a call that gives another."""
+    if torch.jit.is_tracing():
+        return        # torch.jit.trace (the legacy ONNX exporter) hands the default in as a tensor
     if value != expected:
         raise InputError(_fixed_value_message(name, "'" + expected + "'"))
 

@@ -137,3 +137,24 @@ def test_torch_jit_script_keeps_train_and_eval_behaviour_of_mode_dependent_graph
         scripted.train()
         assert not torch.equal(scripted(x), scripted(x))          # dropout is on in training
     assert any(n.target is by_mode for n in gm.graph.nodes)      # the compiled model's own graph is untouched
+
+
+def test_legacy_onnx_export_of_a_graph_with_a_default_traced_at_its_value(tmp_path):
+    """timm's ViT is one graph with `is_causal` traced at False, checked on every call. torch.jit.trace (the
+    legacy ONNX exporter, dynamo=False) hands that default in as a tensor, and the check's comparison failed
+    inside TorchScript ("We don't have an op for aten::ne"). The check stands aside while jit traces; eager
+    calls are still checked."""
+    onnx = pytest.importorskip("onnx")
+    import timm
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=16, embed_dim=32, depth=1,
+                              num_heads=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = lrd_fx.strip_gates(lrd_fx.compile(model, (x,), ratio=0.5, progress=False))
+    assert gm.lrd.traced_defaults == {"is_causal": False}
+    path = tmp_path / "vit.onnx"
+    torch.onnx.export(gm, (x,), str(path), dynamo=False)
+    onnx.checker.check_model(str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.trace(gm, (x,))(x), gm(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(lrd_fx.InputError):
+        gm(x, is_causal=True)
