@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import FreezeError
+from .errors import ConfigError, FreezeError
 
 
 def is_distributed() -> bool:
@@ -46,11 +46,14 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> nn.Module:
     frozen epoch. static_graph=True is refused because the set of used parameters changes with the
     schedule's phase. Models without gates are wrapped with the given arguments unchanged.
     Call `freezer.set_epoch(e)` with the same epoch on every process (the gates read a Python-side
-    state that DDP's buffer broadcast does not update).
+    state that DDP's buffer broadcast does not update). A model with factorized mixture-of-experts layers
+    (moe.Experts) gets the same (an expert no token reaches in a batch gets no gradient); ConfigError for
+    the arguments that break it.
     """
     from torch.nn.parallel import DistributedDataParallel
 
     from .freezing import is_gated   # here, not at the top: the passes import this module
+    from .moe import Experts
     if is_gated(model):
         if ddp_kwargs.get("find_unused_parameters") is False:
             raise FreezeError("wrap_ddp: a model with freezing gates needs find_unused_parameters=True "
@@ -58,5 +61,13 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> nn.Module:
         if ddp_kwargs.get("static_graph"):
             raise FreezeError("wrap_ddp: static_graph=True does not fit freezing gates: the parameters "
                               "that receive gradients change with the schedule's phase; drop static_graph")
+        ddp_kwargs["find_unused_parameters"] = True
+    if any(isinstance(m, Experts) for m in model.modules()):
+        # each expert is its own layers now: one the router sends no token in a batch gets no gradient
+        # (transformers' 3-D weight got zeros for it)
+        if ddp_kwargs.get("find_unused_parameters") is False or ddp_kwargs.get("static_graph"):
+            raise ConfigError("wrap_ddp: a model whose mixture-of-experts layers were factorized (lrd_fx.moe.Experts) "
+                              "needs find_unused_parameters=True and no static_graph: an expert the router sends "
+                              "no token in a batch gets no gradient; drop those arguments")
         ddp_kwargs["find_unused_parameters"] = True
     return DistributedDataParallel(model, **ddp_kwargs)

@@ -231,3 +231,19 @@ def test_rank_search_times_unreached_experts_like_their_siblings():
     unreached = [r for r in recs.values() if r.in_shape is None]
     assert unreached and all(r.decision == "searched" and "timed at the input shape of expert" in r.reason
                              for r in unreached)
+
+
+def test_wrap_ddp_looks_for_unused_experts(monkeypatch):
+    """An expert the router sends no token in a batch gets no gradient (transformers' 3-D weight got zeros
+    for it), so DDP must look for unused parameters: wrap_ddp asks for it, and refuses what breaks it."""
+    import torch.nn.parallel
+
+    from lrd_fx import wrap_ddp
+    from lrd_fx.errors import ConfigError
+    got = {}
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda m, **kw: got.update(kw) or m)
+    gm = lrd_fx.compile(_mixtral(4), (_ids(),), ratio=0.5, progress=False)
+    assert wrap_ddp(gm) is gm and got == {"find_unused_parameters": True}
+    for bad in ({"find_unused_parameters": False}, {"static_graph": True}):
+        with pytest.raises(ConfigError, match="find_unused_parameters=True"):
+            wrap_ddp(gm, **bad)
