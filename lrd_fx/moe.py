@@ -197,3 +197,14 @@ class Experts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.experts_class}, experts={len(self.down_proj)}"
+
+
+def is_expert_layer(root: nn.Module, name: str) -> bool:
+    """True for an expert's projection in an Experts stand-in (`<experts>.<projection>.<expert>`): its forward
+    calls every layer the router picks, so one the example inputs routed no token to is still called as a
+    layer (decompose factorizes it; the rank search times it at a sibling's input shape)."""
+    owner = name.rpartition(".")[0].rpartition(".")[0]
+    try:
+        return isinstance(root.get_submodule(owner), Experts)
+    except AttributeError:
+        return False

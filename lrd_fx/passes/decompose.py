@@ -15,6 +15,7 @@ from ..factorize import modules as fm
 from ..factorize import ranks as fr
 from ..factorize.chain import FactorChain, pending_chain
 from ..flops import chain_flops, layer_flops
+from ..moe import is_expert_layer
 from ..pipeline import PassResult, graph_modules
 from ..plan import DECOMPOSED, LayerRecord
 from ..trace import _FACTORIZABLE
@@ -137,21 +138,10 @@ def site_notes(gm: nn.Module, sites: dict, layer_io: dict, ran: bool) -> dict[st
                                f"untie them; kept as is")
                 break
         if name not in notes and ran and site.eager and not site.nodes and name not in layer_io \
-                and not _expert_layer(gm, name):
+                and not is_expert_layer(gm, name):
             notes[name] = ("not called as a layer on the example inputs (its eager parent may read its "
                            "weight directly): kept as is")
     return notes
-
-
-def _expert_layer(gm: nn.Module, name: str) -> bool:
-    """An expert's projection in a moe.Experts stand-in (its forward calls every layer the router picks:
-    one the example inputs routed no token to is still called as a layer)."""
-    from ..moe import Experts
-    owner = name.rpartition(".")[0].rpartition(".")[0]
-    try:
-        return isinstance(gm.get_submodule(owner), Experts)
-    except AttributeError:
-        return False
 
 
 _MHA_REASON = ("nn.MultiheadAttention reads its projection weights directly (F.multi_head_attention_forward), "

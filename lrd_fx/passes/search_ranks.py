@@ -699,8 +699,8 @@ def _sibling_expert(gm, ctx: CompileContext, name: str) -> Optional[str]:
     """For an expert's projection in a moe.Experts stand-in that the example inputs routed no token to: the
     same projection of the expert that got the median number of tokens (same weight shape), so that it is
     timed, and decided, like its siblings. None for other layers, or when no sibling ran."""
-    from .decompose import _expert_layer
-    if not _expert_layer(gm, name):
+    from ..moe import is_expert_layer
+    if not is_expert_layer(gm, name):
         return None
     prefix = name.rpartition(".")[0] + "."
     ran = sorted((r.in_shape[0] if r.in_shape else 0, n) for n, r in ctx.records.items()
