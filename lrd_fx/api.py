@@ -79,9 +79,11 @@ class LRDInfo:
         """{qualified name: layer decision}, JSON-serialisable."""
         return {name: rec.to_dict() for name, rec in self.records().items()}
 
-    def report(self, *, all_layers: bool = True) -> str:
+    def report(self, *, all_layers: bool = True, each_expert: bool = False) -> str:
+        """The per-layer table and the totals. all_layers=False lists factorized layers only; a
+        mixture-of-experts projection's experts share one row (summed), each_expert=True lists each."""
         from .report import format_report
-        return format_report(self, all_layers=all_layers)
+        return format_report(self, all_layers=all_layers, each_expert=each_expert)
 
     def __repr__(self) -> str:
         recs = self.records().values()

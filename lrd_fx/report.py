@@ -36,7 +36,53 @@ def _mflops(f: int) -> str:
     return f"{f / 1e6:.1f}" if f >= 1e6 else f"{f / 1e6:.3f}"
 
 
-def format_report(info, *, all_layers: bool = True) -> str:
+def _expert_groups(recs: list, stand_ins) -> list:
+    """`recs` with the records of each mixture-of-experts projection (`<experts>.<projection>.<e>`, the
+    experts a moe.Experts stand-in's path) gathered into one list, where they first appear."""
+    stand_ins = set(stand_ins or ())
+    out, groups = [], {}
+    for r in recs:
+        head, _, last = r.name.rpartition(".")
+        if last.isdigit() and head.rpartition(".")[0] in stand_ins:
+            if head not in groups:
+                groups[head] = []
+                out.append(groups[head])
+            groups[head].append(r)
+        else:
+            out.append(r)
+    return out
+
+
+def _common(values, mixed: str) -> str:
+    values = list(values)
+    return values[0] if all(v == values[0] for v in values) else mixed
+
+
+def _group_row(head: str, recs: list, timed: bool) -> list:
+    """One row for the experts of a projection: their summed parameters and FLOPs, and what they share."""
+    first = recs[0]
+
+    def io(shape) -> str:     # the experts' token counts differ: [tokens, features] -> "*x<features>"
+        return "x".join(["*", *map(str, shape[1:])]) if shape else "-"
+    shapes = _common([f"{io(r.in_shape)} -> {io(r.out_shape)}" for r in recs if r.in_shape],
+                     "varies") if any(r.in_shape for r in recs) else "- -> -"
+    decisions = defaultdict(int)
+    for r in recs:
+        decisions[r.decision] += 1
+    decision = _common([r.decision for r in recs],
+                       "; ".join(f"{n} {d}" for d, n in sorted(decisions.items(), key=lambda kv: -kv[1])))
+    reason = _common([r.reason for r in recs], f"(varies) {first.reason}")
+    row = [f"{head}.<0-{len(recs) - 1}> ({len(recs)} experts)",
+           first.kind + (f"/{first.scheme}" if first.scheme else ""), shapes,
+           _common([_ranks(r) for r in recs], "varies"),
+           sum(r.params_before for r in recs), sum(r.params_after for r in recs),
+           _mflops(sum(r.flops_before or 0 for r in recs)), _mflops(sum(r.flops_after or 0 for r in recs))]
+    if timed:
+        row += ["-", "-", "-"]
+    return row + [decision, reason]
+
+
+def format_report(info, *, all_layers: bool = True, each_expert: bool = False) -> str:
     recs = list(info.records().values())
     timed = any(r.time_original_s is not None for r in recs)
     headers = ["layer", "kind", "in -> out", "ranks (est -> chosen)", "params", "params LRD",
@@ -45,7 +91,14 @@ def format_report(info, *, all_layers: bool = True) -> str:
         headers += ["ms orig", "ms est", "ms chosen"]
     headers += ["decision", "reason"]
     rows = []
-    for r in recs:
+    items = recs if each_expert else _expert_groups(recs, getattr(info, "stand_ins", ()))
+    for r in items:
+        if isinstance(r, list):      # a mixture-of-experts projection, its experts in one row
+            shown = [x for x in r if all_layers or x.factorized]
+            if shown:
+                head = r[0].name.rpartition(".")[0]
+                rows.append(_group_row(head, shown, timed))
+            continue
         if not all_layers and not r.factorized:
             continue
         row = [r.name, r.kind + (f"/{r.scheme}" if r.scheme else ""),

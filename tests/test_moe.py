@@ -247,3 +247,22 @@ def test_wrap_ddp_looks_for_unused_experts(monkeypatch):
     for bad in ({"find_unused_parameters": False}, {"static_graph": True}):
         with pytest.raises(ConfigError, match="find_unused_parameters=True"):
             wrap_ddp(gm, **bad)
+
+
+def test_report_gives_each_projection_of_the_experts_one_row():
+    """A MoE model has a record per expert and projection (a Qwen3-30B-like model: 12,288); the report's
+    table gives each projection's experts one row, their parameters summed and what they share, with the
+    count of each decision where they differ; each_expert=True lists them one by one."""
+    model, ids = _mixtral(8), _ids(2)
+    gm = lrd_fx.compile(model, (ids,), ratio=0.5, skip=["model.layers.1.mlp.experts.down_proj.3"], progress=False)
+    recs = _expert_records(gm)
+    table = gm.lrd.report().split("\n\n")[0].splitlines()
+    grouped = [line for line in table if ".experts." in line]
+    assert len(grouped) == 4 and all("(8 experts)" in line for line in grouped)
+    row = next(line for line in grouped if line.startswith("model.layers.1.mlp.experts.down_proj.<0-7>"))
+    assert "7 decomposed; 1 skipped" in row
+    total = sum(r.params_after for n, r in recs.items() if n.startswith("model.layers.1.mlp.experts.down_proj."))
+    assert f"{total:,}" in row
+    each = [line for line in gm.lrd.report(each_expert=True).splitlines() if ".experts." in line]
+    assert len(each) == len(recs) == 32
+    assert len([line for line in gm.lrd.report(all_layers=False).splitlines() if ".experts." in line]) == 4
