@@ -326,8 +326,9 @@ def _check_inputs_known(names, model: nn.Module, where: str) -> None:
 
 
 def _stand_ins(header: dict, where: str) -> Optional[list]:
-    """The paths of the nn.MultiheadAttention modules compile gave stand-ins (torch_modules). None for files
-    written before them: those models are rebuilt with torch's modules, as they were saved."""
+    """The paths of the nn.MultiheadAttention and mixture-of-experts modules compile gave stand-ins
+    (torch_modules, moe). None for files written before them: those models are rebuilt with the original
+    modules, as they were saved."""
     paths = header.get("stand_ins")
     if paths is None:
         return None

@@ -695,17 +695,20 @@ def search_ranks(ctx: CompileContext, *, cost_fn: Optional[Callable] = None, cos
     return run
 
 
-def _sibling_expert(gm, ctx: CompileContext, name: str) -> Optional[str]:
+def _sibling_expert(gm, ctx: CompileContext, name: str, memo: dict) -> Optional[str]:
     """For an expert's projection in a moe.Experts stand-in that the example inputs routed no token to: the
     same projection of the expert that got the median number of tokens (same weight shape), so that it is
-    timed, and decided, like its siblings. None for other layers, or when no sibling ran."""
+    timed, and decided, like its siblings. None for other layers, or when no sibling ran. `memo` holds the
+    answer per projection (the records are scanned once for each, not once for each expert)."""
     from ..moe import is_expert_layer
     if not is_expert_layer(gm, name):
         return None
     prefix = name.rpartition(".")[0] + "."
-    ran = sorted((r.in_shape[0] if r.in_shape else 0, n) for n, r in ctx.records.items()
-                 if n.startswith(prefix) and n[len(prefix):].isdigit() and r.in_shape)
-    return ran[len(ran) // 2][1] if ran else None
+    if prefix not in memo:
+        ran = sorted((r.in_shape[0], n) for n, r in ctx.records.items()
+                     if n.startswith(prefix) and n[len(prefix):].isdigit() and r.in_shape)
+        memo[prefix] = ran[len(ran) // 2][1] if ran else None
+    return memo[prefix]
 
 
 def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict, str]:
@@ -715,11 +718,12 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
     by_name: dict = {}
     no_shape = []
     lent: dict = {}          # expert layer no example token reached -> the sibling expert whose shape it is timed at
+    siblings: dict = {}      # _sibling_expert's answer per projection
     for name in names:
         rec = ctx.records[name]
         orig = ctx.originals[name]
         shape = tuple(rec.in_shape) if rec.in_shape else _first_input_shape(gm, rec)
-        if not shape and (sibling := _sibling_expert(gm, ctx, name)) is not None:
+        if not shape and (sibling := _sibling_expert(gm, ctx, name, siblings)) is not None:
             lent[name], shape = sibling, tuple(ctx.records[sibling].in_shape)
         if not shape:
             no_shape.append(name)
