@@ -67,6 +67,22 @@ def _timm_leaves() -> tuple[set, set]:
     return mods, fns
 
 
+def _notrace_reason(m: nn.Module, leaf_classes: tuple = ()) -> Optional[str]:
+    """Why `m`'s own forward is not traced (timm registers its class as not traceable: MobileViT, TinyViT and
+    NFNet blocks, VGG's ConvMlp, ...; some of these trace into a wrong graph), or None. Such a module is kept
+    whole in its parent's graph, runs its own forward eagerly, and its children are traced apart, so its
+    layers are factorized like those of any eager part. A class the caller names as a leaf (leaf_modules=,
+    register_leaf_module) stays whole, layers included."""
+    if isinstance(m, _FACTORIZABLE) or not _has_factorizable(m):
+        return None
+    timm_mods, _ = _timm_leaves()
+    user = tuple(leaf_classes) + tuple(LEAF_MODULES.values())
+    if not timm_mods or not isinstance(m, tuple(timm_mods)) or (user and isinstance(m, user)):
+        return None
+    return (f"timm registers {type(m).__name__} as not traceable (register_notrace_module): its forward runs "
+            f"eagerly, its children are traced apart")
+
+
 class LRDTracer(fx.Tracer):
     """fx.Tracer that keeps registered leaves and remembers which module a failure came from."""
 
@@ -932,7 +948,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
         eager.add(_path)
         trace_children(model, _path)
         return model
-    if (why := call_reason(model)) is not None:
+    if (why := call_reason(model)) is not None or (why := _notrace_reason(model, classes)) is not None:
         return keep_eager(why)
     trigger, tried, plain = None, set(), concrete_args   # trigger: the failure that made `defaults` fixed
     while True:
@@ -981,12 +997,15 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
                 f"reproduce both modes. Allow fallback=True (that module then stays eager, its children are "
                 f"traced), or mark it a leaf (leaf_modules=[...]).")
         return keep_eager(mode_reason)
-    # leaves to trace apart: those that broke tracing (with their reason), and those called as modules for
-    # their hooks or __call__ (trace() keeps them eager, with the reason, and traces their children)
+    # leaves to trace apart: those that broke tracing (with their reason), those called as modules for
+    # their hooks or __call__, and timm's not-traceable classes the caller did not name as leaves (trace()
+    # keeps them eager, with the reason, and traces their children)
     apart: dict[str, Optional[str]] = dict(forced)
     apart.update((rel, None) for rel in sorted({n.target for n in gm.graph.nodes if n.op == "call_module"})
                  if rel not in forced and (call_reason(gm.get_submodule(rel)) is not None
-                                           or _eager_by_design(gm.get_submodule(rel))))
+                                           or _eager_by_design(gm.get_submodule(rel))
+                                           or (rel not in local_names and
+                                               _notrace_reason(gm.get_submodule(rel), classes) is not None)))
     for rel, reason in apart.items():
         full = _join(_path, rel)
         if reason is not None:

@@ -241,6 +241,47 @@ def test_timm_vit_is_one_graph(name):
         gm(x, is_causal=True)
 
 
+def test_timm_not_traceable_blocks_run_eagerly_and_their_layers_are_factorized(tmp_path):
+    """timm registers MobileViT's blocks (and TinyViT's, NFNet's, VGG's ConvMlp, ...) as not traceable. They
+    were kept whole and every layer inside them (most of a MobileViT) skipped. They run their own forward
+    eagerly now, their children traced apart and their layers factorized; a caller's leaf_modules=[...] still
+    keeps them whole."""
+    import timm
+    from timm.models.mobilevit import MobileVitBlock
+    torch.manual_seed(0)
+    model, x = timm.create_model("mobilevit_xxs", pretrained=False).eval(), torch.randn(1, 3, 64, 64)
+    blocks = [n for n, m in model.named_modules() if isinstance(m, MobileVitBlock)]
+    inside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(tuple(blocks))]
+    assert blocks and inside
+    gm = lrd_fx.compile(model, (x,), ratio=0.5)
+    plan = _plan(gm)
+    assert _accounted(model, plan) == []
+    for b in blocks:
+        assert "register_notrace_module" in gm.lrd.fallback_parts[b]
+    assert all(plan[n]["decision"] == "decomposed" for n in inside), [(n, plan[n]["reason"]) for n in inside]
+    full = lrd_fx.compile(model, (x,), rank="full")
+    torch.testing.assert_close(full(x), model(x), rtol=1e-4, atol=1e-5)
+    lrd_fx.save(gm, tmp_path / "m.lrd")
+    back = lrd_fx.load(timm.create_model("mobilevit_xxs", pretrained=False).eval(), tmp_path / "m.lrd", (x,))
+    torch.testing.assert_close(back.eval()(x), gm(x), rtol=0, atol=0)
+
+    whole = _plan(lrd_fx.compile(model, (x,), ratio=0.5, leaf_modules=[MobileVitBlock]))
+    for n in inside:
+        assert whole[n]["decision"] == "skipped" and "which is kept as a leaf" in whole[n]["reason"], whole[n]
+
+
+def test_timm_not_traceable_root_runs_eagerly():
+    """A not-traceable timm module compiled on its own (VGG's ConvMlp, whose 7x7 fc1 is most of a timm VGG)
+    is not traced either: its forward runs as written, its convolutions are factorized."""
+    from timm.models.vgg import ConvMlp
+    torch.manual_seed(0)
+    mlp, x = ConvMlp(16, 32, kernel_size=3, mlp_ratio=2.0).eval(), torch.randn(2, 16, 5, 5)
+    gm = lrd_fx.compile(mlp, (x,), ratio=0.5)
+    assert "register_notrace_module" in gm.lrd.fallback_parts["<root>"]
+    assert {n: r["decision"] for n, r in _plan(gm).items()} == {"fc1": "decomposed", "fc2": "decomposed"}
+    torch.testing.assert_close(lrd_fx.compile(mlp, (x,), rank="full")(x), mlp(x), rtol=1e-4, atol=1e-5)
+
+
 # --- tied weights --------------------------------------------------------------------------------
 
 class Tied(nn.Module):
