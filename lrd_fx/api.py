@@ -21,6 +21,8 @@ from .passes.shape_prop import DIFFERS, NEEDS_GIVEN
 from .pipeline import PassManager, PassTimer, default_instruments, eval_mode, graph_modules
 from .plan import LayerRecord
 from .report import outside_layers
+from .std_conv import folded_params, use_plain_convs_
+from .std_conv import restore_unfactorized_ as restore_std_convs_
 from .torch_modules import use_stand_ins_
 from .trace import (FIXABLE_DEFAULTS, PartFailed, install_output_recorders, is_hf_model, mark_graph_holders, trace,
                     traced_defaults)
@@ -661,6 +663,8 @@ def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False
         use = ctx.config.decompose_linear and not ctx.stand_ins_off
         ctx.stand_ins = use_stand_ins_(work, ctx.stand_ins, ctx.config.leaf_modules) if use else []
         _note_stand_ins(work, ctx)
+        # timm's weight-standardized convolutions run as plain ones holding the standardized weight
+        ctx.std_convs = use_plain_convs_(work, ctx.config.leaf_modules) if ctx.config.decompose_conv else {}
         counted = _early_check(work, ctx.config, ctx.example_inputs, ctx.device, ctx.dtype)
         try:
             return _run(work, ctx, counted, kept)
@@ -750,7 +754,7 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
     forward of _check_inputs before tracing; without it, shape_prop's forward counts them.
     keep_eager_parts: {module path: reason} kept eager by trace (copy_and_run's retries)."""
     cfg = ctx.config
-    ctx.params_before = sum(p.numel() for p in work.parameters())
+    ctx.params_before = sum(p.numel() for p in work.parameters()) + folded_params(ctx.std_convs)
     if ctx.example_inputs is not None:
         if counted is not None:
             ctx.flops_before = _flops_or_note(work, ctx, "before compiling", counted)
@@ -800,6 +804,7 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
     ctx.originals.clear()
     from .moe import restore_unfactorized_
     restore_unfactorized_(gm, ctx)
+    restore_std_convs_(gm, ctx)
     mark_graph_holders(gm)     # a forward hook registered later on a block the graph does not call warns
     unshare(gm, ctx.model)     # layers kept as they were get their own weights (copy_model may have shared them)
     from .fastcalls import fast_module_calls_
