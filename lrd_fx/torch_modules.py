@@ -371,6 +371,13 @@ _CLASSES = {nn.TransformerEncoderLayer: TransformerEncoderLayer, nn.TransformerE
             nn.Transformer: Transformer}
 
 
+def _torchvision_swin(m: nn.Module) -> bool:
+    """torchvision's Swin attention, ShiftedWindowAttention or ShiftedWindowAttentionV2 (exactly those)."""
+    cls = type(m)
+    return (cls.__module__ == "torchvision.models.swin_transformer"
+            and cls.__name__ in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2"))
+
+
 def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None, leaf_modules: Iterable = ()) -> list:
     """Give `model` (compile's copy) the stand-ins, in place: every nn.MultiheadAttention without hooks or
     parametrizations (those at the paths `only` names, where given: load's, from the file) becomes a
@@ -397,6 +404,9 @@ def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None, leaf_
             continue
         if type(m) in _CLASSES:
             m.__class__ = _CLASSES[type(m)]
+        elif _torchvision_swin(m) and call_reason(m) is None:
+            from .torchvision_modules import CLASSES as swin_classes
+            m.__class__ = swin_classes[type(m)]
         attention = type(m) is nn.MultiheadAttention
         if (not name or not (attention or experts_names(m) is not None) or call_reason(m) is not None
                 or parametrize.is_parametrized(m) or (wanted is not None and name not in wanted)):

@@ -1,0 +1,88 @@
+"""torchvision's Swin attention gets a stand-in whose qkv and proj are called as layers, so they factorize."""
+import copy
+
+import pytest
+import torch
+from conftest import state_hash
+from torchvision.models.swin_transformer import (PatchMergingV2, ShiftedWindowAttention, ShiftedWindowAttentionV2,
+                                                 SwinTransformer, SwinTransformerBlockV2)
+
+import lrd_fx
+
+
+def _swin(v2: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    kw = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if v2 else {}
+    m = SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                        num_classes=10, **kw).eval()
+    with torch.no_grad():
+        for a in m.modules():
+            if isinstance(a, ShiftedWindowAttention):
+                a.qkv.bias.uniform_(-1, 1)        # V2 ignores the keys' third: a nonzero one must stay ignored
+                if not v2:
+                    a.relative_position_bias_table.normal_()
+    return m
+
+
+def _attention(m):
+    return [n for n, a in m.named_modules() if isinstance(a, ShiftedWindowAttention)]
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_swin_projections_are_factorized_and_exact_at_full_rank(v2):
+    model = _swin(v2)
+    before = state_hash(model)
+    x = torch.randn(2, 3, 22, 26)          # padded to whole windows, shifted windows masked
+    full = lrd_fx.compile(model, (x,), rank="full")
+    torch.testing.assert_close(full(x), model(x), rtol=1e-5, atol=1e-5)
+    y = torch.randn(1, 3, 30, 18)          # another size: the windowing is computed per call
+    torch.testing.assert_close(full(y), model(y), rtol=1e-5, atol=1e-5)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5)
+    assert gm.lrd.fallback_parts == {}
+    plan = gm.lrd.plan
+    for a in _attention(model):
+        for proj in ("qkv", "proj"):
+            assert plan[f"{a}.{proj}"]["decision"] == "decomposed", plan[f"{a}.{proj}"]
+    assert state_hash(model) == before
+    assert all(type(a) in (ShiftedWindowAttention, ShiftedWindowAttentionV2) for a in model.modules()
+               if isinstance(a, ShiftedWindowAttention))          # the caller's classes unchanged
+
+
+def test_swin_v2_keys_get_no_bias_and_no_gradient_through_it():
+    model = _swin(True)
+    x = torch.randn(2, 3, 16, 16)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5)
+    gm.train()
+    gm(x).sum().backward()
+    chain = gm.get_submodule(f"{_attention(model)[0]}.qkv")
+    grad = chain.bias.grad.view(3, -1).abs().sum(1)
+    assert grad[1] == 0 and grad[0] > 0 and grad[2] > 0
+    # the original gives its keys' bias no gradient either
+    model.train()
+    model(x).sum().backward()
+    assert model.get_submodule(f"{_attention(model)[0]}.qkv").bias.grad.view(3, -1)[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_swin_save_load_and_script(v2, tmp_path):
+    model = _swin(v2)
+    x = torch.randn(2, 3, 16, 20)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5)
+    lrd_fx.save(gm, tmp_path / "m.lrd")
+    back = lrd_fx.load(_swin(v2, seed=1), tmp_path / "m.lrd", (x,))
+    torch.testing.assert_close(back(x), gm(x), rtol=0, atol=0)
+    torch.testing.assert_close(torch.jit.script(gm)(x), gm(x), rtol=1e-6, atol=1e-6)
+
+
+def test_swin_attention_with_hooks_or_kept_as_leaf_stays_torchvision():
+    model = _swin(False)
+    x = torch.randn(1, 3, 16, 16)
+    first = _attention(model)[0]
+    hooked = copy.deepcopy(model)
+    hooked.get_submodule(first).register_forward_hook(lambda mod, inp, out: None)
+    gm = lrd_fx.compile(hooked, (x,), ratio=0.5)
+    assert type(gm.get_submodule(first)) is ShiftedWindowAttention
+    assert gm.lrd.plan[f"{first}.qkv"]["decision"] == "skipped"
+    assert gm.lrd.plan[f"{_attention(model)[1]}.qkv"]["decision"] == "decomposed"
+    leaf = lrd_fx.compile(model, (x,), ratio=0.5, leaf_modules=[ShiftedWindowAttention])
+    assert "kept as a leaf" in leaf.lrd.plan[f"{first}.qkv"]["reason"]
