@@ -64,7 +64,9 @@ def _plain(m: nn.Module) -> Optional[nn.Module]:
                   padding=0 if same else m.padding, dilation=m.dilation, groups=m.groups,
                   bias=m.bias is not None, device="meta")
     w = m.weight
-    new.weight = nn.Parameter(standardized_weight(m).clone(memory_format=torch.preserve_format),
+    from .factorize.modules import weight_memory_format
+    fmt = weight_memory_format(w) or torch.contiguous_format     # a model moved to channels_last stays so
+    new.weight = nn.Parameter(standardized_weight(m).contiguous(memory_format=fmt).clone(memory_format=fmt),
                               requires_grad=w.requires_grad)
     if m.bias is not None:
         new.bias = m.bias

@@ -87,6 +87,21 @@ def test_standardized_convs_reverted_by_the_search_are_put_back():
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_standardized_convs_keep_channels_last_and_bf16():
+    model, x = _net()
+    model = model.to(memory_format=torch.channels_last)
+    gm = lrd_fx.compile(model, (x.to(memory_format=torch.channels_last),), rank="full")
+    for name in "abcd":
+        for m in gm.get_submodule(name).modules():
+            if isinstance(m, nn.Conv2d) and m.weight.dim() == 4 and m.kernel_size != (1, 1):
+                assert m.weight.is_contiguous(memory_format=torch.channels_last), name
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+    half, xb = _net()[0].to(torch.bfloat16), x.to(torch.bfloat16)
+    gb = lrd_fx.compile(half, (xb,), rank="full")
+    assert gb.lrd.plan["b"]["decision"] == "decomposed" and gb(xb).dtype == torch.bfloat16
+    torch.testing.assert_close(gb(xb).float(), half(xb).float(), rtol=0.1, atol=0.5)
+
+
 def test_standardized_convs_save_and_load(tmp_path):
     model, x = _net()
     gm = lrd_fx.compile(model, (x,), ratio=0.5)
