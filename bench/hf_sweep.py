@@ -203,6 +203,9 @@ def models():
         qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)), text, "logits")
     M["olmoe"] = (lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(**llama_like, num_experts=4, num_experts_per_tok=2)),
                   text, "logits")
+    M["llama4"] = (lambda: tf.Llama4ForCausalLM(tf.Llama4TextConfig(
+        **llama_like, head_dim=8, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=1, attention_chunk_size=16)), text, "logits")
     M["rwkv"] = (lambda: tf.RwkvModel(tf.RwkvConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
                                                    attention_hidden_size=32, intermediate_size=64, context_length=32)),
                  lambda: {"input_ids": ids()}, "last_hidden_state")

@@ -694,7 +694,7 @@ def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False
 
 
 def _note_stand_ins(work: nn.Module, ctx: CompileContext) -> None:
-    from .moe import Experts
+    from .moe import BatchedExperts, Experts
     experts = [p for p in ctx.stand_ins if isinstance(work.get_submodule(p), Experts)]
     attention = [p for p in ctx.stand_ins if p not in experts]
     if attention:
@@ -703,10 +703,11 @@ def _note_stand_ins(work: nn.Module, ctx: CompileContext) -> None:
                          f"out_proj) that can be factorized")
     if experts:
         m = work.get_submodule(experts[0])
+        how = ("each expert runs its slice of the tokens" if isinstance(m, BatchedExperts) else
+               "the experts run in a loop over those the router picked")
         ctx.notes.append(f"{len(experts)} mixture-of-experts module(s) ('{experts[0]}', {m.experts_class.rpartition('.')[2]}, "
-                         f"{len(m.down_proj)} experts) run as lrd_fx.moe.Experts: each expert's projections are "
-                         f"layers ({m._up_name}.<expert>, down_proj.<expert>) that can be factorized, and the "
-                         f"experts run in a loop over those the router picked")
+                         f"{len(m.down_proj)} experts) run as lrd_fx.moe.{type(m).__name__}: each expert's projections "
+                         f"are layers ({m._up_name}.<expert>, down_proj.<expert>) that can be factorized, and {how}")
 
 
 def _same_class_parts(model: nn.Module, work: nn.Module, part: str) -> list[str]:

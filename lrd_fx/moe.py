@@ -199,6 +199,62 @@ class Experts(nn.Module):
         return f"{self.experts_class}, experts={len(self.down_proj)}"
 
 
+def batched_experts(m: nn.Module) -> bool:
+    """Llama-4's experts (transformers' Llama4TextExperts, exactly that class, not decorated by
+    use_experts_implementation): every expert takes an equal slice of the tokens (the router has scaled each
+    copy), through 3-D `gate_up_proj` [experts, hidden, 2 x width] and `down_proj` [experts, width, hidden]
+    with torch.bmm, and nothing else of its own."""
+    cls = type(m)
+    if cls.__name__ != "Llama4TextExperts" or not cls.__module__.startswith("transformers.models.llama4"):
+        return False
+    own = dict(m.named_parameters(recurse=False))
+    if set(own) != {"gate_up_proj", "down_proj"} or m._buffers or not hasattr(m, "act_fn"):
+        return False
+    up, down = own["gate_up_proj"], own["down_proj"]
+    return (up.dim() == 3 and down.dim() == 3 and up.is_floating_point() and up.shape[0] == down.shape[0]
+            and up.shape[2] == 2 * down.shape[1] and up.shape[1] == down.shape[2])
+
+
+class BatchedExperts(Experts):
+    """The stand-in for Llama-4's experts (batched_experts): each expert's projections as nn.Linear layers,
+    `gate_up_proj[e]` (hidden -> 2 x width: gate, then up) and `down_proj[e]`; its forward splits the tokens
+    into one equal slice per expert, as transformers' does, and runs each expert's slice through its layers
+    (`down(up * act(gate))`). Every expert runs on every call."""
+
+    _lrd_eager = True
+
+    def __init__(self, experts: nn.Module):
+        nn.Module.__init__(self)
+        for k, v in vars(experts).items():
+            if k not in _MODULE_STATE:
+                self.__dict__[k] = v
+        for k, v in experts._modules.items():
+            self.add_module(k, v)
+        self.training = experts.training
+        self.experts_class = f"{type(experts).__module__}.{type(experts).__qualname__}"
+        self._orig_class = type(experts)
+        self._gate_fn = None
+        self._up_name = "gate_up_proj"
+        self._call_names = ["hidden_states"]
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(experts, name)          # [experts, in, out]
+            setattr(self, name, nn.ModuleList(_linear(w[e].T, None, experts, w.requires_grad)
+                                              for e in range(w.shape[0])))
+
+    # the layout attributes Experts.original and _load_from_state_dict read
+    has_gate, has_bias, is_transposed, has_post_expert_norm = True, False, True, False
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        up, down = self.gate_up_proj, self.down_proj
+        hidden = down[0].out_features
+        h = hidden_states.view(len(down), -1, hidden)
+        outs = []
+        for e in range(len(down)):
+            gate, x = up[e](h[e]).chunk(2, dim=-1)
+            outs.append(down[e](x * self.act_fn(gate)))
+        return torch.stack(outs).view(-1, hidden)
+
+
 def is_expert_layer(root: nn.Module, name: str) -> bool:
     """True for an expert's projection in an Experts stand-in (`<experts>.<projection>.<expert>`): its forward
     calls every layer the router picks, so one the example inputs routed no token to is still called as a

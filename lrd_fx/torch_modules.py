@@ -395,7 +395,7 @@ def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None, leaf_
 
     from torch.nn.utils import parametrize
 
-    from .moe import Experts, experts_names
+    from .moe import BatchedExperts, Experts, batched_experts, experts_names
     from .trace import call_reason       # hooks a traced graph would not run
     replaced: dict[int, nn.Module] = {}
     paths = []
@@ -408,12 +408,13 @@ def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None, leaf_
             from .torchvision_modules import CLASSES as swin_classes
             m.__class__ = swin_classes[type(m)]
         attention = type(m) is nn.MultiheadAttention
-        if (not name or not (attention or experts_names(m) is not None) or call_reason(m) is not None
+        batched = batched_experts(m)
+        if (not name or not (attention or batched or experts_names(m) is not None) or call_reason(m) is not None
                 or parametrize.is_parametrized(m) or (wanted is not None and name not in wanted)):
             continue
         if id(m) not in replaced:
             replaced[id(m)] = ((MultiheadAttention if m._qkv_same_embed_dim else MultiheadAttentionKV)(m)
-                               if attention else Experts(m))
+                               if attention else BatchedExperts(m) if batched else Experts(m))
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, replaced[id(m)])
         paths.append(name)

@@ -64,8 +64,10 @@ def test_family_exact_at_full_rank(name, kwargs, shape):
     y_ref, ref = _factor_outputs(model, x, fact)
     assert sum(p.numel() for p in full.parameters()) > sum(p.numel() for p in model.parameters())
     y, got = _factor_outputs(full, x, fact)
-    # every factorized layer the original runs in eval mode (GoogLeNet's aux heads do not) is compared
-    assert set(got) == set(ref) and len(ref) >= 5
+    # every factorized layer the original calls in eval mode is compared (GoogLeNet's aux heads run in neither;
+    # torchvision Swin's qkv/proj are called by the compiled model only: the original hands their weights to
+    # F.linear)
+    assert set(ref) <= set(got) and len(ref) >= 5
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     for n in ref:
         scale = ref[n].abs().max().item() + 1e-6

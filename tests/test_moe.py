@@ -266,3 +266,49 @@ def test_report_gives_each_projection_of_the_experts_one_row():
     each = [line for line in gm.lrd.report(each_expert=True).splitlines() if ".experts." in line]
     assert len(each) == len(recs) == 32
     assert len([line for line in gm.lrd.report(all_layers=False).splitlines() if ".experts." in line]) == 4
+
+
+def _llama4():
+    # Llama-4's experts are not decorated by use_experts_implementation: each expert takes an equal slice of
+    # the router-scaled token copies, through torch.bmm on [experts, in, out] weights
+    torch.manual_seed(0)
+    cfg = transformers.Llama4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                                        max_position_embeddings=32, attention_chunk_size=16)
+    return transformers.Llama4ForCausalLM(cfg).eval()
+
+
+def test_llama4_experts_are_factorized_trained_saved_and_put_back(tmp_path):
+    """Llama-4's experts (two thirds of this model) kept their 3-D weights, outside every layer. They run as
+    lrd_fx.moe.BatchedExperts now: exact at full rank, every expert factorized, trained, saved and loaded;
+    put back as transformers' module when none of their layers is factorized."""
+    from lrd_fx.moe import BatchedExperts
+    model, ids = _llama4(), _ids()
+    want = model(ids).logits
+    full = lrd_fx.compile(model, (ids,), rank="full", progress=False)
+    torch.testing.assert_close(full(ids).logits, want, rtol=1e-4, atol=1e-5)
+    gm = lrd_fx.compile(model, (ids,), ratio=0.5, progress=False)
+    experts = [m for _, m in gm.named_modules() if isinstance(m, BatchedExperts)]
+    assert len(experts) == 2 and len(gm.lrd.stand_ins) == 2
+    recs = _expert_records(gm)
+    assert len(recs) == 2 * 2 * 4 and all(r.decision == "decomposed" for r in recs.values())
+    assert not any("Experts" in cls for cls, *_ in gm.lrd.outside[1])
+    assert gm.lrd.params_after < 0.6 * gm.lrd.params_before
+    assert any("BatchedExperts" in note and "slice" in note for note in gm.lrd.notes)
+    gm.train()
+    gm(ids, labels=ids).loss.backward()
+    assert all(layer.first.weight.grad is not None for e in experts for layer in e.down_proj)
+    gm.eval()
+    path = tmp_path / "m.lrd"
+    lrd_fx.save(gm, path)
+    torch.manual_seed(1)
+    loaded = lrd_fx.load(_llama4(), path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, gm(ids).logits, rtol=0, atol=0)
+    none = lrd_fx.compile(model, (ids,), rank="full", skip=["*.experts.*"], progress=False)
+    back = none.get_submodule("model.layers.0.feed_forward.experts")
+    assert type(back) is type(model.get_submodule("model.layers.0.feed_forward.experts"))
+    torch.testing.assert_close(back.gate_up_proj, model.get_submodule("model.layers.0.feed_forward.experts").gate_up_proj,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(none(ids).logits, want, rtol=1e-4, atol=1e-5)
