@@ -48,12 +48,12 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> nn.Module:
     Call `freezer.set_epoch(e)` with the same epoch on every process (the gates read a Python-side
     state that DDP's buffer broadcast does not update). A model with factorized mixture-of-experts layers
     (moe.Experts) gets the same (an expert no token reaches in a batch gets no gradient); ConfigError for
-    the arguments that break it.
+    the arguments that break it. Llama-4's (moe.BatchedExperts) run every expert on every call: unchanged.
     """
     from torch.nn.parallel import DistributedDataParallel
 
     from .freezing import is_gated   # here, not at the top: the passes import this module
-    from .moe import Experts
+    from .moe import BatchedExperts, Experts
     if is_gated(model):
         if ddp_kwargs.get("find_unused_parameters") is False:
             raise FreezeError("wrap_ddp: a model with freezing gates needs find_unused_parameters=True "
@@ -62,7 +62,7 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> nn.Module:
             raise FreezeError("wrap_ddp: static_graph=True does not fit freezing gates: the parameters "
                               "that receive gradients change with the schedule's phase; drop static_graph")
         ddp_kwargs["find_unused_parameters"] = True
-    if any(isinstance(m, Experts) for m in model.modules()):
+    if any(isinstance(m, Experts) and not isinstance(m, BatchedExperts) for m in model.modules()):
         # each expert is its own layers now: one the router sends no token in a batch gets no gradient
         # (transformers' 3-D weight got zeros for it)
         if ddp_kwargs.get("find_unused_parameters") is False or ddp_kwargs.get("static_graph"):
