@@ -31,15 +31,16 @@ TIMM_FAMILIES = [
     "repghostnet_050", "ghostnetv2_100", "starnet_s050", "inception_next_atto", "gcvit_xxtiny",
     "davit_tiny", "focalnet_tiny_srf", "mvitv2_tiny", "visformer_tiny", "eva02_tiny_patch14_224",
     "maxvit_nano_rw_256", "coatnet_nano_rw_224", "hiera_tiny_224", "volo_d1_224", "nest_tiny",
-    # added 2026-11-29: the smallest model of each timm 1.0.31 model module missing above (gemma4_vit's
-    # smallest has 167 M parameters, over MAX_PARAMS; vgg and inception_v3 are checked through torchvision)
+    # added 2026-11-29: the smallest model of each timm 1.0.31 model module missing above (gemma4_vit's and
+    # deepseek_vit's smallest have 167 M and 412 M parameters, over MAX_PARAMS; vgg and inception_v3 are
+    # checked through torchvision)
     "test_mambaout", "test_vit_relpos", "cspnext_tiny", "iformer_t", "swiftformer_xs", "fasternet_t0",
     "lcnetv2_small", "shvit_s1", "vit_tiny_r_s16_p8_224", "cpubone_nano", "efficientvim_m1", "halonet_h1",
     "csatv2", "legacy_seresnet18", "lowformer_b0", "convmixer_768_32", "vitamin_small_224", "legacy_xception",
     "tnt_s_legacy_patch16_224", "rdnet_tiny", "sam2_hiera_tiny", "swinv2_cr_tiny_384",
     "swinv2_tiny_window16_256", "tresnet_m", "nextvit_small", "inception_v4", "inception_resnet_v2",
     "mobilenetv5_base", "samvit_base_patch16_224", "naflexvit_base_patch16_parfac_gap", "beit_base_patch16_224",
-    "qwen3_vit_88m",
+    "qwen3_vit_88m", "nasnetalarge", "pnasnet5large",
 ]
 
 # torchvision models whose forward needs a bigger input than the sweep's 64 px
