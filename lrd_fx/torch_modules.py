@@ -382,8 +382,9 @@ def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None, leaf_
     """Give `model` (compile's copy) the stand-ins, in place: every nn.MultiheadAttention without hooks or
     parametrizations (those at the paths `only` names, where given: load's, from the file) becomes a
     MultiheadAttention (MultiheadAttentionKV) above; torch's transformer layers and containers get the
-    subclasses above (their state and hooks as they are); a transformers mixture-of-experts module with 3-D
-    expert weights becomes a moe.Experts. Modules the caller keeps as leaves
+    subclasses above (their state and hooks as they are), torchvision's Swin attention those of
+    torchvision_modules; a transformers mixture-of-experts module with 3-D expert weights becomes a
+    moe.Experts (Llama-4's: moe.BatchedExperts). Modules the caller keeps as leaves
     (`leaf_modules`: classes, or paths and what is under them) keep torch's classes. Returns the paths of
     the attention and experts modules replaced."""
     wanted = None if only is None else set(only)
