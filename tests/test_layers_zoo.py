@@ -270,6 +270,23 @@ def test_timm_not_traceable_blocks_run_eagerly_and_their_layers_are_factorized(t
         assert whole[n]["decision"] == "skipped" and "which is kept as a leaf" in whole[n]["reason"], whole[n]
 
 
+def test_registered_leaf_keeps_a_timm_not_traceable_block_whole():
+    from timm.models.vgg import ConvMlp
+
+    from lrd_fx import trace
+    net = nn.Sequential(nn.Conv2d(8, 16, 1), ConvMlp(16, 32, kernel_size=3, mlp_ratio=2.0)).eval()
+    x = torch.randn(2, 8, 5, 5)
+    lrd_fx.register_leaf_module(ConvMlp)
+    try:
+        plan = _plan(lrd_fx.compile(net, (x,), ratio=0.5))
+    finally:
+        for k in [k for k, v in trace.LEAF_MODULES.items() if v is ConvMlp]:
+            del trace.LEAF_MODULES[k]
+    assert plan["0"]["decision"] == "decomposed"
+    assert all("which is kept as a leaf" in plan[n]["reason"] for n in ("1.fc1", "1.fc2")), plan
+    assert _plan(lrd_fx.compile(net, (x,), ratio=0.5))["1.fc1"]["decision"] == "decomposed"
+
+
 def test_timm_not_traceable_root_runs_eagerly():
     """A not-traceable timm module compiled on its own (VGG's ConvMlp, whose 7x7 fc1 is most of a timm VGG)
     is not traced either: its forward runs as written, its convolutions are factorized."""
