@@ -223,7 +223,7 @@ def summary(info) -> str:
     if outside_lines:
         out += "\n" + "\n".join(outside_lines)
     if info.fallback_parts:
-        out += "\n\nParts traced separately (whole-model tracing failed there):"
+        out += "\n\nParts traced separately (why):"
         for path, why in info.fallback_parts.items():
             out += f"\n  {path}: {why[:160]}"
     for note in info.notes:
