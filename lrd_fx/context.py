@@ -28,7 +28,7 @@ class CompileContext:
     # State handed from pass to pass. Each field has one writer; its readers are named.
     eager_parts: set = field(default_factory=set)       # modules left eager by tracing. W: api._run. R: decompose, calibrate
     stand_ins: Optional[list] = None                   # paths of nn.MultiheadAttention / MoE experts given a stand-in (torch_modules, moe) (load: the file's; None: every one compile can). W: api.copy_and_run, serialize.load. R: decompose.account_layers, LRDInfo (save)
-    std_convs: Optional[dict] = None                   # {path: (timm weight-standardized conv, its plain stand-in)} (std_conv). W: api.copy_and_run. R: api._run (params, restore)
+    std_convs: Optional[dict] = None                   # {path: (timm weight-standardized conv, its plain stand-in)} (std_conv). W: api.copy_and_run. R: api._run (params, restore), search_ranks (timed as itself)
     stand_ins_off: bool = False                         # a file saved before the stand-ins: torch's modules stay as they are. W: serialize.load. R: api.copy_and_run
     kept_eager: dict = field(default_factory=dict)      # {path: reason} kept eager after their graph failed. W: api._run. R: LRDInfo (save)
     traced_none: Optional[list] = None                 # root forward inputs traced as None (given: load's, from the file). W: api._run, serialize.load. R: trace, LRDInfo (save)

@@ -102,6 +102,29 @@ def test_standardized_convs_keep_channels_last_and_bf16():
     torch.testing.assert_close(gb(xb).float(), half(xb).float(), rtol=0.1, atol=0.5)
 
 
+def test_rank_search_times_a_standardized_conv_as_itself():
+    """The search compares the factors with the layer as it would be put back: the standardized conv, whose
+    forward standardizes its weight on every call, not the plain stand-in (tested with a cost function: the
+    plain conv is faster than the factors, the original is not)."""
+    model, x = _net()
+    costs = {"plain": 0.3, "chain": 0.5, "standardized": 1.0}
+    seen = set()
+
+    def cost(module, shape, mode):
+        kind = ("standardized" if isinstance(module, STD) else "plain" if isinstance(module, nn.Conv2d)
+                else "chain" if not isinstance(module, nn.Linear) else "linear")
+        seen.add(kind)
+        return costs.get(kind, 1.0)
+
+    with lrd_fx.cost.use_cost_fn(cost):
+        gm = lrd_fx.compile(model, (x,), ratio=0.5, rank_search="infer", whole_model_check=False, progress=False)
+    assert "standardized" in seen and "plain" not in seen
+    for name in "abcd":
+        rec = gm.lrd.plan[name]
+        assert rec["decision"] in ("searched", "decomposed"), rec
+        assert rec["time_original_s"] == pytest.approx(1.0)
+
+
 def test_standardized_convs_save_and_load(tmp_path):
     model, x = _net()
     gm = lrd_fx.compile(model, (x,), ratio=0.5)

@@ -131,6 +131,10 @@ class LayerGroup:
     busy: bool = False         # a batch of this group was disturbed (a burst, or spread repeats)
     settled: Optional[dict] = None   # a decision no two successive measurements agreed on (_recheck)
     fresh: bool = False        # some timing of this group was measured in this compile (not all cached)
+    timed_original: Optional[nn.Module] = None   # what the original is timed as, where not `module` (std_conv)
+
+    def original_module(self) -> nn.Module:
+        return self.module if self.timed_original is None else self.timed_original
 
 
 class CandidateTimer:
@@ -365,7 +369,7 @@ def _measure_group(g: LayerGroup, timer: CandidateTimer, cfg, deadline: Optional
     if align > 1:
         lo, hi = cm.window_bounds(line.s_est, line.s_full, cfg.rank_search.window)
         coarse = sorted(set(coarse) | set(aligned_in(lo, hi, align)))
-    wanted = {ORIGINAL: lambda: m}
+    wanted = {ORIGINAL: g.original_module}
     wanted.update({_key(line.ranks(s)): _factory(m, line.ranks(s), g.scheme) for s in coarse})
     got = timer.time(g, wanted)
     g.original = got[ORIGINAL]
@@ -409,7 +413,7 @@ def _recheck(g: LayerGroup, timer: CandidateTimer, ctx: CompileContext, model, d
     for _ in range(MAX_RECHECK):
         if deadline is not None and time.perf_counter() > deadline:
             break       # rank_search_budget_s: re-checks are measurements too
-        wanted = {ORIGINAL: lambda: g.module}
+        wanted = {ORIGINAL: g.original_module}
         wanted.update({_key(line.ranks(s)): _factory(g.module, line.ranks(s), g.scheme) for s in sorted(g.times)})
         # a busy or reverted decision keeps each timing's least disturbed value; a choice below the
         # estimate is judged on the fresh batch alone: a rank that was timed too fast once would keep
@@ -731,13 +735,16 @@ def _search(gm, ctx: CompileContext, names: list, cost_fn, model) -> tuple[dict,
             continue
         # the decomposed ranks: the rule's estimate, aligned (Config.align) where the rule made it
         line = RankLine(tuple(rec.ranks or rec.estimate), tuple(rec.full_ranks), setting.align)
-        sig = _signature(orig, rec.scheme)
+        # a weight-standardized conv runs as a plain one here (std_conv), but is put back as itself unless
+        # factorized: it is timed as itself, standardization included (and cached under its own class)
+        timed = (ctx.std_convs or {}).get(name, (None,))[0]
+        sig = _signature(orig if timed is None else timed, rec.scheme)
         # NHWC when the model's weights or inputs are (activations stay NHWC through the convs)
         mf = "channels_last" if setting.memory_format == "channels_last" and orig.weight.dim() == 4 \
             else _memory_format(orig)
         gid = (sig, shape, mf, line.estimate, line.full)
         if gid not in groups:
-            groups[gid] = LayerGroup([], orig, rec.scheme, sig, shape, line, mf)
+            groups[gid] = LayerGroup([], orig, rec.scheme, sig, shape, line, mf, timed_original=timed)
         groups[gid].names.append(name)
         by_name[name] = gid
 
