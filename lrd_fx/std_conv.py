@@ -45,24 +45,16 @@ def standardized_weight(m: nn.Module) -> torch.Tensor:
 def _plain(m: nn.Module) -> Optional[nn.Module]:
     """The plain convolution equal to `m` (weight: the standardized one, bias: m's own Parameter), or None
     when that cannot be built or checked."""
-    same = bool(getattr(m, "same_pad", False))
-    if same:
-        mod = sys.modules.get("timm.layers.conv2d_same")
-        cls = getattr(mod, "Conv2dSame", None)
-        if cls is None:
+    kw = dict(stride=m.stride, dilation=m.dilation, groups=m.groups, bias=m.bias is not None, device="meta")
+    if getattr(m, "same_pad", False):
+        # pads from each input's size, as the layer does; Conv2dSame takes no padding or padding_mode
+        cls = getattr(sys.modules.get("timm.layers.conv2d_same"), "Conv2dSame", None)
+        if cls is None or m.padding_mode != "zeros":
             return None
     else:
         cls = nn.Conv2d
-    try:
-        new = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
-                  padding=0 if same else m.padding, dilation=m.dilation, groups=m.groups,
-                  bias=m.bias is not None, padding_mode=m.padding_mode, device="meta")
-    except TypeError:          # Conv2dSame takes no padding_mode
-        if m.padding_mode != "zeros":
-            return None
-        new = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
-                  padding=0 if same else m.padding, dilation=m.dilation, groups=m.groups,
-                  bias=m.bias is not None, device="meta")
+        kw.update(padding=m.padding, padding_mode=m.padding_mode)
+    new = cls(m.in_channels, m.out_channels, m.kernel_size, **kw)
     w = m.weight
     from .factorize.modules import weight_memory_format
     fmt = weight_memory_format(w) or torch.contiguous_format     # a model moved to channels_last stays so
