@@ -73,11 +73,11 @@ def _notrace_reason(m: nn.Module, leaf_classes: tuple = ()) -> Optional[str]:
     whole in its parent's graph, runs its own forward eagerly, and its children are traced apart, so its
     layers are factorized like those of any eager part. A class the caller names as a leaf (leaf_modules=,
     register_leaf_module) stays whole, layers included."""
-    if isinstance(m, _FACTORIZABLE) or not _has_factorizable(m):
-        return None
     timm_mods, _ = _timm_leaves()
+    if not timm_mods or not isinstance(m, tuple(timm_mods)) or isinstance(m, _FACTORIZABLE):
+        return None
     user = tuple(leaf_classes) + tuple(LEAF_MODULES.values())
-    if not timm_mods or not isinstance(m, tuple(timm_mods)) or (user and isinstance(m, user)):
+    if (user and isinstance(m, user)) or not _has_factorizable(m):
         return None
     return (f"timm registers {type(m).__name__} as not traceable (register_notrace_module): its forward runs "
             f"eagerly, its children are traced apart")
