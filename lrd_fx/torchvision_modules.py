@@ -104,29 +104,29 @@ def without_key_bias(qkv: Tensor, bias: Optional[Tensor]) -> Tensor:
     return qkv - kb.to(qkv.dtype)
 
 
-class ShiftedWindowAttention(tv_swin.ShiftedWindowAttention):
+class _CallsProjections:
+    """The forward of both stand-ins: shifted_window_attention with `qkv` and `proj` called as layers (V2:
+    cosine attention with its logit scale, and no bias on the keys)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        relative_position_bias = self.get_relative_position_bias()
+        windows, geometry = swin_windows(x, self.window_size, self.shift_size)
+        qkv = self.qkv(windows)
+        logit_scale = getattr(self, "logit_scale", None)     # V2's
+        if logit_scale is not None:
+            qkv = without_key_bias(qkv, self.qkv.bias)
+        out = swin_attend(qkv, windows, relative_position_bias, geometry, self.window_size, self.num_heads,
+                          logit_scale, self.attention_dropout, self.training)
+        out = F.dropout(self.proj(out), p=self.dropout, training=self.training)
+        return swin_merge(out, geometry, self.window_size)
+
+
+class ShiftedWindowAttention(_CallsProjections, tv_swin.ShiftedWindowAttention):
     """torchvision's ShiftedWindowAttention with `qkv` and `proj` called as layers."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        relative_position_bias = self.get_relative_position_bias()
-        windows, geometry = swin_windows(x, self.window_size, self.shift_size)
-        out = swin_attend(self.qkv(windows), windows, relative_position_bias, geometry, self.window_size,
-                          self.num_heads, None, self.attention_dropout, self.training)
-        out = F.dropout(self.proj(out), p=self.dropout, training=self.training)
-        return swin_merge(out, geometry, self.window_size)
 
-
-class ShiftedWindowAttentionV2(tv_swin.ShiftedWindowAttentionV2):
+class ShiftedWindowAttentionV2(_CallsProjections, tv_swin.ShiftedWindowAttentionV2):
     """torchvision's ShiftedWindowAttentionV2 with `qkv` and `proj` called as layers."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        relative_position_bias = self.get_relative_position_bias()
-        windows, geometry = swin_windows(x, self.window_size, self.shift_size)
-        qkv = without_key_bias(self.qkv(windows), self.qkv.bias)
-        out = swin_attend(qkv, windows, relative_position_bias, geometry, self.window_size, self.num_heads,
-                          self.logit_scale, self.attention_dropout, self.training)
-        out = F.dropout(self.proj(out), p=self.dropout, training=self.training)
-        return swin_merge(out, geometry, self.window_size)
 
 
 CLASSES = {tv_swin.ShiftedWindowAttention: ShiftedWindowAttention,
