@@ -106,7 +106,13 @@ class Experts(nn.Module):
 
     def __init__(self, experts: nn.Module):
         super().__init__()
-        up, down = experts_names(experts)
+        up, _ = experts_names(experts)
+        # e.g. GPT-OSS's call names: router_indices, routing_weights
+        self._adopt(experts, up, type(experts)._apply_gate if experts.has_gate else None, _call_names(experts))
+
+    def _adopt(self, experts: nn.Module, up: str, gate_fn, call_names: list) -> None:
+        """Take `experts`' attributes, buffers and submodules, and its 3-D `up` and `down_proj` weights as one
+        nn.Linear per expert (read with the layout flags: this module's, or the class's for BatchedExperts)."""
         for k, v in vars(experts).items():
             if k not in _MODULE_STATE:
                 self.__dict__[k] = v
@@ -117,13 +123,13 @@ class Experts(nn.Module):
         self.training = experts.training
         self.experts_class = f"{type(experts).__module__}.{type(experts).__qualname__}"
         self._orig_class = type(experts)
-        self._gate_fn = type(experts)._apply_gate if experts.has_gate else None
+        self._gate_fn = gate_fn
         self._up_name = up
-        self._call_names = _call_names(experts)      # e.g. GPT-OSS: router_indices, routing_weights
-        for name in (up, down):
+        self._call_names = call_names
+        for name in (up, "down_proj"):
             w = getattr(experts, name)
-            b = getattr(experts, f"{name}_bias") if experts.has_bias else None
-            layers = [_linear(w[e].T if experts.is_transposed else w[e], None if b is None else b[e], experts,
+            b = getattr(experts, f"{name}_bias") if self.has_bias else None
+            layers = [_linear(w[e].T if self.is_transposed else w[e], None if b is None else b[e], experts,
                               w.requires_grad) for e in range(w.shape[0])]
             setattr(self, name, nn.ModuleList(layers))
 
@@ -221,28 +227,12 @@ class BatchedExperts(Experts):
     into one equal slice per expert, as transformers' does, and runs each expert's slice through its layers
     (`down(up * act(gate))`). Every expert runs on every call."""
 
-    _lrd_eager = True
+    # the layout flags Experts._adopt, original and _load_from_state_dict read: weights [experts, in, out]
+    has_gate, has_bias, is_transposed, has_post_expert_norm = True, False, True, False
 
     def __init__(self, experts: nn.Module):
         nn.Module.__init__(self)
-        for k, v in vars(experts).items():
-            if k not in _MODULE_STATE:
-                self.__dict__[k] = v
-        for k, v in experts._modules.items():
-            self.add_module(k, v)
-        self.training = experts.training
-        self.experts_class = f"{type(experts).__module__}.{type(experts).__qualname__}"
-        self._orig_class = type(experts)
-        self._gate_fn = None
-        self._up_name = "gate_up_proj"
-        self._call_names = ["hidden_states"]
-        for name in ("gate_up_proj", "down_proj"):
-            w = getattr(experts, name)          # [experts, in, out]
-            setattr(self, name, nn.ModuleList(_linear(w[e].T, None, experts, w.requires_grad)
-                                              for e in range(w.shape[0])))
-
-    # the layout attributes Experts.original and _load_from_state_dict read
-    has_gate, has_bias, is_transposed, has_post_expert_norm = True, False, True, False
+        self._adopt(experts, "gate_up_proj", None, ["hidden_states"])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         up, down = self.gate_up_proj, self.down_proj
