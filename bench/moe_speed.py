@@ -99,12 +99,9 @@ def with_stand_ins(model):
     """A copy of `model` whose experts modules run as lrd_fx.moe's stand-ins, nothing factorized."""
     import copy
 
-    from lrd_fx.moe import BatchedExperts, Experts, batched_experts, experts_names
+    from lrd_fx.torch_modules import use_stand_ins_
     m = copy.deepcopy(model)
-    for name, mod in list(m.named_modules()):
-        if name and (batched_experts(mod) or experts_names(mod) is not None):
-            parent, _, attr = name.rpartition(".")
-            setattr(m.get_submodule(parent), attr, BatchedExperts(mod) if batched_experts(mod) else Experts(mod))
+    use_stand_ins_(m)        # what compile gives its copy (these models have no other module it replaces)
     return m
 
 
