@@ -1,10 +1,8 @@
 """search_ranks pass: rewrite to the chosen rank or revert, dedupe, cache, budget, Ctrl-C, distributed."""
 import math
-import os
 
 import pytest
 import torch
-import torch.multiprocessing as tmp
 import torch.nn as nn
 
 import lrd_fx
@@ -286,24 +284,17 @@ def test_real_measurement_by_default():
 
 # --- distributed: process 0 searches, every process gets the same plan ---------------------------
 
-def _dist_worker(rank, world, init_file, out_dir):
-    import torch.distributed as d
-    d.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = convs(1)
-        # each process would choose differently on its own: step 16 -> 16, step 64 -> 20
-        with use_cost_fn(Staircase(step=16 if rank == 0 else 64)):
-            gm = lrd_fx.compile(model, (X,), rank=20, rank_search="infer", progress=False)
-        torch.save({"ranks": gm.lrd.plan["0"]["ranks"], "shape": tuple(gm.get_submodule("0.core").weight.shape)},
-                   os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        d.destroy_process_group()
+def _dist_worker(rank: int) -> dict:
+    model = convs(1)
+    # each process would choose differently on its own: step 16 -> 16, step 64 -> 20
+    with use_cost_fn(Staircase(step=16 if rank == 0 else 64)):
+        gm = lrd_fx.compile(model, (X,), rank=20, rank_search="infer", progress=False)
+    return {"ranks": gm.lrd.plan["0"]["ranks"], "shape": tuple(gm.get_submodule("0.core").weight.shape)}
 
 
 def test_plan_broadcast_two_process_gloo(tmp_path):
-    tmp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    got = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    from tests.test_ddp import spawn_two
+    got = spawn_two(_dist_worker, tmp_path, "search workers")
     assert got[0] == got[1] and got[0]["ranks"] == [16, 16]
 
 
