@@ -304,9 +304,10 @@ def copy_model(model: nn.Module, *, share_layer_weights: bool = False) -> nn.Mod
     unshare() must then give what is still shared its own copy before the model is handed out.
 
     Like copy.deepcopy(model), with two repairs:
-    - layers holding non-leaf tensors computed by hooks (old-style torch.nn.utils.weight_norm,
-      torch.nn.utils.prune) are copied with those tensors detached; the hooks recompute them on the
-      next forward;
+    - modules holding non-leaf tensors (computed by hooks: old-style torch.nn.utils.weight_norm,
+      torch.nn.utils.prune; or kept from the last forward, also in lists, tuples or dicts: torchvision
+      RAFT's correlation pyramid) are copied with those tensors detached; the hooks recompute them on
+      the next forward;
     - GraphModule.__deepcopy__ rebuilds a GraphModule from the attributes its graph references, which
       turns containers such as FactorChain into plain nn.Modules and drops attributes like `.lrd`;
       the memo of the same deepcopy holds the faithful copies, so they are put back.
@@ -320,9 +321,9 @@ def copy_model(model: nn.Module, *, share_layer_weights: bool = False) -> nn.Mod
                              f"never changed: make the model deep-copyable") from e
         memo = _shared_layer_weights(model) if share_layer_weights else {}
         for m in model.modules():
-            for v in vars(m).values():
-                if isinstance(v, torch.Tensor) and not v.is_leaf:
-                    memo[id(v)] = v.detach().clone()
+            for t in _tensors_in(list(vars(m).values())):
+                if not t.is_leaf:
+                    memo[id(t)] = t.detach().clone()
         try:
             new = copy.deepcopy(model, memo)
         except Exception as e:
@@ -335,6 +336,19 @@ def copy_model(model: nn.Module, *, share_layer_weights: bool = False) -> nn.Mod
             _repair_copy(old, part, lambda v: copy.deepcopy(v, memo))
     _restore_modes(model, new, memo)
     return new
+
+
+def _tensors_in(values: list):
+    """The tensors in `values`, also inside (nested) lists, tuples and dict values."""
+    todo = list(values)
+    while todo:
+        v = todo.pop()
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            todo.extend(v)
+        elif isinstance(v, dict):
+            todo.extend(v.values())
 
 
 def _restore_modes(model: nn.Module, new: nn.Module, memo: dict) -> None:

@@ -380,6 +380,34 @@ def test_old_weight_norm_and_prune_masks_compile_without_crash():
     assert (gm.get_submodule("2").weight == 0).float().mean().item() >= 0.5   # the mask still applies
 
 
+class _KeepsLastPyramid(nn.Module):
+    """Keeps tensors of its last forward in a list and a dict, as torchvision's RAFT keeps its correlation
+    pyramid: after one forward with gradients the model holds non-leaf tensors that copy.deepcopy refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+        self.pyramid, self.last = [], {}
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.pyramid = [y, nn.functional.avg_pool2d(y, 2)]
+        self.last = {"pooled": (y.mean((2, 3)),)}
+        return self.fc(self.last["pooled"][0])
+
+
+def test_non_leaf_tensors_kept_from_the_last_forward_do_not_stop_the_copy():
+    model = _KeepsLastPyramid()
+    x = torch.randn(2, 16, 8, 8)
+    model(x)                                     # with gradients: the kept tensors are non-leaf
+    before = state_hash(model)
+    gm = lrd_fx.compile(model, (x,), rank="full")
+    assert state_hash(model) == before
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    assert {"conv", "fc"} <= {n for n, p in gm.lrd.plan.items() if p["decision"] == "decomposed"}
+
+
 # --- inputs that cannot work ---------------------------------------------------------------------
 
 def test_script_module_is_refused():
