@@ -64,5 +64,5 @@ def chain_flops(chain: nn.Module, io: Optional[dict]) -> int:
     for role, layer in chain.named_children():
         o, i, k = layer_dims(layer)
         pos = in_pos if (chain.scheme == "tucker2" and role == "first") else out_pos
-        total += 2 * pos * o * i * k
+        total += 2 * pos * o * (i // getattr(layer, "groups", 1)) * k
     return total * io["calls"]

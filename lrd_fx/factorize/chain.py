@@ -29,11 +29,18 @@ _IN_OUT_LAYOUT = {"Conv1D"}
 
 
 def _product(layers) -> torch.Tensor:
-    """The weight of applying `layers` (Linear or ConvNd, groups=1, at most one non-1x1 kernel) in order,
-    as one [out, in, *kernel] tensor."""
+    """The weight of applying `layers` (Linear or ConvNd, all with the same groups, at most one non-1x1
+    kernel) in order, as one [out, in / groups, *kernel] tensor."""
+    layers = list(layers)
+    g = int(getattr(layers[0], "groups", 1))
+    if g > 1:       # block-diagonal factors: each group's product, stacked as a grouped conv's weight is
+        return torch.cat([_weights_product([layer.weight.chunk(g)[i] for layer in layers]) for i in range(g)])
+    return _weights_product([layer.weight for layer in layers])
+
+
+def _weights_product(weights) -> torch.Tensor:
     w = None
-    for layer in layers:
-        lw = layer.weight
+    for lw in weights:
         if w is None:
             w = lw
             continue
@@ -245,7 +252,7 @@ class FactorChain(nn.Sequential):
     @property
     def groups(self) -> int:
         self._conv_attr("groups")
-        return 1   # only groups=1 layers are factorized
+        return self._first().groups     # a grouped conv's factors are all grouped as it was
 
     @property
     def transposed(self) -> bool:

@@ -68,6 +68,18 @@ def layer_shape(module: nn.Module) -> tuple:
     return (shape[1], shape[0]) if isinstance(module, HFConv1D) else shape
 
 
+def groups_of(module: nn.Module) -> int:
+    """A conv's `groups` (1 for every other layer)."""
+    return int(getattr(module, "groups", 1)) if isinstance(module, nn.modules.conv._ConvNd) else 1
+
+
+def group_shape(module: nn.Module) -> tuple:
+    """(out, in, *kernel) of one group: a grouped conv is `groups` independent convs of this shape, each
+    factorized on its own at the same ranks (so ranks, like this shape, count per group)."""
+    out, inp, *kernel = layer_shape(module)     # a grouped conv's weight is [out, in / groups, *kernel]
+    return (out // groups_of(module), inp, *kernel)
+
+
 def layer_dims(module: nn.Module) -> tuple[int, int, int]:
     """(out, in, kernel numel) of a Linear, HF Conv1D or Conv*d from its declared sizes (readable before
     the weight exists, e.g. a lazy layer); `in` counts every input channel (groups not divided out)."""
@@ -213,8 +225,6 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
     why = forward_reason(module)
     if why is not None:
         return f"{why}: factors would not reproduce it"
-    if getattr(module, "groups", 1) != 1:
-        return f"grouped/depthwise conv (groups={module.groups})"
     if getattr(module, "transposed", False):
         return "transposed conv"
     return None
@@ -260,10 +270,11 @@ def effective_scheme(module: nn.Module, conv_scheme: str) -> str:
 def full_ranks(module: nn.Module, scheme: str) -> tuple:
     """Ranks (data-flow order) at which the factorization is exact.
 
-    Linear / 1x1 conv: (min(in, out),); tucker2: (in, out); conv_svd: (min(out, in*k),).
+    Linear / 1x1 conv: (min(in, out),); tucker2: (in, out); conv_svd: (min(out, in*k),); a grouped conv's
+    counted per group.
     """
     eff = effective_scheme(module, scheme)
-    out, inp, *kernel = layer_shape(module)
+    out, inp, *kernel = group_shape(module)
     k = math.prod(kernel)
     if eff == "svd":
         return (min(inp, out),)
@@ -289,26 +300,31 @@ def _check_ranks(module: nn.Module, ranks: Ranks, scheme: str, name: str) -> tup
 
 
 def chain_params(module: nn.Module, ranks: Ranks, scheme: str) -> int:
-    """Parameter count of the FactorChain at `ranks`, bias included."""
+    """Parameter count of the FactorChain at `ranks`, bias included (a grouped conv: every group's)."""
     ranks = _check_ranks(module, ranks, scheme, "")
     eff = effective_scheme(module, scheme)
-    out, inp, *kernel = layer_shape(module)
+    out, inp, *kernel = group_shape(module)
     k = math.prod(kernel)
-    bias = out if module.bias is not None else 0
+    g = groups_of(module)
+    bias = g * out if module.bias is not None else 0
     if eff == "svd":
-        return ranks[0] * (inp + out) + bias
+        return g * ranks[0] * (inp + out) + bias
     if eff == "tucker2":
         r_in, r_out = ranks
-        return inp * r_in + r_in * r_out * k + r_out * out + bias
-    return ranks[0] * (inp * k + out) + bias
+        return g * (inp * r_in + r_in * r_out * k + r_out * out) + bias
+    return g * ranks[0] * (inp * k + out) + bias
 
 
 # --- chain construction --------------------------------------------------------------------------
 
 def _make_layers(module: nn.Module, ranks: tuple, eff: str, device, dtype, init: bool) -> "OrderedDict[str, nn.Module]":
     """The factor layers of the chain; `init=False` leaves weights uninitialized (about to be set)."""
+    g = groups_of(module)
+
     def make(cls, *args, **kw):
         kw.update(device=device, dtype=dtype)
+        if g > 1:           # a grouped conv: every factor is grouped alike, holding each group's factors
+            kw["groups"] = g
         return cls(*args, **kw) if init else skip_init(cls, *args, **kw)
 
     out, inp = layer_shape(module)[:2]
@@ -318,8 +334,10 @@ def _make_layers(module: nn.Module, ranks: tuple, eff: str, device, dtype, init:
         return OrderedDict([(ROLE_FIRST, make(nn.Linear, inp, r, bias=False)),
                             (ROLE_LAST, make(nn.Linear, r, out, bias=has_bias))])
     dims = _conv_dims(module)
-    conv = _CONVS[dims]
     one = (1,) * dims
+    conv = _CONVS[dims]
+    inp *= g                        # every input channel (a grouped conv's weight holds in / groups)
+    ranks = tuple(r * g for r in ranks)     # ranks count per group
     # The spatial part (stride/padding/dilation/padding_mode) lives on exactly one factor; pointwise
     # factors commute with zero/reflect/replicate/circular padding, so the result is unchanged.
     spatial = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
@@ -436,13 +454,15 @@ def factorize_linear(linear: nn.Linear, rank: int, *, name: str = "", whiten=Non
 
 
 def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = "", whiten=None) -> FactorChain:
-    """Factorize an nn.Conv1d/2d/3d (groups=1) into a FactorChain.
+    """Factorize an nn.Conv1d/2d/3d into a FactorChain.
 
     1x1 kernels: SVD into two 1x1 convs, ranks=(r,), whatever `scheme` says.
     scheme="tucker2", ranks=(r_in, r_out): 1x1 in->r_in, kxk r_in->r_out (stride/padding/dilation),
     1x1 r_out->out (bias). scheme="conv_svd" (or its alias "svd"), ranks=(r,): kxk in->r, 1x1 r->out.
+    A grouped conv: each group is factorized on its own at `ranks` (which count per group), and every
+    factor is a conv with the same groups holding the groups' factors side by side.
     whiten: calibration statistics (factorize.whiten.Whitening; im2col view for SVD schemes, channel
-    view for Tucker-2): fit the output error on that data instead of the weight error.
+    view for Tucker-2): fit the output error on that data instead of the weight error (groups=1).
     """
     _require_supported(conv, name)
     if is_linear_like(conv):
@@ -451,6 +471,12 @@ def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = ""
     ranks = _check_ranks(conv, ranks, scheme, name)
     w = conv.weight.detach()
     out, inp = w.shape[:2]
+    g = groups_of(conv)
+    if g > 1:
+        if whiten is not None:
+            raise FactorizationError(f"{_label(name)}: calibration statistics are for groups=1 layers; a grouped "
+                                     f"conv (groups={g}) is factorized from its weight (whiten=None)")
+        return _build(conv, ranks, eff, _grouped_factors(w, g, ranks, eff, name))
     if eff in ("svd", "conv_svd"):
         if whiten is not None:
             left, right, fix = _whitened_svd(conv, w.reshape(out, -1), ranks[0], whiten, name)
@@ -467,6 +493,21 @@ def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = ""
         return _build(conv, ranks, eff, {ROLE_FIRST: first, ROLE_CORE: core, ROLE_LAST: u_out})
     core, u_out, u_in = tucker2(w, rank_out=r_out, rank_in=r_in, name=name, dtype=factor_dtype(w))
     return _build(conv, ranks, eff, {ROLE_FIRST: u_in.t(), ROLE_CORE: core, ROLE_LAST: u_out})
+
+
+def _grouped_factors(w: torch.Tensor, g: int, ranks: tuple, eff: str, name: str) -> dict:
+    """Each group's factors (of its [out / g, in / g, *kernel] slice of `w`), stacked along the output
+    dimension of every factor: the weights of factor convs with `groups=g`."""
+    parts = []
+    for i, wg in enumerate(w.chunk(g)):
+        label = f"{name} (group {i})" if name else f"group {i}"
+        if eff == "tucker2":
+            core, u_out, u_in = tucker2(wg, rank_out=ranks[1], rank_in=ranks[0], name=label, dtype=factor_dtype(w))
+            parts.append({ROLE_FIRST: u_in.t(), ROLE_CORE: core, ROLE_LAST: u_out})
+        else:
+            left, right = svd_split(wg.reshape(wg.shape[0], -1), ranks[0], name=label, dtype=factor_dtype(w))
+            parts.append({ROLE_FIRST: right, ROLE_LAST: left})
+    return {role: torch.cat([p[role] for p in parts]) for role in parts[0]}
 
 
 def factorize(module: nn.Module, ranks: Ranks, scheme: str = "tucker2", *, name: str = "",
@@ -662,24 +703,41 @@ def _numel(module: nn.Module) -> int:
 # The one implementation of each rule: the decompose pass calls these.
 
 def ranks_for_ratio(module: nn.Module, scheme: str, ratio: float) -> tuple:
-    """Largest ranks whose factor weights (bias excluded) are <= ratio of the layer's weights."""
+    """Largest ranks whose factor weights (bias excluded) are <= ratio of the layer's weights (per group:
+    each group of a grouped conv alike)."""
     eff = effective_scheme(module, scheme)
-    out, inp, *kernel = layer_shape(module)
+    out, inp, *kernel = group_shape(module)
     k = math.prod(kernel)
     if eff == "tucker2":
         return tucker2_ranks_for_ratio(out, inp, k, ratio)
     return (svd_rank_for_ratio(out, inp * k, ratio),)
 
 
+def _per_group(module: nn.Module, rule) -> tuple:
+    """rule(weight) for a layer; for a grouped conv, the largest ranks rule gives any one group's weight
+    slice (so every group keeps at least what the rule asks of it)."""
+    g = groups_of(module)
+    if g == 1:
+        return tuple(rule(module.weight.detach()))
+    got = [tuple(rule(wg)) for wg in module.weight.detach().chunk(g)]
+    return tuple(max(r) for r in zip(*got))
+
+
 def ranks_for_energy(module: nn.Module, scheme: str, energy: float, *, name: str = "") -> tuple:
-    """Smallest ranks keeping `energy` of the singular-value energy (per unfolding for Tucker-2)."""
+    """Smallest ranks keeping `energy` of the singular-value energy (per unfolding for Tucker-2; in every
+    group of a grouped conv)."""
     if effective_scheme(module, scheme) == "tucker2":
-        return tucker2_ranks_energy(module.weight, energy, name=name)
-    return (energy_rank(singular_values(weight_matrix(module), name=name), energy),)
+        return _per_group(module, lambda w: tucker2_ranks_energy(w, energy, name=name))
+    if groups_of(module) == 1:
+        return (energy_rank(singular_values(weight_matrix(module), name=name), energy),)
+    return _per_group(module, lambda w: (energy_rank(singular_values(w.reshape(w.shape[0], -1), name=name),
+                                                     energy),))
 
 
 def ranks_for_vbmf(module: nn.Module, scheme: str, *, name: str = "") -> tuple:
-    """EVBMF rank estimate (per unfolding for Tucker-2)."""
+    """EVBMF rank estimate (per unfolding for Tucker-2; the largest over the groups of a grouped conv)."""
     if effective_scheme(module, scheme) == "tucker2":
-        return tucker2_ranks_vbmf(module.weight, name=name)
-    return (evbmf_rank(weight_matrix(module), name=name),)
+        return _per_group(module, lambda w: tucker2_ranks_vbmf(w, name=name))
+    if groups_of(module) == 1:
+        return (evbmf_rank(weight_matrix(module), name=name),)
+    return _per_group(module, lambda w: (evbmf_rank(w.reshape(w.shape[0], -1), name=name),))

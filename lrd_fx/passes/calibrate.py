@@ -102,8 +102,8 @@ def view_of(module: nn.Module, scheme: str) -> Optional[str]:
     """The feature view a layer's statistics are recorded in, None where none is supported."""
     if fm.is_linear_like(module):   # nn.Linear and its kin, HF Conv1D (GPT-2) included
         return LINEAR
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return None
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or module.groups != 1:
+        return None     # a grouped conv is factorized from its weight
     if scheme == "tucker2":
         return CHANNEL
     if module.weight.dim() > 4 or isinstance(module.padding, str):
@@ -425,6 +425,12 @@ def _mark(ctx: CompileContext, name: str, how: str) -> None:
 def _report(ctx: CompileContext, names: list, used: dict, damping: float) -> None:
     from ..factorize.whiten import damped_stats
     missing = [n for n in names if n not in used]
+    grouped = [n for n in missing if fm.groups_of(ctx.originals[n]) > 1]
+    missing = [n for n in missing if n not in grouped]
+    if grouped:
+        ctx.notes.append(f"calibration: {len(grouped)} grouped conv(s) keep the plain weight factorization "
+                         f"(data-aware fitting covers groups=1 layers): {', '.join(grouped[:6])}"
+                         f"{' ...' if len(grouped) > 6 else ''}")
     if missing:
         ctx.notes.append(f"calibration: {len(missing)} factorized layer(s) saw no calibration data and keep the "
                          f"plain weight factorization: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")

@@ -110,7 +110,11 @@ def _skip_reason(name: str, m: nn.Module, cfg, note: Optional[str] = None) -> Op
     if why is not None:
         return why
     out, inp, _ = fm.layer_dims(m)
-    if min(out, inp) < cfg.min_channels:
+    g = fm.groups_of(m)
+    if min(out, inp) // g < cfg.min_channels:
+        if g > 1:
+            return (f"min(in, out) per group={min(out, inp) // g} < min_channels={cfg.min_channels} "
+                    f"(groups={g}{', depthwise' if inp == g else ''})")
         return f"min(in, out)={min(out, inp)} < min_channels={cfg.min_channels}"
     return None
 

@@ -112,6 +112,8 @@ def _signature(m: nn.Module, scheme: str) -> str:
     for attr in ("stride", "padding", "dilation", "padding_mode"):
         if hasattr(m, attr):
             parts.append(f"{attr}={getattr(m, attr)}")
+    if fm.groups_of(m) > 1:     # the weight's shape does not tell a grouped conv from a plain one
+        parts.append(f"groups={fm.groups_of(m)}")
     return "|".join(parts)
 
 

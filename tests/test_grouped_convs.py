@@ -1,0 +1,155 @@
+"""Grouped convolutions (ResNeXt, RegNet, NFNet): each group factorized on its own, every factor a conv with
+the layer's groups; depthwise and narrow groups stay as they are, with the reason."""
+import pytest
+import torch
+import torch.nn as nn
+
+import lrd_fx
+from conftest import state_hash
+from lrd_fx.cost.timer import use_cost_fn
+from lrd_fx.factorize import modules as fm
+from lrd_fx.passes.search_ranks import _signature
+
+
+class Block(nn.Module):
+    """A ResNeXt-style bottleneck: 1x1, grouped 3x3 (4 groups of 16), BatchNorm, 1x1; then a depthwise 3x3."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce = nn.Conv2d(24, 64, 1, bias=False)
+        self.grouped = nn.Conv2d(64, 64, 3, padding=1, groups=4, bias=False)
+        self.bn = nn.BatchNorm2d(64)
+        self.expand = nn.Conv2d(64, 32, 1, groups=2)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        y = self.expand(torch.relu(self.bn(self.grouped(torch.relu(self.reduce(x))))))
+        return self.head(self.dw(y).mean((2, 3)))
+
+
+def _model():
+    torch.manual_seed(0)
+    m = Block()
+    with torch.no_grad():                   # BatchNorm statistics that are not the identity
+        m.bn.running_mean.uniform_(-0.5, 0.5)
+        m.bn.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+X = torch.randn(2, 24, 8, 8)
+
+
+@pytest.mark.parametrize("scheme", ["tucker2", "conv_svd"])
+def test_grouped_convs_are_exact_at_full_rank_and_keep_their_groups(scheme):
+    model = _model()
+    before = state_hash(model)
+    gm = lrd_fx.compile(model, (X,), rank="full", conv_scheme=scheme, progress=False)
+    assert state_hash(model) == before
+    plan = gm.lrd.plan
+    assert plan["grouped"]["decision"] == plan["expand"]["decision"] == "decomposed"
+    assert plan["grouped"]["full_ranks"] == ([16, 16] if scheme == "tucker2" else [16])    # per group
+    assert all(f.groups == 4 for f in gm.get_submodule("grouped").children())
+    assert all(f.groups == 2 for f in gm.get_submodule("expand").children())
+    assert gm.get_submodule("grouped").groups == 4        # the chain keeps the layer's face
+    torch.testing.assert_close(gm(X), model(X), rtol=1e-4, atol=1e-5)
+    x2 = torch.randn(3, 24, 5, 7)
+    torch.testing.assert_close(gm(x2), model(x2), rtol=1e-4, atol=1e-5)
+    # the chain's weight is the product of its factors, in the layer's own [out, in / groups, k, k]
+    torch.testing.assert_close(gm.get_submodule("grouped").weight, model.grouped.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_depthwise_and_narrow_groups_stay_with_the_reason():
+    gm = lrd_fx.compile(_model(), (X,), ratio=0.5, progress=False)
+    dw = gm.lrd.plan["dw"]
+    assert dw["decision"] == "skipped"
+    assert "per group=1 < min_channels=8 (groups=32, depthwise)" in dw["reason"]
+    narrow = lrd_fx.compile(_model(), (X,), ratio=0.5, min_channels=20, progress=False).lrd.plan["grouped"]
+    assert narrow["decision"] == "skipped" and "per group=16 < min_channels=20 (groups=4)" in narrow["reason"]
+
+
+def test_ratio_counts_the_parameters_of_every_group():
+    model = _model()
+    gm = lrd_fx.compile(model, (X,), ratio=0.5, progress=False)
+    for name in ("grouped", "expand"):
+        rec, orig = gm.lrd.plan[name], model.get_submodule(name)
+        chain = gm.get_submodule(name)
+        got = sum(p.numel() for p in chain.parameters())
+        assert rec["params_after"] == got == fm.chain_params(orig, rec["ranks"], rec["scheme"])
+        assert got <= 0.5 * orig.weight.numel() + (orig.bias.numel() if orig.bias is not None else 0)
+        assert rec["params_before"] == sum(p.numel() for p in orig.parameters())
+    # ranks per group: the ratio rule on one group's [16, 16, 3, 3] slice
+    assert tuple(gm.lrd.plan["grouped"]["ranks"]) == fm.ranks_for_ratio(nn.Conv2d(16, 16, 3), "tucker2", 0.5)
+
+
+def test_energy_keeps_what_every_group_needs():
+    """One group is rank 2, the others full: the energy rule keeps the rank the full groups need."""
+    conv = nn.Conv2d(32, 32, 1, groups=4, bias=False)
+    with torch.no_grad():
+        w = conv.weight.reshape(4, 8, 8)
+        w[0] = torch.randn(8, 2) @ torch.randn(2, 8)
+    per_group = []
+    for i in range(4):
+        one = nn.Conv2d(8, 8, 1, bias=False)
+        with torch.no_grad():
+            one.weight.copy_(conv.weight[8 * i:8 * (i + 1)])
+        per_group.append(fm.ranks_for_energy(one, "svd", 0.999)[0])
+    assert per_group[0] <= 2 < max(per_group)
+    assert fm.ranks_for_energy(conv, "svd", 0.999) == (max(per_group),)
+
+
+def test_saved_trained_and_fused_like_any_layer(tmp_path):
+    model = _model()
+    gm = lrd_fx.compile(model, (X,), ratio=0.5, freeze="sequential", progress=False)
+    gm.train()
+    opt = torch.optim.SGD(gm.parameters(), lr=0.05)
+    for _ in gm.lrd.freezer.epochs(2):
+        loss = gm(X).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    gm.eval()
+    path = tmp_path / "m.lrd"
+    lrd_fx.save(gm, path)
+    loaded = lrd_fx.load(_model(), path)
+    assert all(f.groups == 4 for f in loaded.get_submodule("grouped").children())
+    torch.testing.assert_close(loaded(X), gm(X), rtol=0, atol=0)
+    fused = lrd_fx.fuse(loaded)
+    torch.testing.assert_close(fused(X), loaded(X), rtol=1e-4, atol=1e-5)
+    assert "bn" not in dict(fused.named_modules())            # folded into the grouped chain's last factor
+
+
+def test_the_search_times_grouped_candidates_under_their_own_signature():
+    assert _signature(nn.Conv2d(64, 64, 3, groups=2), "tucker2") != _signature(nn.Conv2d(32, 64, 3), "tucker2")
+    assert _signature(nn.Conv2d(32, 64, 3), "tucker2") == "|".join(
+        ["Conv2d", "64x32x3x3", "bias=True", "tucker2", "stride=(1, 1)", "padding=(0, 0)", "dilation=(1, 1)",
+         "padding_mode=zeros"])                                  # groups=1 keys stay as they were
+
+    def cost(module, shape, mode):
+        """Chains of the grouped layer are cheaper the lower their per-group rank; the original costs 10."""
+        if isinstance(module, nn.Conv2d) and module.groups == 4 and module.out_channels == 64:
+            return 10.0
+        if hasattr(module, "scheme") and getattr(module[0], "groups", 1) == 4:
+            return float(module[0].out_channels // 4)          # first factor: r_in per group x 4 groups
+        return 1.0
+
+    with use_cost_fn(cost):
+        gm = lrd_fx.compile(_model(), (X,), ratio=0.5, rank_search="infer", progress=False)
+    rec = gm.lrd.plan["grouped"]
+    assert rec["decision"] == "searched" and rec["candidates"]
+    assert all(f.groups == 4 for f in gm.get_submodule("grouped").children())
+    # every candidate was timed as a grouped chain whose first factor has 4 groups of r_in channels
+    assert len(rec["candidates"]) >= 3
+    assert all(t == int(key.split("/")[0]) for key, t in rec["candidates"].items())
+    assert "/".join(map(str, rec["ranks"])) in rec["candidates"]
+
+
+def test_calibration_leaves_grouped_convs_to_their_weights_and_says_so():
+    model = _model()
+    batches = [(torch.randn(4, 24, 8, 8),) for _ in range(2)]
+    gm = lrd_fx.compile(model, (X,), ratio=0.5, calibration=batches, progress=False)
+    notes = " ".join(gm.lrd.notes)
+    assert "2 grouped conv(s) keep the plain weight factorization" in notes and "grouped, expand" in notes
+    plain = lrd_fx.compile(model, (X,), ratio=0.5, progress=False)
+    torch.testing.assert_close(gm.get_submodule("grouped").weight, plain.get_submodule("grouped").weight)
+    assert "data-aware" in gm.lrd.plan["reduce"]["reason"]
