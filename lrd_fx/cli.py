@@ -34,7 +34,7 @@ def cmd_compile(args) -> int:
     model = create_model(args.model).eval()
     shape = args.input or default_input_shape(model, args.model)
     x = torch.randn(*shape)
-    overrides = dict(debug=args.debug, conv_scheme=args.conv_scheme)
+    overrides = dict(debug=args.debug, conv_scheme=args.conv_scheme, decompose_grouped=args.decompose_grouped)
     for key in ("ratio", "rank", "energy", "rank_search", "freeze", "freeze_period", "freeze_group", "dump_dir"):
         val = getattr(args, key)
         if val is not None:
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--energy", type=float, default=None, help="singular-value energy kept, in (0, 1]")
     c.add_argument("--conv-scheme", default="tucker2", choices=["tucker2", "conv_svd", "svd"],
                    help="k x k convs: tucker2 (1x1 -> kxk -> 1x1) or conv_svd (kxk -> 1x1); svd is an alias of conv_svd")
+    c.add_argument("--decompose-grouped", action="store_true",
+                   help="also factorize grouped convs (ResNeXt, RegNet), each group on its own")
     c.add_argument("--input", type=_shape, default=None, help="example input shape NxCxHxW (default: model's)")
     c.add_argument("--rank-search", default=None, choices=["infer", "train"], help="time candidate ranks")
     c.add_argument("--no-guard", action="store_true",

@@ -204,6 +204,7 @@ class Config:
     filter_fn: Optional[Callable[[str, Any], bool]] = None   # (name, module) -> factorize?
     decompose_linear: bool = True          # factorize nn.Linear layers
     decompose_conv: bool = True            # factorize nn.Conv1d/2d/3d layers
+    decompose_grouped: bool = False        # also grouped convs, each group on its own (fewer parameters; slower here)
     align: Union[int, str, None] = "auto"  # rank alignment of estimate + candidates; "auto": 8 on CUDA half precision, else 1
 
     # --- tracing ----------------------------------------------------------------------------
@@ -279,8 +280,8 @@ class Config:
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConfigError(f"filter_fn={self.filter_fn!r} must be None or a function (name, module) -> bool, "
                               f"e.g. filter_fn=lambda name, m: not name.startswith('head')")
-        for name in ("decompose_linear", "decompose_conv", "fallback", "progress", "debug", "check_inputs",
-                     "fuse_inference"):
+        for name in ("decompose_linear", "decompose_conv", "decompose_grouped", "fallback", "progress", "debug",
+                     "check_inputs", "fuse_inference"):
             _bool(name, getattr(self, name))
         _names("leaf_modules", self.leaf_modules, (str, type),
                "module classes or qualified names, e.g. leaf_modules=(MyBlock, 'encoder.attn')")

@@ -28,8 +28,8 @@ _MAX_HEADER = 100 * 1024 * 1024      # safetensors' own limit on the header size
 # Config fields load() takes from a file: they decide how the saved architecture is rebuilt (tracing,
 # chain scheme, gates, fusion). Every other saved field is informational only: the plan fixes the ranks,
 # and nothing that names a path (dump_dir, cache) or prints (debug, progress) is ever taken from a file.
-_REBUILD_FIELDS = ("conv_scheme", "min_channels", "decompose_linear", "decompose_conv", "fallback",
-                   "fuse_inference")
+_REBUILD_FIELDS = ("conv_scheme", "min_channels", "decompose_linear", "decompose_conv", "decompose_grouped",
+                   "fallback", "fuse_inference")
 
 # Options the caller may give to load(): none of them changes the saved ranks or decisions. The first
 # four are never read from a file (paths and printing); the freezing and leaf options are, unless given.

@@ -127,13 +127,14 @@ def restore_unfactorized_(root: nn.Module, ctx) -> list:
     """Put the original layer back wherever its plain convolution is still there (not factorized: skipped,
     reverted by the search or the whole-model guard); give every such layer's record the original's class
     and parameter count (ScaledStdConv2d's gain). Returns the paths put back."""
+    from .passes.decompose import kind_of
     from .plan import DECOMPOSED, SEARCHED
     back = []
     for path, (orig, plain) in (ctx.std_convs or {}).items():
         rec = ctx.records.get(path)
         extra = _extra_params(orig)
         if rec is not None:
-            rec.kind = type(orig).__name__
+            rec.kind = kind_of(orig)
             rec.params_before += extra
         parent, _, attr = path.rpartition(".")
         holder = root.get_submodule(parent) if parent else root

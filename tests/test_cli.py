@@ -23,6 +23,17 @@ def test_conv_scheme_conv_svd(capsys, scheme):
     assert "conv_svd" in out and "tucker2" not in out
 
 
+def test_decompose_grouped_factorizes_resnext_grouped_convs(capsys):
+    argv = ["compile", "resnext50_32x4d", "--input", "1x3x32x32", "--ratio", "0.5"]
+    assert main(argv) == 0
+    assert "decompose_grouped=False" in capsys.readouterr().out
+    assert main(argv + ["--decompose-grouped"]) == 0
+    out = capsys.readouterr().out
+    assert "decompose_grouped=False" not in out
+    row = next(line for line in out.splitlines() if line.startswith("layer4.0.conv2 "))
+    assert "decomposed" in row
+
+
 def test_unknown_model_is_a_clear_error(capsys):
     assert main(["compile", "no_such_model_xyz"]) == 2
     assert "unknown model 'no_such_model_xyz'" in capsys.readouterr().err

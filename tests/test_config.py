@@ -33,7 +33,7 @@ BAD = [
     dict(min_channels=0), dict(min_channels=2.0), dict(min_channels=True),
     dict(skip=5), dict(skip=("a", 5)), dict(skip=None),
     dict(filter_fn="abc"), dict(filter_fn=5),
-    dict(decompose_linear=1), dict(decompose_conv="no"), dict(fallback=0), dict(progress=1),
+    dict(decompose_linear=1), dict(decompose_conv="no"), dict(decompose_grouped="yes"), dict(fallback=0), dict(progress=1),
     dict(debug=1), dict(check_inputs=None),
     dict(leaf_modules=5), dict(leaf_modules=(int,)), dict(leaf_modules=("a", 3)),
     dict(rank_search="fast"), dict(rank_search=True),

@@ -1,5 +1,6 @@
-"""Grouped convolutions (ResNeXt, RegNet, NFNet): each group factorized on its own, every factor a conv with
-the layer's groups; depthwise and narrow groups stay as they are, with the reason."""
+"""Grouped convolutions (ResNeXt, RegNet, NFNet) with decompose_grouped=True: each group factorized on its own,
+every factor a conv with the layer's groups; depthwise and narrow groups stay as they are, with the reason.
+By default they stay, with the option named."""
 import pytest
 import torch
 import torch.nn as nn
@@ -44,7 +45,7 @@ X = torch.randn(2, 24, 8, 8)
 def test_grouped_convs_are_exact_at_full_rank_and_keep_their_groups(scheme):
     model = _model()
     before = state_hash(model)
-    gm = lrd_fx.compile(model, (X,), rank="full", conv_scheme=scheme, progress=False)
+    gm = lrd_fx.compile(model, (X,), rank="full", conv_scheme=scheme, decompose_grouped=True, progress=False)
     assert state_hash(model) == before
     plan = gm.lrd.plan
     assert plan["grouped"]["decision"] == plan["expand"]["decision"] == "decomposed"
@@ -59,18 +60,28 @@ def test_grouped_convs_are_exact_at_full_rank_and_keep_their_groups(scheme):
     torch.testing.assert_close(gm.get_submodule("grouped").weight, model.grouped.weight, rtol=1e-4, atol=1e-5)
 
 
-def test_depthwise_and_narrow_groups_stay_with_the_reason():
+def test_by_default_grouped_convs_stay_and_the_reason_names_the_option():
     gm = lrd_fx.compile(_model(), (X,), ratio=0.5, progress=False)
+    for name in ("grouped", "expand"):
+        assert gm.lrd.plan[name]["decision"] == "skipped"
+        assert "decompose_grouped=False" in gm.lrd.plan[name]["reason"]
+    assert gm.lrd.plan["reduce"]["decision"] == "decomposed"
+    assert isinstance(gm.get_submodule("grouped"), nn.Conv2d)
+
+
+def test_depthwise_and_narrow_groups_stay_with_the_reason():
+    gm = lrd_fx.compile(_model(), (X,), ratio=0.5, decompose_grouped=True, progress=False)
     dw = gm.lrd.plan["dw"]
     assert dw["decision"] == "skipped"
     assert "per group=1 < min_channels=8 (groups=32, depthwise)" in dw["reason"]
-    narrow = lrd_fx.compile(_model(), (X,), ratio=0.5, min_channels=20, progress=False).lrd.plan["grouped"]
+    narrow = lrd_fx.compile(_model(), (X,), ratio=0.5, min_channels=20, decompose_grouped=True,
+                            progress=False).lrd.plan["grouped"]
     assert narrow["decision"] == "skipped" and "per group=16 < min_channels=20 (groups=4)" in narrow["reason"]
 
 
 def test_ratio_counts_the_parameters_of_every_group():
     model = _model()
-    gm = lrd_fx.compile(model, (X,), ratio=0.5, progress=False)
+    gm = lrd_fx.compile(model, (X,), ratio=0.5, decompose_grouped=True, progress=False)
     for name in ("grouped", "expand"):
         rec, orig = gm.lrd.plan[name], model.get_submodule(name)
         chain = gm.get_submodule(name)
@@ -100,7 +111,7 @@ def test_energy_keeps_what_every_group_needs():
 
 def test_saved_trained_and_fused_like_any_layer(tmp_path):
     model = _model()
-    gm = lrd_fx.compile(model, (X,), ratio=0.5, freeze="sequential", progress=False)
+    gm = lrd_fx.compile(model, (X,), ratio=0.5, freeze="sequential", decompose_grouped=True, progress=False)
     gm.train()
     opt = torch.optim.SGD(gm.parameters(), lr=0.05)
     for _ in gm.lrd.freezer.epochs(2):
@@ -134,7 +145,7 @@ def test_the_search_times_grouped_candidates_under_their_own_signature():
         return 1.0
 
     with use_cost_fn(cost):
-        gm = lrd_fx.compile(_model(), (X,), ratio=0.5, rank_search="infer", progress=False)
+        gm = lrd_fx.compile(_model(), (X,), ratio=0.5, rank_search="infer", decompose_grouped=True, progress=False)
     rec = gm.lrd.plan["grouped"]
     assert rec["decision"] == "searched" and rec["candidates"]
     assert all(f.groups == 4 for f in gm.get_submodule("grouped").children())
@@ -147,9 +158,9 @@ def test_the_search_times_grouped_candidates_under_their_own_signature():
 def test_calibration_leaves_grouped_convs_to_their_weights_and_says_so():
     model = _model()
     batches = [(torch.randn(4, 24, 8, 8),) for _ in range(2)]
-    gm = lrd_fx.compile(model, (X,), ratio=0.5, calibration=batches, progress=False)
+    gm = lrd_fx.compile(model, (X,), ratio=0.5, calibration=batches, decompose_grouped=True, progress=False)
     notes = " ".join(gm.lrd.notes)
     assert "2 grouped conv(s) keep the plain weight factorization" in notes and "grouped, expand" in notes
-    plain = lrd_fx.compile(model, (X,), ratio=0.5, progress=False)
+    plain = lrd_fx.compile(model, (X,), ratio=0.5, decompose_grouped=True, progress=False)
     torch.testing.assert_close(gm.get_submodule("grouped").weight, plain.get_submodule("grouped").weight)
     assert "data-aware" in gm.lrd.plan["reduce"]["reason"]

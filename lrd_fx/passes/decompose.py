@@ -116,6 +116,8 @@ def _skip_reason(name: str, m: nn.Module, cfg, note: Optional[str] = None) -> Op
             return (f"min(in, out) per group={min(out, inp) // g} < min_channels={cfg.min_channels} "
                     f"(groups={g}{', depthwise' if inp == g else ''})")
         return f"min(in, out)={min(out, inp)} < min_channels={cfg.min_channels}"
+    if g > 1 and not cfg.decompose_grouped:
+        return f"grouped conv (groups={g}): decompose_grouped=False (True factorizes each group)"
     return None
 
 
@@ -298,9 +300,15 @@ def _check_patterns(per_layer: dict, sites: dict) -> None:
                             f"layer names look like: {some}")
 
 
+def kind_of(m: nn.Module) -> str:
+    """The report's `kind` of a layer: its class, and a grouped conv's groups (its ranks count per group)."""
+    g = fm.groups_of(m)
+    return type(m).__name__ + (f"(groups={g})" if g > 1 else "")
+
+
 def _new_record(name: str, m: nn.Module, ctx: CompileContext) -> LayerRecord:
     io = ctx.layer_io.get(name)
-    return LayerRecord(name=name, kind=type(m).__name__,
+    return LayerRecord(name=name, kind=kind_of(m),
                        in_shape=io["in"] if io else None, out_shape=io["out"] if io else None,
                        params_before=weight_params(m), params_after=weight_params(m),
                        flops_before=layer_flops(m, io), flops_after=layer_flops(m, io),
