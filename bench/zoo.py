@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import Optional
 
 import torch
 
@@ -158,8 +159,10 @@ def _rel_err(a, b) -> float:
     return float((a - b).norm() / (b.norm() + 1e-30))
 
 
-def check_model(source: str, name: str) -> dict:
-    """Every check on one model; raises nothing (errors become the record's status)."""
+def check_model(source: str, name: str, options: Optional[dict] = None) -> dict:
+    """Every check on one model, compiled with `options` (e.g. decompose_grouped=True) besides the ratio or
+    rank; raises nothing (errors become the record's status)."""
+    options = options or {}
     import lrd_fx
     rec: dict = {"model": name, "source": source, "status": "ok"}
     try:
@@ -170,7 +173,7 @@ def check_model(source: str, name: str) -> dict:
         with torch.no_grad():
             y_ref = _first_tensor(model(x))
         t0 = time.perf_counter()
-        gm = lrd_fx.compile(model, (x,), ratio=0.5)
+        gm = lrd_fx.compile(model, (x,), ratio=0.5, **options)
         rec["compile_s"] = round(time.perf_counter() - t0, 2)
         recs = gm.lrd.records().values()
         rec["layers_factorized"] = sum(r.factorized for r in recs)
@@ -201,7 +204,7 @@ def check_model(source: str, name: str) -> dict:
 
         # rank="full": exact on the output and on inner activations (factorized layers' outputs included:
         # random models can have outputs that ignore the weights, e.g. zero-initialised heads)
-        full = lrd_fx.compile(model, (x,), rank="full").eval()
+        full = lrd_fx.compile(model, (x,), rank="full", **options).eval()
         fact_names = [n for n, r in full.lrd.records().items() if r.factorized]
         # only layers the original calls as modules have an activation to compare (not one whose weight the
         # original passes to F.linear itself, which compile's layer_calls pass made a call: timm's EVA qkv)
@@ -294,13 +297,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-params", type=int, default=MAX_PARAMS, help="skip bigger models")
     p.add_argument("--threads", type=int, default=1, help="torch threads per model")
     p.add_argument("--out", default="", help="output path without suffix (default bench/results/zoo-<date>)")
+    p.add_argument("--decompose-grouped", action="store_true", help="compile with decompose_grouped=True")
     p.add_argument("--worker", nargs=3, metavar=("SOURCE", "NAME", "RESULT_JSON"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         torch.set_num_threads(args.threads)
         source, name, path = args.worker
         with open(path, "w") as f:
-            json.dump(check_model(source, name), f)
+            json.dump(check_model(source, name, {"decompose_grouped": True} if args.decompose_grouped else {}), f)
         return 0
     if not (args.torchvision or args.timm or args.only):
         args.torchvision = args.timm = True
@@ -309,6 +313,7 @@ def main(argv=None) -> int:
     todo = model_list(args)
     import timm
     meta = {"torch": torch.__version__, "timm": timm.__version__, "threads": args.threads,
+            "decompose_grouped": args.decompose_grouped,
             "timeout_s": args.timeout, "max_params": args.max_params, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     results = []
     sized = []
@@ -331,6 +336,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, "-m", "bench.zoo", "--threads", str(args.threads),
+                                   *(["--decompose-grouped"] if args.decompose_grouped else []),
                                    "--worker", source, name, path], timeout=args.timeout,
                                   capture_output=True, text=True)
             try:
