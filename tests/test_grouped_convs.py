@@ -164,3 +164,30 @@ def test_calibration_leaves_grouped_convs_to_their_weights_and_says_so():
     plain = lrd_fx.compile(model, (X,), ratio=0.5, decompose_grouped=True, progress=False)
     torch.testing.assert_close(gm.get_submodule("grouped").weight, plain.get_submodule("grouped").weight)
     assert "data-aware" in gm.lrd.plan["reduce"]["reason"]
+
+
+@pytest.mark.parametrize("scheme", ["conv_svd", "tucker2"])
+def test_the_searchs_error_of_a_grouped_conv_is_its_groups_error(scheme):
+    """The error the search trades time against ("time+error"): for SVD exactly the factorized layer's
+    relative weight error, summed over groups (not the SVD of the groups' weights stacked); Tucker-2's bound
+    holds above it."""
+    from lrd_fx.passes.search_ranks import rank_errors
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, groups=4, bias=False)
+    with torch.no_grad():
+        conv.weight[:8] *= 10                       # one loud group: its error dominates
+    for ranks in ([(2,), (5,), (8,)] if scheme == "conv_svd" else [(3, 3), (6, 5), (8, 8)]):
+        chain = fm.factorize_conv(conv, ranks, scheme)
+        actual = float((chain.weight - conv.weight).norm() / conv.weight.norm())
+        got = rank_errors(conv, scheme, [ranks])[ranks]
+        if scheme == "conv_svd":
+            assert got == pytest.approx(actual, rel=1e-4, abs=1e-6)
+        else:
+            assert actual <= got + 1e-6
+
+
+def test_a_rank_above_a_groups_full_rank_says_ranks_count_per_group():
+    from lrd_fx.errors import RankError
+    with pytest.raises(RankError, match=r"rank \(per group of groups=4: weight \[8, 8, 3, 3\]\)=12 is out of range; "
+                                        r"valid values are 1\.\.8"):
+        fm.factorize_conv(nn.Conv2d(32, 32, 3, groups=4), (12,), "conv_svd", name="g")

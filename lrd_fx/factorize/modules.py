@@ -296,6 +296,9 @@ def _check_ranks(module: nn.Module, ranks: Ranks, scheme: str, name: str) -> tup
             f"{_label(name)}: {eff} factorization of {type(module).__name__} "
             f"{list(layer_shape(module))} takes ranks {want}, got {ranks!r}")
     what = ("r_in", "r_out") if eff == "tucker2" else ("rank",)
+    g = groups_of(module)
+    if g > 1:       # ranks count per group
+        what = tuple(f"{w} (per group of groups={g}: weight {list(group_shape(module))})" for w in what)
     return tuple(check_rank(r, 1, f, name, w, shape=layer_shape(module)) for r, f, w in zip(ranks, full, what))
 
 

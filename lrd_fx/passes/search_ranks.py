@@ -39,7 +39,7 @@ from ..errors import LRDError, PassError
 from ..factorize import modules as fm
 from ..factorize.chain import pending_chain
 from ..factorize.ranks import aligned_in
-from ..factorize.svd import singular_values, svd_error
+from ..factorize.svd import singular_values
 from ..factorize.tucker import unfold
 from ..pipeline import PassResult, graph_modules
 from ..plan import DECOMPOSED, REVERTED, SEARCHED, LayerRecord
@@ -477,18 +477,35 @@ def time_with_refs(timer: CandidateTimer, g: LayerGroup, refs: list, new: list) 
 
 
 def _errors(module: nn.Module, scheme: str, line: RankLine, ranks_s) -> dict:
-    """Relative reconstruction error per scalar rank: exact for SVD; for Tucker-2 the HOSVD bound
-    sqrt(e_out^2 + e_in^2) from the singular values of the two channel unfoldings."""
+    """Relative reconstruction error per scalar rank (rank_error)."""
+    return rank_errors(module, scheme, [line.ranks(s) for s in ranks_s], keys=ranks_s)
+
+
+def rank_errors(module, scheme: str, ranks_list: list, keys=None) -> dict:
+    """Relative reconstruction error ||W - W'|| / ||W|| at each ranks tuple (keyed by `keys`, default the
+    tuples): exact for SVD; for Tucker-2 the HOSVD bound sqrt(e_out^2 + e_in^2) from the singular values of
+    the two channel unfoldings. A grouped conv (module.groups > 1; ranks per group): the groups' squared
+    errors add up, over the whole weight's energy."""
     w = module.weight.detach().float()
+    groups = int(getattr(module, "groups", 1) or 1)
     if scheme == "tucker2":
-        s_out, s_in = singular_values(unfold(w, 0)), singular_values(unfold(w, 1))
-        out = {}
-        for s in ranks_s:
-            r_in, r_out = line.ranks(s)
-            out[s] = min(1.0, math.sqrt(svd_error(s_out, r_out) ** 2 + svd_error(s_in, r_in) ** 2))
-        return out
-    sv = singular_values(w.reshape(w.shape[0], -1))
-    return {s: svd_error(sv, line.ranks(s)[0]) for s in ranks_s}
+        spectra = [(singular_values(unfold(wg, 0)), singular_values(unfold(wg, 1))) for wg in w.chunk(groups)]
+    else:
+        spectra = [(singular_values(wg.reshape(wg.shape[0], -1)),) for wg in w.chunk(groups)]
+    total = sum(float(sv[0].double().pow(2).sum()) for sv in spectra)
+
+    def tail(sv, r):
+        return float(sv.double().pow(2)[r:].sum())
+
+    out = {}
+    for key, ranks in zip(keys if keys is not None else ranks_list, ranks_list):
+        if scheme == "tucker2":
+            r_in, r_out = ranks
+            lost = sum(tail(s_out, r_out) + tail(s_in, r_in) for s_out, s_in in spectra)
+        else:
+            lost = sum(tail(sv, ranks[0]) for sv, in spectra)
+        out[key] = min(1.0, math.sqrt(max(lost, 0.0) / total)) if total > 0 else 0.0
+    return out
 
 
 def _error_source(ctx: CompileContext, name: str):
