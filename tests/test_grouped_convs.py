@@ -155,15 +155,47 @@ def test_the_search_times_grouped_candidates_under_their_own_signature():
     assert "/".join(map(str, rec["ranks"])) in rec["candidates"]
 
 
-def test_calibration_leaves_grouped_convs_to_their_weights_and_says_so():
-    model = _model()
-    batches = [(torch.randn(4, 24, 8, 8),) for _ in range(2)]
-    gm = lrd_fx.compile(model, (X,), ratio=0.5, calibration=batches, decompose_grouped=True, progress=False)
-    notes = " ".join(gm.lrd.notes)
-    assert "2 grouped conv(s) keep the plain weight factorization" in notes and "grouped, expand" in notes
-    plain = lrd_fx.compile(model, (X,), ratio=0.5, decompose_grouped=True, progress=False)
-    torch.testing.assert_close(gm.get_submodule("grouped").weight, plain.get_submodule("grouped").weight)
-    assert "data-aware" in gm.lrd.plan["reduce"]["reason"]
+def test_grouped_statistics_are_the_diagonal_blocks_of_the_whole_layers():
+    from lrd_fx.factorize.whiten import IM2COL, InputStats
+    x, x_ref = torch.randn(50, 12, dtype=torch.float64), torch.randn(50, 12, dtype=torch.float64)
+    whole, grouped = InputStats(12, IM2COL), InputStats(12, IM2COL, groups=3)
+    whole.update_pair(x_ref, x)
+    grouped.update_pair(x_ref, x)
+    for i in range(3):
+        block = slice(4 * i, 4 * i + 4)
+        part = grouped.group(i)
+        assert part.dim == 4 and part.n == 50
+        torch.testing.assert_close(part.second_moment, whole.second_moment[block, block])
+        torch.testing.assert_close(part.cross_moment, whole.cross_moment[block, block])
+        torch.testing.assert_close(part.mean, whole.mean[block])
+        torch.testing.assert_close(part.ref_mean, whole.ref_mean[block])
+
+
+@pytest.mark.parametrize("scheme", ["tucker2", "conv_svd"])
+@pytest.mark.parametrize("mode", ["oneshot", "sequential"])
+def test_calibration_fits_each_group_to_its_own_inputs(scheme, mode):
+    """Inputs concentrated in a few directions per group: the data-aware fit of the grouped layer has a lower
+    output error on that data than the weight-only factorization at the same ranks."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, groups=4)).eval()
+    mix = torch.randn(64, 3)            # the inputs' 64 channels mix 3 sources: each group's live in 3 directions
+
+    def batch():
+        return (torch.einsum("oc,bchw->bohw", mix, torch.randn(8, 3, 8, 8)),)
+
+    batches = [batch() for _ in range(4)]
+    common = dict(rank=6, conv_scheme=scheme, decompose_grouped=True, progress=False)
+    data = lrd_fx.compile(model, batches[0], calibration=batches, calibration_mode=mode, **common)
+    plain = lrd_fx.compile(model, batches[0], **common)
+    assert f"data-aware ({'one-shot' if mode == 'oneshot' else mode})" in data.lrd.plan["0"]["reason"]
+    assert all(f.groups == 4 for f in data.get_submodule("0").children())
+    test = batch()[0]
+    ref = model(test)
+
+    def err(gm):
+        return float((gm(test) - ref).norm() / ref.norm())
+
+    assert err(data) < 0.8 * err(plain)
 
 
 @pytest.mark.parametrize("scheme", ["conv_svd", "tucker2"])

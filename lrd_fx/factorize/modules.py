@@ -476,10 +476,8 @@ def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = ""
     out, inp = w.shape[:2]
     g = groups_of(conv)
     if g > 1:
-        if whiten is not None:
-            raise FactorizationError(f"{_label(name)}: calibration statistics are for groups=1 layers; a grouped "
-                                     f"conv (groups={g}) is factorized from its weight (whiten=None)")
-        return _build(conv, ranks, eff, _grouped_factors(w, g, ranks, eff, name))
+        weights, fix = _grouped_factors(conv, w, g, ranks, eff, name, whiten)
+        return _add_bias(_build(conv, ranks, eff, weights), fix)
     if eff in ("svd", "conv_svd"):
         if whiten is not None:
             left, right, fix = _whitened_svd(conv, w.reshape(out, -1), ranks[0], whiten, name)
@@ -498,19 +496,36 @@ def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = ""
     return _build(conv, ranks, eff, {ROLE_FIRST: u_in.t(), ROLE_CORE: core, ROLE_LAST: u_out})
 
 
-def _grouped_factors(w: torch.Tensor, g: int, ranks: tuple, eff: str, name: str) -> dict:
+def _grouped_factors(conv: nn.Module, w: torch.Tensor, g: int, ranks: tuple, eff: str, name: str,
+                     whiten=None) -> tuple[dict, Optional[torch.Tensor]]:
     """Each group's factors (of its [out / g, in / g, *kernel] slice of `w`), stacked along the output
-    dimension of every factor: the weights of factor convs with `groups=g`."""
-    parts = []
+    dimension of every factor: the weights of factor convs with `groups=g`; and the bias correction of a
+    data-aware fit (None without one). whiten: the layer's statistics, kept per group (InputStats.group)."""
+    from .whiten import CHANNEL, Whitening, whitened_tucker2
+    if whiten is not None and (whiten.view == CHANNEL) != (eff == "tucker2"):
+        raise FactorizationError(f"{_label(name)}: {eff} needs {'per-channel' if eff == 'tucker2' else 'im2col'} "
+                                 f"calibration statistics, got {whiten.view!r} ones")
+    parts, fixes = [], []
     for i, wg in enumerate(w.chunk(g)):
         label = f"{name} (group {i})" if name else f"group {i}"
+        wh = None if whiten is None else Whitening(whiten.stats.group(i), whiten.damping)
         if eff == "tucker2":
-            core, u_out, u_in = tucker2(wg, rank_out=ranks[1], rank_in=ranks[0], name=label, dtype=factor_dtype(w))
-            parts.append({ROLE_FIRST: u_in.t(), ROLE_CORE: core, ROLE_LAST: u_out})
+            if wh is not None:
+                core, u_out, first, _ = whitened_tucker2(wg, rank_out=ranks[1], rank_in=ranks[0], wh=wh, name=label)
+            else:
+                core, u_out, u_in = tucker2(wg, rank_out=ranks[1], rank_in=ranks[0], name=label,
+                                            dtype=factor_dtype(w))
+                first = u_in.t()
+            parts.append({ROLE_FIRST: first, ROLE_CORE: core, ROLE_LAST: u_out})
+            continue
+        if wh is not None:
+            left, right, fix = _whitened_svd(conv, wg.reshape(wg.shape[0], -1), ranks[0], wh, label)
+            fixes.append(fix)
         else:
             left, right = svd_split(wg.reshape(wg.shape[0], -1), ranks[0], name=label, dtype=factor_dtype(w))
-            parts.append({ROLE_FIRST: right, ROLE_LAST: left})
-    return {role: torch.cat([p[role] for p in parts]) for role in parts[0]}
+        parts.append({ROLE_FIRST: right, ROLE_LAST: left})
+    fix = torch.cat(fixes) if fixes and all(f is not None for f in fixes) else None
+    return {role: torch.cat([p[role].to(parts[0][role].device) for p in parts]) for role in parts[0]}, fix
 
 
 def factorize(module: nn.Module, ranks: Ranks, scheme: str = "tucker2", *, name: str = "",

@@ -51,34 +51,72 @@ class InputStats:
     `update(x)` records samples x [N, d]. `update_pair(x_ref, x)` records the same samples seen by
     the original model (x_ref) and by the compressed one (x): the fit then maps x to the original
     layer's output W x_ref (error-correcting, as in sequential SVD-LLM).
+
+    groups > 1 (a grouped conv): each group's features are a contiguous block of d / groups, and only the
+    blocks on the diagonal are kept (xx, rx: [groups, d / groups, d / groups]); group(i) gives one group's
+    statistics, which its own factorization fits.
     """
 
-    def __init__(self, dim: int, view: str, device=None):
-        self.dim, self.view = dim, view
+    def __init__(self, dim: int, view: str, device=None, groups: int = 1):
+        if groups < 1 or dim % groups:
+            raise ValueError(f"{dim} features do not split into {groups} groups")
+        self.dim, self.view, self.groups = dim, view, groups
         kw = dict(dtype=torch.float64, device=device)
-        self.xx = torch.zeros(dim, dim, **kw)
+        block = dim // groups
+        self.xx = torch.zeros(dim, dim, **kw) if groups == 1 else torch.zeros(groups, block, block, **kw)
         self.x_sum = torch.zeros(dim, **kw)
-        self.rx: Optional[Tensor] = None       # sum x_ref x^T
+        self.rx: Optional[Tensor] = None       # sum x_ref x^T (per group: the diagonal blocks)
         self.r_sum: Optional[Tensor] = None
         self.n = 0
         self._damped: dict = {}                 # damping -> Damped (the sums are final once fitted)
+        self._groups: Optional[list] = None     # group(i)'s views, made once the sums are final
+
+    def _blocks(self, x: Tensor) -> Tensor:
+        """Samples [N, d] as [groups, N, d / groups]."""
+        return x.reshape(x.shape[0], self.groups, -1).transpose(0, 1)
 
     def update(self, x: Tensor) -> None:
         self._check(x)
         self._damped.clear()
-        self.xx.addmm_(x.T, x)
+        self._groups = None
+        if self.groups == 1:
+            self.xx.addmm_(x.T, x)
+        else:
+            xb = self._blocks(x)
+            self.xx.baddbmm_(xb.transpose(1, 2), xb)
         self.x_sum += x.sum(0)
         self.n += x.shape[0]
 
     def update_pair(self, x_ref: Tensor, x: Tensor) -> None:
         if x_ref.shape != x.shape:
             raise InputError(f"paired calibration samples differ in shape: {list(x_ref.shape)} vs {list(x.shape)}")
+        self._check(x)
         if self.rx is None:
             self.rx = torch.zeros_like(self.xx)
             self.r_sum = torch.zeros_like(self.x_sum)
-        self.rx.addmm_(x_ref.T, x)
+        if self.groups == 1:
+            self.rx.addmm_(x_ref.T, x)
+        else:
+            self.rx.baddbmm_(self._blocks(x_ref).transpose(1, 2), self._blocks(x))
         self.r_sum += x_ref.sum(0)
         self.update(x)
+
+    def group(self, i: int) -> "InputStats":
+        """Group i's statistics (views of this object's sums), as an ungrouped InputStats."""
+        if self.groups == 1:
+            return self
+        if self._groups is None:
+            self._groups = []
+            block = self.dim // self.groups
+            for j in range(self.groups):
+                part = InputStats.__new__(InputStats)
+                part.dim, part.view, part.groups, part.n = block, self.view, 1, self.n
+                part.xx, part.x_sum = self.xx[j], self.x_sum[j * block:(j + 1) * block]
+                part.rx = None if self.rx is None else self.rx[j]
+                part.r_sum = None if self.r_sum is None else self.r_sum[j * block:(j + 1) * block]
+                part._damped, part._groups = {}, None
+                self._groups.append(part)
+        return self._groups[i]
 
     def _check(self, x: Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.dim:

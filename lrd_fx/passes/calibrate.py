@@ -102,8 +102,8 @@ def view_of(module: nn.Module, scheme: str) -> Optional[str]:
     """The feature view a layer's statistics are recorded in, None where none is supported."""
     if fm.is_linear_like(module):   # nn.Linear and its kin, HF Conv1D (GPT-2) included
         return LINEAR
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or module.groups != 1:
-        return None     # a grouped conv is factorized from its weight
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return None
     if scheme == "tucker2":
         return CHANNEL
     if module.weight.dim() > 4 or isinstance(module.padding, str):
@@ -124,8 +124,8 @@ def _layer_features(module: nn.Module, view: str, x: torch.Tensor, mask: Optiona
 def _dim(module: nn.Module, view: str) -> int:
     if view == LINEAR:
         return fm.layer_dims(module)[1]       # in-features, whatever the weight's layout ([in, out] in HF Conv1D)
-    w = module.weight
-    return w.shape[1] if view == CHANNEL else w[0].numel()
+    w = module.weight           # a grouped conv's holds in / groups channels: every input channel counts
+    return (w.shape[1] if view == CHANNEL else w[0].numel()) * fm.groups_of(module)
 
 
 def _fitted_weight(module: nn.Module) -> torch.Tensor:
@@ -166,17 +166,31 @@ def whitening_of(ctx: CompileContext, name: str) -> Optional[Whitening]:
 def energy_ranks(module: nn.Module, scheme: str, wh: Whitening, energy: float, *, name: str = "") -> tuple:
     """Ranks (data-flow order) keeping `energy` of the layer's *output* energy on the calibration data:
     the singular values of W C^1/2 (Tucker-2: of its channel unfoldings) instead of W's."""
-    w = whitened_matrix(_fitted_weight(module), wh, name=name)
-    if scheme == "tucker2":
-        return fr.tucker2_ranks_energy(w, energy, name=name)
-    return (fr.energy_rank(singular_values(w.reshape(w.shape[0], -1), name=name), energy),)
+    def rule(w):
+        if scheme == "tucker2":
+            return fr.tucker2_ranks_energy(w, energy, name=name)
+        return (fr.energy_rank(singular_values(w.reshape(w.shape[0], -1), name=name), energy),)
+
+    parts = [rule(w) for w in _whitened_groups(module, wh, name)]   # a grouped conv: what every group needs
+    return tuple(max(r) for r in zip(*parts))
+
+
+def _whitened_groups(module: nn.Module, wh: Whitening, name: str) -> list:
+    """W C^1/2 of the layer, or of each group of a grouped conv (with that group's statistics)."""
+    w = _fitted_weight(module)
+    g = fm.groups_of(module)
+    if g == 1:
+        return [whitened_matrix(w, wh, name=name)]
+    return [whitened_matrix(wg, Whitening(wh.stats.group(i), wh.damping), name=f"{name} (group {i})")
+            for i, wg in enumerate(w.chunk(g))]
 
 
 class WhitenedWeight:
-    """Stand-in layer whose weight is W C^1/2: its reconstruction error is the relative output error."""
+    """Stand-in layer whose weight is W C^1/2 (a grouped conv's groups, each whitened by its own
+    statistics, stacked as its weight is): its reconstruction error is the relative output error."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight
+    def __init__(self, weight: torch.Tensor, groups: int = 1):
+        self.weight, self.groups = weight, groups
 
 
 def error_source(ctx: CompileContext, name: str):
@@ -188,7 +202,7 @@ def error_source(ctx: CompileContext, name: str):
         return orig
     cache = ctx.calibration_whitened
     if name not in cache:
-        cache[name] = WhitenedWeight(whitened_matrix(_fitted_weight(orig), wh, name=name))
+        cache[name] = WhitenedWeight(torch.cat(_whitened_groups(orig, wh, name)), fm.groups_of(orig))
     return cache[name]
 
 
@@ -230,7 +244,7 @@ def record_input_stats(model: nn.Module, layers: dict, batches: list,
     stats: dict[str, InputStats] = {}
     handles = []
     for name, (m, view) in layers.items():
-        stats[name] = InputStats(_dim(m, view), view, device=m.weight.device)
+        stats[name] = InputStats(_dim(m, view), view, device=m.weight.device, groups=fm.groups_of(m))
 
         def hook(mod, args, name=name, view=view):
             if args and isinstance(args[0], torch.Tensor):
@@ -293,7 +307,7 @@ def _round(ref: nn.Module, gm: nn.Module, group: list, calls: dict, ctx: Compile
     for name in group:
         orig = ctx.originals[name]
         view = view_of(orig, ctx.records[name].scheme)
-        stats[name] = InputStats(_dim(orig, view), view, device=orig.weight.device)
+        stats[name] = InputStats(_dim(orig, view), view, device=orig.weight.device, groups=fm.groups_of(orig))
         queues[name] = collections.deque()
 
         def ref_hook(mod, args, name=name, orig=orig, view=view):
@@ -425,20 +439,16 @@ def _mark(ctx: CompileContext, name: str, how: str) -> None:
 def _report(ctx: CompileContext, names: list, used: dict, damping: float) -> None:
     from ..factorize.whiten import damped_stats
     missing = [n for n in names if n not in used]
-    grouped = [n for n in missing if fm.groups_of(ctx.originals[n]) > 1]
-    missing = [n for n in missing if n not in grouped]
-    if grouped:
-        ctx.notes.append(f"calibration: {len(grouped)} grouped conv(s) keep the plain weight factorization "
-                         f"(data-aware fitting covers groups=1 layers): {', '.join(grouped[:6])}"
-                         f"{' ...' if len(grouped) > 6 else ''}")
     if missing:
         ctx.notes.append(f"calibration: {len(missing)} factorized layer(s) saw no calibration data and keep the "
                          f"plain weight factorization: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
     deficient = []
     for n, st in used.items():
-        d = damped_stats(st, damping)
-        if d.deficient:
-            deficient.append(f"{n} ({st.n} samples, {st.dim} features, numerical rank {d.numerical_rank})")
+        parts = [damped_stats(st.group(i), damping) for i in range(st.groups)]
+        if any(d.deficient for d in parts):
+            rank = sum(d.numerical_rank for d in parts)
+            per = f" in {st.groups} groups" if st.groups > 1 else ""
+            deficient.append(f"{n} ({st.n} samples, {st.dim} features{per}, numerical rank {rank})")
     if deficient:
         ctx.notes.append(
             f"calibration: rank-deficient input statistics in {len(deficient)} layer(s), regularised by a ridge of "
