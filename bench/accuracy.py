@@ -95,6 +95,19 @@ def train(model, x, y, x_te, y_te, epochs, lr, seed, freezer=None):
     return accs, seconds
 
 
+def trained_on_digits(build, seed: int, epochs: int):
+    """build() trained from scratch on digits (lr 0.05), in eval mode: (model, its test logits, the data
+    (x, y, x_test, y_test), test accuracy per epoch)."""
+    torch.manual_seed(seed)
+    data = digits(seed)
+    model = build()
+    accs, _ = train(model, *data, epochs, 0.05, seed)
+    model.eval()
+    with torch.no_grad():
+        ref = model(data[2])
+    return model, ref, data, accs
+
+
 def run_seed(seed: int, args) -> dict:
     torch.manual_seed(seed)
     x, y, x_te, y_te = digits(seed)

@@ -656,16 +656,10 @@ def check_equal_params(row: dict, what: str) -> None:
 # --- digits ResNet-18 ---------------------------------------------------------------------------
 
 def run_digits(args) -> dict:
-    from bench.accuracy import accuracy, batches, digits, resnet18, train
+    from bench.accuracy import accuracy, batches, resnet18, train, trained_on_digits
     from lrd_fx.freezing import find_freezer
     seed = 0
-    torch.manual_seed(seed)
-    x, y, x_te, y_te = digits(seed)
-    model = resnet18()
-    pre, _ = train(model, x, y, x_te, y_te, args.pretrain_epochs, 0.05, seed)
-    model.eval()
-    with torch.no_grad():
-        ref = model(x_te)
+    model, ref, (x, y, x_te, y_te), pre = trained_on_digits(resnet18, seed, args.pretrain_epochs)
 
     def logit_scores(mod) -> dict:
         """Test cross-entropy and the test logits' relative error to the original's (eval mode): finer than

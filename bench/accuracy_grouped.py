@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import lrd_fx  # noqa: E402
-from bench.accuracy import accuracy, batches, digits, train  # noqa: E402
+from bench.accuracy import accuracy, batches, trained_on_digits  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 ROWS = ("grouped kept", "grouped factorized", "grouped factorized + calibration")
@@ -53,13 +53,7 @@ def scores(model, x_te, y_te, ref) -> dict:
 
 
 def run_seed(seed: int, args) -> dict:
-    torch.manual_seed(seed)
-    x, y, x_te, y_te = digits(seed)
-    model = resnext()
-    pre, _ = train(model, x, y, x_te, y_te, args.pretrain_epochs, 0.05, seed)
-    model.eval()
-    with torch.no_grad():
-        ref = model(x_te)
+    model, ref, (x, y, x_te, y_te), _ = trained_on_digits(resnext, seed, args.pretrain_epochs)
     gen = torch.Generator().manual_seed(1000 + seed)
     calib = [xb for xb, _ in batches(x, y, 64, gen)][:args.calib_batches]
     out = {"seed": seed, "original": scores(model, x_te, y_te, ref), "ratios": {}}
