@@ -151,6 +151,7 @@ class Settings:
     train: bool = True                   # time SGD training steps too
     variants: tuple = VARIANTS
     ratio: float = 0.25                  # lrd_fx ratio (fraction of each layer's params kept)
+    decompose_grouped: bool = False      # lrd_fx decompose_grouped of every lrd row (grouped convs factorized)
     search_mode: str = "infer"           # rank_search of lrd+search and lrd+search+seqfreeze
     search_budget_s: Optional[float] = None
     search_repeats: Optional[int] = None
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train", action="store_true", help="time inference only")
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--ratio", type=float, default=0.25, help="lrd_fx ratio: fraction of params kept (default 0.25)")
+    p.add_argument("--decompose-grouped", action="store_true",
+                   help="lrd rows: decompose_grouped=True (grouped convs factorized, each group on its own)")
     p.add_argument("--search-mode", choices=["infer", "train"], default="infer",
                    help="rank_search of the lrd+search variants (default infer)")
     p.add_argument("--search-budget", type=float, default=None,
@@ -254,7 +257,7 @@ def settings_from_args(args) -> Settings:
         warmup=args.warmup if args.warmup is not None else base["warmup"], device=device, amp=args.amp,
         channels_last=args.channels_last, tf32=args.tf32, compile=args.compile, compile_backend=args.compile_backend,
         round_multiple=args.round_multiple, train=not args.no_train, variants=variants,
-        ratio=args.ratio, search_mode=args.search_mode,
+        ratio=args.ratio, decompose_grouped=args.decompose_grouped, search_mode=args.search_mode,
         search_budget_s=args.search_budget if args.search_budget is not None else base["search_budget_s"],
         search_repeats=args.search_repeats or base["search_repeats"], search_window=args.search_window,
         composer_fraction=args.composer_fraction, composer_min_channels=args.composer_min_channels,
@@ -426,6 +429,8 @@ def _usable(v: Optional["Variant"]) -> bool:
 
 def _lrd_kwargs(s: Settings, search: bool = False, freeze: bool = False, budget: bool = False) -> dict:
     kw: dict = dict(ratio=s.ratio, progress=False)
+    if s.decompose_grouped:
+        kw["decompose_grouped"] = True
     if s.amp:
         # the precision the rows run in: the search times in it, and the estimate's ranks are aligned for
         # it (multiples of 8 on CUDA half precision); the harness compiles outside autocast
@@ -600,7 +605,8 @@ def _build_lrd_round8(model, x, s, built) -> Variant:
     target = sum(p.numel() for p in searched.module.parameters()) if searched is not None else None
     ranks, scale = divisor_ranks(model, ref.module.lrd.plan, s.round_multiple, target)
     skip = tuple(n for n in ref.module.lrd.plan if n not in ranks)
-    gm, t = _timed(lrd_fx.compile, model, (x,), ratio=s.ratio, rank=ranks or None, skip=skip, progress=False)
+    gm, t = _timed(lrd_fx.compile, model, (x,), ratio=s.ratio, rank=ranks or None, skip=skip,
+                   decompose_grouped=s.decompose_grouped, progress=False)
     v = _lrd_variant(gm, t)
     v.notes.append(f"estimates x{scale:.2f}, rounded down to a multiple of {s.round_multiple}"
                    + (f" (scaled to {name}'s params)" if target else " (no searched row built: unscaled)"))
@@ -627,7 +633,7 @@ def _build_lrd_search_seqfreeze(model, x, s, built) -> Variant:
         ranks = {n: tuple(p[1]) for n, p in src.plan.items() if p[2] in ("decomposed", "searched")}
         skip = tuple(n for n in src.plan if n not in ranks)
         gm = lrd_fx.compile(model, (x,), ratio=s.ratio, rank=ranks or None, skip=skip,
-                            freeze="sequential", progress=False)
+                            freeze="sequential", decompose_grouped=s.decompose_grouped, progress=False)
         how = f"compile(rank=<searched ranks>, skip=<the rest>) because load failed: {_err(e)}"
     if gm.lrd.freezer is None:
         raise RuntimeError("lrd_fx.load(..., freeze='sequential') returned a model without a freezer")
@@ -1066,7 +1072,8 @@ def legend(s: Settings) -> list:
         "GFLOPs: forward FLOPs per sample (torch.utils.flop_counter); FLOP red. = original GFLOPs / variant GFLOPs.",
         "speed-up = samples/s / original's samples/s (same rounds); eff. = speed-up / FLOP red.",
         "train: SGD step (zero_grad, forward, cross-entropy, backward, step) in train mode.",
-        f"lrd: ratio={s.ratio}; lrd+search: rank_search='{s.search_mode}'"
+        f"lrd: ratio={s.ratio}{', decompose_grouped=True' if s.decompose_grouped else ''}; "
+        f"lrd+search: rank_search='{s.search_mode}'"
         + (f", rank_search_budget_s={s.search_budget_s:g}" if s.search_budget_s is not None else "")
         + (f", rank_search_repeats={s.search_repeats}" if s.search_repeats is not None else "")
         + (f", rank_search_window={s.search_window:g}" if s.search_window is not None else "")
@@ -1108,6 +1115,7 @@ def format_table(results: dict, *, note_width: int = 60, markdown: bool = False)
 
 def results_stem(results: dict) -> str:
     """<device>-<date>[-flags]: cpu-2025-01-31, cuda-NVIDIA-H100-80GB-HBM3-2025-01-31-resnet50-bf16-cl-compile-b64
+    (-grouped: decompose_grouped=True)
     (the model when the run had one, the batch when it is not the default's or --quick's)."""
     def safe(name: str) -> str:
         return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
@@ -1117,6 +1125,7 @@ def results_stem(results: dict) -> str:
     one = safe(models[0]) if len(models) == 1 else ""
     tags = [t for t, on in ((one, bool(one)), ("quick", s.get("quick")), (s.get("amp") or "", bool(s.get("amp"))),
                             ("tf32", s.get("tf32")), ("cl", s.get("channels_last")), ("compile", s.get("compile")),
+                            ("grouped", s.get("decompose_grouped")),
                             (f"b{s.get('batch')}", s.get("batch") not in (None, DEFAULTS["batch"], QUICK["batch"])))
             if on]
     return "-".join([dev, results["created"][:10]] + tags)

@@ -116,6 +116,22 @@ def test_results_are_named_by_their_settings():
     assert stem(tf32=True, batch=256) == "cuda-NVIDIA-H100-80GB-HBM3-2026-11-28-tf32-b256"
     assert stem(models=["resnet50"], tf32=True) == "cuda-NVIDIA-H100-80GB-HBM3-2026-11-28-resnet50-tf32"
     assert stem(models=["resnet50", "vit_small_patch16_224"]) == "cuda-NVIDIA-H100-80GB-HBM3-2026-11-28"
+    assert stem(decompose_grouped=True) == "cuda-NVIDIA-H100-80GB-HBM3-2026-11-28-grouped"
+
+
+@pytest.mark.parametrize("name", ["lrd", "lrd+search", "lrd+round8", "lrd+search+seqfreeze"])
+def test_decompose_grouped_reaches_every_lrd_row(name):
+    """--decompose-grouped: the grouped conv is factorized in each lrd row (the search's cost function makes
+    every candidate faster than the original, so nothing is reverted); without it, it stays."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=2),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    for grouped in (False, True):
+        with use_cost_fn(lambda m, shape, mode: 1.0 if hasattr(m, "scheme") else 10.0):
+            v = harness.build_variant(name, model, x, _tiny_settings(decompose_grouped=grouped), {})
+        assert v.error is None, v.error
+        assert isinstance(v.module.get_submodule("2"), nn.Conv2d) != grouped, (name, grouped)
 
 
 def _tiny_settings(**kw) -> "harness.Settings":
