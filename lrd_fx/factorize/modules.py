@@ -525,7 +525,7 @@ def _grouped_factors(conv: nn.Module, w: torch.Tensor, g: int, ranks: tuple, eff
             left, right = svd_split(wg.reshape(wg.shape[0], -1), ranks[0], name=label, dtype=factor_dtype(w))
         parts.append({ROLE_FIRST: right, ROLE_LAST: left})
     fix = torch.cat(fixes) if fixes and all(f is not None for f in fixes) else None
-    return {role: torch.cat([p[role].to(parts[0][role].device) for p in parts]) for role in parts[0]}, fix
+    return {role: torch.cat([p[role] for p in parts]) for role in parts[0]}, fix
 
 
 def factorize(module: nn.Module, ranks: Ranks, scheme: str = "tucker2", *, name: str = "",

@@ -477,7 +477,7 @@ def time_with_refs(timer: CandidateTimer, g: LayerGroup, refs: list, new: list) 
 
 
 def _errors(module: nn.Module, scheme: str, line: RankLine, ranks_s) -> dict:
-    """Relative reconstruction error per scalar rank (rank_error)."""
+    """Relative reconstruction error per scalar search coordinate (rank_errors)."""
     return rank_errors(module, scheme, [line.ranks(s) for s in ranks_s], keys=ranks_s)
 
 
