@@ -204,6 +204,13 @@ def summary(info) -> str:
     rows = [
         ["Conv/Linear layers", t["layers"], f"{t['factorized']} factorized, {t['reverted']} reverted, "
                                            f"{t['skipped']} skipped"],
+    ]
+    from .passes.decompose import GROUPED_OFF
+    grouped = [r for r in info.records().values() if r.decision == "skipped" and GROUPED_OFF in (r.reason or "")]
+    if grouped:
+        rows.append(["grouped convs kept", f"{len(grouped)} ({sum(r.params_before for r in grouped):,} params)",
+                     "decompose_grouped=True factorizes them"])
+    rows += [
         ["params in factorized layers", f"{t['layer_params_before']:,} -> {t['layer_params_after']:,}",
          _x(t["layer_params_before"], t["layer_params_after"]) + " fewer"],
         ["params, whole model", f"{t['model_params_before']:,} -> {t['model_params_after']:,}",

@@ -67,6 +67,12 @@ def test_by_default_grouped_convs_stay_and_the_reason_names_the_option():
         assert "decompose_grouped=False" in gm.lrd.plan[name]["reason"]
     assert gm.lrd.plan["reduce"]["decision"] == "decomposed"
     assert isinstance(gm.get_submodule("grouped"), nn.Conv2d)
+    # the summary counts them (9,216 + 1,056 parameters) and names the option; the depthwise conv is not
+    # one of them: the option would not factorize it
+    row = next(line for line in gm.lrd.report().splitlines() if line.startswith("grouped convs kept"))
+    assert row.split()[3:] == ["2", "(10,272", "params)", "decompose_grouped=True", "factorizes", "them"]
+    asked = lrd_fx.compile(_model(), (X,), ratio=0.5, decompose_grouped=True, progress=False).lrd.report()
+    assert "grouped convs kept" not in asked
 
 
 def test_depthwise_and_narrow_groups_stay_with_the_reason():

@@ -90,6 +90,9 @@ def collect_sites(gm: nn.Module, eager_parts) -> dict[str, _Site]:
     return sites
 
 
+GROUPED_OFF = "decompose_grouped=False"     # in the reason of every grouped conv skipped by that default
+
+
 def _skip_reason(name: str, m: nn.Module, cfg, note: Optional[str] = None) -> Optional[str]:
     """Why layer `name` is left as it is (None: factorize it); `note` is a site-level reason
     (shared weight, never called as a layer) found by site_notes."""
@@ -117,7 +120,7 @@ def _skip_reason(name: str, m: nn.Module, cfg, note: Optional[str] = None) -> Op
                     f"(groups={g}{', depthwise' if inp == g else ''})")
         return f"min(in, out)={min(out, inp)} < min_channels={cfg.min_channels}"
     if g > 1 and not cfg.decompose_grouped:
-        return f"grouped conv (groups={g}): decompose_grouped=False (True factorizes each group)"
+        return f"grouped conv (groups={g}): {GROUPED_OFF} (True factorizes each group)"
     return None
 
 
