@@ -474,9 +474,8 @@ def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = ""
     ranks = _check_ranks(conv, ranks, scheme, name)
     w = conv.weight.detach()
     out, inp = w.shape[:2]
-    g = groups_of(conv)
-    if g > 1:
-        weights, fix = _grouped_factors(conv, w, g, ranks, eff, name, whiten)
+    if groups_of(conv) > 1:
+        weights, fix = _grouped_factors(conv, ranks, eff, name, whiten)
         return _add_bias(_build(conv, ranks, eff, weights), fix)
     if eff in ("svd", "conv_svd"):
         if whiten is not None:
@@ -496,25 +495,25 @@ def factorize_conv(conv: nn.Module, ranks: Ranks, scheme: str, *, name: str = ""
     return _build(conv, ranks, eff, {ROLE_FIRST: u_in.t(), ROLE_CORE: core, ROLE_LAST: u_out})
 
 
-def _grouped_factors(conv: nn.Module, w: torch.Tensor, g: int, ranks: tuple, eff: str, name: str,
+def _grouped_factors(conv: nn.Module, ranks: tuple, eff: str, name: str,
                      whiten=None) -> tuple[dict, Optional[torch.Tensor]]:
-    """Each group's factors (of its [out / g, in / g, *kernel] slice of `w`), stacked along the output
-    dimension of every factor: the weights of factor convs with `groups=g`; and the bias correction of a
-    data-aware fit (None without one). whiten: the layer's statistics, kept per group (InputStats.group)."""
+    """Each group's factors (of its [out / g, in / g, *kernel] weight slice), stacked along the output
+    dimension of every factor: the weights of factor convs with the conv's groups; and the bias correction
+    of a data-aware fit (None without one). whiten: the layer's statistics, kept per group (InputStats.group)."""
+    dtype = factor_dtype(conv.weight)
     from .whiten import CHANNEL, Whitening, whitened_tucker2
     if whiten is not None and (whiten.view == CHANNEL) != (eff == "tucker2"):
         raise FactorizationError(f"{_label(name)}: {eff} needs {'per-channel' if eff == 'tucker2' else 'im2col'} "
                                  f"calibration statistics, got {whiten.view!r} ones")
     parts, fixes = [], []
-    for i, wg in enumerate(w.chunk(g)):
+    for i, wg in enumerate(group_weights(conv)):
         label = f"{name} (group {i})" if name else f"group {i}"
         wh = None if whiten is None else Whitening(whiten.stats.group(i), whiten.damping)
         if eff == "tucker2":
             if wh is not None:
                 core, u_out, first, _ = whitened_tucker2(wg, rank_out=ranks[1], rank_in=ranks[0], wh=wh, name=label)
             else:
-                core, u_out, u_in = tucker2(wg, rank_out=ranks[1], rank_in=ranks[0], name=label,
-                                            dtype=factor_dtype(w))
+                core, u_out, u_in = tucker2(wg, rank_out=ranks[1], rank_in=ranks[0], name=label, dtype=dtype)
                 first = u_in.t()
             parts.append({ROLE_FIRST: first, ROLE_CORE: core, ROLE_LAST: u_out})
             continue
@@ -522,7 +521,7 @@ def _grouped_factors(conv: nn.Module, w: torch.Tensor, g: int, ranks: tuple, eff
             left, right, fix = _whitened_svd(conv, wg.reshape(wg.shape[0], -1), ranks[0], wh, label)
             fixes.append(fix)
         else:
-            left, right = svd_split(wg.reshape(wg.shape[0], -1), ranks[0], name=label, dtype=factor_dtype(w))
+            left, right = svd_split(wg.reshape(wg.shape[0], -1), ranks[0], name=label, dtype=dtype)
         parts.append({ROLE_FIRST: right, ROLE_LAST: left})
     fix = torch.cat(fixes) if fixes and all(f is not None for f in fixes) else None
     return {role: torch.cat([p[role] for p in parts]) for role in parts[0]}, fix
@@ -731,31 +730,30 @@ def ranks_for_ratio(module: nn.Module, scheme: str, ratio: float) -> tuple:
     return (svd_rank_for_ratio(out, inp * k, ratio),)
 
 
-def _per_group(module: nn.Module, rule) -> tuple:
-    """rule(weight) for a layer; for a grouped conv, the largest ranks rule gives any one group's weight
-    slice (so every group keeps at least what the rule asks of it)."""
-    g = groups_of(module)
-    if g == 1:
-        return tuple(rule(module.weight.detach()))
-    got = [tuple(rule(wg)) for wg in module.weight.detach().chunk(g)]
-    return tuple(max(r) for r in zip(*got))
+def group_weights(module: nn.Module) -> list:
+    """The weight (detached) in the [out, in, *kernel] layout the rank rules and data-aware fits take (HF
+    Conv1D's [in, out] transposed), as one slice per group of a grouped conv ([weight] otherwise)."""
+    if is_linear_like(module):
+        return [weight_matrix(module)]
+    return list(module.weight.detach().chunk(groups_of(module)))
+
+
+def largest_ranks(per_group) -> tuple:
+    """The largest of each rank over the groups' rank tuples: every group keeps at least what its rule asks."""
+    return tuple(max(r) for r in zip(*per_group))
 
 
 def ranks_for_energy(module: nn.Module, scheme: str, energy: float, *, name: str = "") -> tuple:
     """Smallest ranks keeping `energy` of the singular-value energy (per unfolding for Tucker-2; in every
     group of a grouped conv)."""
     if effective_scheme(module, scheme) == "tucker2":
-        return _per_group(module, lambda w: tucker2_ranks_energy(w, energy, name=name))
-    if groups_of(module) == 1:
-        return (energy_rank(singular_values(weight_matrix(module), name=name), energy),)
-    return _per_group(module, lambda w: (energy_rank(singular_values(w.reshape(w.shape[0], -1), name=name),
-                                                     energy),))
+        return largest_ranks(tucker2_ranks_energy(w, energy, name=name) for w in group_weights(module))
+    return largest_ranks((energy_rank(singular_values(w.reshape(w.shape[0], -1), name=name), energy),)
+                         for w in group_weights(module))
 
 
 def ranks_for_vbmf(module: nn.Module, scheme: str, *, name: str = "") -> tuple:
     """EVBMF rank estimate (per unfolding for Tucker-2; the largest over the groups of a grouped conv)."""
     if effective_scheme(module, scheme) == "tucker2":
-        return _per_group(module, lambda w: tucker2_ranks_vbmf(w, name=name))
-    if groups_of(module) == 1:
-        return (evbmf_rank(weight_matrix(module), name=name),)
-    return _per_group(module, lambda w: (evbmf_rank(w.reshape(w.shape[0], -1), name=name),))
+        return largest_ranks(tucker2_ranks_vbmf(w, name=name) for w in group_weights(module))
+    return largest_ranks((evbmf_rank(w.reshape(w.shape[0], -1), name=name),) for w in group_weights(module))

@@ -128,11 +128,6 @@ def _dim(module: nn.Module, view: str) -> int:
     return (w.shape[1] if view == CHANNEL else w[0].numel()) * fm.groups_of(module)
 
 
-def _fitted_weight(module: nn.Module) -> torch.Tensor:
-    """The weight in the [out, in, ...] layout the whitened fits take (HF Conv1D stores [in, out])."""
-    return fm.weight_matrix(module) if fm.is_linear_like(module) else module.weight
-
-
 def run_batch(model: nn.Module, batch, what: str, device=None):
     """The model's output on one calibration batch; a failure (other than an LRDError or a hook's _Stop)
     is an InputError saying what was being done."""
@@ -171,18 +166,16 @@ def energy_ranks(module: nn.Module, scheme: str, wh: Whitening, energy: float, *
             return fr.tucker2_ranks_energy(w, energy, name=name)
         return (fr.energy_rank(singular_values(w.reshape(w.shape[0], -1), name=name), energy),)
 
-    parts = [rule(w) for w in _whitened_groups(module, wh, name)]   # a grouped conv: what every group needs
-    return tuple(max(r) for r in zip(*parts))
+    return fm.largest_ranks(rule(w) for w in _whitened_groups(module, wh, name))   # grouped: every group's
 
 
 def _whitened_groups(module: nn.Module, wh: Whitening, name: str) -> list:
     """W C^1/2 of the layer, or of each group of a grouped conv (with that group's statistics)."""
-    w = _fitted_weight(module)
-    g = fm.groups_of(module)
-    if g == 1:
-        return [whitened_matrix(w, wh, name=name)]
-    return [whitened_matrix(wg, Whitening(wh.stats.group(i), wh.damping), name=f"{name} (group {i})")
-            for i, wg in enumerate(w.chunk(g))]
+    parts = fm.group_weights(module)
+    if len(parts) == 1:
+        return [whitened_matrix(parts[0], wh, name=name)]
+    return [whitened_matrix(w, Whitening(wh.stats.group(i), wh.damping), name=f"{name} (group {i})")
+            for i, w in enumerate(parts)]
 
 
 class WhitenedWeight:

@@ -492,18 +492,15 @@ def rank_errors(module, scheme: str, ranks_list: list, keys=None) -> dict:
         spectra = [(singular_values(unfold(wg, 0)), singular_values(unfold(wg, 1))) for wg in w.chunk(groups)]
     else:
         spectra = [(singular_values(wg.reshape(wg.shape[0], -1)),) for wg in w.chunk(groups)]
-    total = sum(float(sv[0].double().pow(2).sum()) for sv in spectra)
-
-    def tail(sv, r):
-        return float(sv.double().pow(2)[r:].sum())
-
+    energies = [tuple(sv.double().pow(2) for sv in group) for group in spectra]   # squared, once
+    total = sum(float(e[0].sum()) for e in energies)
     out = {}
     for key, ranks in zip(keys if keys is not None else ranks_list, ranks_list):
         if scheme == "tucker2":
             r_in, r_out = ranks
-            lost = sum(tail(s_out, r_out) + tail(s_in, r_in) for s_out, s_in in spectra)
+            lost = sum(float(e_out[r_out:].sum()) + float(e_in[r_in:].sum()) for e_out, e_in in energies)
         else:
-            lost = sum(tail(sv, ranks[0]) for sv, in spectra)
+            lost = sum(float(e[ranks[0]:].sum()) for e, in energies)
         out[key] = min(1.0, math.sqrt(max(lost, 0.0) / total)) if total > 0 else 0.0
     return out
 
