@@ -121,13 +121,17 @@ def format_report(info, *, all_layers: bool = True, each_expert: bool = False) -
 
 
 def totals(info) -> dict:
+    from .passes.decompose import GROUPED_OFF
     recs = list(info.records().values())
     fact = [r for r in recs if r.factorized]
+    grouped = [r for r in recs if r.decision == "skipped" and GROUPED_OFF in (r.reason or "")]
     return {
         "layers": len(recs),
         "factorized": len(fact),
         "reverted": sum(r.decision == "reverted" for r in recs),
         "skipped": sum(r.decision == "skipped" for r in recs),
+        "grouped_kept": len(grouped),          # grouped convs the decompose_grouped=False default kept
+        "grouped_kept_params": sum(r.params_before for r in grouped),
         "layer_params_before": sum(r.params_before for r in fact),
         "layer_params_after": sum(r.params_after for r in fact),
         "model_params_before": info.params_before,
@@ -205,10 +209,8 @@ def summary(info) -> str:
         ["Conv/Linear layers", t["layers"], f"{t['factorized']} factorized, {t['reverted']} reverted, "
                                            f"{t['skipped']} skipped"],
     ]
-    from .passes.decompose import GROUPED_OFF
-    grouped = [r for r in info.records().values() if r.decision == "skipped" and GROUPED_OFF in (r.reason or "")]
-    if grouped:
-        rows.append(["grouped convs kept", f"{len(grouped)} ({sum(r.params_before for r in grouped):,} params)",
+    if t["grouped_kept"]:
+        rows.append(["grouped convs kept", f"{t['grouped_kept']} ({t['grouped_kept_params']:,} params)",
                      "decompose_grouped=True factorizes them"])
     rows += [
         ["params in factorized layers", f"{t['layer_params_before']:,} -> {t['layer_params_after']:,}",
