@@ -30,19 +30,33 @@ def cmd_compile(args) -> int:
     import torch
 
     import lrd_fx
-    from .models import create_model, default_input_shape
-    model = create_model(args.model).eval()
+    from .models import create_model, default_input_shape, load_weights
+    model = create_model(args.model, **({} if args.num_classes is None else {"num_classes": args.num_classes}))
+    if args.weights:
+        load_weights(model, args.weights, args.model)
+    model.eval()
     shape = args.input or default_input_shape(model, args.model)
     x = torch.randn(*shape)
-    overrides = dict(debug=args.debug, conv_scheme=args.conv_scheme, decompose_grouped=args.decompose_grouped)
-    for key in ("ratio", "rank", "energy", "rank_search", "freeze", "freeze_period", "freeze_group", "dump_dir"):
+    if args.channels_last:
+        if len(shape) != 4:
+            from .errors import ConfigError
+            raise ConfigError(f"--channels-last takes a 4-D input (NxCxHxW), got --input {'x'.join(map(str, shape))}")
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    overrides = dict(debug=args.debug, conv_scheme=args.conv_scheme, decompose_grouped=args.decompose_grouped,
+                     fuse_inference=args.fuse_inference)
+    for key in ("ratio", "rank", "energy", "rank_search", "rank_budget", "amp", "freeze", "freeze_period",
+                "freeze_group", "dump_dir"):
         val = getattr(args, key)
         if val is not None:
             overrides[key] = val
+    if args.skip:
+        overrides["skip"] = tuple(args.skip)
     if args.no_guard:
         overrides["whole_model_guard"] = False
     gm = lrd_fx.compile(model, (x,), **overrides)
-    print(f"{args.model}, input {'x'.join(map(str, shape))}")
+    print(f"{args.model}{', weights ' + args.weights if args.weights else ' (random weights)'}, "
+          f"input {'x'.join(map(str, shape))}{' channels_last' if args.channels_last else ''}")
     print(gm.lrd.report(all_layers=not args.factorized_only))
     if args.save:
         lrd_fx.save(gm, args.save)
@@ -80,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile a torchvision/timm model and print the per-layer report")
     c.add_argument("model", help="torchvision or timm model name, e.g. resnet50, vit_small_patch16_224")
+    c.add_argument("--weights", default=None,
+                   help="the model's trained weights: a .safetensors file or a tensors-only torch checkpoint "
+                        "(read without running code; default: random weights)")
+    c.add_argument("--num-classes", type=int, default=None,
+                   help="classifier size the model is built with (a fine-tuned head; default the model's)")
     c.add_argument("--ratio", type=float, default=None, help="fraction of each layer's params kept (default 0.25)")
     c.add_argument("--rank", type=_rank, default=None, help="fixed rank: int, 'full' or 'vbmf'")
     c.add_argument("--energy", type=float, default=None, help="singular-value energy kept, in (0, 1]")
@@ -89,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also factorize grouped convs (ResNeXt, RegNet), each group on its own")
     c.add_argument("--input", type=_shape, default=None, help="example input shape NxCxHxW (default: model's)")
     c.add_argument("--rank-search", default=None, choices=["infer", "train"], help="time candidate ranks")
+    c.add_argument("--skip", action="append", default=None, metavar="PATTERN",
+                   help="layers never factorized, a glob of names (repeatable), e.g. --skip fc --skip 'layer4.*'")
+    c.add_argument("--rank-budget", type=float, default=None,
+                   help="with --rank-search: one whole-model plan keeping this fraction of the factorized "
+                        "layers' params")
+    c.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+                   help="precision the rank search times in (autocast)")
+    c.add_argument("--channels-last", action="store_true",
+                   help="model and example input in channels_last, as the search then times them")
+    c.add_argument("--fuse-inference", action="store_true",
+                   help="inference-only model: fold BatchNorm into the convs, merge adjacent linear maps")
     c.add_argument("--no-guard", action="store_true",
                    help="keep every factor even when the whole model is slower (whole_model_guard=False)")
     c.add_argument("--freeze", default=None, choices=["sequential", "static"], help="insert freezing gates")

@@ -26,3 +26,87 @@ def default_input_shape(model: nn.Module, name: str = "") -> tuple:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     shape = cfg.get("input_size") if isinstance(cfg, dict) else None
     return (1, *shape) if shape else (1, 3, 224, 224)
+
+
+# checkpoint dicts that hold the state_dict under one of these keys (training scripts' conventions)
+_NESTED = ("state_dict", "model_state_dict", "model", "module")
+# key prefixes that wrappers add to every name: DistributedDataParallel, torch.compile
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_state_dict(path: str) -> dict:
+    """The tensors of a weights file, without running code: `.safetensors` through safetensors; anything
+    else through torch.load(weights_only=True), which refuses pickled objects other than tensors and
+    plain containers. A checkpoint dict holding the state_dict under "state_dict", "model_state_dict",
+    "model" or "module" is unwrapped, and a prefix every key shares ("module." from DDP, "_orig_mod."
+    from torch.compile) is removed."""
+    import os
+
+    import torch
+
+    from .errors import LoadError
+    if not os.path.isfile(path):
+        raise LoadError(f"--weights {path!r}: no such file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path, device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure: say which file and what to do
+        raise LoadError(
+            f"--weights {path!r} cannot be read as a safetensors file or a tensors-only torch checkpoint "
+            f"({type(e).__name__}: {str(e)[:300]}). Pickled objects other than tensors are refused, since "
+            f"unpickling them runs code: save the weights with torch.save(model.state_dict(), path) or "
+            f"safetensors.torch.save_file(model.state_dict(), path)") from e
+    for _ in range(2):
+        if isinstance(sd, dict) and not _all_tensors(sd):
+            inner = [sd[k] for k in _NESTED if isinstance(sd.get(k), dict) and _all_tensors(sd[k])]
+            if inner:
+                sd = inner[0]
+    if not isinstance(sd, dict) or not sd or not _all_tensors(sd):
+        what = (f"a dict with keys {sorted(map(str, sd))[:6]}" if isinstance(sd, dict) else type(sd).__name__)
+        raise LoadError(f"--weights {path!r} holds {what}, not a state_dict (names -> tensors), nor one under "
+                        f"{', '.join(repr(k) for k in _NESTED)}")
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _all_tensors(d: dict) -> bool:
+    import torch
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+
+
+def load_weights(model: nn.Module, path: str, name: str = "") -> nn.Module:
+    """Load the weights file at `path` (read_state_dict) into `model`, every parameter and buffer; a
+    LoadError names the missing, unexpected and mis-shaped entries (a classifier of another size: pass the
+    number of classes the file has)."""
+    from .errors import LoadError
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own
+              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shapes differ: " + "; ".join(f"{k} is {list(a)} in the file, {list(b)} in the model"
+                                                      for k, a, b in shapes[:4]))
+        if missing:
+            parts.append(f"{len(missing)} missing from the file: {', '.join(missing[:4])}"
+                         + (", …" if len(missing) > 4 else ""))
+        if unexpected:
+            parts.append(f"{len(unexpected)} not in the model: {', '.join(unexpected[:4])}"
+                         + (", …" if len(unexpected) > 4 else ""))
+        hint = ""
+        # only the first dimension differs, the same in every mis-shaped entry: a classifier of another size
+        head = {a[0] for _, a, b in shapes if len(a) in (1, 2) and len(a) == len(b) and a[1:] == b[1:]}
+        if shapes and len(head) == 1 and all(len(a) in (1, 2) and a[1:] == b[1:] for _, a, b in shapes):
+            hint = f" If the file's classifier has {head.pop()} classes, pass --num-classes with that number."
+        raise LoadError(f"--weights {path!r} does not fit {name or type(model).__name__}: {' | '.join(parts)}."
+                        f"{hint}")
+    model.load_state_dict(sd, strict=True)
+    return model

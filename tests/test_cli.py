@@ -112,3 +112,118 @@ def test_no_guard_keeps_the_factors(capsys):
         guarded = capsys.readouterr().out
     assert "NOT faster than the original" in kept and "whole-model guard" not in kept
     assert "whole-model guard: the decomposed model was 0.33x" in guarded and "all 20 were given back" in guarded
+
+
+def _trained_resnet18(num_classes=10):
+    import torch
+    import torchvision
+    torch.manual_seed(1)
+    return torchvision.models.resnet18(num_classes=num_classes).eval()
+
+
+@pytest.mark.parametrize("form", ["safetensors", "checkpoint"])
+def test_weights_file_is_the_model_compiled(tmp_path, capsys, form):
+    # at rank="full" the saved factors reproduce the weights the file gave: a fresh random model loaded
+    # from the saved file computes what the trained model computes
+    import torch
+    import torchvision
+
+    import lrd_fx
+    trained = _trained_resnet18()
+    sd = trained.state_dict()
+    if form == "safetensors":
+        from safetensors.torch import save_file
+        weights = tmp_path / "w.safetensors"
+        save_file(sd, str(weights))
+    else:   # a training script's checkpoint of a DDP-wrapped model
+        weights = tmp_path / "ckpt.pt"
+        torch.save({"epoch": 3, "model": {"module." + k: v for k, v in sd.items()}}, weights)
+    out = tmp_path / "out.lrd"
+    assert main(["compile", "resnet18", "--weights", str(weights), "--num-classes", "10", "--rank", "full",
+                 "--input", "2x3x32x32", "--save", str(out)]) == 0
+    assert f"weights {weights}" in capsys.readouterr().out
+    fresh = torchvision.models.resnet18(num_classes=10).eval()
+    loaded = lrd_fx.load(fresh, str(out)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want, got, other = trained(x), loaded(x), fresh(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(other, want, rtol=1e-2, atol=1e-2)
+
+
+def test_skip_keeps_the_named_layers(capsys):
+    assert main(["compile", "resnet18", "--input", "1x3x32x32", "--skip", "fc", "--skip", "layer4.*"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line[:1].isalpha()}
+    assert "decomposed" in rows["layer3.0.conv1"]
+    assert "skipped" in rows["fc"] and "skipped" in rows["layer4.0.conv1"]
+
+
+def test_weights_of_another_head_say_num_classes(tmp_path, capsys):
+    from safetensors.torch import save_file
+    weights = tmp_path / "w.safetensors"
+    save_file(_trained_resnet18(10).state_dict(), str(weights))
+    assert main(["compile", "resnet18", "--weights", str(weights), "--input", "1x3x32x32"]) == 2
+    err = capsys.readouterr().err
+    assert "LoadError" in err and "fc.weight is [10, 512] in the file, [1000, 512] in the model" in err
+    assert "--num-classes" in err
+
+
+def test_weights_that_are_not_a_state_dict_or_missing(tmp_path, capsys):
+    import torch
+    assert main(["compile", "resnet18", "--weights", str(tmp_path / "none.pt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    odd = tmp_path / "odd.pt"
+    torch.save({"epoch": 3, "lr": 0.1}, odd)
+    assert main(["compile", "resnet18", "--weights", str(odd)]) == 2
+    assert "not a state_dict" in capsys.readouterr().err
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_weights_file_cannot_run_code(tmp_path, capsys):
+    # a pickle that would create a file when unpickled: refused, and nothing ran
+    import torch
+    marker = tmp_path / "ran"
+    bad = tmp_path / "bad.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _RunsCode(str(marker))}, bad)
+    assert main(["compile", "resnet18", "--weights", str(bad), "--input", "1x3x32x32"]) == 2
+    err = capsys.readouterr().err
+    assert "LoadError" in err and "runs code" in err
+    assert not marker.exists()
+
+
+def test_channels_last_amp_budget_and_fuse_flags_reach_compile(monkeypatch, capsys):
+    import torch
+
+    import lrd_fx
+    seen = {}
+    real = lrd_fx.compile
+
+    def spy(model, inputs, **kw):
+        seen.update(kw, cl=inputs[0].is_contiguous(memory_format=torch.channels_last),
+                    model_cl=model.conv1.weight.is_contiguous(memory_format=torch.channels_last))
+        kw.pop("rank_search", None), kw.pop("rank_budget", None), kw.pop("amp", None)
+        return real(model, inputs, **kw)
+
+    monkeypatch.setattr(lrd_fx, "compile", spy)
+    assert main(["compile", "resnet18", "--input", "1x3x32x32", "--channels-last", "--fuse-inference",
+                 "--amp", "bf16", "--rank-search", "infer", "--rank-budget", "0.3"]) == 0
+    assert "channels_last" in capsys.readouterr().out
+    assert seen["cl"] and seen["model_cl"] and seen["fuse_inference"] is True
+    assert seen["amp"] == "bf16" and seen["rank_budget"] == 0.3 and seen["rank_search"] == "infer"
+    assert main(["compile", "resnet18", "--input", "1x32", "--channels-last"]) == 2
+    assert "4-D input" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_command():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "lrd_fx", "cache", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "info" in r.stdout
