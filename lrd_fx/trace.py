@@ -810,17 +810,35 @@ class CaptureHook:
 
 def _picklable_capture_hooks(model: nn.Module, capturing) -> None:
     """Swap each of transformers' capturing closures on `model` for a CaptureHook (the same call), where the
-    closure is the one this transformers installs (its name, and the values it holds)."""
+    closure is the one this transformers installs (its name, and the values it holds), and drop a module's
+    second hook recording the same output.
+
+    Second hooks: transformers installs a composite model's hooks from its root, and that walk installs them on
+    every Hugging Face submodel without asking whether the submodel has them already. A vision tower that a
+    LLaVA-like model's forward had run (it asks the tower for one layer's hidden state) has them, and so has
+    the copy being compiled; installed again from the root, each of its layers recorded its output twice: a
+    vision tower's hidden states came back twice as many, the layer a VLM selects was the wrong one or None."""
     if not hasattr(capturing, "install_output_capuring_hook"):
         return
     for m in model.modules():
+        seen = set()
         for hid, hook in list(m._forward_hooks.items()):
-            code = getattr(hook, "__code__", None)
-            if getattr(code, "co_qualname", "") != _CAPTURE_HOOK or hook.__closure__ is None:
-                continue
-            held = dict(zip(code.co_freevars, (c.cell_contents for c in hook.__closure__)))
-            if {"key", "index", "capture_initial_hidden_state"} <= set(held):
-                m._forward_hooks[hid] = CaptureHook(held["key"], held["index"], held["capture_initial_hidden_state"])
+            if isinstance(hook, CaptureHook):
+                what = (hook.key, hook.index, hook.capture_initial)
+            else:
+                code = getattr(hook, "__code__", None)
+                if getattr(code, "co_qualname", "") != _CAPTURE_HOOK or hook.__closure__ is None:
+                    continue
+                held = dict(zip(code.co_freevars, (c.cell_contents for c in hook.__closure__)))
+                if not {"key", "index", "capture_initial_hidden_state"} <= set(held):
+                    continue
+                what = (held["key"], held["index"], held["capture_initial_hidden_state"])
+                m._forward_hooks[hid] = CaptureHook(*what)
+            if what in seen:
+                del m._forward_hooks[hid]
+                for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                    getattr(m, extra, {}).pop(hid, None)
+            seen.add(what)
 
 
 class HookOnHolder:

@@ -419,3 +419,37 @@ def test_siglip_pooling_head_attention_is_factorized(tmp_path):
     loaded = lrd_fx.load(tf.SiglipVisionModel(cfg).eval(), tmp_path / "siglip.lrd")     # other random weights
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).pooler_output, gm(x).pooler_output, rtol=0, atol=0)
+
+
+def _llava():
+    torch.manual_seed(0)
+    vit = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    cfg = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(image_size=32, patch_size=8, projection_dim=32, **vit),
+                         text_config=tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4,
+                                                    num_key_value_heads=2, max_position_embeddings=64),
+                         image_token_index=100, image_seq_length=16, vision_feature_layer=-2)
+    model = tf.LlavaForConditionalGeneration(cfg).eval()
+    ids = torch.cat([torch.tensor([[0] + [100] * 16]).expand(B, -1), _ids()], 1)     # 16 image tokens, then text
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(B, 3, 32, 32)}
+
+
+@pytest.mark.parametrize("ran_before", [False, True])
+def test_llava_compiles_also_after_the_model_ran(ran_before):
+    """A LLaVA-like model's forward asks its vision tower for one layer's hidden state, so a model that ran
+    once has transformers' output hooks on the tower. Compile installs them from the root of its copy, and
+    transformers' walk installed them on the tower again: each layer recorded its output twice, the layer
+    selected was None and shape_prop failed. Now the second hooks are dropped."""
+    model, x = _llava()
+    if ran_before:
+        with torch.no_grad():
+            model(**x)
+        assert getattr(model.model.vision_tower, "_output_capturing_hooks_installed", False)
+    gm = lrd_fx.compile(model, x, rank="full", progress=False)
+    assert all(len(m._forward_hooks) <= 1 for m in gm.modules())
+    with torch.no_grad():
+        want = model(**x, output_hidden_states=True)
+        got = gm(**x, output_hidden_states=True)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    assert len(got.hidden_states) == len(want.hidden_states) == 3
+    assert sum(r["decision"] == "decomposed" for r in gm.lrd.plan.values()) >= 20
