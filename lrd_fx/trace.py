@@ -495,6 +495,16 @@ def _holds_constants(gm: fx.GraphModule) -> bool:
     return any(n.op == "get_attr" and str(n.target).startswith("_tensor_constant") for n in gm.graph.nodes)
 
 
+def _rename_self_nodes(graph: fx.Graph) -> None:
+    """torch.fx names a node after the module it calls, and does not reserve `self`: a leaf child named `self`
+    (Hugging Face SwinV2's and CLAP's `attention.self`, kept eager when it does not trace) gave a node `self`,
+    whose assignment in the generated forward shadowed the GraphModule, and the next module call failed
+    ("'tuple' object has no attribute '_modules'")."""
+    for node in graph.nodes:
+        if node.name == "self":
+            node._rename("self_out")
+
+
 def _trace_once_with(module: nn.Module, leaf_modules, leaf_names, concrete_args: Optional[dict],
                      proxy_buffers: bool) -> fx.GraphModule:
     tracer = LRDTracer(leaf_modules, leaf_names)
@@ -507,6 +517,7 @@ def _trace_once_with(module: nn.Module, leaf_modules, leaf_names, concrete_args:
             numpy_draws_watched(module, drew):
         graph = tracer.trace(module, concrete_args=concrete_args or None)
         _name_fixed_inputs(graph, concrete_args, module)
+        _rename_self_nodes(graph)
         name = module.__class__.__name__
         gm = fx.GraphModule(tracer.root, graph, name)
     if drew:

@@ -12,6 +12,7 @@ import lrd_fx
 from lrd_fx import api
 from lrd_fx.errors import InputError, TraceError
 from lrd_fx.factorize import FactorChain
+from lrd_fx.pipeline import graph_modules
 
 
 class Emb(nn.Module):
@@ -204,3 +205,57 @@ def test_root_graph_failing_where_eager_runs_is_kept_eager_or_named_with_fallbac
     assert set(gm.lrd.kept_eager) == {""} and type(gm) is TryReshape and isinstance(gm.lin, FactorChain)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(16, 16)
+
+    def forward(self, x):
+        if x.sum() > 0:          # data-dependent: this module does not trace and is kept eager, a leaf
+            return (self.query(x), x)
+        return (self.query(-x), x)
+
+
+class _Attention(nn.Module):
+    """Like Hugging Face SwinV2's and CLAP's attention blocks: a child named `self`."""
+
+    def __init__(self):
+        super().__init__()
+        setattr(self, "self", _Untraceable())
+        self.output = nn.Linear(16, 16)
+
+    def forward(self, x):
+        out = getattr(self, "self")(x)
+        return (self.output(out[0]),) + out[1:]
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.attention = _Attention()
+
+    def forward(self, x):
+        x = self.fc(x)
+        if x.sum() > 0:          # the root does not trace: its parts are traced apart, `attention` alone
+            x = x + 1
+        return self.attention(x)
+
+
+def test_a_leaf_child_named_self_does_not_shadow_the_graph_module():
+    # traced apart, `attention`'s graph calls its leaf child `self`, and fx named that node `self`: the
+    # generated forward's `self = ...` shadowed the GraphModule and the next module call failed
+    import re
+    torch.manual_seed(0)
+    model = _Block().eval()
+    x = torch.randn(4, 16).abs()
+    gm = lrd_fx.compile(model, (x,), rank="full", progress=False)
+    with torch.no_grad():
+        for inp in (x, -x):
+            torch.testing.assert_close(gm(inp)[0], model(inp)[0], rtol=1e-4, atol=1e-5)
+    parts = dict(graph_modules(gm))
+    assert "attention." in parts
+    assert not re.search(r"^\s*self = ", parts["attention."].code, re.M)
+    assert gm.lrd.plan["attention.output"]["decision"] == "decomposed"
