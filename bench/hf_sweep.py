@@ -1,6 +1,6 @@
 """Robustness sweep: lrd_fx on tiny random Hugging Face architectures (no download), one child process each.
 
-    python -m bench.hf_sweep                     # every architecture below (about 15 min on 2 cores)
+    python -m bench.hf_sweep                     # every architecture below and in hf_sweep_more.py (about 14 min on 2 cores)
     python -m bench.hf_sweep mobilebert yolos    # some of them
     python -m bench.hf_sweep --out /tmp/sweep    # results to /tmp/sweep.{jsonl,txt}
 
@@ -289,6 +289,15 @@ def models():
                                                    hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2],
                                                    num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=32)),
                  img(64), "last_hidden_state")
+
+    # ---- batch 3 (2026-11-29): vision-language/composite, recent text LMs, vision, audio, time series
+    import types
+
+    from bench import hf_sweep_more
+    h = types.SimpleNamespace(V=V, B=B, T=T, ids=ids, mask=mask, text=text, s2s=s2s, img=img, tok=tok,
+                              llama_like=llama_like, bart_like=bart_like, bert_like=bert_like)
+    hf_sweep_more.add_multimodal(M, tf, torch, h)
+    hf_sweep_more.add_recent(M, tf, torch, h)
     return M
 
 
@@ -478,6 +487,7 @@ def run_one(name):
         return res
     if not n_params(gm) < n_params(model):
         fail("ratio", "NOT-SMALLER", f"ratio=0.5 not smaller: {n_params(gm)} >= {n_params(model)}", gm=gm)
+        return res          # nothing factorized: the steps below have no factors to check
 
     # 3. save / load
     path = os.path.join(tempfile.mkdtemp(prefix="lrd_hf_sweep_"), f"{name}.lrd")
