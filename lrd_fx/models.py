@@ -35,8 +35,8 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 
 def read_state_dict(path: str) -> dict:
-    """The tensors of a weights file, without running code: `.safetensors` through safetensors; anything
-    else through torch.load(weights_only=True), which refuses pickled objects other than tensors and
+    """The tensors of a weights file, without running code: a safetensors file (by its suffix or its header)
+    through safetensors; anything else through torch.load(weights_only=True), which refuses pickled objects other than tensors and
     plain containers. A checkpoint dict holding the state_dict under "state_dict", "model_state_dict",
     "model" or "module" is unwrapped, and a prefix every key shares ("module." from DDP, "_orig_mod."
     from torch.compile) is removed."""
@@ -48,7 +48,10 @@ def read_state_dict(path: str) -> dict:
     if not os.path.isfile(path):
         raise LoadError(f"--weights {path!r}: no such file")
     try:
-        if path.endswith(".safetensors"):
+        with open(path, "rb") as f:
+            head = f.read(9)
+        # safetensors: an 8-byte little-endian header length, then the JSON header
+        if path.endswith(".safetensors") or head[8:9] == b"{":
             from safetensors.torch import load_file
             sd = load_file(path, device="cpu")
         else:

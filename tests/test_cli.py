@@ -131,9 +131,9 @@ def test_weights_file_is_the_model_compiled(tmp_path, capsys, form):
     import lrd_fx
     trained = _trained_resnet18()
     sd = trained.state_dict()
-    if form == "safetensors":
+    if form == "safetensors":      # named .bin: found by its header
         from safetensors.torch import save_file
-        weights = tmp_path / "w.safetensors"
+        weights = tmp_path / "w.bin"
         save_file(sd, str(weights))
     else:   # a training script's checkpoint of a DDP-wrapped model
         weights = tmp_path / "ckpt.pt"
