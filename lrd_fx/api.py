@@ -592,6 +592,7 @@ def fuse(model: nn.Module, *, debug: bool = False) -> nn.Module:
     notes = info.notes if isinstance(info, LRDInfo) else None
     pm = PassManager([fuse_pass(None, notes=notes)], instruments=default_instruments(debug, None))
     fused = pm.run(work).graph_module
+    mark_graph_holders(fused)
     from .fastcalls import fast_module_calls_
     fast_module_calls_(fused)
     fix_graph_part_protocols_(fused)

@@ -858,13 +858,15 @@ class HookOnHolder:
     `gm.layer3`). A hook registered on it after compile never runs, which no error showed (Grad-CAM and
     feature hooks on a compiled model collected nothing). It warns, then registers the hook as asked."""
 
-    def __init__(self, module: nn.Module, method: str, path: str):
-        self.module, self.method, self.path = module, method, path
+    def __init__(self, module: nn.Module, method: str, path: str, read: bool = False):
+        self.module, self.method, self.path, self.read = module, method, path, read
 
     def __call__(self, *args, **kwargs):
         kind = "forward pre-hook" if self.method == "register_forward_pre_hook" else "forward hook"
+        how = ("reads this layer's weights through its freezing gates and does not call the layer" if self.read
+               else "calls its layers one by one")
         warn(f"module '{self.path}' ({type(self.module).__name__}) is not called by the compiled model's graph, "
-             f"which calls its layers one by one, so this {kind} will never run. Register it on the model "
+             f"which {how}, so this {kind} will never run. Register it on the model "
              f"before lrd_fx.compile (that module then stays a module and runs its hooks), or on a module "
              f"the graph calls (print(gm.code) shows them)")
         return getattr(nn.Module, self.method)(self.module, *args, **kwargs)
@@ -873,15 +875,23 @@ class HookOnHolder:
 def mark_graph_holders(root: nn.Module) -> None:
     """Give every module that a traced graph holds but does not call (see HookOnHolder) the warning
     stand-ins for its hook registration."""
+    for m in root.modules():      # again after the graph changed (strip_gates, fuse): marks made before go
+        for method in ("register_forward_hook", "register_forward_pre_hook"):
+            if isinstance(m.__dict__.get(method), HookOnHolder):
+                del m.__dict__[method]
     for prefix, part in graph_modules(root):
         called = {n.target for n in part.graph.nodes if n.op == "call_module"}
+        # modules whose parameters the graph reads (get_attr) without calling them: factor layers under
+        # freezing gates, F.linear(x, grad_gate(first.weight))
+        read = {str(n.target).rpartition(".")[0] for n in part.graph.nodes if n.op == "get_attr"}
         for rel, m in part.named_modules():
             atoms = rel.split(".")
-            if (not rel or isinstance(m, fx.GraphModule) or not any(True for _ in m.children())
+            leaf = not any(True for _ in m.children())
+            if (not rel or isinstance(m, fx.GraphModule) or (leaf and rel not in read)
                     or any(".".join(atoms[:i]) in called for i in range(1, len(atoms) + 1))):
-                continue        # the part itself, a graph, a layer, or a module called (or inside one)
+                continue        # the part itself, a graph, a layer called, or a module called (or inside one)
             for method in ("register_forward_hook", "register_forward_pre_hook"):
-                object.__setattr__(m, method, HookOnHolder(m, method, prefix + rel))
+                object.__setattr__(m, method, HookOnHolder(m, method, prefix + rel, read=leaf))
 
 
 def _eager_by_design(m: nn.Module) -> bool:

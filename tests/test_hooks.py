@@ -203,3 +203,29 @@ def test_hook_registered_after_compile_on_a_module_the_graph_does_not_call_warns
         bn.register_forward_hook(lambda m, i, o: seen.append("bn"))
     gm(x)
     assert seen == ["bn"]
+
+
+def test_hook_on_a_gated_factor_layer_warns_and_runs_again_after_strip_gates():
+    """With freeze=, the graph reads a factor layer's weights through its gate (F.linear(x, grad_gate(w)))
+    and does not call the layer, so a hook registered on the layer never ran, and nothing said so. It
+    warns now; strip_gates calls the factors again, and there a hook runs without a warning."""
+    import warnings
+
+    from lrd_fx import strip_gates
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 32)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, freeze="sequential", progress=False)
+    factor = gm.get_submodule("0.first")
+    seen = []
+    with pytest.warns(UserWarning, match="module '0.first' .* reads this layer's weights through its freezing "
+                                         "gates .* will never run"):
+        factor.register_forward_hook(lambda m, i, o: seen.append("gated"))
+    gm(x)
+    assert seen == []
+    plain = strip_gates(gm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.get_submodule("0.first").register_forward_hook(lambda m, i, o: seen.append("plain"))
+    plain(x)
+    assert seen.count("plain") == 1

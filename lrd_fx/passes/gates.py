@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ..api import copy_model, outside_inference_mode
 from ..errors import FreezeError
 from ..freezing import FREEZER_NAME, FreezeController, FreezerLink, grad_gate, ungate_module_
+from ..trace import mark_graph_holders
 
 CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _GATE_META = "lrd_gate"          # on gate nodes: the factor key
@@ -118,4 +119,5 @@ def strip_gates(model: nn.Module) -> nn.Module:
     info = getattr(new, "lrd", None)
     if info is not None and hasattr(info, "freezer"):
         info.freezer = None
+    mark_graph_holders(new)      # the factors are called again: hooks on them run, and warn no more
     return new
