@@ -827,9 +827,40 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
     fast_module_calls_(gm)     # module calls without nn.Module.__getattr__ (after the passes: their dumps stay plain)
     gm.lrd = LRDInfo(gm, ctx)
     fix_graph_part_protocols_(gm)
+    _refuse_resizing_a_factorized_head(gm)
     if not _warn_if_nothing_factorized(ctx):
         _warn_if_mostly_outside(gm.lrd, ctx)
     return gm
+
+
+class ResizeRefused:
+    """Stands in, as an instance attribute, for transformers' `resize_token_embeddings` of a compiled model whose
+    LM head is a factor chain. transformers resizes the input embeddings first and then fails on the head
+    ("Old language model head is of type FactorChain"), leaving the model half resized; this refuses before
+    anything changes and says what to do."""
+
+    def __init__(self, head: str):
+        self.head = head
+
+    def __call__(self, *args, **kwargs):
+        from .errors import UnsupportedError
+        raise UnsupportedError(
+            f"resize_token_embeddings: the LM head '{self.head}' of this compiled model is factorized (a "
+            f"FactorChain), which transformers cannot resize. Resize the original model's embeddings, then "
+            f"compile it; or compile with skip=['{self.head}'] to keep the head a Linear layer")
+
+
+def _refuse_resizing_a_factorized_head(gm: nn.Module) -> None:
+    from .factorize.chain import FactorChain
+    if not is_hf_model(gm) or not callable(getattr(gm, "resize_token_embeddings", None)):
+        return
+    try:
+        head = gm.get_output_embeddings()
+    except Exception:  # noqa: BLE001 - a model without output embeddings, or one that cannot tell
+        return
+    if isinstance(head, FactorChain):
+        name = next((n for n, m in gm.named_modules() if m is head), "lm_head")
+        gm.resize_token_embeddings = ResizeRefused(name)
 
 
 def _warn_if_nothing_factorized(ctx: CompileContext) -> bool:

@@ -58,3 +58,8 @@ class LoadError(LRDError):
 
 class SaveError(LRDError):
     """A compiled model cannot be written (missing directory, unsaveable schedule or tensor)."""
+
+
+class UnsupportedError(LRDError, NotImplementedError):
+    """An operation the compiled model cannot do (e.g. transformers' resize_token_embeddings with a factorized
+    LM head); the message says what to do instead."""

@@ -453,3 +453,39 @@ def test_llava_compiles_also_after_the_model_ran(ran_before):
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
     assert len(got.hidden_states) == len(want.hidden_states) == 3
     assert sum(r["decision"] == "decomposed" for r in gm.lrd.plan.values()) >= 20
+
+
+def test_resize_token_embeddings_with_a_factorized_head_is_refused_before_any_change(tmp_path):
+    """transformers resized the input embeddings, then failed on the factorized LM head with a TypeError,
+    leaving the model half resized. Now an UnsupportedError says what to do, and nothing changed; with the
+    head kept (skip=), resizing works."""
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               tie_word_embeddings=False)).eval()
+    x = {"input_ids": _ids(), "attention_mask": _mask()}
+    gm = lrd_fx.compile(model, x, ratio=0.5, progress=False)
+    assert isinstance(gm.get_output_embeddings(), FactorChain)
+    for m in (gm, torch.load(_pickled(gm), weights_only=False),
+              lrd_fx.load(model, _saved(gm, tmp_path / "m.lrd"))):
+        with pytest.raises(lrd_fx.UnsupportedError, match="LM head 'lm_head' .* skip=\\['lm_head'\\]"):
+            m.resize_token_embeddings(V + 16)
+        assert m.get_input_embeddings().weight.shape[0] == V and m.config.vocab_size == V
+    kept = lrd_fx.compile(model, x, ratio=0.5, skip=["lm_head"], progress=False)
+    kept.resize_token_embeddings(V + 16)
+    with torch.no_grad():
+        assert kept(**x).logits.shape[-1] == V + 16
+    assert model.config.vocab_size == V and model.get_input_embeddings().weight.shape[0] == V
+
+
+def _pickled(m):
+    import io
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    return buf
+
+
+def _saved(gm, path):
+    lrd_fx.save(gm, path)
+    return path
