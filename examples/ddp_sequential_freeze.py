@@ -63,8 +63,7 @@ def main():
         same = all(torch.equal(copies[0], c) for c in copies[1:])
         print(f"parameters identical on all {world} processes: {same}")
         if args.ckpt:
-            freezer.step_epoch()                           # the saved counter names the next epoch to run
-            torch.save(gm.state_dict(), args.ckpt)
+            torch.save(gm.state_dict(), args.ckpt)         # epochs() ran to its end: the counter names the next epoch
     dist.destroy_process_group()
 
 

@@ -293,12 +293,18 @@ class FreezeController(nn.Module):
 
     def epochs(self, end: int, start: Optional[int] = None) -> Iterator[int]:
         """`for epoch in freezer.epochs(n):` — sets each epoch from `start` (default: the current one,
-        so a resumed run continues) up to `end` - 1 before yielding it."""
+        so a resumed run continues) up to `end` - 1 before yielding it. When the loop has run to its end,
+        the counter is `end`, the next epoch to run: a checkpoint saved after the loop, and a later
+        `epochs(m)`, continue there (a loop left by `break` keeps the epoch it was in)."""
         e = self.epoch if start is None else start
+        ran = False
         while e < end:
             self.set_epoch(e)
+            ran = True
             yield e
             e += 1
+        if ran:
+            self.set_epoch(e)
 
     @property
     def epoch(self) -> int:

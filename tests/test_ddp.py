@@ -127,7 +127,7 @@ def test_ddp_two_processes_sequential_freezing(tmp_path):
     assert r0["state"].keys() == r1["state"].keys() and len(r0["params"]) == 12
     for k in r0["params"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
-    assert r0["state"]["lrd_freezer.current_epoch"].item() == EPOCHS - 1
+    assert r0["state"]["lrd_freezer.current_epoch"].item() == EPOCHS     # the next epoch to run
     # and training did change the model
     ref = lrd_fx.compile(_model(), (torch.randn(2, 4, 6, 6),), ratio=0.5, freeze="sequential",
                          min_channels=1).state_dict()

@@ -125,6 +125,12 @@ def test_controller_api_and_epoch_hook():
         seen.append((e, fr.epoch, tuple(fr.frozen_now())))
     assert [s[0] for s in seen] == [1, 2, 3] and all(a == b for a, b, _ in seen)
     assert seen[0][2] != seen[1][2] and seen[0][2] == seen[2][2]
+    assert fr.epoch == 4                      # run to its end: the next epoch, not the last one again
+    assert [e for e in fr.epochs(6)] == [4, 5] and fr.epoch == 6
+    assert [e for e in fr.epochs(6)] == [] and fr.epoch == 6
+    for e in fr.epochs(10, start=7):
+        break                                 # left early: the epoch in progress stays
+    assert fr.epoch == 7
     assert [e for e in fr.epochs(2, start=0)] == [0, 1]
     for bad in (-1, 1.5, "3", True):
         with pytest.raises(FreezeError, match="epoch must be an int"):
@@ -228,7 +234,7 @@ def test_state_dict_roundtrip_resumes_mid_schedule(tmp_path):
     opt = torch.optim.SGD(gm.parameters(), lr=0.05)
     for epoch in fr.epochs(3):
         _train_epoch(gm, opt, steps=1)
-    fr.step_epoch()                          # epochs 0..2 done: resume at 3
+    assert fr.epoch == 3                     # epochs 0..2 done: the counter names the next one
     path = tmp_path / "ckpt.pt"
     torch.save(gm.state_dict(), path)
     assert gm.state_dict()["lrd_freezer.current_epoch"].item() == 3
