@@ -213,9 +213,12 @@ def _check_inputs(model: nn.Module, inputs: tuple, device, dtype) -> tuple:
             return None, counter_error
     except Exception as e:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+        example = ("a dict of every keyword input its forward needs, such as {'input_ids': ..., "
+                   "'decoder_input_ids': ...} for an encoder-decoder" if is_hf_model(model) else
+                   "torch.randn(1, 3, 224, 224) for an ImageNet model")
         raise InputError(f"the model does not run on example_inputs of shape {shapes} "
                          f"({type(e).__name__}: {e}); pass inputs shaped as the model expects, e.g. "
-                         f"torch.randn(1, 3, 224, 224) for an ImageNet model") from e
+                         f"{example}") from e
 
 
 def _check_not_empty(inputs: tuple) -> None:

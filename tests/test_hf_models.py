@@ -489,3 +489,12 @@ def _pickled(m):
 def _saved(gm, path):
     lrd_fx.save(gm, path)
     return path
+
+
+def test_inputs_the_model_does_not_run_on_say_what_a_hf_model_takes():
+    torch.manual_seed(0)
+    model = tf.T5Model(tf.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                   decoder_start_token_id=0)).eval()
+    with pytest.raises(lrd_fx.InputError, match="decoder_input_ids") as e:
+        lrd_fx.compile(model, {"input_ids": _ids()}, progress=False)
+    assert "224" not in str(e.value)
