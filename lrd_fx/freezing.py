@@ -306,6 +306,32 @@ class FreezeController(nn.Module):
         if ran:
             self.set_epoch(e)
 
+    def trainer_callback(self):
+        """A Hugging Face `transformers.TrainerCallback` that sets this controller's epoch at the start of
+        training and of every epoch from the Trainer's own count (`state.epoch`, which a run resumed from a
+        checkpoint restores): `Trainer(model=gm, ..., callbacks=[gm.lrd.freezer.trainer_callback()])`."""
+        try:
+            from transformers import TrainerCallback
+        except ImportError as e:
+            raise FreezeError("trainer_callback() is for transformers' Trainer, and transformers is not "
+                              "installed; in your own loop use `for epoch in freezer.epochs(n)`") from e
+        freezer = self
+
+        class FreezeEpochCallback(TrainerCallback):
+            """Sets the freezing gates' epoch from the Trainer's (lrd_fx.FreezeController.trainer_callback)."""
+
+            def _set(self, state):
+                # at an epoch's start state.epoch is the epochs done (a fraction when resumed mid-epoch)
+                freezer.set_epoch(int(float(state.epoch or 0) + 1e-6))
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                self._set(state)
+
+            def on_epoch_begin(self, args, state, control, **kwargs):
+                self._set(state)
+
+        return FreezeEpochCallback()
+
     @property
     def epoch(self) -> int:
         return int(self.current_epoch.item())

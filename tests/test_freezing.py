@@ -367,3 +367,27 @@ def test_freezing_does_not_import_the_passes():
     assert "lrd_fx.errors" in imports                      # the walk sees the module's own imports
     assert not [m for m in imports if m.startswith("lrd_fx.passes")], imports
     assert "lrd_fx.freezing" in _lrd_imports(Path(lrd_fx.__file__).parent / "passes" / "gates.py")
+
+
+def test_trainer_callback_sets_the_epoch_from_the_trainers_state():
+    """transformers' Trainer calls on_train_begin, then on_epoch_begin with state.epoch = the epochs done (a
+    fraction when resumed mid-epoch); the callback sets the gates' epoch from it."""
+    tf = pytest.importorskip("transformers")
+    gm = gated()
+    fr = gm.lrd.freezer
+    cb = fr.trainer_callback()
+    assert isinstance(cb, tf.TrainerCallback)
+    state, control = tf.TrainerState(), tf.TrainerControl()
+    state.epoch = 0
+    cb.on_train_begin(None, state, control)
+    assert fr.epoch == 0 and fr.phase == 0
+    seen = []
+    for epoch in range(3):                # the Trainer's loop: the epoch's begin, then its steps
+        cb.on_epoch_begin(None, state, control)
+        seen.append((fr.epoch, tuple(fr.frozen_now())))
+        for step in range(4):
+            state.epoch = epoch + (step + 1) / 4
+    assert [e for e, _ in seen] == [0, 1, 2] and seen[0][1] != seen[1][1] and seen[0][1] == seen[2][1]
+    state.epoch = 1.5                     # resumed from a checkpoint saved mid-epoch 1
+    cb.on_train_begin(None, state, control)
+    assert fr.epoch == 1
