@@ -900,6 +900,47 @@ def _eager_by_design(m: nn.Module) -> bool:
     return getattr(type(m), "_lrd_eager", False)
 
 
+_CHILD_CALL = None
+_CHILD_CALLS: dict = {}
+
+
+def _methods_called_on_children(module: nn.Module) -> dict:
+    """{child attribute: {method names}} that the source of `module`'s classes calls as `self.<child>.<name>(`
+    (cached per class; classes of torch.nn and those without source are not read)."""
+    global _CHILD_CALL
+    cls = type(module)
+    if cls not in _CHILD_CALLS:
+        if _CHILD_CALL is None:
+            import re
+            _CHILD_CALL = re.compile(r"\bself\.(\w+)\.(\w+)\s*\(")
+        found: dict = {}
+        for klass in cls.__mro__:
+            if klass in (nn.Module, object) or klass.__module__.startswith(("torch.nn", "torch.fx")):
+                continue
+            try:
+                src = inspect.getsource(klass)
+            except (OSError, TypeError):
+                continue
+            for child, name in _CHILD_CALL.findall(src):
+                found.setdefault(child, set()).add(name)
+        _CHILD_CALLS[cls] = found
+    return _CHILD_CALLS[cls]
+
+
+def methods_called_reason(parent: nn.Module, cname: str, child: nn.Module) -> Optional[str]:
+    """Why `child` (the attribute `cname` of `parent`, which stays eager) must keep its class, or None: the
+    parent's code calls a method of the child other than forward (torchvision RetinaNet's and FCOS's
+    `self.head.compute_loss(...)` in training). A graph of the child's forward has only forward: traced
+    apart, the child lost that method and the first training call failed with an AttributeError."""
+    names = _methods_called_on_children(parent).get(cname, ())
+    own = sorted(n for n in names if n not in ("forward", "__call__") and not hasattr(nn.Module, n)
+                 and inspect.isfunction(inspect.getattr_static(type(child), n, None)))
+    if not own:
+        return None
+    return (f"its parent calls its {', '.join(f'{n}()' for n in own)}, which a graph of its forward would not "
+            f"have: kept eager (its children are traced)")
+
+
 def _no_forward(m: nn.Module) -> bool:
     """True for a container that cannot be called (nn.ModuleList, nn.ModuleDict: no forward of its own)."""
     return getattr(type(m), "forward", None) is getattr(nn.Module, "forward", None)
@@ -960,6 +1001,11 @@ def trace(model: nn.Module, *, leaf_modules: Iterable = (), fallback: bool = Tru
                 # a ModuleList / ModuleDict (or any module without a forward of its own): nothing to trace,
                 # and no failure to report; it stays as it is (its own layers are swapped in place, see
                 # decompose.collect_sites) and its children are traced apart
+                eager.add(cpath)
+                trace_children(child, cpath)
+                continue
+            if (why := methods_called_reason(module, cname, child)) is not None:
+                parts[cpath] = why
                 eager.add(cpath)
                 trace_children(child, cpath)
                 continue

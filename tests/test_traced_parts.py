@@ -259,3 +259,47 @@ def test_a_leaf_child_named_self_does_not_shadow_the_graph_module():
     assert "attention." in parts
     assert not re.search(r"^\s*self = ", parts["attention."].code, re.M)
     assert gm.lrd.plan["attention.output"]["decision"] == "decomposed"
+
+
+class _Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.cls = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.cls(torch.relu(self.conv(x)))
+
+    def compute_loss(self, out, target):
+        return (out - target).pow(2).mean()
+
+
+class _Detector(nn.Module):
+    """Like torchvision's RetinaNet and FCOS: an eager root that calls its head's compute_loss in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.head = _Head()
+
+    def forward(self, x, target=None):
+        out = self.head(self.stem(x))
+        if self.training:
+            if target is None:
+                raise ValueError("training needs a target")
+            return {"loss": self.head.compute_loss(out, target)}
+        return out
+
+
+def test_a_child_whose_other_methods_its_parent_calls_keeps_its_class():
+    # traced apart, the head lost compute_loss: the first training call failed with an AttributeError
+    torch.manual_seed(0)
+    model = _Detector().train()
+    x, t = torch.randn(2, 3, 8, 8), torch.randn(2, 8, 8, 8)
+    gm = lrd_fx.compile(model, (x, t), rank="full", progress=False)
+    assert type(gm.head) is _Head and "compute_loss()" in gm.lrd.fallback_parts["head"]
+    torch.testing.assert_close(gm(x, t)["loss"], model(x, t)["loss"], rtol=1e-4, atol=1e-6)
+    small = lrd_fx.compile(model, (x, t), ratio=0.5, min_channels=4, progress=False)
+    assert small.lrd.plan["head.conv"]["decision"] == "decomposed"
+    small(x, t)["loss"].backward()
+    assert small.head.conv.first.weight.grad is not None
