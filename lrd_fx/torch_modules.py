@@ -372,10 +372,13 @@ _CLASSES = {nn.TransformerEncoderLayer: TransformerEncoderLayer, nn.TransformerE
 
 
 def _torchvision_swin(m: nn.Module) -> bool:
-    """torchvision's Swin attention, ShiftedWindowAttention or ShiftedWindowAttentionV2 (exactly those)."""
+    """torchvision's Swin attention, ShiftedWindowAttention or ShiftedWindowAttentionV2, or the video Swin's
+    ShiftedWindowAttention3d (exactly those)."""
     cls = type(m)
-    return (cls.__module__ == "torchvision.models.swin_transformer"
-            and cls.__name__ in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2"))
+    return ((cls.__module__ == "torchvision.models.swin_transformer"
+             and cls.__name__ in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2"))
+            or (cls.__module__ == "torchvision.models.video.swin_transformer"
+                and cls.__name__ == "ShiftedWindowAttention3d"))
 
 
 def use_stand_ins_(model: nn.Module, only: Optional[Iterable[str]] = None, leaf_modules: Iterable = ()) -> list:

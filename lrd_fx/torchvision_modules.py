@@ -1,4 +1,5 @@
-"""Stand-ins for torchvision's Swin attention (swin_t/s/b, swin_v2_t/s/b) whose projections are called as layers.
+"""Stand-ins for torchvision's Swin attention (swin_t/s/b, swin_v2_t/s/b, and the video swin3d_t/s/b) whose
+projections are called as layers.
 
 torchvision's ShiftedWindowAttention(V2) hands `self.qkv.weight` and `self.proj.weight` to
 `shifted_window_attention`, which applies them with F.linear between its windowing steps, so no factor chain
@@ -17,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models import swin_transformer as tv_swin
+from torchvision.models.video import swin_transformer as tv_swin3d
 
 
 @fx.wrap
@@ -129,5 +131,81 @@ class ShiftedWindowAttentionV2(_CallsProjections, tv_swin.ShiftedWindowAttention
     """torchvision's ShiftedWindowAttentionV2 with `qkv` and `proj` called as layers."""
 
 
+@fx.wrap
+def swin3d_windows(x: Tensor, window_size: List[int], shift_size: List[int]) -> Tuple[Tensor, List[int]]:
+    """shifted_window_attention_3d up to its qkv projection (window and shift sizes already fitted to the
+    input, as the module's forward does): pad, shift, split into windows. Returns the windows
+    [B * windows, Wd * Wh * Ww, C] and [B, T, H, W, padded T, padded H, padded W]."""
+    from torchvision.models.video.swin_transformer import _compute_pad_size_3d
+    b, t, h, w, c = x.shape
+    pad = _compute_pad_size_3d((t, h, w), (window_size[0], window_size[1], window_size[2]))
+    x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+    tp, hp, wp = x.shape[1], x.shape[2], x.shape[3]
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1], -shift_size[2]), dims=(1, 2, 3))
+    n = (tp // window_size[0]) * (hp // window_size[1]) * (wp // window_size[2])
+    x = x.view(b, tp // window_size[0], window_size[0], hp // window_size[1], window_size[1],
+               wp // window_size[2], window_size[2], c)
+    x = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b * n, window_size[0] * window_size[1] * window_size[2], c)
+    return x, [b, t, h, w, tp, hp, wp]
+
+
+@fx.wrap
+def swin3d_attend(qkv: Tensor, windows: Tensor, relative_position_bias: Tensor, geometry: List[int],
+                  window_size: List[int], shift_size: List[int], num_heads: int, attention_dropout: float,
+                  training: bool) -> Tensor:
+    """shifted_window_attention_3d from the projected windows to the attention's output before `proj`."""
+    from torchvision.models.video.swin_transformer import _compute_attention_mask_3d
+    tp, hp, wp = geometry[4], geometry[5], geometry[6]
+    n_win, n_tok, c = windows.shape
+    qkv = qkv.reshape(n_win, n_tok, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    q = q * (c // num_heads) ** -0.5
+    attn = q.matmul(k.transpose(-2, -1)) + relative_position_bias
+    if sum(shift_size) > 0:
+        num_windows = (tp // window_size[0]) * (hp // window_size[1]) * (wp // window_size[2])
+        mask = _compute_attention_mask_3d(windows, (tp, hp, wp), (window_size[0], window_size[1], window_size[2]),
+                                          (shift_size[0], shift_size[1], shift_size[2]))
+        attn = attn.view(n_win // num_windows, num_windows, num_heads, n_tok, n_tok)
+        attn = (attn + mask.unsqueeze(1).unsqueeze(0)).view(-1, num_heads, n_tok, n_tok)
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    return attn.matmul(v).transpose(1, 2).reshape(n_win, n_tok, c)
+
+
+@fx.wrap
+def swin3d_merge(x: Tensor, geometry: List[int], window_size: List[int], shift_size: List[int]) -> Tensor:
+    """shifted_window_attention_3d after `proj`: windows back to the clip, shift back, crop."""
+    b, t, h, w, tp, hp, wp = geometry
+    c = x.shape[-1]
+    x = x.view(b, tp // window_size[0], hp // window_size[1], wp // window_size[2], window_size[0], window_size[1],
+               window_size[2], c)
+    x = x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, tp, hp, wp, c)
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(shift_size[0], shift_size[1], shift_size[2]), dims=(1, 2, 3))
+    return x[:, :t, :h, :w, :].contiguous()
+
+
+@fx.wrap
+def swin3d_sizes(x: Tensor, window_size: List[int], shift_size: List[int]) -> Tuple[List[int], List[int]]:
+    """The module's window and shift sizes fitted to the input (torchvision's _get_window_and_shift_size)."""
+    from torchvision.models.video.swin_transformer import _get_window_and_shift_size
+    return _get_window_and_shift_size(list(shift_size), [x.shape[1], x.shape[2], x.shape[3]], list(window_size))
+
+
+class ShiftedWindowAttention3d(tv_swin3d.ShiftedWindowAttention3d):
+    """torchvision's ShiftedWindowAttention3d (video Swin: swin3d_t/s/b) with `qkv` and `proj` called as layers."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        sizes = swin3d_sizes(x, self.window_size, self.shift_size)     # one node: index it, not unpack
+        window_size, shift_size = sizes[0], sizes[1]
+        relative_position_bias = self.get_relative_position_bias(window_size)
+        windows, geometry = swin3d_windows(x, window_size, shift_size)
+        out = swin3d_attend(self.qkv(windows), windows, relative_position_bias, geometry, window_size, shift_size,
+                            self.num_heads, self.attention_dropout, self.training)
+        out = F.dropout(self.proj(out), p=self.dropout, training=self.training)
+        return swin3d_merge(out, geometry, window_size, shift_size)
+
+
 CLASSES = {tv_swin.ShiftedWindowAttention: ShiftedWindowAttention,
-           tv_swin.ShiftedWindowAttentionV2: ShiftedWindowAttentionV2}
+           tv_swin.ShiftedWindowAttentionV2: ShiftedWindowAttentionV2,
+           tv_swin3d.ShiftedWindowAttention3d: ShiftedWindowAttention3d}

@@ -86,3 +86,32 @@ def test_swin_attention_with_hooks_or_kept_as_leaf_stays_torchvision():
     assert gm.lrd.plan[f"{_attention(model)[1]}.qkv"]["decision"] == "decomposed"
     leaf = lrd_fx.compile(model, (x,), ratio=0.5, leaf_modules=[ShiftedWindowAttention])
     assert "kept as a leaf" in leaf.lrd.plan[f"{first}.qkv"]["reason"]
+
+
+def test_video_swin_projections_are_factorized_exact_and_saved():
+    """torchvision's ShiftedWindowAttention3d (swin3d_t/s/b) hands qkv.weight and proj.weight to
+    shifted_window_attention_3d: its 24 projections in swin3d_t were skipped ("weight read directly"). The
+    stand-in calls them as layers: exact at full rank, for clips smaller than a window too."""
+    from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d, SwinTransformer3d
+
+    from lrd_fx.torchvision_modules import ShiftedWindowAttention3d as StandIn
+    torch.manual_seed(0)
+    m = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                          window_size=[2, 4, 4], num_classes=10).eval()
+    with torch.no_grad():
+        for a in m.modules():
+            if isinstance(a, ShiftedWindowAttention3d):
+                a.relative_position_bias_table.normal_()
+    x = torch.randn(2, 3, 8, 32, 32)
+    gm = lrd_fx.compile(m, (x,), rank="full", progress=False)
+    assert all(type(a) is StandIn for a in gm.modules() if isinstance(a, ShiftedWindowAttention3d))
+    projections = [k for k in gm.lrd.plan if k.endswith((".attn.qkv", ".attn.proj"))]
+    assert len(projections) == 8 and all(gm.lrd.plan[k]["decision"] == "decomposed" for k in projections)
+    with torch.no_grad():
+        for inp in (x, torch.randn(1, 3, 2, 16, 24)):       # the second: smaller than a window, no shift
+            torch.testing.assert_close(gm(inp), m(inp), rtol=1e-4, atol=1e-5)
+    half = lrd_fx.compile(m, (x,), ratio=0.5, progress=False)
+    lrd_fx.save(half, str(tmp := __import__("tempfile").mkdtemp()) + "/s.lrd")
+    loaded = lrd_fx.load(m, tmp + "/s.lrd").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), half(x), rtol=0, atol=0)
