@@ -711,6 +711,20 @@ def copy_and_run(model: nn.Module, new_ctx, *, share_layer_weights: bool = False
                 kept.setdefault(path, f"kept eager like '{where}', a module of the same class ({why[:160]})")
 
 
+def _note_quant_stubs(work: nn.Module, ctx: CompileContext) -> None:
+    """A report note where the model carries eager-mode quantization markers (torchvision's quantizable
+    models): traced, QuantStub/DeQuantStub are the identity and FloatFunctional's add a torch.add, so
+    torch.ao.quantization.prepare/convert of the compiled model would hand float tensors to quantized layers."""
+    from torch.ao.nn.quantized import FloatFunctional
+    from torch.ao.quantization import DeQuantStub, QuantStub
+    kinds = sorted({type(m).__name__ for m in work.modules() if isinstance(m, (QuantStub, DeQuantStub, FloatFunctional))})
+    if kinds:
+        ctx.notes.append(f"the model has eager-mode quantization markers ({', '.join(kinds)}), which the traced "
+                         f"graph runs as float ops: quantize the compiled model in FX mode "
+                         f"(torch.ao.quantization.quantize_fx.prepare_fx / convert_fx), not with "
+                         f"torch.ao.quantization.prepare / convert")
+
+
 def _note_stand_ins(work: nn.Module, ctx: CompileContext) -> None:
     from .moe import BatchedExperts, Experts
     experts = [p for p in ctx.stand_ins if isinstance(work.get_submodule(p), Experts)]
@@ -800,6 +814,7 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
     if ctx.traced_none and is_hf_model(work) and "" not in kept:
         names = ", ".join(ctx.traced_none[:4]) + (", …" if len(ctx.traced_none) > 4 else "")
         kept[""] = _HF_ROOT_EAGER.format(names=names)
+    _note_quant_stubs(work, ctx)
     gm = trace(work, leaf_modules=leaves, fallback=cfg.fallback, fallback_parts=ctx.fallback_parts,
                eager_parts=eager, concrete_args=dict.fromkeys(ctx.traced_none), keep_eager_parts=kept,
                defaults=ctx.traced_defaults)

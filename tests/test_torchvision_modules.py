@@ -115,3 +115,26 @@ def test_video_swin_projections_are_factorized_exact_and_saved():
     loaded = lrd_fx.load(m, tmp + "/s.lrd").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), half(x), rtol=0, atol=0)
+
+
+def test_quantizable_model_notes_eager_markers_and_quantizes_in_fx_mode():
+    """torchvision's quantizable models carry QuantStub/DeQuantStub/FloatFunctional, which the traced graph
+    runs as float ops, so eager-mode prepare/convert of the compiled model fed float tensors to quantized
+    convs. The report says so and names FX mode, which works on the compiled model."""
+    import torch.ao.quantization.quantize_fx as qfx
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torchvision.models.quantization import resnet18
+    torch.manual_seed(0)
+    model = resnet18(weights=None, quantize=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, progress=False)
+    note = next(n for n in gm.lrd.notes if "quantization markers" in n)
+    assert "QuantStub" in note and "prepare_fx" in note and "prepare_fx" in gm.lrd.report()
+    prepared = qfx.prepare_fx(gm, get_default_qconfig_mapping("x86"), (x,))
+    prepared(x)
+    q = qfx.convert_fx(prepared)
+    with torch.no_grad():
+        want = gm(x)
+        assert (q(x) - want).norm() / want.norm() < 0.2
+    plain = lrd_fx.compile(_swin(False), (torch.randn(1, 3, 16, 16),), ratio=0.5, progress=False)
+    assert not any("quantization markers" in n for n in plain.lrd.notes)
