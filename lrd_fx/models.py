@@ -1,6 +1,7 @@
 """Build a randomly initialised torchvision or timm model by name (no weights are downloaded)."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from .errors import ConfigError
@@ -42,8 +43,6 @@ def read_state_dict(path: str) -> dict:
     from torch.compile) is removed."""
     import os
 
-    import torch
-
     from .errors import LoadError
     if not os.path.isfile(path):
         raise LoadError(f"--weights {path!r}: no such file")
@@ -78,12 +77,12 @@ def read_state_dict(path: str) -> dict:
 
 
 def _all_tensors(d: dict) -> bool:
-    import torch
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
 
 
 def load_weights(model: nn.Module, path: str, name: str = "") -> nn.Module:
-    """Load the weights file at `path` (read_state_dict) into `model`, every parameter and buffer; a
+    """Load the weights file at `path` (read_state_dict) into `model`, every parameter and buffer (another
+    float precision is cast; another kind of number, or a sparse, meta or quantized tensor, is refused); a
     LoadError names the missing, unexpected and mis-shaped entries (a classifier of another size: pass the
     number of classes the file has)."""
     from .errors import LoadError
@@ -111,5 +110,18 @@ def load_weights(model: nn.Module, path: str, name: str = "") -> nn.Module:
             hint = f" If the file's classifier has {head.pop()} classes, pass --num-classes with that number."
         raise LoadError(f"--weights {path!r} does not fit {name or type(model).__name__}: {' | '.join(parts)}."
                         f"{hint}")
-    model.load_state_dict(sd, strict=True)
+    for k, t in own.items():
+        got = sd[k]
+        if got.layout != torch.strided or got.is_meta or got.is_quantized:
+            kind = "meta" if got.is_meta else "quantized" if got.is_quantized else "sparse"
+            raise LoadError(f"--weights {path!r}: '{k}' is a {kind} tensor, not a dense one with values; save "
+                            f"the float model's state_dict")
+        if (got.dtype.is_floating_point != t.dtype.is_floating_point or got.dtype.is_complex != t.dtype.is_complex
+                or (got.dtype == torch.bool) != (t.dtype == torch.bool)):
+            raise LoadError(f"--weights {path!r}: '{k}' is {got.dtype} in the file but {t.dtype} in the model")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch refuses, said with the file's name
+        raise LoadError(f"--weights {path!r} does not load into {name or type(model).__name__}: "
+                        f"{type(e).__name__}: {str(e)[:300]}") from e
     return model

@@ -395,6 +395,8 @@ def _read(where: str, trust_file: bool) -> tuple[dict, dict]:
         raise LoadError(f"no such file: '{where}'")
     if os.path.isdir(where):
         raise LoadError(f"'{where}' is a directory, not an lrd_fx file")
+    if not os.path.isfile(where):        # a FIFO or a device: reading it could block or never end
+        raise LoadError(f"'{where}' is not a regular file (a pipe or a device), not an lrd_fx file")
     size = os.path.getsize(where)
     try:
         with open(where, "rb") as f:
@@ -437,7 +439,7 @@ def _read_safetensors(where: str, meta: dict, size: int, n: int) -> tuple[dict, 
     if not isinstance(header, dict):
         raise LoadError(f"'{where}': the lrd_fx header is not a JSON object; the file is damaged")
     fmt = header.get("format", info.get("format"))
-    m = re.fullmatch(r"lrd_fx/(\d+)", fmt) if isinstance(fmt, str) else None
+    m = re.fullmatch(r"lrd_fx/([0-9]{1,6})", fmt) if isinstance(fmt, str) else None
     if m is None:
         raise LoadError(f"'{where}' has an lrd_fx header without a valid format field ({fmt!r}); the file is damaged")
     if int(m.group(1)) > FORMAT_VERSION:
@@ -457,7 +459,7 @@ def _read_safetensors(where: str, meta: dict, size: int, n: int) -> tuple[dict, 
             continue
         try:
             end = max(end, int(entry["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError):
+        except (TypeError, KeyError, IndexError, ValueError, OverflowError):
             raise LoadError(f"'{where}': tensor '{key}' has no valid data offsets; the file is damaged") from None
     if 8 + n + end > size:
         raise LoadError(f"'{where}' is truncated: its tensors need {8 + n + end} bytes, the file has {size}; "
@@ -484,6 +486,8 @@ def _read_trusted(where: str) -> tuple[dict, dict]:
     from .freezing import FREEZER_NAME
     saved = dict(blob["config"]) if isinstance(blob["config"], dict) else {}
     sd = blob["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise LoadError(f"'{where}' (lrd_fx/1): its state_dict is not names -> tensors; the file is damaged")
     fkeys = [k for k in sd if k == f"{FREEZER_NAME}.current_epoch" or k.endswith(f".{FREEZER_NAME}.current_epoch")]
     spec = None
     if isinstance(saved.get("freeze"), str):
@@ -573,6 +577,9 @@ def _rebuild_config(header: dict, plan: dict[str, LayerRecord], overrides: dict,
 def _leaf_modules(saved: dict, overrides: dict, where: str) -> dict:
     """leaf_modules decide what is traced, hence the layer names. Module paths come from the file; classes
     must be passed again (a file holds names, not code), and what the caller passes must match the file."""
+    for key in ("leaf_modules", "leaf_classes"):
+        if not isinstance(saved.get(key) or [], list):
+            raise LoadError(f"'{where}': the config's {key} is not a list; the file is damaged")
     names = [x for x in saved.get("leaf_modules") or [] if isinstance(x, str)]
     classes = [x for x in saved.get("leaf_classes") or [] if isinstance(x, str)]
     given = overrides.get("leaf_modules")
@@ -644,17 +651,23 @@ def _check_rebuilt(gm: nn.Module, plan: dict[str, LayerRecord], where: str) -> N
 
 def _load_weights(gm: nn.Module, header: dict, tensors: dict, where: str) -> None:
     aliases = header.get("aliases") or {}
-    if not isinstance(aliases, dict):
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
         raise LoadError(f"'{where}': the alias table is malformed; the file is damaged")
     sd = dict(tensors)
     for alias, key in aliases.items():
+        if alias in tensors:
+            raise LoadError(f"'{where}': '{_short(alias)}' is both stored and recorded as the same tensor as "
+                            f"'{_short(key)}'; the file is damaged")
         if key not in tensors:
             raise LoadError(f"'{where}': '{alias}' is recorded as the same tensor as '{key}', which the file lacks; "
                             f"the file is damaged")
         sd[alias] = tensors[key]
     own = gm.state_dict()
     now = set(_freezer_keys(gm))
-    for k in header.get("freezer_keys") or []:
+    saved_keys = header.get("freezer_keys") or []
+    if not isinstance(saved_keys, list) or not all(isinstance(k, str) for k in saved_keys):
+        raise LoadError(f"'{where}': the freezer keys are malformed; the file is damaged")
+    for k in saved_keys:
         if k not in now:
             sd.pop(k, None)        # freeze=None: the gates, and their epoch, are dropped
     for k in now:
@@ -670,13 +683,30 @@ def _load_weights(gm: nn.Module, header: dict, tensors: dict, where: str) -> Non
                                     + ([f"not in the model {few(extra)}"] if extra else []))
                         + "; load onto the model the file was compiled from")
     for k, t in own.items():
-        if tuple(sd[k].shape) != tuple(t.shape):
-            raise LoadError(f"'{where}': '{k}' has shape {tuple(sd[k].shape)} in the file but "
+        got = sd[k]
+        if tuple(got.shape) != tuple(t.shape):
+            raise LoadError(f"'{where}': '{k}' has shape {tuple(got.shape)} in the file but "
                             f"{tuple(t.shape)} in the rebuilt model; load onto the model the file was compiled from")
+        # another float precision is cast, as load_state_dict does (a bf16 file onto an fp32 model); another
+        # kind of number (bool, integers where floats are, or the reverse) is a damaged file, not a cast
+        if got.dtype != t.dtype and (got.dtype.is_floating_point != t.dtype.is_floating_point
+                                     or got.dtype.is_complex != t.dtype.is_complex or got.dtype == torch.bool
+                                     or t.dtype == torch.bool):
+            raise LoadError(f"'{where}': '{k}' is {got.dtype} in the file but {t.dtype} in the rebuilt model; "
+                            f"the file is damaged")
+        if got.dtype.is_floating_point and bool(torch.isnan(got).any()):
+            raise LoadError(f"'{where}': '{k}' holds NaN values; the file is damaged, or the model was saved "
+                            f"after its training diverged")
     try:
         gm.load_state_dict(sd, strict=True)
     except Exception as e:
         raise LoadError(f"the weights in '{where}' do not fit the rebuilt model: {type(e).__name__}: {e}") from e
+
+
+def _short(name: str, n: int = 120) -> str:
+    """A name from a file, for a message: printable, and cut where a damaged file makes it long."""
+    text = name if name.isprintable() else repr(name)[1:-1]
+    return text if len(text) <= n else text[:n] + f"… ({len(name)} characters)"
 
 
 def _restore_records(gm: nn.Module, plan: dict[str, LayerRecord]) -> None:

@@ -176,6 +176,13 @@ def test_weights_that_are_not_a_state_dict_or_missing(tmp_path, capsys):
     torch.save({"epoch": 3, "lr": 0.1}, odd)
     assert main(["compile", "resnet18", "--weights", str(odd)]) == 2
     assert "not a state_dict" in capsys.readouterr().err
+    sd = _trained_resnet18(1000).state_dict()
+    for name, edit, words in (("bool", lambda t: t != 0, "torch.bool in the file but torch.float32"),
+                              ("sparse", lambda t: t.to_sparse(), "sparse tensor")):
+        bad = tmp_path / f"{name}.pt"
+        torch.save({**sd, "fc.weight": edit(sd["fc.weight"])}, bad)
+        assert main(["compile", "resnet18", "--weights", str(bad), "--input", "1x3x32x32"]) == 2
+        assert words in capsys.readouterr().err
 
 
 class _RunsCode:

@@ -472,9 +472,41 @@ def test_foreign_truncated_and_damaged_files(tmp_path, saved):
     raw = b'{"a":' + b"[" * 200_000
     (tmp_path / "deep_raw").write_bytes(len(raw).to_bytes(8, "little") + raw)
     cases["deep_raw"] = "not an lrd_fx file"
+    # found by fuzzing (2026-11-29): each was a TypeError, ValueError or OverflowError, or a wrong model
+    rewrite_header(good, tmp_path / "alias_list", lambda h: h.update(aliases={"1.bias": ["0.bias"]}))
+    cases["alias_list"] = "alias table is malformed"
+    rewrite_header(good, tmp_path / "alias_stored", lambda h: h.update(aliases={"1.bias": "1.weight"}))
+    cases["alias_stored"] = "both stored and recorded"
+    rewrite_header(good, tmp_path / "leaf_int", lambda h: h["config"].update(leaf_modules=3))
+    cases["leaf_int"] = "leaf_modules is not a list"
+    rewrite_header(good, tmp_path / "freezer_int", lambda h: h.update(freezer_keys=3))
+    cases["freezer_int"] = "freezer keys are malformed|has freezing gates but no saved schedule"
+    rewrite_header(good, tmp_path / "format_digits", lambda h: h.update(format="lrd_fx/" + "9" * 5000))
+    cases["format_digits"] = "valid format field"
+    sd = load_file(str(good))
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    for name, edit in (("bool_weight", lambda t: t != 0), ("nan_weight", lambda t: t * float("nan"))):
+        bad = dict(sd)
+        key = next(k for k, t in sd.items() if k.endswith("weight") and t.dtype.is_floating_point)
+        bad[key] = edit(sd[key])
+        save_file(bad, str(tmp_path / name), metadata=meta)
+    cases["bool_weight"] = "torch.bool in the file but torch.float32"
+    cases["nan_weight"] = "holds NaN values"
+    n = int.from_bytes(data[:8], "little")
+    outer = json.loads(data[8:8 + n])
+    first = next(k for k in outer if k != "__metadata__")
+    outer[first]["data_offsets"] = [0, 10 ** 400]     # read by Python's json as an integer, by others as inf
+    raw = json.dumps(outer).encode()
+    (tmp_path / "offsets_huge").write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    cases["offsets_huge"] = "valid data offsets|truncated"
     for name, words in cases.items():
         with pytest.raises(lrd_fx.LoadError, match=words):
             lrd_fx.load(model, tmp_path / name)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)                                   # opening it to read would block forever
+    with pytest.raises(lrd_fx.LoadError, match="not a regular file"):
+        lrd_fx.load(model, fifo)
     with pytest.raises(lrd_fx.LoadError, match="no such file"):
         lrd_fx.load(model, tmp_path / "missing.lrd")
     with pytest.raises(lrd_fx.LoadError, match="directory"):
