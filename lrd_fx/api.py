@@ -462,7 +462,9 @@ def fix_graph_part_protocols_(root: nn.Module) -> None:
     instance has a class of its own (fx makes one per instance), so the fix is set on that class and
     touches no other GraphModule; the copies get it too, and so does a part pickled whole (torch.save
     of the model), through _unpickled_part."""
+    from .trace import apply_source_methods
     for _, part in graph_modules(root):
+        apply_source_methods(part)
         cls = type(part)
         if cls is fx.GraphModule or cls.__dict__.get("__deepcopy__") is _graph_module_deepcopy:
             continue

@@ -548,12 +548,69 @@ def _trace_once_with(module: nn.Module, leaf_modules, leaf_names, concrete_args:
     return gm
 
 
+# methods of a traced module's class that read only names and settings, not the forward's structure: timm's
+# parameter-group and weight-decay metadata (create_optimizer_v2's layer decay and no-decay lists) and its
+# classifier getter. The traced replacement keeps them (GraphModule parts get them on their own class).
+KEPT_METHODS = ("no_weight_decay", "no_weight_decay_keywords", "group_matcher", "get_classifier")
+# methods that would need the module's own structure (its blocks called eagerly, its head replaced): the traced
+# replacement refuses them with what to do, rather than an AttributeError (or, for a head swapped by hand, a
+# KeyError from the graph)
+REFUSED_METHODS = ("reset_classifier", "set_grad_checkpointing", "forward_features", "forward_head",
+                   "forward_intermediates", "prune_intermediate_layers", "set_input_size")
+
+
+class RefusedMethod:
+    """Stands in for a method of the original class that a traced module cannot run (REFUSED_METHODS)."""
+
+    def __init__(self, name: str, cls_name: str):
+        self.name, self.cls_name = name, cls_name
+
+    def __call__(self, *args, **kwargs):
+        from .errors import UnsupportedError
+        raise UnsupportedError(
+            f"{self.cls_name}.{self.name}() is not available on the compiled model: its graph has the forward "
+            f"only, and its layers are factor chains. Call {self.name}(...) on the original model before "
+            f"lrd_fx.compile (e.g. reset_classifier(num_classes) or set_grad_checkpointing(True)), or compile a "
+            f"model whose forward returns what you need (timm: features_only=True, or reset_classifier(0) for "
+            f"pooled features)")
+
+
+def _source_methods(gm: nn.Module, module: nn.Module) -> None:
+    """Record on `gm` (a GraphModule traced from `module`) the KEPT_METHODS and REFUSED_METHODS of module's
+    class; fix_graph_part_protocols_ puts them on gm's own class (and again on copies and unpickled parts)."""
+    cls = type(module)
+    found = {}
+    for name in KEPT_METHODS + REFUSED_METHODS:
+        fn = inspect.getattr_static(cls, name, None)
+        if fn is None or hasattr(nn.Module, name) or hasattr(fx.GraphModule, name):
+            continue
+        if name in KEPT_METHODS and inspect.isfunction(fn):
+            found[name] = fn
+        elif name in REFUSED_METHODS and callable(fn):
+            found[name] = RefusedMethod(name, cls.__name__)
+    if found:
+        gm.__dict__["_lrd_methods"] = found
+
+
+def apply_source_methods(gm: nn.Module) -> None:
+    """Put the methods _source_methods recorded on gm's own class (fx makes one class per GraphModule)."""
+    found = gm.__dict__.get("_lrd_methods")
+    if not found or type(gm) is fx.GraphModule:
+        return
+    for name, fn in found.items():
+        setattr(type(gm), name, fn)
+
+
 def keep_plain_attributes(gm: nn.Module, module: nn.Module) -> None:
     """Copy module's plain attributes (not modules, tensors or private names; e.g. a HF `config`, RAFT's
     `hidden_state_size`) onto its traced replacement, so code outside the graph that reads them still works.
     The same for the bare containers fx builds for the submodules traced into the graph (an eager
-    nn.TransformerDecoder reads `layers[0].self_attn.batch_first`)."""
+    nn.TransformerDecoder reads `layers[0].self_attn.batch_first`). Also the class's metadata methods
+    (KEPT_METHODS) and stand-ins that refuse the structural ones (REFUSED_METHODS)."""
     _copy_plain_attributes(gm, module)
+    if isinstance(gm, fx.GraphModule):
+        _source_methods(gm, module)
+        apply_source_methods(gm)
     for name, sub in gm.named_modules():
         if name and type(sub) is nn.Module:
             try:

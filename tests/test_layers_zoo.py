@@ -1,5 +1,6 @@
 """Every weight-bearing layer users have: HF Conv1D, timm Linear, MultiheadAttention, ConvTranspose,
 quantized/lazy layers, tied and parametrized weights, and inputs lrd_fx must refuse."""
+import copy
 import sys
 
 import pytest
@@ -577,3 +578,38 @@ def test_timm_same_padding_conv_is_factorized_exactly(scheme, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
         torch.testing.assert_close(lrd_fx.fuse(small)(x), small(x), rtol=1e-4, atol=1e-5)
+
+
+def test_timm_optimizer_metadata_methods_are_kept_and_structural_ones_refused():
+    """A timm model traced whole became a GraphModule without its class's methods: create_optimizer_v2 then
+    found no no_weight_decay()/group_matcher(), silently decayed pos_embed/cls_token and grouped layers for
+    layer decay differently. The metadata methods are kept (on copies and unpickled models too); those
+    that need the model's own structure (reset_classifier, forward_features, ...) raise UnsupportedError."""
+    import io
+
+    import timm
+    from timm.optim import create_optimizer_v2
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = lrd_fx.compile(model, (x,), ratio=0.5, progress=False)
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+
+    def groups(m):
+        names = {id(p): n for n, p in m.named_parameters()}
+        opt = create_optimizer_v2(m, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+        return {names[id(p)]: (g["weight_decay"], g["lr_scale"]) for g in opt.param_groups for p in g["params"]}
+
+    want = groups(model)
+    for m in (gm, copy.deepcopy(gm), torch.load(buf, weights_only=False)):
+        got = groups(m)
+        assert got["pos_embed"] == want["pos_embed"] and got["pos_embed"][0] == 0.0
+        assert all(got[k] == v for k, v in want.items() if k in got)
+        assert got["blocks.0.mlp.fc1.first.weight"] == want["blocks.0.mlp.fc1.weight"]
+        assert m.get_classifier() is m.head
+        with pytest.raises(lrd_fx.UnsupportedError, match="reset_classifier.* before lrd_fx.compile"):
+            m.reset_classifier(5)
+        with pytest.raises(lrd_fx.UnsupportedError, match="forward_features"):
+            m.forward_features(x)
