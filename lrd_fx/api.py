@@ -406,16 +406,27 @@ def _graph_module_copy(self):
 
 def _graph_module_reduce(self):
     fn, args = fx.GraphModule.__reduce__(self)[:2]
-    return _unpickled_part, (fn, args, type(self).__name__)
+    return _unpickled_part, (fn, args, type(self).__name__, tuple(self.state_dict(keep_vars=True)))
 
 
-def _unpickled_part(fn, args, class_name: str):
+def _unpickled_part(fn, args, class_name: str, state_keys: Optional[tuple] = None):
     """How pickle (torch.save of a whole model) rebuilds a graph part lrd_fx returned: fx's own rebuild,
-    then the part's class name and fix_graph_part_protocols_, which fx's plain GraphModule would not have."""
+    then the part's class name and fix_graph_part_protocols_, which fx's plain GraphModule would not have.
+    fx's rebuild traces the part's code again and registers every tensor that code reads as a buffer (a
+    non-persistent buffer, a tensor a node holds as an argument: a new _tensor_constant<N>), so the state_dict
+    gained keys, the unpickled model refused the compiled model's state_dict, and lrd_fx.save of it wrote a
+    file load refused: buffers whose keys the part's state_dict did not have (`state_keys`) are
+    non-persistent again."""
     part = fn(*args)
     if isinstance(part, fx.GraphModule) and type(part) is not fx.GraphModule:
         _name_class(part, class_name)
         fix_graph_part_protocols_(part)
+    if state_keys is not None and isinstance(part, nn.Module):
+        keep = set(state_keys)
+        for path, m in part.named_modules():
+            for name in m._buffers:
+                if (f"{path}.{name}" if path else name) not in keep:
+                    m._non_persistent_buffers_set.add(name)
     return part
 
 
