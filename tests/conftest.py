@@ -76,3 +76,12 @@ class Wrapper(nn.Module):
 
     def forward(self, x):
         return self.body(self.stem(x))
+
+
+def unpickled(model):
+    """`model` through torch.save and torch.load(weights_only=False), in memory: a whole-model pickle."""
+    import io
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)

@@ -167,17 +167,14 @@ def test_pickled_model_keeps_its_state_dict_keys(tmp_path):
     """fx's rebuild of an unpickled graph traces its code again and registers tensors it reads as buffers:
     a compiled timm EVA-02 gained _tensor_constant<N> state_dict entries (48 at depth 12), so the unpickled model no longer
     took the compiled model's state_dict, and lrd_fx.save of it wrote a file load refused."""
-    import io
-
     import timm
+
+    from conftest import unpickled
     torch.manual_seed(0)
     model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=3).eval()
     x = torch.randn(2, 3, 28, 28)
     gm = lrd_fx.compile(model, (x,), ratio=0.5, progress=False)
-    buf = io.BytesIO()
-    torch.save(gm, buf)
-    buf.seek(0)
-    back = torch.load(buf, weights_only=False)
+    back = unpickled(gm)
     assert set(back.state_dict()) == set(gm.state_dict())
     back.load_state_dict(gm.state_dict())
     lrd_fx.save(back, tmp_path / "m.lrd")

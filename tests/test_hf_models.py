@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import lrd_fx
+from conftest import unpickled
 from lrd_fx.factorize import FactorChain
 
 tf = pytest.importorskip("transformers")
@@ -466,7 +467,7 @@ def test_resize_token_embeddings_with_a_factorized_head_is_refused_before_any_ch
     x = {"input_ids": _ids(), "attention_mask": _mask()}
     gm = lrd_fx.compile(model, x, ratio=0.5, progress=False)
     assert isinstance(gm.get_output_embeddings(), FactorChain)
-    for m in (gm, torch.load(_pickled(gm), weights_only=False),
+    for m in (gm, unpickled(gm),
               lrd_fx.load(model, _saved(gm, tmp_path / "m.lrd"))):
         with pytest.raises(lrd_fx.UnsupportedError, match="LM head 'lm_head' .* skip=\\['lm_head'\\]"):
             m.resize_token_embeddings(V + 16)
@@ -476,14 +477,6 @@ def test_resize_token_embeddings_with_a_factorized_head_is_refused_before_any_ch
     with torch.no_grad():
         assert kept(**x).logits.shape[-1] == V + 16
     assert model.config.vocab_size == V and model.get_input_embeddings().weight.shape[0] == V
-
-
-def _pickled(m):
-    import io
-    buf = io.BytesIO()
-    torch.save(m, buf)
-    buf.seek(0)
-    return buf
 
 
 def _saved(gm, path):

@@ -585,17 +585,14 @@ def test_timm_optimizer_metadata_methods_are_kept_and_structural_ones_refused():
     found no no_weight_decay()/group_matcher(), silently decayed pos_embed/cls_token and grouped layers for
     layer decay differently. The metadata methods are kept (on copies and unpickled models too); those
     that need the model's own structure (reset_classifier, forward_features, ...) raise UnsupportedError."""
-    import io
-
     import timm
     from timm.optim import create_optimizer_v2
+
+    from conftest import unpickled
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8).eval()
     x = torch.randn(2, 3, 32, 32)
     gm = lrd_fx.compile(model, (x,), ratio=0.5, progress=False)
-    buf = io.BytesIO()
-    torch.save(gm, buf)
-    buf.seek(0)
 
     def groups(m):
         names = {id(p): n for n, p in m.named_parameters()}
@@ -603,7 +600,7 @@ def test_timm_optimizer_metadata_methods_are_kept_and_structural_ones_refused():
         return {names[id(p)]: (g["weight_decay"], g["lr_scale"]) for g in opt.param_groups for p in g["params"]}
 
     want = groups(model)
-    for m in (gm, copy.deepcopy(gm), torch.load(buf, weights_only=False)):
+    for m in (gm, copy.deepcopy(gm), unpickled(gm)):
         got = groups(m)
         assert got["pos_embed"] == want["pos_embed"] and got["pos_embed"][0] == 0.0
         assert all(got[k] == v for k, v in want.items() if k in got)
