@@ -920,7 +920,7 @@ class HookOnHolder:
 
     def __call__(self, *args, **kwargs):
         kind = "forward pre-hook" if self.method == "register_forward_pre_hook" else "forward hook"
-        how = ("reads this layer's weights through its freezing gates and does not call the layer" if self.read
+        how = ("reads this layer's weights instead of calling it (as freezing gates do)" if self.read
                else "calls its layers one by one")
         warn(f"module '{self.path}' ({type(self.module).__name__}) is not called by the compiled model's graph, "
              f"which {how}, so this {kind} will never run. Register it on the model "
