@@ -864,25 +864,12 @@ def _run(work: nn.Module, ctx: CompileContext, counted: Optional[tuple] = None,
     return gm
 
 
-class ResizeRefused:
-    """Stands in, as an instance attribute, for transformers' `resize_token_embeddings` of a compiled model whose
-    LM head is a factor chain. transformers resizes the input embeddings first and then fails on the head
-    ("Old language model head is of type FactorChain"), leaving the model half resized; this refuses before
-    anything changes and says what to do."""
-
-    def __init__(self, head: str):
-        self.head = head
-
-    def __call__(self, *args, **kwargs):
-        from .errors import UnsupportedError
-        raise UnsupportedError(
-            f"resize_token_embeddings: the LM head '{self.head}' of this compiled model is factorized (a "
-            f"FactorChain), which transformers cannot resize. Resize the original model's embeddings, then "
-            f"compile it; or compile with skip=['{self.head}'] to keep the head a Linear layer")
-
-
 def _refuse_resizing_a_factorized_head(gm: nn.Module) -> None:
+    """transformers' `resize_token_embeddings` resizes the input embeddings first, then fails on a factorized
+    LM head ("Old language model head is of type FactorChain"), leaving the model half resized: on such a
+    model an instance attribute refuses it before anything changes, saying what to do."""
     from .factorize.chain import FactorChain
+    from .trace import RefusedMethod
     if not is_hf_model(gm) or not callable(getattr(gm, "resize_token_embeddings", None)):
         return
     try:
@@ -891,7 +878,10 @@ def _refuse_resizing_a_factorized_head(gm: nn.Module) -> None:
         return
     if isinstance(head, FactorChain):
         name = next((n for n, m in gm.named_modules() if m is head), "lm_head")
-        gm.resize_token_embeddings = ResizeRefused(name)
+        gm.resize_token_embeddings = RefusedMethod(
+            f"resize_token_embeddings: the LM head '{name}' of this compiled model is factorized (a FactorChain), "
+            f"which transformers cannot resize. Resize the original model's embeddings, then compile it; or "
+            f"compile with skip=['{name}'] to keep the head a Linear layer")
 
 
 def _warn_if_nothing_factorized(ctx: CompileContext) -> bool:

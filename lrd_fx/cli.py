@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import LRDError
+from .errors import ConfigError, LRDError
 
 
 def _shape(text: str) -> tuple:
@@ -39,7 +39,6 @@ def cmd_compile(args) -> int:
     x = torch.randn(*shape)
     if args.channels_last:
         if len(shape) != 4:
-            from .errors import ConfigError
             raise ConfigError(f"--channels-last takes a 4-D input (NxCxHxW), got --input {'x'.join(map(str, shape))}")
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -83,7 +82,6 @@ def cmd_bench(args, rest) -> int:
     try:
         harness = importlib.import_module("bench.harness")
     except ImportError as e:
-        from .errors import ConfigError
         raise ConfigError("`lrd-fx bench` runs the harness in bench/ of the lrd_fx source checkout: "
                           f"run it from the repository root ({e})") from e
     return harness.main(rest)

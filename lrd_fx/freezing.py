@@ -296,14 +296,12 @@ class FreezeController(nn.Module):
         so a resumed run continues) up to `end` - 1 before yielding it. When the loop has run to its end,
         the counter is `end`, the next epoch to run: a checkpoint saved after the loop, and a later
         `epochs(m)`, continue there (a loop left by `break` keeps the epoch it was in)."""
-        e = self.epoch if start is None else start
-        ran = False
+        first = e = self.epoch if start is None else start
         while e < end:
             self.set_epoch(e)
-            ran = True
             yield e
             e += 1
-        if ran:
+        if e != first:              # ran to its end: the next epoch
             self.set_epoch(e)
 
     def trainer_callback(self):

@@ -44,6 +44,7 @@ def read_state_dict(path: str) -> dict:
     import os
 
     from .errors import LoadError
+    from .serialize import is_state_dict
     if not os.path.isfile(path):
         raise LoadError(f"--weights {path!r}: no such file")
     try:
@@ -62,11 +63,11 @@ def read_state_dict(path: str) -> dict:
             f"unpickling them runs code: save the weights with torch.save(model.state_dict(), path) or "
             f"safetensors.torch.save_file(model.state_dict(), path)") from e
     for _ in range(2):
-        if isinstance(sd, dict) and not _all_tensors(sd):
-            inner = [sd[k] for k in _NESTED if isinstance(sd.get(k), dict) and _all_tensors(sd[k])]
+        if isinstance(sd, dict) and not is_state_dict(sd):
+            inner = [sd[k] for k in _NESTED if is_state_dict(sd.get(k))]
             if inner:
                 sd = inner[0]
-    if not isinstance(sd, dict) or not sd or not _all_tensors(sd):
+    if not is_state_dict(sd) or not sd:
         what = (f"a dict with keys {sorted(map(str, sd))[:6]}" if isinstance(sd, dict) else type(sd).__name__)
         raise LoadError(f"--weights {path!r} holds {what}, not a state_dict (names -> tensors), nor one under "
                         f"{', '.join(repr(k) for k in _NESTED)}")
@@ -76,16 +77,13 @@ def read_state_dict(path: str) -> dict:
     return sd
 
 
-def _all_tensors(d: dict) -> bool:
-    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
-
-
 def load_weights(model: nn.Module, path: str, name: str = "") -> nn.Module:
     """Load the weights file at `path` (read_state_dict) into `model`, every parameter and buffer (another
     float precision is cast; another kind of number, or a sparse, meta or quantized tensor, is refused); a
     LoadError names the missing, unexpected and mis-shaped entries (a classifier of another size: pass the
     number of classes the file has)."""
     from .errors import LoadError
+    from .serialize import number_kinds_differ
     sd = read_state_dict(path)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -116,8 +114,7 @@ def load_weights(model: nn.Module, path: str, name: str = "") -> nn.Module:
             kind = "meta" if got.is_meta else "quantized" if got.is_quantized else "sparse"
             raise LoadError(f"--weights {path!r}: '{k}' is a {kind} tensor, not a dense one with values; save "
                             f"the float model's state_dict")
-        if (got.dtype.is_floating_point != t.dtype.is_floating_point or got.dtype.is_complex != t.dtype.is_complex
-                or (got.dtype == torch.bool) != (t.dtype == torch.bool)):
+        if number_kinds_differ(got.dtype, t.dtype):
             raise LoadError(f"--weights {path!r}: '{k}' is {got.dtype} in the file but {t.dtype} in the model")
     try:
         model.load_state_dict(sd, strict=True)

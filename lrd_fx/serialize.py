@@ -486,7 +486,7 @@ def _read_trusted(where: str) -> tuple[dict, dict]:
     from .freezing import FREEZER_NAME
     saved = dict(blob["config"]) if isinstance(blob["config"], dict) else {}
     sd = blob["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+    if not is_state_dict(sd):
         raise LoadError(f"'{where}' (lrd_fx/1): its state_dict is not names -> tensors; the file is damaged")
     fkeys = [k for k in sd if k == f"{FREEZER_NAME}.current_epoch" or k.endswith(f".{FREEZER_NAME}.current_epoch")]
     spec = None
@@ -687,11 +687,7 @@ def _load_weights(gm: nn.Module, header: dict, tensors: dict, where: str) -> Non
         if tuple(got.shape) != tuple(t.shape):
             raise LoadError(f"'{where}': '{k}' has shape {tuple(got.shape)} in the file but "
                             f"{tuple(t.shape)} in the rebuilt model; load onto the model the file was compiled from")
-        # another float precision is cast, as load_state_dict does (a bf16 file onto an fp32 model); another
-        # kind of number (bool, integers where floats are, or the reverse) is a damaged file, not a cast
-        if got.dtype != t.dtype and (got.dtype.is_floating_point != t.dtype.is_floating_point
-                                     or got.dtype.is_complex != t.dtype.is_complex or got.dtype == torch.bool
-                                     or t.dtype == torch.bool):
+        if number_kinds_differ(got.dtype, t.dtype):
             raise LoadError(f"'{where}': '{k}' is {got.dtype} in the file but {t.dtype} in the rebuilt model; "
                             f"the file is damaged")
         if got.dtype.is_floating_point and bool(torch.isnan(got).any()):
@@ -701,6 +697,21 @@ def _load_weights(gm: nn.Module, header: dict, tensors: dict, where: str) -> Non
         gm.load_state_dict(sd, strict=True)
     except Exception as e:
         raise LoadError(f"the weights in '{where}' do not fit the rebuilt model: {type(e).__name__}: {e}") from e
+
+
+def is_state_dict(obj) -> bool:
+    """True for a dict of names -> tensors."""
+    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def number_kinds_differ(got: torch.dtype, want: torch.dtype) -> bool:
+    """True when a tensor of dtype `got` must not be loaded where `want` is: another kind of number (bool,
+    integers where floats are, complex, or the reverse), which a damaged or foreign file holds. Another float
+    precision, or another integer width, is not: load_state_dict casts it (a bf16 file onto an fp32 model)."""
+    if got == want:
+        return False
+    return (got.is_floating_point != want.is_floating_point or got.is_complex != want.is_complex
+            or torch.bool in (got, want))
 
 
 def _short(name: str, n: int = 120) -> str:

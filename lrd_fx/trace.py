@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import operator
 import os
+import re
 import sys
 import threading
 import traceback
@@ -560,19 +561,16 @@ REFUSED_METHODS = ("reset_classifier", "set_grad_checkpointing", "forward_featur
 
 
 class RefusedMethod:
-    """Stands in for a method of the original class that a traced module cannot run (REFUSED_METHODS)."""
+    """Stands in for a method the compiled model cannot run (REFUSED_METHODS on a traced module's class;
+    transformers' resize_token_embeddings with a factorized LM head, api._refuse_resizing_a_factorized_head):
+    calling it raises UnsupportedError with `why`, which says what to do instead."""
 
-    def __init__(self, name: str, cls_name: str):
-        self.name, self.cls_name = name, cls_name
+    def __init__(self, why: str):
+        self.why = why
 
     def __call__(self, *args, **kwargs):
         from .errors import UnsupportedError
-        raise UnsupportedError(
-            f"{self.cls_name}.{self.name}() is not available on the compiled model: its graph has the forward "
-            f"only, and its layers are factor chains. Call {self.name}(...) on the original model before "
-            f"lrd_fx.compile (e.g. reset_classifier(num_classes) or set_grad_checkpointing(True)), or compile a "
-            f"model whose forward returns what you need (timm: features_only=True, or reset_classifier(0) for "
-            f"pooled features)")
+        raise UnsupportedError(self.why)
 
 
 def _source_methods(gm: nn.Module, module: nn.Module) -> None:
@@ -587,7 +585,12 @@ def _source_methods(gm: nn.Module, module: nn.Module) -> None:
         if name in KEPT_METHODS and inspect.isfunction(fn):
             found[name] = fn
         elif name in REFUSED_METHODS and callable(fn):
-            found[name] = RefusedMethod(name, cls.__name__)
+            found[name] = RefusedMethod(
+                f"{cls.__name__}.{name}() is not available on the compiled model: its graph has the forward "
+                f"only, and its layers are factor chains. Call {name}(...) on the original model before "
+                f"lrd_fx.compile (e.g. reset_classifier(num_classes) or set_grad_checkpointing(True)), or compile "
+                f"a model whose forward returns what you need (timm: features_only=True, or reset_classifier(0) "
+                f"for pooled features)")
     if found:
         gm.__dict__["_lrd_methods"] = found
 
@@ -957,19 +960,15 @@ def _eager_by_design(m: nn.Module) -> bool:
     return getattr(type(m), "_lrd_eager", False)
 
 
-_CHILD_CALL = None
+_CHILD_CALL = re.compile(r"\bself\.(\w+)\.(\w+)\s*\(")
 _CHILD_CALLS: dict = {}
 
 
 def _methods_called_on_children(module: nn.Module) -> dict:
     """{child attribute: {method names}} that the source of `module`'s classes calls as `self.<child>.<name>(`
     (cached per class; classes of torch.nn and those without source are not read)."""
-    global _CHILD_CALL
     cls = type(module)
     if cls not in _CHILD_CALLS:
-        if _CHILD_CALL is None:
-            import re
-            _CHILD_CALL = re.compile(r"\bself\.(\w+)\.(\w+)\s*\(")
         found: dict = {}
         for klass in cls.__mro__:
             if klass in (nn.Module, object) or klass.__module__.startswith(("torch.nn", "torch.fx")):
